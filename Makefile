@@ -1,0 +1,40 @@
+# detstream: `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROTOS := protos/detstream/v1/wire.proto protos/detstream/v1/control.proto
+
+.PHONY: help install test lint protos crd tools cluster cluster-down image chart bench run
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(BIN)/detstream: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $@
+
+install: $(BIN)/detstream ## create .venv and install detstream with its test tools
+
+run: install ## run the example session locally, output in out/
+	$(BIN)/detstream run examples/4dstem-local.yaml --output out/ --report out/report.json
+
+test: install ## run the whole test suite
+	$(BIN)/python -m pytest -q tests
+
+protos: install ## regenerate the committed protobuf/gRPC code from protos/
+	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos protos/detstream/v1/wire.proto
+	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos --grpc_python_out=protos protos/detstream/v1/control.proto
+
+tools: ## install helm and actionlint into .tools/bin
+	bash .ci/install-tools
+
+cluster: ## start a real etcd + kube-apiserver on 127.0.0.1 (builds v1.20.2 once, cached)
+	bash tests/cluster/up.sh
+
+cluster-down: ## stop the control plane started by `make cluster`
+	bash tests/cluster/down.sh
+
+bench: install ## run every benchmark; prints ratios, writes benchmarks/results/*.json
+	$(BIN)/python -m benchmarks

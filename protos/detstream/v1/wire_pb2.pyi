@@ -1,0 +1,80 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KIND_UNSPECIFIED: _ClassVar[Kind]
+    SECTOR: _ClassVar[Kind]
+    FRAME: _ClassVar[Kind]
+    RESULT: _ClassVar[Kind]
+    END_OF_SCAN: _ClassVar[Kind]
+    CREDIT: _ClassVar[Kind]
+    HEARTBEAT: _ClassVar[Kind]
+
+class Flag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FLAG_NONE: _ClassVar[Flag]
+    PARTIAL: _ClassVar[Flag]
+    DUPLICATE: _ClassVar[Flag]
+KIND_UNSPECIFIED: Kind
+SECTOR: Kind
+FRAME: Kind
+RESULT: Kind
+END_OF_SCAN: Kind
+CREDIT: Kind
+HEARTBEAT: Kind
+FLAG_NONE: Flag
+PARTIAL: Flag
+DUPLICATE: Flag
+
+class Header(_message.Message):
+    __slots__ = ("version", "kind", "seq", "sender", "scan", "frame", "position", "sector", "sector_mask", "shape", "dtype", "flags", "scan_rows", "scan_cols", "expected", "sent", "partial", "lost", "credit", "acked", "result")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    SCAN_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    SECTOR_FIELD_NUMBER: _ClassVar[int]
+    SECTOR_MASK_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    SCAN_ROWS_FIELD_NUMBER: _ClassVar[int]
+    SCAN_COLS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    SENT_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    LOST_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_FIELD_NUMBER: _ClassVar[int]
+    ACKED_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    kind: Kind
+    seq: int
+    sender: str
+    scan: int
+    frame: int
+    position: int
+    sector: int
+    sector_mask: int
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    flags: int
+    scan_rows: int
+    scan_cols: int
+    expected: int
+    sent: int
+    partial: int
+    lost: int
+    credit: int
+    acked: _containers.RepeatedScalarFieldContainer[int]
+    result: str
+    def __init__(self, version: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., seq: _Optional[int] = ..., sender: _Optional[str] = ..., scan: _Optional[int] = ..., frame: _Optional[int] = ..., position: _Optional[int] = ..., sector: _Optional[int] = ..., sector_mask: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., flags: _Optional[int] = ..., scan_rows: _Optional[int] = ..., scan_cols: _Optional[int] = ..., expected: _Optional[int] = ..., sent: _Optional[int] = ..., partial: _Optional[int] = ..., lost: _Optional[int] = ..., credit: _Optional[int] = ..., acked: _Optional[_Iterable[int]] = ..., result: _Optional[str] = ...) -> None: ...
