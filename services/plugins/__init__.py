@@ -1,0 +1,73 @@
+"""Processing plugins: what a worker does to each frame.
+
+A plugin is a class registered under the `detstream.plugins` entry point, so a facility ships
+its own in its own package (see README, "Writing a plugin"). The worker builds one instance,
+calls `process` for every frame and `configure` when parameters change on a running session.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+ENTRY_POINT_GROUP = "detstream.plugins"
+
+
+class Plugin:
+    """Base class of processing plugins."""
+
+    #: What `process` returns, and so what the writer does with it: "events" (uint32 pixel indices,
+    #: written to the stempy HDF5 layout) or "frames" (the frame itself, counted and discarded).
+    result: ClassVar[str] = "events"
+    #: Frames the worker collects and hands to `calibrate` before the first `process` call.
+    samples_wanted: int = 0
+
+    @classmethod
+    def check_params(cls, params: dict) -> list[tuple[str, str]]:
+        """Problems with `params` as (parameter name, what is allowed); empty when valid."""
+        return []
+
+    def __init__(self, params: dict, context: "PluginContext"):
+        self.context = context
+        self.configure(params)
+
+    def configure(self, params: dict) -> None:
+        """Take new parameters (already checked by `check_params`), also while running."""
+        self.params = dict(params)
+
+    def calibrate(self, samples: list[list[np.ndarray]]) -> None:
+        """Called once with `samples_wanted` frames (or fewer, if the stream has no more)."""
+
+    def process(self, sectors: list[np.ndarray], parts: Sequence[Any]) -> Sequence[Any]:
+        """Handle one frame, given as its sector strips (numpy views) and their raw buffers;
+        return the result's payload parts."""
+        raise NotImplementedError
+
+
+class PluginContext:
+    """What a plugin may know about the session: its spec (detector, scan, source)."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.frame_shape = (spec.detector.rows, spec.detector.cols)
+
+
+def plugin_class(name: str) -> type[Plugin]:
+    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    if name not in found:
+        raise LookupError(f"unknown plugin {name!r}; installed: {', '.join(sorted(found)) or 'none'} "
+                          f"(plugins register under the {ENTRY_POINT_GROUP!r} entry point)")
+    return found[name].load()
+
+
+def check_number(params: dict, key: str, minimum: float, problems: list, integer: bool = False) -> None:
+    """Append a problem unless params[key] (if present) is a number >= minimum."""
+    if key not in params:
+        return
+    value = params[key]
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
+        what = "an integer" if integer else "a number"
+        problems.append((key, f"must be {what} >= {minimum:g}; got {value!r}"))

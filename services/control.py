@@ -1,0 +1,120 @@
+"""The control plane: the StageControl gRPC service every stage serves, and its client.
+
+The servicer only flips the stage's lifecycle and reads its counters; it never touches the
+data-plane sockets, which belong to the stage's main thread. Calls in the wrong state get
+FAILED_PRECONDITION, bad parameters INVALID_ARGUMENT: a caller can never crash a stage.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent import futures
+from typing import TYPE_CHECKING, Iterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from detstream.v1 import control_pb2, control_pb2_grpc
+from detstream.v1.control_pb2 import CONFIGURED, DRAINING, FAILED, FINISHED, RUNNING
+
+if TYPE_CHECKING:
+    from detstream.services.stage import Stage
+
+WATCH_INTERVAL_S = 0.5
+
+
+class StageControlServicer(control_pb2_grpc.StageControlServicer):
+    def __init__(self, stage: Stage):
+        self.stage = stage
+
+    def Configure(self, request, context):
+        try:
+            params = json.loads(request.plugin_params_json or "{}")
+            if not isinstance(params, dict):
+                raise ValueError("plugin parameters must be a JSON object")
+            self.stage.configure(params)
+        except (ValueError, TypeError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return self.stage.status()
+
+    def Start(self, request, context):
+        if self.stage.state not in (CONFIGURED, RUNNING):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"cannot start a stage that is {control_pb2.StageState.Name(self.stage.state)}")
+        self.stage.start()
+        return self.stage.status()
+
+    def Drain(self, request, context):
+        if self.stage.state in (FAILED,):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the stage has failed")
+        self.stage.drain()
+        return self.stage.status()
+
+    def Stop(self, request, context):
+        self.stage.stop()
+        return self.stage.status()
+
+    def Status(self, request, context):
+        return self.stage.status()
+
+    def WatchStatus(self, request, context) -> Iterator[control_pb2.StageStatus]:
+        while context.is_active():
+            status = self.stage.status()
+            yield status
+            if status.state in (FINISHED, FAILED) and self.stage.stopping.is_set():
+                return
+            time.sleep(WATCH_INTERVAL_S)
+
+
+def serve(stage: Stage, host: str, port: int) -> tuple[grpc.Server, health.HealthServicer]:
+    """Start StageControl and grpc.health.v1 on host:port; health starts NOT_SERVING."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="control"))
+    control_pb2_grpc.add_StageControlServicer_to_server(StageControlServicer(stage), server)
+    health_servicer = health.HealthServicer()
+    health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        raise OSError(f"cannot listen for control on {host}:{port}")
+    server.start()
+    return server, health_servicer
+
+
+class StageClient:
+    """A caller of one stage's control port (the local runner and the operator use it)."""
+
+    def __init__(self, address: str, timeout: float = 5.0):
+        self.address = address
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(address)
+        self.stub = control_pb2_grpc.StageControlStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def healthy(self) -> bool:
+        try:
+            reply = self.health.Check(health_pb2.HealthCheckRequest(), timeout=self.timeout)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def configure(self, params: dict) -> control_pb2.StageStatus:
+        request = control_pb2.ConfigureRequest(plugin_params_json=json.dumps(params))
+        return self.stub.Configure(request, timeout=self.timeout)
+
+    def start(self) -> control_pb2.StageStatus:
+        return self.stub.Start(control_pb2.StartRequest(), timeout=self.timeout)
+
+    def drain(self) -> control_pb2.StageStatus:
+        return self.stub.Drain(control_pb2.DrainRequest(), timeout=self.timeout)
+
+    def stop(self) -> control_pb2.StageStatus:
+        return self.stub.Stop(control_pb2.StopRequest(), timeout=self.timeout)
+
+    def status(self) -> control_pb2.StageStatus:
+        return self.stub.Status(control_pb2.StatusRequest(), timeout=self.timeout)
+
+    def watch(self) -> Iterator[control_pb2.StageStatus]:
+        return self.stub.WatchStatus(control_pb2.StatusRequest())
+
+    def close(self) -> None:
+        self.channel.close()

@@ -1,0 +1,124 @@
+"""The plan: which stage processes a session needs, and who binds and connects where.
+
+`build_plan` is pure: a session and a `Network` (how stages are addressed: ports on 127.0.0.1
+locally, Service names on Kubernetes) give the full list of stages. The local runner starts
+them as processes, the operator turns them into Kubernetes objects; every stage reads the same
+plan to find its peers. Topology, per lane l (frames with frame % lanes == l):
+
+    source x S --PUSH--> aggregator[l] (binds ingest) --PUSH--> distributor[l] (binds frames)
+    distributor[l] (binds work, ROUTER) <--DEALER-- worker x M (each connects to every lane)
+    worker --PUSH--> writer (binds results) <--PUSH-- distributor[l] (end of scan accounting)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol
+
+from detstream.services.schema import parse, to_manifest
+from detstream.services.session import Session, SessionSpec
+
+ROLES = ("source", "aggregator", "distributor", "worker", "writer")
+DATA_PORTS = {"aggregator": ("ingest",), "distributor": ("frames", "work"), "writer": ("results",)}
+CLUSTER_PORTS = {"control": 7100, "metrics": 9100, "ingest": 7200, "frames": 7201, "work": 7202,
+                 "results": 7203}
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    name: str                  # e.g. "worker-1"
+    role: str
+    index: int
+    host: str                  # where other stages and the launcher reach it
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def address(self, port: str) -> str:
+        return f"{self.host}:{self.ports[port]}"
+
+
+class Network(Protocol):
+    def host(self, session: Session, role: str, index: int) -> str: ...
+    def port(self, role: str, index: int, name: str) -> int: ...
+
+
+class LocalNetwork:
+    """Every stage on one host, each port taken from `ports` (free ports, found by the runner)."""
+
+    def __init__(self, ports: Iterator[int], host: str = "127.0.0.1"):
+        self._ports = ports
+        self._host = host
+
+    def host(self, session, role, index):
+        return self._host
+
+    def port(self, role, index, name):
+        return next(self._ports)
+
+
+class ClusterNetwork:
+    """One Service per stage replica (`SESSION-ROLE-INDEX`), fixed ports: every pod has its own IP."""
+
+    def host(self, session, role, index):
+        return f"{session.name}-{role}-{index}"
+
+    def port(self, role, index, name):
+        return CLUSTER_PORTS[name]
+
+
+@dataclass(frozen=True)
+class Plan:
+    session: str
+    namespace: str
+    spec: dict
+    stages: tuple[StagePlan, ...]
+
+    def stage(self, role: str, index: int) -> StagePlan:
+        for s in self.stages:
+            if s.role == role and s.index == index:
+                return s
+        raise LookupError(f"the plan has no {role}-{index}")
+
+    def of_role(self, role: str) -> list[StagePlan]:
+        return [s for s in self.stages if s.role == role]
+
+    def endpoint(self, role: str, index: int, port: str) -> str:
+        return "tcp://" + self.stage(role, index).address(port)
+
+    def session_spec(self) -> SessionSpec:
+        return parse(SessionSpec, self.spec, "spec")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        data = json.loads(text)
+        stages = tuple(StagePlan(**s) for s in data.pop("stages"))
+        return cls(stages=stages, **data)
+
+    @classmethod
+    def read(cls, path: Path) -> Plan:
+        return cls.from_json(Path(path).read_text())
+
+
+def replicas(session: Session) -> dict[str, int]:
+    spec = session.spec
+    return {
+        "source": 0 if spec.source.kind == "external" else spec.source.replicas,
+        "aggregator": spec.lanes,
+        "distributor": spec.lanes,
+        "worker": spec.workers.replicas,
+        "writer": 1,
+    }
+
+
+def build_plan(session: Session, network: Network) -> Plan:
+    stages = []
+    for role, count in replicas(session).items():
+        for index in range(count):
+            names = ("control", "metrics", *DATA_PORTS.get(role, ()))
+            ports = {name: network.port(role, index, name) for name in names}
+            stages.append(StagePlan(f"{role}-{index}", role, index, network.host(session, role, index), ports))
+    return Plan(session.name, session.namespace, to_manifest(session.spec), tuple(stages))

@@ -1,0 +1,153 @@
+"""What `detstream run` shows: live per-stage rates while streaming, and the closing summary.
+
+On a terminal the display is a live table; elsewhere (CI, pipes) a plain line every few
+seconds. The summary is also the `--report` JSON, with stable keys.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from detstream.v1.control_pb2 import StageState
+
+PLAIN_EVERY_S = 5.0
+
+
+@dataclass
+class Rate:
+    t: float = 0.0
+    frames: int = 0
+    bytes: int = 0
+    fps: float = 0.0
+    gbps: float = 0.0
+
+    def update(self, t: float, frames: int, nbytes: int) -> None:
+        if self.t and t > self.t:
+            self.fps = (frames - self.frames) / (t - self.t)
+            self.gbps = (nbytes - self.bytes) / (t - self.t) / 1e9
+        self.t, self.frames, self.bytes = t, frames, nbytes
+
+
+class Progress:
+    def __init__(self, session, quiet: bool = False):
+        self.session = session
+        self.quiet = quiet
+        self.console = Console(stderr=True)
+        self.rates: dict[str, Rate] = {}
+        self._live: Live | None = None
+        self._last_plain = 0.0
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text)
+
+    @contextmanager
+    def live(self):
+        if self.quiet or not self.console.is_terminal:
+            yield
+            return
+        with Live(console=self.console, refresh_per_second=4, transient=True) as live:
+            self._live = live
+            try:
+                yield
+            finally:
+                self._live = None
+
+    def update(self, stages) -> None:
+        now = time.monotonic()
+        for p in stages:
+            if p.status is not None:
+                self.rates.setdefault(p.stage.name, Rate()).update(now, p.status.frames_out, p.status.bytes_out)
+        if self._live is not None:
+            self._live.update(self.table(stages))
+        elif not self.quiet and now - self._last_plain > PLAIN_EVERY_S:
+            self._last_plain = now
+            self.console.print(self.line(stages))
+
+    def totals(self, stages) -> tuple[int, int, int, int]:
+        """frames written, expected so far, in flight, lost (from the writer and distributors)."""
+        writer = next((p.status for p in stages if p.stage.role == "writer" and p.status), None)
+        written = sum(s.written for s in writer.scans) if writer else 0
+        lost = sum(s.lost for s in writer.scans) if writer else 0
+        in_flight = sum(p.status.in_flight for p in stages if p.status and p.stage.role == "distributor")
+        expected = self.session.spec.scan.frames * self.session.spec.scan.count
+        return written, expected, in_flight, lost
+
+    def line(self, stages) -> str:
+        written, expected, in_flight, lost = self.totals(stages)
+        worker_fps = sum(r.fps for n, r in self.rates.items() if n.startswith("worker"))
+        gbps = sum(r.gbps for n, r in self.rates.items() if n.startswith("source"))
+        return (f"written {written}/{expected} frames, {worker_fps:,.0f} frames/s through workers, "
+                f"{gbps:.2f} GB/s from sources, {in_flight} in flight, {lost} lost")
+
+    def table(self, stages) -> Table:
+        table = Table(title=f"detstream session {self.session.name}", caption=self.line(stages))
+        for column in ("stage", "state", "frames in", "frames out", "frames/s", "GB/s", "in flight", "rejected"):
+            table.add_column(column, justify="left" if column in ("stage", "state") else "right")
+        for p in stages:
+            s, r = p.status, self.rates.get(p.stage.name, Rate())
+            if s is None:
+                table.add_row(p.stage.name, "starting", *[""] * 6)
+                continue
+            table.add_row(p.stage.name, StageState.Name(s.state).lower(), f"{s.frames_in:,}", f"{s.frames_out:,}",
+                          f"{r.fps:,.0f}", f"{r.gbps:.2f}", f"{s.in_flight}", f"{s.rejected}")
+        return table
+
+    def show(self, summary: "Summary") -> None:
+        table = Table(title=f"session {summary.session}: " + ("OK" if summary.ok else "FAILED"))
+        for column in ("scan", "expected", "written", "partial", "lost", "duplicates", "unaccounted", "file"):
+            table.add_column(column, justify="left" if column == "file" else "right")
+        for s in summary.scans:
+            table.add_row(*(str(s[k]) for k in ("scan", "expected", "written", "partial", "lost", "duplicates",
+                                                "unaccounted", "file")))
+        out = Console(stderr=True)
+        if summary.scans:
+            out.print(table)
+        out.print(f"{summary.frames_per_second:,.0f} frames/s, {summary.throughput_gbps:.3f} GB/s, "
+                  f"{summary.duration_s:.2f} s")
+        if summary.failure:
+            out.print(f"[bold red]detstream: {summary.failure}[/]")
+        elif not summary.ok:
+            out.print("[bold red]detstream: not every frame is accounted for[/]")
+
+
+@dataclass
+class Summary:
+    session: str
+    scans: list[dict] = field(default_factory=list)
+    throughput_gbps: float = 0.0
+    frames_per_second: float = 0.0
+    duration_s: float = 0.0
+    failure: str | None = None
+    ok: bool = False
+
+    @classmethod
+    def of(cls, session, writer_status, duration: float, failure: str | None) -> Summary:
+        scans = []
+        for s in (writer_status.scans if writer_status else []):
+            scans.append({"scan": s.scan, "expected": s.expected, "written": s.written, "partial": s.partial,
+                          "lost": s.lost, "duplicates": s.duplicates,
+                          "unaccounted": s.expected - s.written - s.lost, "complete": s.complete,
+                          "file": s.file})
+        written = sum(s["written"] for s in scans)
+        duration = max(duration, 1e-9)
+        accounted = (len(scans) == session.spec.scan.count
+                     and all(s["complete"] and s["unaccounted"] == 0 for s in scans))
+        return cls(session=session.name, scans=scans,
+                   throughput_gbps=written * session.spec.detector.frame_bytes / duration / 1e9,
+                   frames_per_second=written / duration, duration_s=duration, failure=failure,
+                   ok=failure is None and accounted)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else 1
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)

@@ -1,0 +1,201 @@
+"""The local launcher: runs a session's plan as processes on 127.0.0.1.
+
+It starts every stage, waits until all are healthy, starts the scan (sources last), follows each
+stage's WatchStatus for the progress display, and when the writer has closed every scan, stops
+them all. A stage that dies, a start-up that times out, or Ctrl-C stops everything that runs;
+stage processes also die with the launcher itself (PR_SET_PDEATHSIG), so none is left behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import grpc
+
+from detstream.services.control import StageClient
+from detstream.services.plan import LocalNetwork, Plan, StagePlan, build_plan
+from detstream.services.progress import Progress, Summary
+from detstream.services.session import Session, read_manifest
+from detstream.v1.control_pb2 import FAILED, FINISHED
+
+STOP_GRACE_S = 5.0
+START_ORDER = ("writer", "worker", "distributor", "aggregator", "source")
+
+
+class RunFailed(Exception):
+    """The session cannot go on; the message says why."""
+
+
+def free_ports(host: str = "127.0.0.1"):
+    """Ports the kernel says are free now (each one found by binding to port 0)."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            yield s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class StageProcess:
+    """One running stage: its process, its log, its control client and its latest status."""
+
+    def __init__(self, stage: StagePlan, argv: list[str], log_path: Path):
+        self.stage = stage
+        self.log_path = log_path
+        self.log_file = open(log_path, "wb")
+        self.proc = subprocess.Popen(argv, stdout=self.log_file, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
+        self.client: StageClient | None = None  # connected after every fork (see LocalSession.launch)
+        self.status = None
+        self.watcher: threading.Thread | None = None
+
+    def watch(self) -> None:
+        def follow():
+            try:
+                for status in self.client.watch():
+                    self.status = status
+            except grpc.RpcError:
+                pass  # the stage stopped; the launcher notices through the process
+        self.watcher = threading.Thread(target=follow, name=f"watch-{self.stage.name}", daemon=True)
+        self.watcher.start()
+
+    def died(self) -> str | None:
+        code = self.proc.poll()
+        if code is None:
+            return None
+        message = self.status.message if self.status and self.status.message else self.log_tail()
+        return f"{self.stage.name} exited with code {code}: {message}"
+
+    def log_tail(self, lines: int = 3) -> str:
+        self.log_file.flush()
+        text = self.log_path.read_text(errors="replace").strip().splitlines()
+        return " | ".join(text[-lines:]) or "(no output)"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            if self.client is None:
+                self.proc.terminate()
+                return
+            try:
+                self.client.stop()
+            except grpc.RpcError:
+                self.proc.terminate()
+
+    def reap(self, deadline: float) -> None:
+        try:
+            self.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.client is not None:
+            self.client.close()
+        self.log_file.close()
+
+
+class LocalSession:
+    def __init__(self, session: Session, output: Path):
+        self.session = session
+        self.output = output
+        self.run_dir = output / ".detstream" / session.name
+        self.plan: Plan = build_plan(session, LocalNetwork(free_ports()))
+        self.stages: list[StageProcess] = []
+
+    def launch(self) -> None:
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        plan_path = self.run_dir / "plan.json"
+        plan_path.write_text(self.plan.to_json())
+        for stage in self.plan.stages:
+            argv = [sys.executable, "-m", "detstream.services.cli", "stage", stage.role, "--plan", str(plan_path),
+                    "--index", str(stage.index), "--output", str(self.output)]
+            self.stages.append(StageProcess(stage, argv, self.run_dir / "logs" / f"{stage.name}.log"))
+        # gRPC must not be live in this process while it forks: its fork handler aborts the child.
+        for p in self.stages:
+            p.client = StageClient(f"127.0.0.1:{p.stage.ports['control']}")
+
+    def check_alive(self) -> None:
+        for p in self.stages:
+            reason = p.died()
+            if reason:
+                raise RunFailed(reason)
+            if p.status is not None and p.status.state == FAILED:
+                raise RunFailed(f"{p.stage.name} failed: {p.status.message}")
+
+    def wait_healthy(self) -> None:
+        timeout = self.session.spec.transport.startup_timeout_s
+        deadline = time.monotonic() + timeout
+        waiting = list(self.stages)
+        while waiting:
+            self.check_alive()
+            waiting = [p for p in waiting if not p.client.healthy()]
+            if waiting and time.monotonic() > deadline:
+                names = ", ".join(p.stage.name for p in waiting)
+                raise RunFailed(f"not healthy after {timeout:g} s (spec.transport.startupTimeoutS): {names}")
+            if waiting:
+                time.sleep(0.1)
+
+    def start(self) -> None:
+        for role in START_ORDER:
+            for p in self.stages:
+                if p.stage.role == role:
+                    p.client.start()
+                    p.watch()
+
+    def writer(self) -> StageProcess:
+        return next(p for p in self.stages if p.stage.role == "writer")
+
+    def finished(self) -> bool:
+        status = self.writer().status
+        return status is not None and status.state == FINISHED
+
+    def stop(self) -> None:
+        for p in self.stages:
+            p.stop()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for p in self.stages:
+            p.reap(deadline)
+
+
+def run_session(manifest: Path, output: Path, report: Path | None, quiet: bool = False) -> int:
+    session = read_manifest(manifest)
+    local = LocalSession(session, output)
+    progress = Progress(session, quiet=quiet)
+    failure = None
+    t0 = time.monotonic()
+    with ExitStack() as stack:
+        stack.callback(local.stop)
+        try:
+            local.launch()
+            progress.say(f"session {session.name}: {len(local.stages)} stages starting "
+                         f"(logs in {local.run_dir / 'logs'})")
+            local.wait_healthy()
+            local.start()
+            t0 = time.monotonic()
+            with progress.live():
+                while not local.finished():
+                    local.check_alive()
+                    progress.update(local.stages)
+                    time.sleep(0.25)
+            local.writer().status = local.writer().client.status()
+        except RunFailed as exc:
+            failure = str(exc)
+        except KeyboardInterrupt:
+            failure = "interrupted (Ctrl-C)"
+    writer = next((p.status for p in local.stages if p.stage.role == "writer"), None)
+    summary = Summary.of(session, writer, time.monotonic() - t0, failure)
+    progress.show(summary)
+    if report:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(summary.to_json())
+    return summary.exit_code

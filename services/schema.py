@@ -1,0 +1,165 @@
+"""Typed, documented spec fields: one declaration gives parsing, validation, defaults and OpenAPI.
+
+A spec section is a frozen dataclass whose fields are declared with `spec_field(...)`. From it:
+`parse(cls, data, path)` builds the object or collects one `FieldError` per problem (with the
+field path and what is allowed), and `openapi(cls)` emits the structural schema the CRD uses,
+so the manifest a user writes locally and the one the API server checks can never drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Union
+
+
+@dataclass(frozen=True)
+class FieldError:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class SpecError(ValueError):
+    """A manifest with one or more problems; `errors` lists them all."""
+
+    def __init__(self, errors: list[FieldError]):
+        self.errors = errors
+        super().__init__("\n".join(str(e) for e in errors))
+
+
+def spec_field(default: Any = dataclasses.MISSING, *, doc: str, minimum: float | None = None,
+               maximum: float | None = None, enum: tuple[str, ...] | None = None,
+               free_form: bool = False, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A spec field: `doc` is what `kubectl explain` shows; bounds and enums are enforced."""
+    meta = {"doc": doc, "minimum": minimum, "maximum": maximum, "enum": enum, "free_form": free_form}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _parse_value(tp: Any, meta: dict, value: Any, path: str, errors: list[FieldError]) -> Any:
+    tp, _ = _unwrap_optional(tp)
+    if value is None:
+        errors.append(FieldError(path, "must not be null"))
+        return None
+    if dataclasses.is_dataclass(tp):
+        return parse(tp, value, path, errors)
+    if meta.get("free_form"):
+        if not isinstance(value, dict):
+            errors.append(FieldError(path, f"must be a mapping, got {type(value).__name__}"))
+        return value
+    origin = typing.get_origin(tp)
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append(FieldError(path, f"must be a mapping, got {type(value).__name__}"))
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if tp in _TYPE_NAMES and (not isinstance(value, tp) or (tp is not bool and isinstance(value, bool))):
+        errors.append(FieldError(path, f"must be {_TYPE_NAMES[tp]}, got {value!r}"))
+        return None
+    if meta.get("enum") and value not in meta["enum"]:
+        errors.append(FieldError(path, f"must be one of {', '.join(meta['enum'])}; got {value!r}"))
+    if meta.get("minimum") is not None and value < meta["minimum"]:
+        errors.append(FieldError(path, f"must be >= {meta['minimum']:g}, got {value!r}"))
+    if meta.get("maximum") is not None and value > meta["maximum"]:
+        errors.append(FieldError(path, f"must be <= {meta['maximum']:g}, got {value!r}"))
+    return value
+
+
+def parse(cls: type, data: Any, path: str, errors: list[FieldError] | None = None) -> Any:
+    """Build `cls` from a manifest mapping (camelCase keys); raise SpecError at the top level."""
+    top = errors is None
+    errors = [] if top else errors
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        errors.append(FieldError(path, f"must be a mapping, got {type(data).__name__}"))
+        data = {}
+    hints = typing.get_type_hints(cls)
+    fields = {camel(f.name): f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            errors.append(FieldError(f"{path}.{key}", f"unknown field; allowed: {', '.join(fields)}"))
+    values = {}
+    for key, f in fields.items():
+        if key in data:
+            values[f.name] = _parse_value(hints[f.name], f.metadata, data[key], f"{path}.{key}", errors)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            errors.append(FieldError(f"{path}.{key}", "is required"))
+    if top and errors:
+        raise SpecError(errors)
+    if errors:
+        return None
+    return cls(**values)
+
+
+def to_manifest(obj: Any) -> Any:
+    """The inverse of `parse`: camelCase mappings with every default filled in."""
+    if dataclasses.is_dataclass(obj):
+        return {camel(f.name): to_manifest(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if getattr(obj, f.name) is not None}
+    return obj
+
+
+_OPENAPI_TYPES = {int: "integer", float: "number", str: "string", bool: "boolean"}
+
+
+def openapi(cls: type) -> dict:
+    """Structural OpenAPI v3 schema (as the CRD wants it) for a spec dataclass."""
+    hints = typing.get_type_hints(cls)
+    props, required = {}, []
+    for f in dataclasses.fields(cls):
+        tp, optional = _unwrap_optional(hints[f.name])
+        meta = f.metadata
+        if dataclasses.is_dataclass(tp):
+            schema = openapi(tp)
+        elif meta.get("free_form") or typing.get_origin(tp) is dict:
+            schema = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+        else:
+            schema = {"type": _OPENAPI_TYPES[tp]}
+        schema["description"] = meta["doc"]
+        for key in ("minimum", "maximum"):
+            if meta.get(key) is not None:
+                schema[key] = meta[key]
+        if meta.get("enum"):
+            schema["enum"] = list(meta["enum"])
+        if f.default is not dataclasses.MISSING and f.default is not None and not dataclasses.is_dataclass(tp):
+            schema["default"] = f.default
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and not optional:
+            required.append(camel(f.name))
+        props[camel(f.name)] = schema
+    out = {"type": "object", "description": (cls.__doc__ or "").strip(), "properties": props}
+    if required:
+        out["required"] = required
+    return out
+
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def check_dns_label(value: str, path: str, errors: list[FieldError], max_len: int = 40) -> None:
+    if not _DNS_LABEL.match(value or "") or len(value) > max_len:
+        errors.append(FieldError(path, f"must be a DNS label (lower-case letters, digits, '-'), "
+                                       f"at most {max_len} characters; got {value!r}"))

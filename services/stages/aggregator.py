@@ -1,0 +1,140 @@
+"""The aggregator of one lane: reassembles the sectors of each frame by frame number.
+
+A complete frame goes on as one FRAME message whose parts are the very sector buffers that
+arrived (no copy). A frame whose sectors do not all arrive within the frame timeout, or by the
+end of its scan, goes on with the missing sectors zero-filled and flagged PARTIAL. When every
+source has ended a scan (or it has been silent past the end-of-scan timeout), the lane reports
+downstream how many of its frames it passed on, how many were partial and how many never came.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+
+from detstream.services.stage import POLL_MS, Stage
+from detstream.services.wire import END_OF_SCAN, FRAME, PARTIAL, SECTOR, Header, Message, Outbox
+
+
+@dataclass
+class OpenScan:
+    frames: int                      # frames of this lane in the scan
+    emitted: np.ndarray              # bitmap over the scan's frame numbers
+    rows: int
+    cols: int
+    ended_by: set = field(default_factory=set)
+    sent: int = 0
+    partial: int = 0
+    last_input: float = field(default_factory=time.monotonic)
+
+
+class AggregatorStage(Stage):
+    role = "aggregator"
+
+    def setup(self):
+        self.lane = self.me.index
+        self.ingest = self.socket(zmq.PULL, bind="ingest")
+        self.out = Outbox(self.socket(zmq.PUSH, connect=[self.plan.endpoint("distributor", self.lane, "frames")]),
+                          self.name)
+        self.sources = self.spec.source.replicas
+        self.pending: dict[tuple[int, int], tuple[list, float]] = {}
+        self.scans: dict[int, OpenScan] = {}
+        self.closed: set[int] = set()
+        self.zero = zmq.Frame(bytes(self.geometry.sector_bytes))
+        self.last_sweep = time.monotonic()
+
+    def step(self):
+        if self.ingest.poll(POLL_MS):
+            _, msg = self.receive(self.ingest)
+            if msg is not None:
+                self.handle(msg)
+        now = time.monotonic()
+        if now - self.last_sweep > 0.1:
+            self.last_sweep = now
+            self.sweep(now)
+        self.counters.queue_depth = len(self.pending)
+
+    def handle(self, msg: Message) -> None:
+        h = msg.header
+        if h.kind not in (SECTOR, END_OF_SCAN):
+            return self.counters.rejected.update(["kind"])
+        if h.scan in self.closed:
+            return self.counters.rejected.update(["late"])
+        scan = self.open_scan(h)
+        scan.last_input = time.monotonic()
+        if h.kind == END_OF_SCAN:
+            scan.ended_by.add(h.sender)
+            if len(scan.ended_by) >= self.sources:
+                self.close(h.scan, "end of scan")
+            return
+        if h.frame % self.spec.lanes != self.lane or scan.emitted[h.frame]:
+            return self.counters.rejected.update(["misrouted" if not scan.emitted[h.frame] else "late"])
+        self.counters.frames_in += 1
+        self.counters.bytes_in += msg.payload_bytes
+        key = (h.scan, h.frame)
+        parts, first = self.pending.setdefault(key, ([None] * self.geometry.sectors, time.monotonic()))
+        if parts[h.sector] is not None:
+            return self.counters.rejected.update(["duplicate-sector"])
+        parts[h.sector] = msg.parts[0]
+        if all(p is not None for p in parts):
+            self.emit(key, parts)
+
+    def open_scan(self, h: Header) -> OpenScan:
+        scan = self.scans.get(h.scan)
+        if scan is None:
+            lane_frames = len(range(self.lane, self.geometry.scan_frames, self.spec.lanes))
+            scan = self.scans[h.scan] = OpenScan(lane_frames, np.zeros(self.geometry.scan_frames, bool),
+                                                 h.scan_rows or self.spec.scan.rows,
+                                                 h.scan_cols or self.spec.scan.cols)
+        return scan
+
+    def emit(self, key: tuple[int, int], parts: list) -> None:
+        del self.pending[key]
+        scan_no, frame = key
+        scan = self.scans[scan_no]
+        missing = [i for i, p in enumerate(parts) if p is None]
+        mask = sum(1 << i for i, p in enumerate(parts) if p is not None)
+        header = Header(kind=FRAME, scan=scan_no, frame=frame, position=frame, sector_mask=mask,
+                        shape=list(self.geometry.sector_shape), dtype=self.geometry.dtype,
+                        flags=PARTIAL if missing else 0, scan_rows=scan.rows, scan_cols=scan.cols)
+        self.send(header, [p if p is not None else self.zero for p in parts])
+        scan.emitted[frame] = True
+        scan.sent += 1
+        scan.partial += bool(missing)
+        self.counters.frames_out += 1
+        self.counters.bytes_out += self.geometry.sector_bytes * len(parts)
+        if missing:
+            self.counters.outcomes["partial"] += 1
+            self.log.warning("scan %d frame %d partial: sectors %s missing", scan_no, frame, missing)
+
+    def send(self, header: Header, parts=()) -> None:
+        """Blocking send (the distributor's queue full means: wait, and let the sources wait)."""
+        while not self.stopping.is_set():
+            if self.out.socket.poll(POLL_MS, zmq.POLLOUT):
+                self.out.send(header, parts, flags=zmq.NOBLOCK)
+                return
+
+    def sweep(self, now: float) -> None:
+        """Pass on frames past their timeout; close scans whose sources went silent."""
+        timeout = self.spec.transport.frame_timeout_s
+        for key in [k for k, (_, first) in self.pending.items() if now - first > timeout]:
+            self.emit(key, self.pending[key][0])
+        for number, scan in list(self.scans.items()):
+            if now - scan.last_input > self.spec.transport.end_of_scan_timeout_s:
+                self.close(number, f"no input for {self.spec.transport.end_of_scan_timeout_s:g} s")
+
+    def close(self, number: int, why: str) -> None:
+        for key in [k for k in self.pending if k[0] == number]:
+            self.emit(key, self.pending[key][0])
+        scan = self.scans.pop(number)
+        self.closed.add(number)
+        lost = scan.frames - scan.sent
+        self.counters.outcomes["lost"] += lost
+        self.send(Header(kind=END_OF_SCAN, scan=number, expected=self.geometry.scan_frames, sent=scan.sent,
+                         partial=scan.partial, lost=lost, scan_rows=scan.rows, scan_cols=scan.cols))
+        log = self.log.warning if lost else self.log.info
+        log("scan %d closed (%s): %d frames passed on, %d partial, %d lost", number, why, scan.sent,
+            scan.partial, lost)

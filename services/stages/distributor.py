@@ -1,0 +1,173 @@
+"""The distributor of one lane: gives frames only to workers that asked for them (credits).
+
+Workers connect a DEALER to this ROUTER and offer credits; a frame is sent only against a
+credit, and stays "in flight" (its buffers kept, no copy) until the worker acknowledges it,
+which it does after handing the result to the writer. With no credit anywhere the distributor
+stops reading from its aggregator, so backpressure reaches the sources instead of memory
+growing. A worker silent past the worker timeout is declared dead and its in-flight frames go
+to others (the writer drops the duplicates a late worker may still produce). The lane's end
+of scan goes to the writer once every frame of the scan is acknowledged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import zmq
+
+from detstream.services.stage import POLL_MS, Stage
+from detstream.services.wire import (CREDIT, DUPLICATE, END_OF_SCAN, FRAME, FRAME_BITS, HEARTBEAT, Header,
+                                     Message, Outbox, frame_key)
+
+
+@dataclass
+class Worker:
+    peer: bytes
+    credit: int = 0
+    in_flight: dict[int, Message] = field(default_factory=dict)
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class LaneScan:
+    done: int = 0                     # frames acknowledged (each counted once)
+    in_flight: int = 0
+    end: Header | None = None         # the aggregator's END_OF_SCAN, once it came
+
+
+class DistributorStage(Stage):
+    role = "distributor"
+
+    def setup(self):
+        self.frames = self.socket(zmq.PULL, bind="frames")
+        work = self.socket(zmq.ROUTER, bind="work")
+        work.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished worker raises instead of dropping
+        self.work = Outbox(work, self.name)
+        self.writer = Outbox(self.socket(zmq.PUSH, connect=[self.plan.endpoint("writer", 0, "results")]),
+                             self.name)
+        self.workers: dict[bytes, Worker] = {}
+        self.ready: deque[bytes] = deque()     # peers with credit, round-robin
+        self.resend: deque[Message] = deque()  # frames of dead workers, sent before new ones
+        self.scans: dict[int, LaneScan] = {}
+        self.acked: set[int] = set()           # keys acknowledged, so a re-sent frame counts once
+        self.poller = zmq.Poller()
+        self.last_check = time.monotonic()
+
+    def step(self):
+        self.poller.register(self.work.socket, zmq.POLLIN)
+        wants_frames = bool(self.ready) and not self.resend
+        self.poller.register(self.frames, zmq.POLLIN if wants_frames else 0)
+        events = dict(self.poller.poll(POLL_MS))
+        if events.get(self.work.socket):
+            for _ in range(64):  # drain worker messages first: they free credits
+                peer, msg = self.receive(self.work.socket, envelope=True)
+                if msg is not None:
+                    self.from_worker(peer, msg)
+                if not self.work.socket.poll(0):
+                    break
+        while self.resend and self.ready:
+            self.dispatch(self.resend.popleft())
+        if events.get(self.frames) and self.ready:
+            _, msg = self.receive(self.frames)
+            if msg is not None:
+                self.from_aggregator(msg)
+        now = time.monotonic()
+        if now - self.last_check > 0.1:
+            self.last_check = now
+            self.check_workers(now)
+        self.update_gauges()
+
+    def from_aggregator(self, msg: Message) -> None:
+        h = msg.header
+        if h.kind == END_OF_SCAN:
+            self.scans.setdefault(h.scan, LaneScan()).end = h
+            self.finish_scans()
+        elif h.kind == FRAME:
+            self.counters.frames_in += 1
+            self.counters.bytes_in += msg.payload_bytes
+            self.scans.setdefault(h.scan, LaneScan()).in_flight += 1
+            self.dispatch(msg)
+        else:
+            self.counters.rejected["kind"] += 1
+
+    def from_worker(self, peer: bytes, msg: Message) -> None:
+        h = msg.header
+        if h.kind not in (CREDIT, HEARTBEAT):
+            self.counters.rejected["kind"] += 1
+            return
+        worker = self.workers.get(peer)
+        if worker is None:
+            worker = self.workers[peer] = Worker(peer)
+            self.log.info("worker %s joined", h.sender)
+        worker.last_seen = time.monotonic()
+        for key in h.acked:
+            self.acknowledge(worker, key)
+        if h.credit:
+            if worker.credit == 0:
+                self.ready.append(peer)
+            worker.credit += h.credit
+        if h.acked:
+            self.finish_scans()
+
+    def acknowledge(self, worker: Worker, key: int) -> None:
+        msg = worker.in_flight.pop(key, None)
+        if msg is None or key in self.acked:
+            return  # a frame this worker lost to a re-send, or one acknowledged already
+        self.acked.add(key)
+        scan = self.scans[msg.header.scan]
+        scan.done += 1
+        scan.in_flight -= 1
+
+    def dispatch(self, msg: Message) -> None:
+        while self.ready:
+            peer = self.ready[0]
+            worker = self.workers.get(peer)
+            if worker is None or worker.credit <= 0:
+                self.ready.popleft()
+                continue
+            try:
+                self.work.send(msg.header, msg.parts, peer=peer, flags=zmq.NOBLOCK)
+            except zmq.ZMQError as exc:  # gone (EHOSTUNREACH) or full: treat as dead
+                self.declare_dead(worker, f"send failed: {exc}")
+                continue
+            worker.credit -= 1
+            worker.in_flight[frame_key(msg.header.scan, msg.header.frame)] = msg
+            self.ready.rotate(-1) if worker.credit else self.ready.popleft()
+            self.counters.frames_out += 1
+            self.counters.bytes_out += msg.payload_bytes
+            return
+        self.resend.appendleft(msg)  # nobody can take it now; first in line when credit comes
+
+    def check_workers(self, now: float) -> None:
+        timeout = self.spec.transport.worker_timeout_s
+        for worker in [w for w in self.workers.values() if now - w.last_seen > timeout]:
+            self.declare_dead(worker, f"silent for {now - worker.last_seen:.1f} s")
+
+    def declare_dead(self, worker: Worker, why: str) -> None:
+        del self.workers[worker.peer]
+        self.work.forget(worker.peer)
+        self.counters.workers_lost += 1
+        for msg in worker.in_flight.values():
+            msg.header.flags |= DUPLICATE
+            self.resend.append(msg)
+        self.log.warning("worker declared dead (%s); re-sending its %d frames", why, len(worker.in_flight))
+
+    def finish_scans(self) -> None:
+        for number, scan in list(self.scans.items()):
+            if scan.end is not None and scan.in_flight == 0:
+                end = scan.end
+                self.writer.send(Header(kind=END_OF_SCAN, scan=number, expected=end.expected, sent=scan.done,
+                                        partial=end.partial, lost=end.lost, scan_rows=end.scan_rows,
+                                        scan_cols=end.scan_cols))
+                del self.scans[number]
+                self.acked = {k for k in self.acked if k >> FRAME_BITS != number}
+                self.log.info("scan %d done in this lane: %d frames", number, scan.done)
+
+    def update_gauges(self) -> None:
+        c = self.counters
+        c.workers = len(self.workers)
+        c.credits = sum(w.credit for w in self.workers.values())
+        c.in_flight = sum(len(w.in_flight) for w in self.workers.values())
+        c.queue_depth = len(self.resend)

@@ -1,0 +1,133 @@
+"""The source: sends each frame as sector messages to the lane that owns the frame.
+
+Source s of S sends the sectors s, s+S, s+2S ... of every frame (as the 4D Camera's receivers
+split them), to aggregator[frame % lanes]. After the last frame of a scan it tells every lane
+how many sectors it sent (END_OF_SCAN). Sends block when the lane is full: that is the
+backpressure, and the source waits rather than drops.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import zmq
+
+from detstream.services.simulator import Simulator
+from detstream.services.stage import Stage, StageError
+from detstream.services.wire import END_OF_SCAN, SECTOR, Header, Outbox
+
+SEND_RETRY_MS = 100
+
+
+class FrameSource:
+    """Sectors of frames, by (scan, frame, sector)."""
+
+    def sector(self, scan: int, frame: int, sector: int) -> np.ndarray: ...
+
+
+class ReplaySource(FrameSource):
+    """Frames from a .npy file (memory-mapped) or an HDF5 dataset of shape (frames, rows, cols)."""
+
+    def __init__(self, path: str, dataset: str, spec):
+        self.frames = open_frames(Path(path), dataset)
+        d = spec.detector
+        want = (d.rows, d.cols)
+        if self.frames.ndim != 3 or tuple(self.frames.shape[1:]) != want:
+            raise StageError(f"replay file {path}: frames of shape {tuple(self.frames.shape)}; the session's "
+                             f"detector needs (frames, {d.rows}, {d.cols}) (spec.detector.rows/cols)")
+        if self.frames.dtype != np.dtype(d.dtype):
+            raise StageError(f"replay file {path}: dtype {self.frames.dtype}, the session's detector is "
+                             f"{d.dtype} (spec.detector.dtype)")
+        self.per_scan = spec.scan.frames
+        if self.frames.shape[0] < self.per_scan:
+            raise StageError(f"replay file {path}: {self.frames.shape[0]} frames, a {spec.scan.rows}x"
+                             f"{spec.scan.cols} scan needs {self.per_scan}")
+        self.width = d.cols // d.sectors
+        self.scans_in_file = self.frames.shape[0] // self.per_scan
+
+    def sector(self, scan, frame, sector):
+        index = (scan % self.scans_in_file) * self.per_scan + frame
+        return np.ascontiguousarray(self.frames[index, :, sector * self.width:(sector + 1) * self.width])
+
+
+def open_frames(path: Path, dataset: str):
+    if not path.is_file():
+        raise StageError(f"replay file {path} does not exist (spec.source.path)")
+    if path.suffix == ".npy":
+        try:
+            return np.load(path, mmap_mode="r")
+        except ValueError as exc:
+            raise StageError(f"replay file {path} is not a readable .npy file: {exc}") from None
+    import h5py
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise StageError(f"replay file {path} is neither .npy nor readable HDF5: {exc}") from None
+    if not dataset or dataset not in f:
+        raise StageError(f"replay file {path}: no dataset {dataset!r} (spec.source.dataset); "
+                         f"datasets at the top: {', '.join(f.keys())}")
+    return f[dataset]
+
+
+class SourceStage(Stage):
+    role = "source"
+
+    def setup(self):
+        spec = self.spec
+        count = spec.source.replicas
+        self.my_sectors = [s for s in range(spec.detector.sectors) if s % count == self.me.index]
+        if spec.source.kind == "replay":
+            self.frames = ReplaySource(spec.source.path, spec.source.dataset, spec)
+        else:
+            self.frames = Simulator(spec.source.simulator, spec.detector)
+        lanes = [self.plan.endpoint("aggregator", lane, "ingest") for lane in range(spec.lanes)]
+        self.lanes = [Outbox(self.socket(zmq.PUSH, connect=[endpoint]), self.name) for endpoint in lanes]
+        self.work = self.sectors()
+
+    def sectors(self) -> Iterator[None]:
+        """Send every scan; yields after each frame so the main loop can notice Stop."""
+        spec, g = self.spec, self.geometry
+        shape = list(g.sector_shape)
+        for scan in range(spec.scan.count):
+            sent = [0] * spec.lanes
+            t0 = time.monotonic()
+            for frame in range(spec.scan.frames):
+                if spec.source.rate:
+                    delay = t0 + frame / spec.source.rate - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                lane = frame % spec.lanes
+                for sector in self.my_sectors:
+                    pixels = self.frames.sector(scan, frame, sector)
+                    header = Header(kind=SECTOR, scan=scan, frame=frame, position=frame, sector=sector,
+                                    shape=shape, dtype=g.dtype, scan_rows=spec.scan.rows,
+                                    scan_cols=spec.scan.cols)
+                    if not self.send(self.lanes[lane], header, [pixels]):
+                        return
+                    sent[lane] += 1
+                    self.counters.frames_out += 1
+                    self.counters.bytes_out += pixels.nbytes
+                yield
+            for lane, outbox in enumerate(self.lanes):
+                header = Header(kind=END_OF_SCAN, scan=scan, expected=spec.scan.frames, sent=sent[lane],
+                                scan_rows=spec.scan.rows, scan_cols=spec.scan.cols)
+                if not self.send(outbox, header):
+                    return
+            self.log.info("scan %d sent (%d frames)", scan, spec.scan.frames)
+
+    def send(self, outbox: Outbox, header: Header, parts=()) -> bool:
+        """Send, waiting while the lane is full; False if the stage is stopped meanwhile."""
+        while not self.stopping.is_set():
+            if outbox.socket.poll(SEND_RETRY_MS, zmq.POLLOUT):
+                outbox.send(header, parts, flags=zmq.NOBLOCK)
+                return True
+        return False
+
+    def step(self):
+        if self.draining.is_set() or next(self.work, StopIteration) is StopIteration:
+            self.work = iter(())
+            self.finish()
+            self.stopping.wait(0.1)

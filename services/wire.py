@@ -1,0 +1,160 @@
+"""The data plane: multipart ZeroMQ messages `[Header, part...]`, checked on arrival.
+
+Pixel parts travel as `zmq.Frame`s received with `copy=False` and are forwarded the same way,
+so a frame's bytes are written once by the source and never copied by the stages in between;
+consumers see them as numpy views. Every malformed message raises `WireError` with a short
+reason that the stage counts (metric `detstream_rejected_messages_total{reason}`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Sequence
+
+import numpy as np
+import zmq
+
+from detstream.v1 import wire_pb2
+from detstream.v1.wire_pb2 import (CREDIT, DUPLICATE, END_OF_SCAN, FRAME, HEARTBEAT, PARTIAL, RESULT, SECTOR,
+                                    Header)
+
+WIRE_VERSION = 1
+MAX_HEADER_BYTES = 4096
+FRAME_BITS = 40  # a frame key is scan << 40 | frame: 10^12 frames per scan, 2^24 scans
+
+__all__ = ["CREDIT", "DUPLICATE", "END_OF_SCAN", "FRAME", "HEARTBEAT", "PARTIAL", "RESULT", "SECTOR", "Header",
+           "WireError", "Geometry", "Message", "Outbox", "frame_key", "decode", "Gaps", "FRAME_BITS"]
+
+
+class WireError(ValueError):
+    """A message that breaks the contract; `reason` is a short label for the metric."""
+
+    def __init__(self, reason: str, detail: str):
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}")
+
+
+def frame_key(scan: int, frame: int) -> int:
+    return scan << FRAME_BITS | frame
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a valid pixel message of this session looks like."""
+    rows: int
+    cols: int
+    sectors: int
+    dtype: str
+    scan_frames: int
+
+    @classmethod
+    def of(cls, spec) -> Geometry:
+        d = spec.detector
+        return cls(d.rows, d.cols, d.sectors, np.dtype(d.dtype).str, spec.scan.frames)
+
+    @property
+    def sector_shape(self) -> tuple[int, int]:
+        return self.rows, self.cols // self.sectors
+
+    @property
+    def sector_bytes(self) -> int:
+        return self.rows * (self.cols // self.sectors) * np.dtype(self.dtype).itemsize
+
+
+@dataclass
+class Message:
+    header: Header
+    parts: Sequence[zmq.Frame]
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    @cached_property
+    def sectors(self) -> list[np.ndarray]:
+        """The pixel parts as read-only numpy views (no copy)."""
+        shape = tuple(self.header.shape)
+        return [np.frombuffer(p.buffer, dtype=self.header.dtype).reshape(shape) for p in self.parts]
+
+
+_PARTS = {SECTOR: 1, END_OF_SCAN: 0, CREDIT: 0, HEARTBEAT: 0}
+
+
+def decode(raw: Sequence[zmq.Frame], geometry: Geometry | None = None) -> Message:
+    """Parse and check a received multipart message; raise WireError if it breaks the contract."""
+    if not raw:
+        raise WireError("empty", "no parts")
+    first = raw[0]
+    if len(first) > MAX_HEADER_BYTES:
+        raise WireError("header", f"header of {len(first)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = Header.FromString(first.bytes if isinstance(first, zmq.Frame) else first)
+    except Exception as exc:  # protobuf raises DecodeError and, for some garbage, others
+        raise WireError("header", f"undecodable header ({type(exc).__name__})") from None
+    if header.version != WIRE_VERSION:
+        raise WireError("version", f"wire version {header.version}, this stage speaks {WIRE_VERSION}")
+    if header.kind not in wire_pb2.Kind.values() or header.kind == wire_pb2.KIND_UNSPECIFIED:
+        raise WireError("kind", f"unknown message kind {header.kind}")
+    parts = raw[1:]
+    expected_parts = geometry.sectors if header.kind == FRAME and geometry else _PARTS.get(header.kind)
+    if expected_parts is not None and len(parts) != expected_parts:
+        raise WireError("parts", f"{wire_pb2.Kind.Name(header.kind)} with {len(parts)} parts, "
+                                 f"expected {expected_parts}")
+    if header.kind == RESULT and not parts:
+        raise WireError("parts", "RESULT without a payload")
+    if geometry is not None and header.kind in (SECTOR, FRAME):
+        _check_pixels(header, parts, geometry)
+    return Message(header, parts)
+
+
+def _check_pixels(header: Header, parts: Sequence[zmq.Frame], g: Geometry) -> None:
+    if tuple(header.shape) != g.sector_shape or header.dtype != g.dtype:
+        raise WireError("geometry", f"shape {tuple(header.shape)} {header.dtype!r}, session has "
+                                    f"{g.sector_shape} {g.dtype!r}")
+    for part in parts:
+        if len(part) != g.sector_bytes:
+            raise WireError("size", f"payload of {len(part)} bytes, expected {g.sector_bytes}")
+    if header.frame >= g.scan_frames or header.position >= g.scan_frames:
+        raise WireError("range", f"frame {header.frame} / position {header.position} outside a scan "
+                                 f"of {g.scan_frames} frames")
+    if header.kind == SECTOR and header.sector >= g.sectors:
+        raise WireError("range", f"sector {header.sector} of a {g.sectors}-sector detector")
+    if header.scan >= 1 << (64 - FRAME_BITS):
+        raise WireError("range", f"scan number {header.scan} too large")
+
+
+class Outbox:
+    """A sending socket that stamps version, sender and a per-peer sequence number."""
+
+    def __init__(self, socket: zmq.Socket, sender: str):
+        self.socket = socket
+        self.sender = sender
+        self._seq: dict[bytes, int] = {}
+
+    def send(self, header: Header, parts: Sequence = (), peer: bytes | None = None, flags: int = 0) -> None:
+        seq = self._seq.get(peer, 0) + 1
+        self._seq[peer] = seq
+        header.version = WIRE_VERSION
+        header.sender = self.sender
+        header.seq = seq
+        envelope = [peer] if peer is not None else []
+        self.socket.send_multipart(envelope + [header.SerializeToString(), *parts], copy=False, flags=flags)
+
+    def forget(self, peer: bytes) -> None:
+        self._seq.pop(peer, None)
+
+
+class Gaps:
+    """Sequence numbers seen per sender: a jump is a gap (messages that never arrived)."""
+
+    def __init__(self):
+        self._last: dict[str, int] = {}
+        self.total = 0
+
+    def see(self, header: Header) -> int:
+        last = self._last.get(header.sender)
+        self._last[header.sender] = header.seq
+        gap = header.seq - last - 1 if last is not None and header.seq > last else 0
+        self.total += gap
+        return gap
