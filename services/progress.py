@@ -20,6 +20,12 @@ from detstream.v1.control_pb2 import StageState
 PLAIN_EVERY_S = 5.0
 
 
+def console() -> Console:
+    """stderr; off a terminal (CI, pipes) lines are never wrapped and tables get room for paths."""
+    out = Console(stderr=True, soft_wrap=True)
+    return out if out.is_terminal else Console(stderr=True, soft_wrap=True, width=240)
+
+
 @dataclass
 class Rate:
     t: float = 0.0
@@ -39,7 +45,7 @@ class Progress:
     def __init__(self, session, quiet: bool = False):
         self.session = session
         self.quiet = quiet
-        self.console = Console(stderr=True)
+        self.console = console()
         self.rates: dict[str, Rate] = {}
         self._live: Live | None = None
         self._last_plain = 0.0
@@ -107,7 +113,7 @@ class Progress:
         for s in summary.scans:
             table.add_row(*(str(s[k]) for k in ("scan", "expected", "written", "partial", "lost", "duplicates",
                                                 "unaccounted", "file")))
-        out = Console(stderr=True)
+        out = self.console
         if summary.scans:
             out.print(table)
         out.print(f"{summary.frames_per_second:,.0f} frames/s, {summary.throughput_gbps:.3f} GB/s, "

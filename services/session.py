@@ -55,7 +55,8 @@ class Simulator:
                            minimum=0)
     electrons_per_frame: float = spec_field(40.0, doc="Mean electron events per frame.", minimum=0)
     noise_sigma: float = spec_field(3.0, doc="Gaussian read-noise sigma (counts).", minimum=0)
-    electron_signal: float = spec_field(60.0, doc="Mean counts an electron event deposits.", minimum=1)
+    electron_signal: float = spec_field(21.0, doc="Mean counts an electron event deposits (stempy's defaults "
+                                                    "count events between 4 and 10 noise sigma).", minimum=1)
     xray_probability: float = spec_field(0.05, doc="Chance per frame of an X-ray hit (a very bright pixel).",
                                          minimum=0, maximum=1)
     dark_level: float = spec_field(100.0, doc="Mean dark-reference level (counts).", minimum=0)
@@ -162,8 +163,6 @@ class Session:
 
 def check_spec(spec: SessionSpec, errors: list[FieldError]) -> None:
     """Rules that span fields (the schema checks each field alone)."""
-    from detstream.services.plugins import plugin_class
-
     if spec.detector.cols % spec.detector.sectors:
         errors.append(FieldError("spec.detector.sectors", f"must divide detector.cols "
                                  f"({spec.detector.cols}); got {spec.detector.sectors}"))
@@ -172,13 +171,21 @@ def check_spec(spec: SessionSpec, errors: list[FieldError]) -> None:
                                  f"({spec.detector.sectors}): each source sends whole sectors"))
     if spec.source.kind == "replay" and not spec.source.path:
         errors.append(FieldError("spec.source.path", "is required when source.kind is replay"))
+
+
+def check_plugin(section: Any, errors: list[FieldError]) -> None:
+    """The plugin exists and takes these parameters (checked even when other fields are wrong)."""
+    from detstream.services.plugins import plugin_class
+
+    plugin = parse(Plugin, section, "spec.plugin", scratch := [])
+    if plugin is None:
+        return  # the field errors are reported by the whole-spec parse
     try:
-        plugin = plugin_class(spec.plugin.name)
+        cls = plugin_class(plugin.name)
     except LookupError as exc:
         errors.append(FieldError("spec.plugin.name", str(exc)))
-    else:
-        errors.extend(FieldError(f"spec.plugin.params.{key}", message)
-                      for key, message in plugin.check_params(spec.plugin.params))
+        return
+    errors.extend(FieldError(f"spec.plugin.params.{key}", message) for key, message in cls.check_params(plugin.params))
 
 
 def load_session(manifest: Any) -> Session:
@@ -199,6 +206,8 @@ def load_session(manifest: Any) -> Session:
     spec = parse(SessionSpec, manifest.get("spec"), "spec", errors)
     if spec is not None:
         check_spec(spec, errors)
+    raw_spec = manifest.get("spec")
+    check_plugin(raw_spec.get("plugin") if isinstance(raw_spec, dict) else None, errors)
     if errors:
         raise SpecError(errors)
     return Session(name=name, namespace=metadata.get("namespace", "default"), spec=spec, manifest=manifest)

@@ -1,0 +1,117 @@
+"""Electron events of one scan in the HDF5 layout stempy reads (stempy.io.load_electron_counts / SparseArray.from_hdf5).
+
+Layout, as stempy's SparseArray.write_to_hdf5 (format version 3, one frame per scan position):
+  attrs: version = 3
+  electron_events/frames          vlen uint32, one entry per scan position p = scan_row * scan_cols + scan_col;
+                                  attrs Nx = frame rows, Ny = frame cols (stempy reads frame_shape = (Nx, Ny))
+  electron_events/scan_positions  arange(positions); attrs Nx = scan cols, Ny = scan rows (read back reversed)
+  metadata/                       the metadata dict: nested dicts become groups, other values attributes
+
+The file is written as `path + '.partial'` and renamed to `path` on close, so a file at `path` is always complete.
+Events are buffered per block of positions and a block is written as soon as all its positions have arrived, so
+memory stays bounded when frames arrive roughly in scan order; whatever is incomplete is written at close.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+__all__ = ["ElectronEventsFile"]
+
+_EMPTY = np.empty(0, np.uint32)
+
+
+def _save_dict(d: dict, group: h5py.Group) -> None:
+    for key, value in d.items():
+        if isinstance(value, dict):
+            _save_dict(value, group.require_group(key))
+        else:
+            group.attrs[key] = value
+
+
+class ElectronEventsFile:
+    BLOCK = 4096  # positions per HDF5 write
+
+    def __init__(self, path: Path, scan_shape: tuple[int, int], frame_shape: tuple[int, int], metadata: dict | None = None):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.scan_shape = (int(scan_shape[0]), int(scan_shape[1]))
+        self.frame_shape = (int(frame_shape[0]), int(frame_shape[1]))
+        self.positions = self.scan_shape[0] * self.scan_shape[1]
+        self._events = np.empty(self.positions, dtype=object)
+        self._events[:] = [_EMPTY] * self.positions
+        self._written = np.zeros(self.positions, bool)
+        self._missing = np.diff(np.append(np.arange(0, self.positions, self.BLOCK), self.positions))  # per block
+        self._file = h5py.File(self.partial, "w")
+        try:
+            self._file.attrs["version"] = 3
+            group = self._file.create_group("electron_events")
+            scan_positions = group.create_dataset("scan_positions", data=np.arange(self.positions))
+            scan_positions.attrs["Nx"] = self.scan_shape[1]
+            scan_positions.attrs["Ny"] = self.scan_shape[0]
+            self._frames = group.create_dataset("frames", (self.positions,), dtype=h5py.vlen_dtype(np.uint32))
+            self._frames.attrs["Nx"] = self.frame_shape[0]
+            self._frames.attrs["Ny"] = self.frame_shape[1]
+            _save_dict(metadata or {}, self._file.create_group("metadata"))
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, position: int, events: np.ndarray) -> None:
+        """Events (uint32 linear pixel indices) of the frame at linear scan position `position`, at most once each."""
+        if self._file is None:
+            raise ValueError(f"{self.partial} is closed")
+        if not 0 <= position < self.positions:
+            raise IndexError(f"position {position} outside the scan of {self.positions} positions")
+        if self._written[position]:
+            raise ValueError(f"position {position} written twice")
+        self._written[position] = True
+        self._events[position] = np.array(events, dtype=np.uint32).ravel()
+        block = position // self.BLOCK
+        self._missing[block] -= 1
+        if self._missing[block] == 0:
+            self._flush(block)
+
+    def _flush(self, block: int) -> None:
+        span = np.s_[block * self.BLOCK : min((block + 1) * self.BLOCK, self.positions)]
+        # write_direct hands the object array to HDF5 as is: Dataset.__setitem__ would turn equal-length
+        # event arrays into a 2-D array and fail
+        self._frames.write_direct(self._events, span, span)
+        self._events[span] = [_EMPTY] * (span.stop - span.start)
+
+    def close(self) -> Path:
+        """Write what is left, close, and rename the temporary file to `path`; returns `path`."""
+        if self._file is None:
+            raise ValueError(f"{self.partial} is closed")
+        try:
+            for block in np.flatnonzero(self._missing):
+                self._flush(int(block))
+            self._file.close()
+        except BaseException:
+            self.abort()
+            raise
+        self._file = None
+        os.replace(self.partial, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Close and delete the temporary file."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            finally:
+                self._file = None
+        self.partial.unlink(missing_ok=True)
+
+    def __enter__(self) -> ElectronEventsFile:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -1,0 +1,43 @@
+"""Shared test helpers: manifests built in code, and paths of the installed tools."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DETSTREAM = [sys.executable, "-m", "detstream.services.cli"]
+
+
+def manifest(name: str = "t", **spec) -> dict:
+    """A StreamingSession manifest: a small scan by default; each key of `spec` replaces its section."""
+    merged = {"scan": {"rows": 8, "cols": 8}, "workers": {"replicas": 2}, **copy.deepcopy(spec)}
+    return {"apiVersion": "detstream.io/v1alpha1", "kind": "StreamingSession", "metadata": {"name": name},
+            "spec": merged}
+
+
+@pytest.fixture
+def write_manifest(tmp_path):
+    def write(doc: dict, name: str = "session.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(doc))
+        return path
+    return write
+
+
+def no_stage_left(marker: str) -> list[str]:
+    """Command lines of stage processes whose arguments contain `marker` (should be none)."""
+    import subprocess
+    out = subprocess.run(["pgrep", "-af", f"detstream.services.cli stage .*{marker}"], capture_output=True,
+                         text=True).stdout
+    return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+def which(tool: str) -> str | None:
+    local = ROOT / ".tools" / "bin" / tool
+    return str(local) if local.exists() else shutil.which(tool)

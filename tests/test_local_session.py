@@ -1,0 +1,117 @@
+"""Whole sessions as real processes on 127.0.0.1, through `detstream run` as a user runs them."""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import stempy.image
+import stempy.io
+
+from conftest import DETSTREAM, ROOT, manifest, no_stage_left
+from detstream.services.session import Detector, Simulator as SimulatorSettings
+from detstream.services.simulator import Simulator
+
+COUNTING = {"name": "electron-counting",
+            "params": {"dark": "simulated", "backgroundThreshold": 12, "xrayThreshold": 30}}
+
+
+def run(path, out, *extra, timeout=180):
+    cmd = DETSTREAM + ["run", str(path), "--output", str(out), "--report", str(out / "report.json"), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def stempy_events(frame, dark, background=12, xray=30):
+    counted = stempy.image.electron_count_frame(frame, darkreference=dark, background_threshold=background,
+                                                xray_threshold=xray)
+    return np.sort(counted.data[0][0])
+
+
+def test_example_session_counts_like_stempy(tmp_path):
+    result = run(ROOT / "examples" / "4dstem-local.yaml", tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    (scan,) = report["scans"]
+    assert (scan["expected"], scan["written"], scan["lost"], scan["unaccounted"]) == (1024, 1024, 0, 0)
+    assert set(report) >= {"scans", "throughput_gbps", "frames_per_second", "duration_s"}
+    assert "session demo: OK" in result.stderr
+
+    counted = stempy.io.load_electron_counts(scan["file"])
+    assert tuple(counted.scan_shape) == (32, 32) and tuple(counted.frame_shape) == (576, 576)
+    sim = Simulator(SimulatorSettings(seed=7), Detector())
+    for position in range(0, 1024, 31):
+        expected = stempy_events(sim.frame(0, position), sim.dark)
+        np.testing.assert_array_equal(np.sort(counted.data[position][0]), expected)
+
+
+def crafted_frames(n, rng):
+    """Frames with events on sector edges, ties between neighbours and X-ray hits (dark = 0)."""
+    frames = rng.integers(0, 6, (n, 576, 576), dtype=np.uint16)
+    for f in frames:
+        for col in (0, 143, 144, 287, 288, 431, 432, 575):
+            f[rng.integers(0, 576), col] = 20
+        r, c = rng.integers(1, 575, 2)
+        f[r, c] = f[r, c + 1] = 22              # a tie: neither is a strict maximum
+        f[rng.integers(0, 576), rng.integers(0, 576)] = 5000   # an X-ray hit
+        f[0, 0] = 25                            # a corner event
+    return frames
+
+
+def test_replay_from_npy_with_several_scans(tmp_path, write_manifest):
+    frames = crafted_frames(2 * 16, np.random.default_rng(3))
+    np.save(tmp_path / "frames.npy", frames)
+    doc = manifest("replay", scan={"rows": 4, "cols": 4, "count": 2}, lanes=2,
+                   source={"kind": "replay", "path": str(tmp_path / "frames.npy"), "replicas": 2},
+                   plugin={"name": "electron-counting", "params": {"backgroundThreshold": 10, "xrayThreshold": 100}})
+    result = run(write_manifest(doc), tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [(s["scan"], s["written"], s["unaccounted"]) for s in report["scans"]] == [(0, 16, 0), (1, 16, 0)]
+    zero = np.zeros((576, 576), np.float32)
+    for s in report["scans"]:
+        counted = stempy.io.load_electron_counts(s["file"])
+        for position in range(16):
+            frame = frames[s["scan"] * 16 + position]
+            expected = stempy_events(frame, zero, 10, 100)
+            np.testing.assert_array_equal(np.sort(counted.data[position][0]), expected)
+            assert 6 <= len(expected)  # the edge events and the corner are there; the tie is not
+
+
+def test_bad_manifest_starts_nothing(tmp_path, write_manifest):
+    doc = manifest("bad", scan={"rows": -1, "cols": 4}, plugin={"name": "nope"})
+    result = run(write_manifest(doc), tmp_path)
+    assert result.returncode == 2
+    assert "spec.scan.rows: must be >= 1" in result.stderr
+    assert "spec.plugin.name: unknown plugin 'nope'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / ".detstream").exists()
+
+
+def test_missing_replay_file_fails_with_the_reason(tmp_path, write_manifest):
+    doc = manifest("nofile", source={"kind": "replay", "path": str(tmp_path / "absent.npy")}, plugin={"name": "noop"})
+    result = run(write_manifest(doc), tmp_path / "out")
+    assert result.returncode == 1
+    assert "source-0" in result.stderr and "absent.npy does not exist" in result.stderr
+    assert not no_stage_left(str(tmp_path))
+
+
+def test_a_killed_stage_stops_the_session(tmp_path, write_manifest):
+    doc = manifest("killed", scan={"rows": 64, "cols": 64}, source={"rate": 200}, plugin={"name": "noop"})
+    path = write_manifest(doc)
+    proc = subprocess.Popen(DETSTREAM + ["run", str(path), "--output", str(tmp_path)], stderr=subprocess.PIPE,
+                            text=True)
+    plan = tmp_path / ".detstream" / "killed" / "plan.json"
+    victim = None
+    for _ in range(200):
+        victims = subprocess.run(["pgrep", "-f", f"stage aggregator --plan {plan}"], capture_output=True,
+                                 text=True).stdout.split()
+        if victims and (tmp_path / ".detstream/killed/logs/source-0.log").stat().st_size:
+            victim = victims[0]
+            break
+        subprocess.run(["sleep", "0.1"])
+    assert victim, "the session never started"
+    subprocess.run(["kill", "-9", victim], check=True)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "aggregator-0 exited with code -9" in err
+    assert not no_stage_left(str(plan))

@@ -1,0 +1,92 @@
+"""The session model: defaults, validation messages with field paths, the plan, the schema."""
+
+import pytest
+
+from conftest import manifest
+from detstream.services.plan import ClusterNetwork, LocalNetwork, Plan, build_plan
+from detstream.services.schema import SpecError, openapi
+from detstream.services.session import SessionSpec, load_session, read_manifest
+from conftest import ROOT
+
+
+def test_example_manifest_is_valid_and_has_defaults():
+    session = read_manifest(ROOT / "examples" / "4dstem-local.yaml")
+    spec = session.spec
+    assert (spec.detector.rows, spec.detector.cols, spec.detector.sectors) == (576, 576, 4)
+    assert spec.scan.frames == 32 * 32 and spec.scan.count == 1
+    assert spec.plugin.name == "electron-counting"
+    assert spec.transport.high_water_mark > 0
+
+
+BAD = [
+    ({"scan": {"rows": "32", "cols": 32}}, "spec.scan.rows", "must be an integer"),
+    ({"scan": {"rows": -4, "cols": 32}}, "spec.scan.rows", "must be >= 1"),
+    ({"scan": {"cols": 32}}, "spec.scan.rows", "is required"),
+    ({"plugin": {"name": "no-such-plugin"}}, "spec.plugin.name", "unknown plugin 'no-such-plugin'"),
+    ({"plugin": {"name": "electron-counting", "params": {"samples": 0}}}, "spec.plugin.params.samples", ">= 1"),
+    ({"plugin": {"name": "electron-counting", "params": {"backgroundThreshold": 5}}},
+     "spec.plugin.params.xrayThreshold", "need both"),
+    ({"workers": {"replicas": 2, "credit": 3}}, "spec.workers.credit", "unknown field"),
+    ({"detector": {"sectors": 5}}, "spec.detector.sectors", "must divide"),
+    ({"detector": {"dtype": "int7"}}, "spec.detector.dtype", "must be one of"),
+    ({"source": {"kind": "replay"}}, "spec.source.path", "required when source.kind is replay"),
+    ({"source": {"replicas": 8}}, "spec.source.replicas", "<= detector.sectors"),
+    ({"lanes": 0}, "spec.lanes", "must be >= 1"),
+    ({"transport": {"workerTimeoutS": "soon"}}, "spec.transport.workerTimeoutS", "must be a number"),
+]
+
+
+@pytest.mark.parametrize("spec, path, message", BAD, ids=[b[1] + ":" + b[2] for b in BAD])
+def test_bad_manifest_names_the_field(spec, path, message):
+    with pytest.raises(SpecError) as err:
+        load_session(manifest(**spec))
+    assert any(e.path == path and message in e.message for e in err.value.errors), err.value.errors
+
+
+def test_every_problem_is_reported_at_once():
+    doc = manifest(scan={"rows": 0, "cols": "x"}, lanes=-1)
+    doc["metadata"]["name"] = "Not_A_Name"
+    doc["kind"] = "Pod"
+    with pytest.raises(SpecError) as err:
+        load_session(doc)
+    paths = {e.path for e in err.value.errors}
+    assert {"kind", "metadata.name", "spec.scan.rows", "spec.scan.cols", "spec.lanes"} <= paths
+
+
+def test_plan_local_has_every_stage_with_distinct_ports():
+    session = load_session(manifest(lanes=2, source={"replicas": 2}, workers={"replicas": 3}))
+    plan = build_plan(session, LocalNetwork(iter(range(30000, 31000))))
+    names = [s.name for s in plan.stages]
+    assert names == ["source-0", "source-1", "aggregator-0", "aggregator-1", "distributor-0", "distributor-1",
+                     "worker-0", "worker-1", "worker-2", "writer-0"]
+    ports = [p for s in plan.stages for p in s.ports.values()]
+    assert len(ports) == len(set(ports))
+    assert plan.endpoint("distributor", 1, "work").startswith("tcp://127.0.0.1:")
+    assert Plan.from_json(plan.to_json()) == plan
+    assert plan.session_spec() == session.spec
+
+
+def test_plan_cluster_uses_service_names_and_fixed_ports():
+    session = load_session(manifest(name="s1"))
+    plan = build_plan(session, ClusterNetwork())
+    assert plan.endpoint("writer", 0, "results") == "tcp://s1-writer-0:7203"
+    assert plan.stage("aggregator", 0).ports["ingest"] == 7200
+
+
+def test_external_source_has_no_source_stage():
+    session = load_session(manifest(source={"kind": "external", "replicas": 2}))
+    plan = build_plan(session, ClusterNetwork())
+    assert not plan.of_role("source")
+
+
+def test_openapi_schema_documents_every_field():
+    schema = openapi(SessionSpec)
+    assert schema["required"] == ["scan"]
+
+    def walk(node, path):
+        for key, prop in node.get("properties", {}).items():
+            assert prop.get("description"), f"{path}.{key} has no description"
+            walk(prop, f"{path}.{key}")
+    walk(schema, "spec")
+    assert schema["properties"]["workers"]["properties"]["replicas"]["minimum"] == 0
+    assert schema["properties"]["source"]["properties"]["kind"]["enum"] == ["simulator", "replay", "external"]

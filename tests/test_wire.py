@@ -1,0 +1,84 @@
+"""The data-plane header: round trip, and every kind of malformed message is a WireError."""
+
+import numpy as np
+import pytest
+import zmq
+from hypothesis import given, settings, strategies as st
+
+from detstream.services.wire import (END_OF_SCAN, FRAME, SECTOR, Geometry, Header, WireError, decode, frame_key,
+                                     Gaps)
+
+G = Geometry(rows=8, cols=8, sectors=2, dtype="<u2", scan_frames=16)
+
+
+def sector(frame=3, sector=1, **over):
+    h = Header(version=1, kind=SECTOR, scan=0, frame=frame, position=frame, sector=sector, shape=[8, 4], dtype="<u2")
+    for k, v in over.items():
+        setattr(h, k, v) if not isinstance(v, list) else (h.ClearField(k), getattr(h, k).extend(v))
+    return h
+
+
+def frames(header, *payloads):
+    return [zmq.Frame(header.SerializeToString()), *(zmq.Frame(p) for p in payloads)]
+
+
+def test_sector_round_trip_gives_a_view_of_the_payload():
+    pixels = np.arange(32, dtype="<u2").reshape(8, 4)
+    msg = decode(frames(sector(), pixels.tobytes()), G)
+    assert msg.header.frame == 3 and msg.header.sector == 1
+    np.testing.assert_array_equal(msg.sectors[0], pixels)
+    assert not msg.sectors[0].flags.owndata  # a view over the ZeroMQ buffer, not a copy
+
+
+@pytest.mark.parametrize("raw, reason", [
+    ([], "empty"),
+    ([zmq.Frame(b"\xff\xff\xff")], "header"),
+    ([zmq.Frame(b"x" * 5000)], "header"),
+    (frames(sector(version=2), bytes(64)), "version"),
+    (frames(sector(kind=99), bytes(64)), "kind"),
+    (frames(sector(kind=0), bytes(64)), "kind"),
+    (frames(sector()), "parts"),
+    (frames(sector(), bytes(64), bytes(64)), "parts"),
+    (frames(sector(), bytes(63)), "size"),
+    (frames(sector(), bytes(6400)), "size"),
+    (frames(sector(shape=[4, 8]), bytes(64)), "geometry"),
+    (frames(sector(dtype="<f4"), bytes(128)), "geometry"),
+    (frames(sector(frame=16), bytes(64)), "range"),
+    (frames(sector(sector=2), bytes(64)), "range"),
+    (frames(Header(version=1, kind=FRAME, shape=[8, 4], dtype="<u2"), bytes(64)), "parts"),
+    (frames(Header(version=1, kind=END_OF_SCAN), b"extra"), "parts"),
+])
+def test_malformed_messages_are_rejected_with_a_reason(raw, reason):
+    with pytest.raises(WireError) as err:
+        decode(raw, G)
+    assert err.value.reason == reason
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.binary(max_size=300), min_size=0, max_size=5))
+def test_garbage_never_escapes_as_anything_but_wire_error(parts):
+    try:
+        decode([zmq.Frame(p) for p in parts], G)
+    except WireError:
+        pass
+
+
+@settings(max_examples=1000, deadline=None)
+@given(frame=st.integers(0, 2**40), sec=st.integers(0, 2**32 - 1), size=st.integers(0, 200),
+       shape=st.lists(st.integers(0, 2**32 - 1), max_size=3))
+def test_fuzzed_sector_headers_are_accepted_only_when_consistent(frame, sec, size, shape):
+    raw = frames(sector(frame=frame, sector=sec, shape=shape), bytes(size))
+    try:
+        msg = decode(raw, G)
+    except WireError:
+        return
+    assert msg.header.frame < 16 and msg.header.sector < 2 and len(msg.parts[0]) == 64
+
+
+def test_frame_key_and_gaps():
+    assert frame_key(3, 5) == (3 << 40) | 5
+    gaps = Gaps()
+    for seq in (1, 2, 5, 6):
+        gaps.see(Header(sender="a", seq=seq))
+    gaps.see(Header(sender="b", seq=1))
+    assert gaps.total == 2
