@@ -90,3 +90,14 @@ def test_openapi_schema_documents_every_field():
     walk(schema, "spec")
     assert schema["properties"]["workers"]["properties"]["replicas"]["minimum"] == 0
     assert schema["properties"]["source"]["properties"]["kind"]["enum"] == ["simulator", "replay", "external"]
+
+
+def test_readme_documents_every_field():
+    readme = (ROOT / "README.md").read_text()
+
+    def walk(node, path):
+        for key, prop in node.get("properties", {}).items():
+            yield f"{path}.{key}"
+            yield from walk(prop, f"{path}.{key}")
+    missing = [p for p in walk(openapi(SessionSpec), "spec") if f"`{p}`" not in readme]
+    assert not missing, f"README's manifest reference lacks {missing}"

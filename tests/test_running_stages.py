@@ -1,0 +1,96 @@
+"""A session driven from the test: an external sender withholds a sector; every stage's metrics
+endpoint and health service answer while it streams."""
+
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import stempy.io
+import zmq
+from prometheus_client.parser import text_string_to_metric_families
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import manifest
+from detstream.services.runner import LocalSession
+from detstream.services.session import load_session
+from detstream.services.wire import END_OF_SCAN, SECTOR, Header, Outbox
+
+
+@pytest.fixture
+def local_session(tmp_path):
+    sessions = []
+
+    def start(doc):
+        local = LocalSession(load_session(doc), tmp_path)
+        sessions.append(local)
+        local.launch()
+        local.wait_healthy()
+        local.start()
+        return local
+    yield start
+    for local in sessions:
+        local.stop()
+
+
+def wait_for(predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_withheld_sector_gives_a_partial_frame_zero_filled(local_session):
+    doc = manifest("partial", scan={"rows": 2, "cols": 3}, source={"kind": "external", "replicas": 1},
+                   transport={"frameTimeoutS": 0.3},
+                   plugin={"name": "electron-counting", "params": {"backgroundThreshold": 10, "xrayThreshold": 100}})
+    local = local_session(doc)
+    rng = np.random.default_rng(5)
+    frames = rng.integers(0, 5, (6, 576, 576), dtype=np.uint16)
+    frames[:, 100, 10::144] = 30   # one event in each sector of every frame
+    ctx = zmq.Context.instance()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(local.plan.endpoint("aggregator", 0, "ingest"))
+    out = Outbox(push, "detector-0")
+    sent = 0
+    for number, frame in enumerate(frames):
+        for sector in range(4):
+            if (number, sector) == (4, 2):
+                continue  # withheld
+            pixels = np.ascontiguousarray(frame[:, sector * 144:(sector + 1) * 144])
+            out.send(Header(kind=SECTOR, scan=0, frame=number, position=number, sector=sector, shape=[576, 144],
+                            dtype="<u2", scan_rows=2, scan_cols=3), [pixels])
+            sent += 1
+    out.send(Header(kind=END_OF_SCAN, scan=0, expected=6, sent=sent, scan_rows=2, scan_cols=3))
+    wait_for(lambda: local.finished())
+    (account,) = local.writer().client.status().scans
+    assert (account.expected, account.written, account.partial, account.lost) == (6, 6, 1, 0)
+    counted = stempy.io.load_electron_counts(account.file)
+    events = [np.sort(counted.data[p][0]) for p in range(6)]
+    assert [len(e) for e in events] == [4, 4, 4, 4, 3, 4]
+    assert 100 * 576 + 2 * 144 + 10 not in events[4]  # the zero-filled sector has no event
+    push.close()
+
+
+def test_metrics_and_health_answer_on_every_stage(local_session):
+    doc = manifest("watched", scan={"rows": 40, "cols": 40}, source={"rate": 100}, lanes=2, plugin={"name": "noop"})
+    local = local_session(doc)
+    wait_for(lambda: local.writer().status is not None and local.writer().status.frames_in > 0)
+    for p in local.stages:
+        samples = scrape(p.stage.ports["metrics"])
+        labels = {"session": "watched", "stage": p.stage.role, "replica": str(p.stage.index)}
+        assert ("detstream_frames_received_total", labels) in [(n, l) for n, l, _ in samples], p.stage.name
+        assert ("detstream_stage_state", labels, 2.0) in samples, p.stage.name  # running
+        with grpc.insecure_channel(p.client.address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING, p.stage.name
+    source = next(p for p in local.stages if p.stage.role == "source")
+    wait_for(lambda: any(n == "detstream_frames_sent_total" and v > 0 for n, _, v in scrape(source.stage.ports["metrics"])))
+    worker = next(p for p in local.stages if p.stage.role == "worker")
+    assert any(n == "detstream_processing_seconds_count" and v > 0 for n, _, v in scrape(worker.stage.ports["metrics"]))
+
+
+def scrape(port):
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return [(s.name, s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples]
