@@ -76,7 +76,7 @@ class StageCollector:
 class StageMetrics:
     """The registry of one stage process, served over HTTP on its metrics port."""
 
-    def __init__(self, counters: Counters, session: str, stage: str, replica: int):
+    def __init__(self, counters: Counters, session: str, stage: str, replica: int | str):
         self.registry = CollectorRegistry()
         labels = (session, stage, str(replica))
         self.registry.register(StageCollector(counters, labels))

@@ -21,6 +21,7 @@ from detstream.services.schema import parse, to_manifest
 from detstream.services.session import Session, SessionSpec
 
 ROLES = ("source", "aggregator", "distributor", "worker", "writer")
+START_ORDER = ("writer", "worker", "distributor", "aggregator", "source")  # consumers before producers
 DATA_PORTS = {"aggregator": ("ingest",), "distributor": ("frames", "work"), "writer": ("results",)}
 CLUSTER_PORTS = {"control": 7100, "metrics": 9100, "ingest": 7200, "frames": 7201, "work": 7202,
                  "results": 7203}

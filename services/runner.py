@@ -21,13 +21,12 @@ from pathlib import Path
 import grpc
 
 from detstream.services.control import StageClient
-from detstream.services.plan import LocalNetwork, Plan, StagePlan, build_plan
+from detstream.services.plan import START_ORDER, LocalNetwork, Plan, StagePlan, build_plan
 from detstream.services.progress import Progress, Summary
 from detstream.services.session import Session, read_manifest
 from detstream.v1.control_pb2 import FAILED, FINISHED
 
 STOP_GRACE_S = 5.0
-START_ORDER = ("writer", "worker", "distributor", "aggregator", "source")
 
 
 class RunFailed(Exception):

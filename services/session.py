@@ -133,6 +133,9 @@ class Kubernetes:
                                                            "writer).", free_form=True)
     node_selector: dict = spec_field(default_factory=dict, doc="Node selector of the stage pods.",
                                      free_form=True)
+    drain_grace_s: float = spec_field(60.0, doc="Seconds a deleted session may take to drain (sources stop, "
+                                                "frames in flight finish, files close) before its pods go.",
+                                      minimum=0)
     ingest_service_type: str = spec_field("ClusterIP", doc="Service type exposing the aggregators' ingest "
                                                            "port to external sources.",
                                           enum=("ClusterIP", "NodePort", "LoadBalancer"))

@@ -9,6 +9,7 @@ loop; the process then closes its sockets and exits 0 (1 if the stage failed).
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import threading
@@ -21,7 +22,7 @@ from grpc_health.v1 import health_pb2
 from detstream.services import control
 from detstream.services.metrics import Counters, StageMetrics
 from detstream.services.plan import Plan
-from detstream.services.wire import Geometry, Message, WireError, decode
+from detstream.services.wire import Gaps, Geometry, Message, WireError, decode
 from detstream.v1.control_pb2 import CONFIGURED, DRAINING, FAILED, FINISHED, RUNNING, StageStatus
 
 POLL_MS = 100
@@ -40,12 +41,14 @@ class Stage:
     def __init__(self, plan: Plan, index: int, bind_host: str | None = None):
         self.plan = plan
         self.me = plan.stage(self.role, index)
-        self.name = self.me.name
+        # On Kubernetes every worker pod has index 0 (a Deployment): the pod name tells them apart.
+        self.name = os.environ.get("POD_NAME") or self.me.name
         self.spec = plan.session_spec()
         self.geometry = Geometry.of(self.spec)
         self.bind_host = bind_host or self.me.host
         self.counters = Counters()
-        self.metrics = StageMetrics(self.counters, plan.session, self.role, index)
+        self.metrics = StageMetrics(self.counters, plan.session, self.role, os.environ.get("POD_NAME") or index)
+        self.gaps = Gaps()
         self.ctx = zmq.Context()
         self.state = CONFIGURED
         self.message = ""
@@ -75,7 +78,9 @@ class Stage:
         raw = sock.recv_multipart(copy=False)
         peer = raw.pop(0).bytes if envelope else None
         try:
-            return peer, decode(raw, self.geometry)
+            msg = decode(raw, self.geometry)
+            self.counters.sequence_gaps += self.gaps.see(msg.header)
+            return peer, msg
         except WireError as exc:
             self.reject(exc)
             return peer, None

@@ -1,0 +1,110 @@
+"""The StreamingSession CustomResourceDefinition, generated from the session model.
+
+`python -m detstream.operator.crd > charts/detstream/crds/streamingsessions.yaml` (`make crd`)
+writes it; a test fails when the committed file is stale, so the schema the API server checks
+and the model `detstream run` checks are one and the same.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import yaml
+
+from detstream.services.schema import openapi
+from detstream.services.session import API_GROUP, API_VERSION, KIND, SessionSpec
+
+PLURAL = "streamingsessions"
+PHASES = ("Pending", "Starting", "Ready", "Streaming", "Draining", "Succeeded", "Failed")
+
+# Rules the API server enforces where it knows CEL (Kubernetes >= 1.25); the operator checks the
+# same rules itself (services.session.check_spec), so they hold on older servers too.
+CEL_RULES = {
+    "detector": [{"rule": "self.cols % self.sectors == 0", "message": "detector.sectors must divide detector.cols"}],
+}
+
+
+def _status_schema() -> dict:
+    count = {"type": "integer", "format": "int64"}
+    stage = {"type": "object", "properties": {"desired": {"type": "integer"}, "ready": {"type": "integer"},
+                                              "state": {"type": "string"}}}
+    scan = {"type": "object", "properties": {k: dict(count) for k in
+                                             ("scan", "expected", "written", "partial", "lost", "duplicates")}}
+    scan["properties"].update(complete={"type": "boolean"}, file={"type": "string"})
+    condition = {"type": "object", "required": ["type", "status"], "properties": {
+        "type": {"type": "string"}, "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+        "reason": {"type": "string"}, "message": {"type": "string"},
+        "lastTransitionTime": {"type": "string", "format": "date-time"},
+        "observedGeneration": {"type": "integer", "format": "int64"}}}
+    return {"type": "object", "description": "What the operator observes; written only by the operator.",
+            "x-kubernetes-preserve-unknown-fields": True,
+            "properties": {
+                "phase": {"type": "string", "enum": list(PHASES)},
+                "observedGeneration": {"type": "integer", "format": "int64"},
+                "conditions": {"type": "array", "items": condition,
+                               "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+                "stages": {"type": "object", "additionalProperties": stage},
+                "scans": {"type": "array", "items": scan},
+                "workerReplicas": {"type": "integer"},
+                "workers": {"type": "string", "description": "ready/desired workers"},
+                "workerSelector": {"type": "string"},
+                "framesWritten": dict(count), "framesLost": dict(count),
+                "throughputGbps": {"type": "number"},
+                "ingest": {"type": "array", "items": {"type": "string"},
+                           "description": "Addresses external sources connect to, one per lane."},
+                "message": {"type": "string", "description": "The last failure, if any."},
+            }}
+
+
+def _with_cel(schema: dict) -> dict:
+    for name, rules in CEL_RULES.items():
+        schema["properties"][name]["x-kubernetes-validations"] = rules
+    return schema
+
+
+def crd() -> dict:
+    spec_schema = _with_cel(openapi(SessionSpec))
+    spec_schema["properties"]["plugin"]["properties"]["params"]["description"] += (
+        " See the README's plugin table.")
+    columns = [
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Workers", "type": "string", "jsonPath": ".status.workers", "description": "ready/desired"},
+        {"name": "Written", "type": "integer", "jsonPath": ".status.framesWritten"},
+        {"name": "Lost", "type": "integer", "jsonPath": ".status.framesLost"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{API_GROUP}"},
+        "spec": {
+            "group": API_GROUP,
+            "names": {"kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL, "singular": "streamingsession",
+                      "shortNames": ["sess"], "categories": ["detstream"]},
+            "scope": "Namespaced",
+            "versions": [{
+                "name": API_VERSION, "served": True, "storage": True,
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "description": "A detector streaming session: sources, aggregators, distributors, workers "
+                                   "and a writer, run as pods and reconciled by the detstream operator.",
+                    "required": ["spec"],
+                    "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                                   "metadata": {"type": "object"}, "spec": spec_schema,
+                                   "status": _status_schema()}}},
+                "subresources": {"status": {}, "scale": {
+                    "specReplicasPath": ".spec.workers.replicas", "statusReplicasPath": ".status.workerReplicas",
+                    "labelSelectorPath": ".status.workerSelector"}},
+                "additionalPrinterColumns": columns,
+            }],
+        },
+    }
+
+
+def main() -> None:
+    sys.stdout.write("# Generated by `make crd` from the session model (services/session.py): do not edit.\n")
+    yaml.safe_dump(crd(), sys.stdout, sort_keys=False, width=100)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""kopf handlers: one idempotent reconcile, one observer, one drain.
+
+- `reconcile` (create, update, resume, and a slow resync) applies the children built from the
+  spec. What a change does follows from the builders: the worker count only scales the worker
+  Deployment; plugin parameters change only the plan ConfigMap (no pod template change, so no
+  restart) and are pushed live to the running workers; anything else changes the pod templates'
+  spec hash and rolls the stages. An invalid spec is refused with the SpecValid condition and
+  the last valid spec keeps running.
+- `observe` (every 2 s) reads the pods and every stage's own status over gRPC, starts stages that
+  are up but idle (at first all of them; later restarted or added ones), and writes `status`.
+- `drain` (the finalizer) asks every stage to drain and waits until the writer has closed its
+  files, at most `spec.kubernetes.drainGraceS`; then the children go by garbage collection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import kopf
+from prometheus_client import Counter, Histogram
+
+from detstream.operator import resources, stages
+from detstream.operator.cluster import Cluster
+from detstream.operator.crd import PLURAL
+from detstream.operator.status import Observed, now, phase, pod_view, status_patch
+from detstream.services.plan import replicas
+from detstream.services.schema import SpecError
+from detstream.services.session import API_GROUP, API_VERSION, KIND, Session, load_session
+from detstream.v1.control_pb2 import FINISHED
+
+RESOURCE = (API_GROUP, API_VERSION, PLURAL)
+LAST_VALID = "detstream.io/last-valid-spec"
+OBSERVE_INTERVAL_S = 2.0
+RESYNC_INTERVAL_S = 60.0
+
+RECONCILES = Counter("detstream_operator_reconciles", "Reconciles of StreamingSessions, by result.", ["result"])
+RECONCILE_SECONDS = Histogram("detstream_operator_reconcile_seconds", "Time one reconcile takes.")
+
+_cluster: Cluster | None = None
+
+
+def cluster() -> Cluster:
+    global _cluster
+    if _cluster is None:
+        _cluster = Cluster()
+    return _cluster
+
+
+def default_image() -> str:
+    return os.environ.get("DETSTREAM_IMAGE", "ghcr.io/detstream/detstream:0.1.0")
+
+
+def session_of(body) -> tuple[Session | None, list[str]]:
+    """The session to run: this spec if valid, else the last valid one; plus the spec's problems."""
+    meta = body["metadata"]
+    doc = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND,
+           "metadata": {"name": meta["name"], "namespace": meta.get("namespace", "default")}}
+    try:
+        return load_session({**doc, "spec": dict(body["spec"])}), []
+    except SpecError as exc:
+        errors = [str(e) for e in exc.errors]
+    last = (meta.get("annotations") or {}).get(LAST_VALID)
+    return (load_session({**doc, "spec": json.loads(last)}) if last else None), errors
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_):
+    settings.persistence.finalizer = "detstream.io/drain"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="detstream.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="detstream.io")
+    settings.posting.level = logging.INFO
+    settings.execution.max_workers = 32
+    settings.watching.server_timeout = 300
+
+
+@kopf.on.resume(*RESOURCE)
+@kopf.on.create(*RESOURCE)
+@kopf.on.update(*RESOURCE, field="spec")
+@kopf.timer(*RESOURCE, interval=RESYNC_INTERVAL_S, initial_delay=RESYNC_INTERVAL_S)
+def reconcile(body, meta, status, patch, logger, diff=(), **_):
+    t0 = time.perf_counter()
+    session, errors = session_of(body)
+    if errors:
+        logger.warning("spec refused, %s: %s", "keeping the last valid spec" if session else "nothing to run",
+                       "; ".join(errors))
+        RECONCILES.labels("invalid").inc()
+    if session is None:
+        patch.status.update(phase="Failed", message="invalid spec: " + "; ".join(errors),
+                            observedGeneration=meta.get("generation"))
+        return
+    if not errors:
+        patch.metadata.setdefault("annotations", {})[LAST_VALID] = json.dumps(dict(body["spec"]), sort_keys=True)
+    running = status.get("phase") != "Succeeded"
+    desired = resources.children(session, default_image(), running=running)
+    for obj in desired:
+        cluster().apply(obj, body)
+    gone = cluster().prune(session.namespace, session.name, {(o["kind"], o["metadata"]["name"]) for o in desired})
+    if gone:
+        logger.info("removed %s", ", ".join(gone))
+    if not errors and params_changed(diff):
+        push_params(session, logger)
+    RECONCILES.labels("applied" if not errors else "invalid").inc()
+    RECONCILE_SECONDS.observe(time.perf_counter() - t0)
+
+
+def params_changed(diff) -> bool:
+    """Whether the plugin parameters changed (kopf gives paths relative to the watched field)."""
+    return any("params" in path and "plugin" in path for _, path, *_ in diff)
+
+
+def push_params(session: Session, logger) -> None:
+    pods = [pod_view(p) for p in cluster().pods(session.namespace, session.name)]
+    done = stages.configure_workers(pods, session.spec.plugin.params)
+    logger.info("plugin parameters pushed live to %d worker(s): %s", len(done), session.spec.plugin.params)
+
+
+@kopf.timer(*RESOURCE, interval=OBSERVE_INTERVAL_S, initial_delay=1.0)
+def observe(body, meta, status, patch, logger, **_):
+    if status.get("phase") == "Succeeded":
+        return  # the stages are scaled to zero; the result stays as it is
+    session, errors = session_of(body)
+    if session is None:
+        return
+    pods = [pod_view(p) for p in cluster().pods(session.namespace, session.name)]
+    stage_status = stages.statuses(pods)
+    observed = Observed(desired=replicas(session), pods=pods, stages=stage_status,
+                        started=bool(status.get("startedAt")), deleting=bool(meta.get("deletionTimestamp")),
+                        spec_errors=errors)
+    current, why = phase(observed)
+    if current in ("Ready", "Streaming"):
+        started = stages.start_waiting(pods, stage_status)
+        if current == "Ready":
+            patch.status["startedAt"] = now()
+            observed.started = True
+            logger.info("every stage is healthy; started %d stages", len(started))
+        elif started:
+            logger.info("started stages that came up mid-session: %s", ", ".join(started))
+    new = status_patch(observed, dict(status), meta.get("generation"), resources.worker_selector(session))
+    if new["phase"] != status.get("phase"):
+        logger.info("phase %s -> %s%s", status.get("phase"), new["phase"], f": {why}" if why else "")
+    if new["phase"] == "Succeeded":
+        for obj in resources.children(session, default_image(), running=False):
+            cluster().apply(obj, body)  # scale every stage to zero; the session's record stays
+    patch.status.update(new)
+
+
+@kopf.on.delete(*RESOURCE)
+def drain(body, status, patch, logger, runtime, **_):
+    session, _errors = session_of(body)
+    if session is None or status.get("phase") in ("Succeeded", "Pending", None):
+        return
+    pods = [pod_view(p) for p in cluster().pods(session.namespace, session.name)]
+    stage_status = stages.statuses(pods)
+    writer = next((s for s in stage_status.values() if s.stage == "writer"), None)
+    if writer is None or writer.state == FINISHED:
+        logger.info("drained: the writer has closed its files")
+        return
+    patch.status["phase"] = "Draining"
+    stages.drain(pods)
+    grace = session.spec.kubernetes.drain_grace_s
+    if runtime.total_seconds() > grace:
+        logger.error("drain did not finish within %g s (spec.kubernetes.drainGraceS); deleting anyway", grace)
+        return
+    raise kopf.TemporaryError("draining: waiting for the writer to close its files", delay=1)

@@ -1,0 +1,150 @@
+"""Pure builders: a session and its plan in, the Kubernetes objects that run it out.
+
+Per session: a ConfigMap holding the plan; per indexed role (source, aggregator, distributor,
+writer) a StatefulSet with a headless Service, plus one Service per replica named as the plan
+addresses it (`SESSION-ROLE-INDEX`); the worker pool is a Deployment (scaled by the session's
+scale subresource). Pods bind to their own IP ($POD_IP) and are probed over gRPC health.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from detstream.services.plan import CLUSTER_PORTS, DATA_PORTS, ClusterNetwork, Plan, build_plan
+from detstream.services.schema import to_manifest
+from detstream.services.session import Session
+
+PLAN_DIR = "/etc/detstream"
+OUTPUT_DIR = "/data"
+INDEXED_ROLES = ("source", "aggregator", "distributor", "writer")
+SPEC_HASH = "detstream.io/spec-hash"
+UID = 10001
+
+
+def labels(session: Session, role: str | None = None) -> dict:
+    out = {"app.kubernetes.io/name": "detstream", "app.kubernetes.io/instance": session.name,
+           "app.kubernetes.io/part-of": "detstream", "app.kubernetes.io/managed-by": "detstream-operator",
+           "detstream.io/session": session.name}
+    if role:
+        out["app.kubernetes.io/component"] = role
+    return out
+
+
+def selector(session: Session, role: str) -> dict:
+    return {"detstream.io/session": session.name, "app.kubernetes.io/component": role}
+
+
+def worker_selector(session: Session) -> str:
+    return ",".join(f"{k}={v}" for k, v in selector(session, "worker").items())
+
+
+def rollout_hash(session: Session) -> str:
+    """What, when changed, needs the stages restarted: all of the spec but the worker count
+    (the Deployment scales) and the plugin parameters (pushed live over gRPC)."""
+    spec = to_manifest(session.spec)
+    spec["workers"].pop("replicas")
+    spec["plugin"].pop("params")
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cluster_plan(session: Session) -> Plan:
+    return build_plan(session, ClusterNetwork())
+
+
+def plan_configmap(session: Session, plan: Plan) -> dict:
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": f"{session.name}-plan", "namespace": session.namespace, "labels": labels(session)},
+            "data": {"plan.json": plan.to_json()}}
+
+
+def container(session: Session, role: str, image: str) -> dict:
+    k8s = session.spec.kubernetes
+    ports = ("control", "metrics", *DATA_PORTS.get(role, ()))
+    args = ["stage", role, "--plan", f"{PLAN_DIR}/plan.json"]
+    mounts = [{"name": "plan", "mountPath": PLAN_DIR, "readOnly": True}, {"name": "tmp", "mountPath": "/tmp"}]
+    if role == "writer":
+        args += ["--output", OUTPUT_DIR]
+        mounts.append({"name": "output", "mountPath": OUTPUT_DIR})
+    probe = {"exec": {"command": ["detstream", "health"]}, "periodSeconds": 2, "timeoutSeconds": 5}
+    field = lambda path: {"valueFrom": {"fieldRef": {"fieldPath": path}}}  # noqa: E731
+    return {
+        "name": "stage", "image": image, "imagePullPolicy": k8s.image_pull_policy, "args": args,
+        "env": [{"name": "POD_NAME", **field("metadata.name")}, {"name": "POD_NAMESPACE", **field("metadata.namespace")},
+                {"name": "POD_IP", **field("status.podIP")},
+                {"name": "DETSTREAM_CONTROL_PORT", "value": str(CLUSTER_PORTS["control"])}],
+        "ports": [{"name": name, "containerPort": CLUSTER_PORTS[name], "protocol": "TCP"} for name in ports],
+        "readinessProbe": {**probe, "failureThreshold": 3},
+        "livenessProbe": {**probe, "failureThreshold": 10, "initialDelaySeconds": 10},
+        "resources": k8s.resources.get(role, {}),
+        "volumeMounts": mounts,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}},
+    }
+
+
+def pod_template(session: Session, role: str, image: str) -> dict:
+    volumes = [{"name": "plan", "configMap": {"name": f"{session.name}-plan"}}, {"name": "tmp", "emptyDir": {}}]
+    if role == "writer":
+        claim = session.spec.output.volume_claim
+        volumes.append({"name": "output", **({"persistentVolumeClaim": {"claimName": claim}} if claim
+                                             else {"emptyDir": {}})})
+    spec = {"containers": [container(session, role, image)], "volumes": volumes,
+            "automountServiceAccountToken": False, "enableServiceLinks": False,
+            "terminationGracePeriodSeconds": 30,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
+                                "seccompProfile": {"type": "RuntimeDefault"}}}
+    if session.spec.kubernetes.node_selector:
+        spec["nodeSelector"] = dict(session.spec.kubernetes.node_selector)
+    return {"metadata": {"labels": labels(session, role), "annotations": {SPEC_HASH: rollout_hash(session)}},
+            "spec": spec}
+
+
+def workload(session: Session, role: str, replicas: int, image: str) -> dict:
+    meta = {"name": f"{session.name}-{role}", "namespace": session.namespace, "labels": labels(session, role)}
+    spec = {"replicas": replicas, "selector": {"matchLabels": selector(session, role)},
+            "template": pod_template(session, role, image)}
+    if role == "worker":
+        return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": spec}
+    spec.update(serviceName=f"{session.name}-{role}", podManagementPolicy="Parallel")
+    return {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": meta, "spec": spec}
+
+
+def services(session: Session, plan: Plan) -> list[dict]:
+    """A headless Service per StatefulSet, and one Service per replica as the plan addresses it."""
+    out = []
+    for role in INDEXED_ROLES:
+        stages = plan.of_role(role)
+        if not stages:
+            continue
+        out.append({"apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": f"{session.name}-{role}", "namespace": session.namespace,
+                                 "labels": labels(session, role)},
+                    "spec": {"clusterIP": "None", "selector": selector(session, role),
+                             "ports": [{"name": "control", "port": CLUSTER_PORTS["control"]}]}})
+        for stage in stages:
+            external = role == "aggregator" and session.spec.source.kind == "external"
+            spec = {"selector": {"statefulset.kubernetes.io/pod-name": stage.host},
+                    "ports": [{"name": name, "port": port, "targetPort": port, "protocol": "TCP"}
+                              for name, port in stage.ports.items()],
+                    "publishNotReadyAddresses": True}
+            if external:
+                spec["type"] = session.spec.kubernetes.ingest_service_type
+            out.append({"apiVersion": "v1", "kind": "Service",
+                        "metadata": {"name": stage.host, "namespace": session.namespace,
+                                     "labels": labels(session, role)}, "spec": spec})
+    return out
+
+
+def children(session: Session, image: str, running: bool = True) -> list[dict]:
+    """Every object the session needs; `running=False` (a finished session) scales stages to 0."""
+    plan = cluster_plan(session)
+    counts = {role: len(plan.of_role(role)) for role in (*INDEXED_ROLES, "worker")}
+    counts["worker"] = session.spec.workers.replicas
+    image = session.spec.kubernetes.image or image
+    out = [plan_configmap(session, plan), *services(session, plan)]
+    for role, count in counts.items():
+        if count or role == "worker":
+            out.append(workload(session, role, count if running else 0, image))
+    return out

@@ -1,0 +1,59 @@
+"""The operator's calls to running stages over gRPC: status, start, live parameters, drain.
+
+Every call has a short deadline and all pods are asked concurrently, so a slow or dead stage
+costs at most one deadline per resync, never a blocked operator.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import grpc
+
+from detstream.operator.status import PodView
+from detstream.services.control import StageClient
+from detstream.services.plan import CLUSTER_PORTS, START_ORDER
+from detstream.v1.control_pb2 import CONFIGURED
+
+DEADLINE_S = 1.0
+_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="stages")
+
+
+def _call(pod: PodView, fn: Callable[[StageClient], object]):
+    client = StageClient(f"{pod.ip}:{CLUSTER_PORTS['control']}", timeout=DEADLINE_S)
+    try:
+        return fn(client)
+    except grpc.RpcError:
+        return None
+    finally:
+        client.close()
+
+
+def each(pods: list[PodView], fn: Callable[[StageClient], object]) -> dict[str, object]:
+    """fn(client) on every pod with an IP, concurrently; pods that do not answer are left out."""
+    reachable = [p for p in pods if p.ip]
+    results = _pool.map(lambda p: _call(p, fn), reachable)
+    return {p.name: r for p, r in zip(reachable, results) if r is not None}
+
+
+def statuses(pods: list[PodView]) -> dict[str, object]:
+    return each(pods, lambda c: c.status())
+
+
+def start_waiting(pods: list[PodView], status: dict[str, object]) -> list[str]:
+    """Start every stage that is up but not started (all of them at first; later, restarted or
+    newly scaled ones), consumers before producers."""
+    started = []
+    for role in START_ORDER:
+        waiting = [p for p in pods if p.role == role and p.name in status and status[p.name].state == CONFIGURED]
+        started += list(each(waiting, lambda c: c.start()))
+    return started
+
+
+def configure_workers(pods: list[PodView], params: dict) -> dict[str, object]:
+    return each([p for p in pods if p.role == "worker"], lambda c: c.configure(params))
+
+
+def drain(pods: list[PodView]) -> dict[str, object]:
+    return each(pods, lambda c: c.drain())

@@ -1,0 +1,142 @@
+"""Pure functions from what the operator observes (pods, stage statuses) to the session's status.
+
+Phases: Pending (objects created, no stage pod running yet), Starting (stage pods coming up),
+Ready (every stage healthy, about to start), Streaming, Draining (being deleted), Succeeded
+(every scan closed, every frame accounted for), Failed (a stage failed, a pod cannot start, or
+accounting does not close).
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+
+from detstream.v1.control_pb2 import FAILED, FINISHED, StageState
+
+# Container states that will not fix themselves: the session cannot run.
+FATAL_WAITING = ("CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
+                 "CreateContainerConfigError", "CreateContainerError", "RunContainerError")
+
+
+@dataclass
+class PodView:
+    """What matters of one stage pod."""
+    name: str
+    role: str
+    ip: str = ""
+    ready: bool = False
+    phase: str = "Pending"
+    restarts: int = 0
+    problem: str = ""   # why it cannot run, from its container state
+
+
+def pod_view(pod: dict) -> PodView:
+    meta, status = pod.get("metadata", {}), pod.get("status") or {}
+    view = PodView(meta.get("name", ""), meta.get("labels", {}).get("app.kubernetes.io/component", ""),
+                   ip=status.get("podIP") or "", phase=status.get("phase") or "Pending")
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "Ready":
+            view.ready = cond.get("status") == "True"
+    for cs in status.get("containerStatuses") or []:
+        view.restarts += cs.get("restartCount", 0)
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in FATAL_WAITING:
+            last = ((cs.get("lastState") or {}).get("terminated") or {})
+            detail = waiting.get("message") or last.get("message") or f"exit code {last.get('exitCode', '?')}"
+            view.problem = f"pod {view.name}: {waiting['reason']}: {detail.strip()}"
+    return view
+
+
+@dataclass
+class Observed:
+    desired: dict[str, int]                        # role -> replicas wanted
+    pods: list[PodView] = field(default_factory=list)
+    stages: dict[str, object] = field(default_factory=dict)   # pod name -> StageStatus (reachable ones)
+    started: bool = False
+    deleting: bool = False
+    spec_errors: list[str] = field(default_factory=list)
+
+
+def phase(o: Observed) -> tuple[str, str]:
+    """The phase and, for Failed, why."""
+    failed = [f"{name}: {s.message}" for name, s in o.stages.items() if s.state == FAILED]
+    problems = [p.problem for p in o.pods if p.problem]
+    writer = next((s for s in o.stages.values() if s.stage == "writer"), None)
+    if o.deleting:
+        return "Draining", ""
+    if failed or problems:
+        return "Failed", "; ".join(failed + problems)
+    if o.started and writer is not None and writer.state == FINISHED:
+        bad = [a.scan for a in writer.scans if a.expected != a.written + a.lost]
+        if bad:
+            return "Failed", f"accounting does not close for scans {bad}"
+        return "Succeeded", ""
+    if o.started:
+        return "Streaming", ""
+    ready = ready_counts(o)
+    if all(ready.get(role, 0) >= n for role, n in o.desired.items()) and len(o.stages) >= sum(o.desired.values()):
+        return "Ready", ""
+    if any(p.phase == "Running" for p in o.pods):
+        return "Starting", ""
+    return "Pending", ""
+
+
+def ready_counts(o: Observed) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for p in o.pods:
+        counts[p.role] = counts.get(p.role, 0) + (p.ready and p.name in o.stages)
+    return counts
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def condition(old: list[dict], type_: str, ok: bool, reason: str, message: str, generation: int) -> dict:
+    """A condition that keeps its lastTransitionTime unless its status changes."""
+    status = "True" if ok else "False"
+    previous = next((c for c in old if c.get("type") == type_), None)
+    since = previous["lastTransitionTime"] if previous and previous.get("status") == status else now()
+    return {"type": type_, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": since, "observedGeneration": generation}
+
+
+def status_patch(o: Observed, old_status: dict, generation: int, selector: str) -> dict:
+    """The whole `status` the operator writes for these observations."""
+    current, why = phase(o)
+    ready = ready_counts(o)
+    writer = next((s for s in o.stages.values() if s.stage == "writer"), None)
+    scans = [{"scan": a.scan, "expected": a.expected, "written": a.written, "partial": a.partial, "lost": a.lost,
+              "duplicates": a.duplicates, "complete": a.complete, "file": a.file}
+             for a in (writer.scans if writer else [])]
+    old_conditions = old_status.get("conditions") or []
+    spec_ok = not o.spec_errors
+    conditions = [
+        condition(old_conditions, "SpecValid", spec_ok, "Valid" if spec_ok else "Invalid",
+                  "; ".join(o.spec_errors), generation),
+        condition(old_conditions, "StagesReady", all(ready.get(r, 0) >= n for r, n in o.desired.items()),
+                  "AllReady" if current != "Failed" else "StageFailed",
+                  why or ", ".join(f"{r} {ready.get(r, 0)}/{n}" for r, n in o.desired.items()), generation),
+        condition(old_conditions, "Succeeded", current == "Succeeded", current, why, generation),
+    ]
+    out = {
+        "phase": current,
+        "observedGeneration": generation,
+        "conditions": conditions,
+        "stages": {role: {"desired": n, "ready": ready.get(role, 0)} for role, n in o.desired.items()},
+        "workerReplicas": sum(1 for p in o.pods if p.role == "worker"),
+        "workers": f"{ready.get('worker', 0)}/{o.desired.get('worker', 0)}",
+        "workerSelector": selector,
+        "framesWritten": sum(s["written"] for s in scans),
+        "framesLost": sum(s["lost"] for s in scans),
+    }
+    if scans:
+        out["scans"] = scans
+    if writer is not None and writer.elapsed_s > 0 and o.started:
+        out["throughputGbps"] = round(writer.bytes_in / writer.elapsed_s / 1e9, 6)
+    out["message"] = why or (old_status.get("message", "") if current == "Failed" else "")
+    return out
+
+
+def state_name(status) -> str:
+    return StageState.Name(status.state).lower()

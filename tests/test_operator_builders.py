@@ -1,0 +1,120 @@
+"""The operator's pure parts: the CRD, the children it builds, how spec changes are classified,
+and the phase it derives; manifests validated against a current Kubernetes release's schemas."""
+
+import copy
+import subprocess
+import sys
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from conftest import ROOT, manifest
+from detstream.operator import resources
+from detstream.operator.crd import crd
+from detstream.operator.status import Observed, PodView, phase, pod_view
+from detstream.services.session import load_session
+from detstream.v1.control_pb2 import CONFIGURED, FAILED, FINISHED, RUNNING, ScanAccount, StageStatus
+
+K8S = kubernetes_validate.latest_version()
+
+
+def session(**spec):
+    return load_session(manifest("s1", **spec))
+
+
+def test_committed_crd_is_fresh():
+    committed = (ROOT / "charts" / "detstream" / "crds" / "streamingsessions.yaml").read_text()
+    generated = subprocess.run([sys.executable, "-m", "detstream.operator.crd"], capture_output=True, text=True,
+                               check=True).stdout
+    assert committed == generated, "run `make crd`"
+    kubernetes_validate.validate(yaml.safe_load(committed), K8S, strict=True)
+
+
+def test_crd_has_short_name_columns_and_scale():
+    version = crd()["spec"]["versions"][0]
+    assert crd()["spec"]["names"]["shortNames"] == ["sess"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Workers", "Written", "Lost", "Age"]
+    assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.workers.replicas"
+
+
+def test_children_validate_against_kubernetes_schemas():
+    objs = resources.children(session(lanes=2, source={"replicas": 2}), "example/detstream:1")
+    kinds = sorted(o["kind"] + "/" + o["metadata"]["name"] for o in objs)
+    assert "Deployment/s1-worker" in kinds and "StatefulSet/s1-aggregator" in kinds and "ConfigMap/s1-plan" in kinds
+    assert "Service/s1-aggregator-1" in kinds and "Service/s1-writer-0" in kinds
+    for obj in objs:
+        kubernetes_validate.validate(obj, K8S, strict=True)
+
+
+def test_pods_are_restricted_and_bind_their_own_ip():
+    for obj in resources.children(session(), "img"):
+        if obj["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        pod = obj["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        (c,) = pod["containers"]
+        assert c["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                        "capabilities": {"drop": ["ALL"]}}
+        env = {e["name"]: e for e in c["env"]}
+        assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+        assert c["readinessProbe"]["exec"]["command"] == ["detstream", "health"]
+
+
+def test_external_source_exposes_ingest_with_the_chosen_service_type():
+    objs = resources.children(session(source={"kind": "external", "replicas": 2},
+                                      kubernetes={"ingestServiceType": "LoadBalancer"}), "img")
+    ingest = next(o for o in objs if o["metadata"]["name"] == "s1-aggregator-0")
+    assert ingest["spec"]["type"] == "LoadBalancer"
+    assert 7200 in [p["port"] for p in ingest["spec"]["ports"]]
+    assert not any(o["metadata"]["name"] == "s1-source" for o in objs)
+
+
+def template_hashes(s):
+    return {o["metadata"]["name"]: o["spec"]["template"]["metadata"]["annotations"][resources.SPEC_HASH]
+            for o in resources.children(s, "img") if "template" in o.get("spec", {})}
+
+
+def test_scaling_and_parameters_do_not_roll_pods_other_changes_do():
+    base = template_hashes(session())
+    assert template_hashes(session(workers={"replicas": 7})) == base
+    assert template_hashes(session(plugin={"name": "electron-counting", "params": {"samples": 10}})) == base
+    assert template_hashes(session(transport={"highWaterMark": 64})) != base
+
+
+def test_finished_session_scales_stages_to_zero():
+    replicas = [o["spec"]["replicas"] for o in resources.children(session(), "img", running=False)
+                if o["kind"] in ("Deployment", "StatefulSet")]
+    assert replicas and not any(replicas)
+
+
+def stage(role, state, **kw):
+    return StageStatus(stage=role, state=state, **kw)
+
+
+DESIRED = {"aggregator": 1, "writer": 1}
+
+
+@pytest.mark.parametrize("pods, stages, started, expected", [
+    ([], {}, False, "Pending"),
+    ([PodView("a", "aggregator", phase="Running")], {}, False, "Starting"),
+    ([PodView("a", "aggregator", "1", True, "Running"), PodView("w", "writer", "2", True, "Running")],
+     {"a": stage("aggregator", CONFIGURED), "w": stage("writer", CONFIGURED)}, False, "Ready"),
+    ([PodView("a", "aggregator", "1", True, "Running")], {"a": stage("aggregator", RUNNING)}, True, "Streaming"),
+    ([], {"w": stage("writer", FINISHED, scans=[ScanAccount(expected=4, written=3, lost=1)])}, True, "Succeeded"),
+    ([], {"w": stage("writer", FINISHED, scans=[ScanAccount(expected=4, written=2, lost=1)])}, True, "Failed"),
+    ([], {"a": stage("aggregator", FAILED, message="boom")}, True, "Failed"),
+    ([PodView("a", "aggregator", problem="pod a: CrashLoopBackOff: bad")], {}, False, "Failed"),
+])
+def test_phase(pods, stages, started, expected):
+    assert phase(Observed(DESIRED, pods, stages, started))[0] == expected
+
+
+def test_pod_problem_carries_the_pods_own_message():
+    pod = {"metadata": {"name": "s1-worker-x", "labels": {"app.kubernetes.io/component": "worker"}},
+           "status": {"phase": "Running", "containerStatuses": [{
+               "restartCount": 4, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+               "lastState": {"terminated": {"exitCode": 2, "message": "detstream: invalid choice: 'stagee'"}}}]}}
+    view = pod_view(pod)
+    assert view.restarts == 4
+    assert view.problem == "pod s1-worker-x: CrashLoopBackOff: detstream: invalid choice: 'stagee'"
