@@ -94,3 +94,17 @@ def test_metrics_and_health_answer_on_every_stage(local_session):
 def scrape(port):
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     return [(s.name, s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def test_drain_mid_scan_closes_the_file_with_exact_accounting(local_session):
+    doc = manifest("drained", scan={"rows": 30, "cols": 30, "count": 3}, source={"rate": 150},
+                   plugin={"name": "electron-counting", "params": {"backgroundThreshold": 12, "xrayThreshold": 30}})
+    local = local_session(doc)
+    wait_for(lambda: local.writer().status is not None and local.writer().status.frames_in > 50)
+    for p in local.stages:
+        p.client.drain()
+    wait_for(lambda: local.finished(), timeout=30)
+    (account,) = local.writer().client.status().scans  # the scan under way; no further scan started
+    assert account.complete and 0 < account.written < 900
+    assert account.expected == account.written + account.lost == 900
+    assert len(stempy.io.load_electron_counts(account.file).data) == 900

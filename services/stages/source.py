@@ -3,7 +3,8 @@
 Source s of S sends the sectors s, s+S, s+2S ... of every frame (as the 4D Camera's receivers
 split them), to aggregator[frame % lanes]. After the last frame of a scan it tells every lane
 how many sectors it sent (END_OF_SCAN). Sends block when the lane is full: that is the
-backpressure, and the source waits rather than drops.
+backpressure, and the source waits rather than drops. Drain ends the current scan early (its
+END_OF_SCAN says how much was sent, so the rest is reported lost) and sends no further scan.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class SourceStage(Stage):
             sent = [0] * spec.lanes
             t0 = time.monotonic()
             for frame in range(spec.scan.frames):
+                if self.draining.is_set():
+                    break  # end the scan here: the frames not sent are reported lost downstream
                 if spec.source.rate:
                     delay = t0 + frame / spec.source.rate - time.monotonic()
                     if delay > 0:
@@ -116,7 +119,9 @@ class SourceStage(Stage):
                                 scan_rows=spec.scan.rows, scan_cols=spec.scan.cols)
                 if not self.send(outbox, header):
                     return
-            self.log.info("scan %d sent (%d frames)", scan, spec.scan.frames)
+            self.log.info("scan %d: %d sectors sent", scan, sum(sent))
+            if self.draining.is_set():
+                return
 
     def send(self, outbox: Outbox, header: Header, parts=()) -> bool:
         """Send, waiting while the lane is full; False if the stage is stopped meanwhile."""
@@ -127,7 +132,7 @@ class SourceStage(Stage):
         return False
 
     def step(self):
-        if self.draining.is_set() or next(self.work, StopIteration) is StopIteration:
+        if next(self.work, StopIteration) is StopIteration:
             self.work = iter(())
             self.finish()
             self.stopping.wait(0.1)

@@ -21,6 +21,8 @@ from detstream.services.stage import POLL_MS, Stage, StageError
 from detstream.services.wire import END_OF_SCAN, PARTIAL, RESULT, Header, Message
 from detstream.v1.control_pb2 import ScanAccount
 
+DRAIN_QUIET_S = 1.0  # a draining writer finishes after this long without input and no open scan
+
 
 @dataclass
 class WriterScan:
@@ -62,6 +64,7 @@ class WriterStage(Stage):
         self.results = self.socket(zmq.PULL, bind="results")
         self.scans: dict[int, WriterScan] = {}
         self.done: dict[int, ScanAccount] = {}
+        self.last_input = time.monotonic()
 
     def step(self):
         if self.results.poll(POLL_MS):
@@ -71,10 +74,14 @@ class WriterStage(Stage):
                     self.handle(msg)
                 if not self.results.poll(0):
                     break
-        self.close_ready(time.monotonic())
+        now = time.monotonic()
+        self.close_ready(now)
+        if self.draining.is_set() and not self.scans and now - self.last_input > DRAIN_QUIET_S:
+            self.finish()  # drained: every scan that started is closed and nothing more comes
         self.counters.scan_progress = max((s.written / s.seen.size for s in self.scans.values()), default=0.0)
 
     def handle(self, msg: Message) -> None:
+        self.last_input = time.monotonic()
         h = msg.header
         if h.kind not in (RESULT, END_OF_SCAN):
             self.counters.rejected["kind"] += 1
