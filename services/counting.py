@@ -1,6 +1,6 @@
-"""Electron counting that reproduces stempy's classic counter (stempy 3.6, electron.cpp/electronthresholds.cpp).
+"""Electron counting that reproduces stempy 3.6 (electron.cpp, electronthresholds.cpp) without gain.
 
-stempy, per frame (uint16, no gain):
+What stempy.image.electron_count_frame and electron_count with the threaded sector readers do per frame:
   1. v = frame - (uint16)dark: the float32 dark is cast to an integer (truncation toward zero; x86 gives
      INT_MIN, i.e. 0 in the low 16 bits, for out-of-range values) and the difference wraps modulo 2**16,
      so a pixel below the dark becomes a large value (zeroed by any X-ray threshold below it).
@@ -8,6 +8,8 @@ stempy, per frame (uint16, no gain):
   3. an event is a pixel strictly greater than each of its existing 3x3 neighbours in the thresholded frame:
      no wrap-around at the borders, missing neighbours are skipped, equal neighbours (ties) kill both.
   Output: ascending uint32 linear indices row * cols + col.
+(stempy.image.electron_count with a non-threaded reader differs in step 1: it subtracts the float dark and then
+truncates, trunc(frame - dark); the two agree when the dark reference holds whole numbers.)
 
 Implementation: subtract into a padded buffer, find the few in-range candidates with one compare, then test
 the 8 neighbours of the candidates only.  Pixel w = (frame - dark - lo) mod 2**16 is in range iff w <= span
@@ -145,7 +147,7 @@ class Counter:
         self._mask = np.empty(self._padded.shape, bool)
         width = cols + 2
         self._neighbours = np.array([-width - 1, -width, -width + 1, -1, 1, width - 1, width, width + 1])
-        self._strips: dict[tuple[int, ...], list[tuple[np.ndarray, np.ndarray]]] = {}
+        self._strips: dict[tuple, list[tuple[np.ndarray, np.ndarray]]] = {}  # per sector layout: (dark, out)
 
     def count(self, frame: np.ndarray) -> np.ndarray:
         """2-D uint16 frame -> ascending uint32 linear pixel indices (row * cols + col) of electron events."""
@@ -156,14 +158,15 @@ class Counter:
 
     def count_sectors(self, sectors: Sequence[np.ndarray]) -> np.ndarray:
         """The frame given as its column strips left to right; same as count(np.hstack(sectors)), no hstack copy."""
-        widths = tuple(s.shape[1] for s in sectors)
-        views = self._strips.get(widths)
+        shapes = tuple(s.shape for s in sectors)
+        views = self._strips.get(shapes)
         if views is None:
-            if sum(widths) != self.frame_shape[1]:
-                raise ValueError(f"sector widths {widths} do not add up to {self.frame_shape[1]} columns")
-            edges = np.cumsum((0,) + widths)
-            views = [(self._offset[:, a:b], self._inner[:, a:b]) for a, b in zip(edges[:-1], edges[1:])]
-            self._strips[widths] = views
+            rows, cols = self.frame_shape
+            if any(len(s) != 2 or s[0] != rows for s in shapes) or sum(s[1] for s in shapes) != cols:
+                raise ValueError(f"sectors {shapes} do not tile a {rows}x{cols} frame column-wise")
+            edges = np.cumsum([0] + [s[1] for s in shapes])
+            views = [(self._offset[:, a:b].copy(), self._inner[:, a:b]) for a, b in zip(edges[:-1], edges[1:])]
+            self._strips[shapes] = views
         for sector, (offset, out) in zip(sectors, views):
             np.subtract(sector, offset, out=out)
         return self._events()
