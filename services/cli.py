@@ -10,6 +10,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from detstream.services.schema import SpecError
+from detstream.services.session import load_session
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +32,15 @@ def main(argv: list[str] | None = None) -> int:
 
     stage = sub.add_parser("stage", help="run one pipeline stage (the launchers call this)")
     stage.add_argument("role", choices=("source", "aggregator", "distributor", "worker", "writer"))
-    stage.add_argument("--plan", type=Path, required=True, help="the session's plan.json")
+    stage.add_argument("--plan", type=Path, help="the session's plan.json (the launchers give it)")
+    stage.add_argument("--manifest", type=Path,
+                       help="source outside the session (an acquisition machine): the session's manifest")
+    stage.add_argument("--connect", action="append", default=[],
+                       help="source outside the session: an aggregator's ingest address, one per lane, e.g. "
+                            "tcp://demo-aggregator-0.facility.example:7200 (see the session's status.ingest)")
+    stage.add_argument("--replay", help="external source: replay frames from this .npy/HDF5 file instead of "
+                                        "simulating them")
+    stage.add_argument("--dataset", default="", help="external source: the HDF5 dataset to replay")
     stage.add_argument("--index", type=int, default=None,
                        help="replica index (default: $DETSTREAM_INDEX, or the pod name's ordinal)")
     stage.add_argument("--bind", default=os.environ.get("POD_IP"),
@@ -89,10 +98,40 @@ def run_stage(args) -> int:
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    plan = Plan.read(args.plan)
     cls = stage_class(args.role)
+    if args.connect:
+        return run_external_source(args, cls)
+    if args.plan is None:
+        print("detstream stage: --plan is required (or, for a source outside the session, "
+              "--manifest and --connect)", file=sys.stderr)
+        return 2
+    plan = Plan.read(args.plan)
     extra = {"output": args.output} if args.role == "writer" else {}
     return cls(plan, stage_index(args.index), bind_host=args.bind, **extra).run()
+
+
+def run_external_source(args, cls) -> int:
+    """A source on an acquisition machine, joining a running session through its ingest addresses."""
+    from detstream.services.plan import LocalNetwork, build_plan
+    from detstream.services.runner import free_ports
+    from detstream.services.session import read_manifest
+
+    if args.role != "source" or args.manifest is None:
+        print("detstream stage: --connect is for `stage source --manifest SESSION.yaml`", file=sys.stderr)
+        return 2
+    session = read_manifest(args.manifest)
+    lanes = session.spec.lanes
+    if len(args.connect) != lanes:
+        print(f"detstream stage source: the session has {lanes} lane(s) (spec.lanes); give one --connect "
+              f"per lane, got {len(args.connect)}", file=sys.stderr)
+        return 2
+    source = {"kind": "replay", "path": args.replay, "dataset": args.dataset} if args.replay else {"kind": "simulator"}
+    manifest = {**session.manifest, "spec": {**session.manifest["spec"],
+                                             "source": {**session.manifest["spec"].get("source", {}), **source}}}
+    plan = build_plan(load_session(manifest), LocalNetwork(free_ports()))
+    stage = cls(plan, stage_index(args.index), bind_host="127.0.0.1", connect=args.connect)
+    stage.start()  # nobody else will: send at once, and exit when every scan is sent
+    return stage.run()
 
 
 if __name__ == "__main__":

@@ -180,6 +180,11 @@ def run_session(manifest: Path, output: Path, report: Path | None, quiet: bool =
                          f"(logs in {local.run_dir / 'logs'})")
             local.wait_healthy()
             local.start()
+            if session.spec.source.kind == "external":
+                ingest = [local.plan.endpoint("aggregator", lane, "ingest") for lane in range(session.spec.lanes)]
+                progress.say(f"waiting for {session.spec.source.replicas} external source(s): "
+                             f"detstream stage source --manifest {manifest} "
+                             + " ".join(f"--connect {e}" for e in ingest))
             t0 = time.monotonic()
             with progress.live():
                 while not local.finished():

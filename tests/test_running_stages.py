@@ -1,6 +1,7 @@
 """A session driven from the test: an external sender withholds a sector; every stage's metrics
 endpoint and health service answer while it streams."""
 
+import subprocess
 import time
 import urllib.request
 
@@ -12,7 +13,7 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import manifest
+from conftest import DETSTREAM, manifest
 from detstream.services.runner import LocalSession
 from detstream.services.session import load_session
 from detstream.services.wire import END_OF_SCAN, SECTOR, Header, Outbox
@@ -108,3 +109,24 @@ def test_drain_mid_scan_closes_the_file_with_exact_accounting(local_session):
     assert account.complete and 0 < account.written < 900
     assert account.expected == account.written + account.lost == 900
     assert len(stempy.io.load_electron_counts(account.file).data) == 900
+
+
+def test_an_outside_source_joins_through_the_ingest_addresses(local_session, write_manifest, tmp_path):
+    doc = manifest("joined", scan={"rows": 6, "cols": 6}, lanes=2, source={"kind": "external", "replicas": 2},
+                   plugin={"name": "noop"})
+    local = local_session(doc)
+    path = write_manifest(doc)
+    ingest = [f"--connect={local.plan.endpoint('aggregator', lane, 'ingest')}" for lane in range(2)]
+    senders = [subprocess.Popen(DETSTREAM + ["stage", "source", "--manifest", str(path), "--index", str(i), *ingest])
+               for i in range(2)]
+    assert [s.wait(timeout=60) for s in senders] == [0, 0]
+    wait_for(lambda: local.finished())
+    (account,) = local.writer().client.status().scans
+    assert (account.expected, account.written, account.partial, account.lost) == (36, 36, 0, 0)
+
+
+def test_an_outside_source_needs_one_address_per_lane(write_manifest):
+    path = write_manifest(manifest("joined", lanes=2, source={"kind": "external"}))
+    result = subprocess.run(DETSTREAM + ["stage", "source", "--manifest", str(path), "--connect", "tcp://127.0.0.1:1"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "give one --connect per lane, got 1" in result.stderr

@@ -76,6 +76,10 @@ def open_frames(path: Path, dataset: str):
 class SourceStage(Stage):
     role = "source"
 
+    def __init__(self, plan, index, bind_host=None, connect: list[str] | None = None):
+        super().__init__(plan, index, bind_host)
+        self.connect = connect  # outside the session: the aggregators' ingest addresses, one per lane
+
     def setup(self):
         spec = self.spec
         count = spec.source.replicas
@@ -84,7 +88,7 @@ class SourceStage(Stage):
             self.frames = ReplaySource(spec.source.path, spec.source.dataset, spec)
         else:
             self.frames = Simulator(spec.source.simulator, spec.detector)
-        lanes = [self.plan.endpoint("aggregator", lane, "ingest") for lane in range(spec.lanes)]
+        lanes = self.connect or [self.plan.endpoint("aggregator", lane, "ingest") for lane in range(spec.lanes)]
         self.lanes = [Outbox(self.socket(zmq.PUSH, connect=[endpoint]), self.name) for endpoint in lanes]
         self.work = self.sectors()
 
@@ -135,4 +139,6 @@ class SourceStage(Stage):
         if next(self.work, StopIteration) is StopIteration:
             self.work = iter(())
             self.finish()
+            if self.connect:
+                self.stopping.set()  # an outside source has no launcher to stop it
             self.stopping.wait(0.1)
