@@ -55,6 +55,12 @@ class Cluster:
                     gone.append(f"{kind}/{item.metadata.name}")
         return gone
 
+    def services(self, namespace: str, session: str, role: str) -> list[dict]:
+        found = self.resource("v1", "Service").get(
+            namespace=namespace, label_selector=f"detstream.io/session={session},app.kubernetes.io/component={role}")
+        return sorted((item.to_dict() for item in found.items if item.spec.clusterIP != "None"),
+                      key=lambda svc: svc["metadata"]["name"])
+
     def pods(self, namespace: str, session: str) -> list[dict]:
         found = self.resource("v1", "Pod").get(namespace=namespace, label_selector=f"detstream.io/session={session}")
         return [item.to_dict() for item in found.items]

@@ -25,8 +25,8 @@ from prometheus_client import Counter, Histogram
 from detstream.operator import resources, stages
 from detstream.operator.cluster import Cluster
 from detstream.operator.crd import PLURAL
-from detstream.operator.status import Observed, now, phase, pod_view, status_patch
-from detstream.services.plan import replicas
+from detstream.operator.status import Observed, ingest_addresses, now, phase, pod_view, status_patch
+from detstream.services.plan import CLUSTER_PORTS, replicas
 from detstream.services.schema import SpecError
 from detstream.services.session import API_GROUP, API_VERSION, KIND, Session, load_session
 from detstream.v1.control_pb2 import FINISHED
@@ -139,6 +139,9 @@ def observe(body, meta, status, patch, logger, **_):
         elif started:
             logger.info("started stages that came up mid-session: %s", ", ".join(started))
     new = status_patch(observed, dict(status), meta.get("generation"), resources.worker_selector(session))
+    if session.spec.source.kind == "external":
+        new["ingest"] = ingest_addresses(cluster().services(session.namespace, session.name, "aggregator"),
+                                         CLUSTER_PORTS["ingest"])
     if new["phase"] != status.get("phase"):
         logger.info("phase %s -> %s%s", status.get("phase"), new["phase"], f": {why}" if why else "")
     if new["phase"] == "Succeeded":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass, field
 
-from detstream.v1.control_pb2 import FAILED, FINISHED, StageState
+from detstream.v1.control_pb2 import FAILED, FINISHED
 
 # Container states that will not fix themselves: the session cannot run.
 FATAL_WAITING = ("CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
@@ -138,5 +138,17 @@ def status_patch(o: Observed, old_status: dict, generation: int, selector: str) 
     return out
 
 
-def state_name(status) -> str:
-    return StageState.Name(status.state).lower()
+def ingest_addresses(services: list[dict], port: int) -> list[str]:
+    """Where outside sources connect, one per lane, from the aggregators' Services."""
+    out = []
+    for svc in services:
+        meta, spec = svc["metadata"], svc.get("spec") or {}
+        ingress = ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+        node_port = next((p.get("nodePort") for p in spec.get("ports", []) if p.get("port") == port), None)
+        if spec.get("type") == "LoadBalancer" and ingress:
+            out.append(f"tcp://{ingress[0].get('ip') or ingress[0].get('hostname')}:{port}")
+        elif spec.get("type") in ("NodePort", "LoadBalancer") and node_port:
+            out.append(f"tcp://NODE-ADDRESS:{node_port}")
+        else:
+            out.append(f"tcp://{meta['name']}.{meta['namespace']}.svc:{port}")
+    return out

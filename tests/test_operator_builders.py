@@ -118,3 +118,15 @@ def test_pod_problem_carries_the_pods_own_message():
     view = pod_view(pod)
     assert view.restarts == 4
     assert view.problem == "pod s1-worker-x: CrashLoopBackOff: detstream: invalid choice: 'stagee'"
+
+
+def test_ingest_addresses_follow_the_service_type():
+    from detstream.operator.status import ingest_addresses
+
+    def svc(name, type_, node_port=None, ingress=None):
+        return {"metadata": {"name": name, "namespace": "lab"},
+                "spec": {"type": type_, "ports": [{"port": 7200, "nodePort": node_port}]},
+                "status": {"loadBalancer": {"ingress": ingress or []}}}
+    assert ingest_addresses([svc("s-aggregator-0", "ClusterIP"), svc("s-aggregator-1", "NodePort", 31000),
+                             svc("s-aggregator-2", "LoadBalancer", 31001, [{"ip": "10.1.2.3"}])], 7200) == [
+        "tcp://s-aggregator-0.lab.svc:7200", "tcp://NODE-ADDRESS:31000", "tcp://10.1.2.3:7200"]
