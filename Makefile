@@ -27,9 +27,10 @@ protos: install ## regenerate the committed protobuf/gRPC code from protos/
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos protos/detstream/v1/wire.proto
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos --grpc_python_out=protos protos/detstream/v1/control.proto
 
-crd: install ## regenerate the CRD (charts/detstream/crds/) from the session model
+crd: install ## regenerate the CRD (charts/detstream/crds/) and the README's manifest reference
 	@mkdir -p charts/detstream/crds
 	$(BIN)/python -m detstream.operator.crd > charts/detstream/crds/streamingsessions.yaml
+	$(BIN)/python -m detstream.operator.crd --readme README.md
 
 tools: ## install helm and actionlint into .tools/bin
 	bash .ci/install-tools

@@ -163,3 +163,22 @@ def check_dns_label(value: str, path: str, errors: list[FieldError], max_len: in
     if not _DNS_LABEL.match(value or "") or len(value) > max_len:
         errors.append(FieldError(path, f"must be a DNS label (lower-case letters, digits, '-'), "
                                        f"at most {max_len} characters; got {value!r}"))
+
+
+def markdown_reference(cls: type, path: str = "spec") -> str:
+    """The manifest reference table of the README (`make crd` rewrites it there)."""
+    def rows(node: dict, prefix: str):
+        for key, prop in node.get("properties", {}).items():
+            name = f"{prefix}.{key}"
+            if "properties" in prop:
+                yield name, "object", "", prop["description"]
+                yield from rows(prop, name)
+                continue
+            kind = " \\| ".join(prop["enum"]) if "enum" in prop else prop["type"]
+            bounds = [f"{op} {prop[k]:g}" for k, op in (("minimum", ">="), ("maximum", "<=")) if k in prop]
+            kind += f" ({', '.join(bounds)})" if bounds else ""
+            default = f"`{prop['default']}`" if prop.get("default", "") != "" else ""
+            yield name, kind, default, prop["description"]
+    lines = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    lines += [f"| `{n}` | {k} | {d} | {doc} |" for n, k, d, doc in rows(openapi(cls), path)]
+    return "\n".join(lines) + "\n"

@@ -60,6 +60,9 @@ class Simulator:
     xray_probability: float = spec_field(0.05, doc="Chance per frame of an X-ray hit (a very bright pixel).",
                                          minimum=0, maximum=1)
     dark_level: float = spec_field(100.0, doc="Mean dark-reference level (counts).", minimum=0)
+    pedestal: float = spec_field(20.0, doc="Counts every pixel sits above its dark reference, as on a real "
+                                           "detector (stempy's threshold fit needs frames above the dark).",
+                                 minimum=0)
 
 
 @dataclass(frozen=True)

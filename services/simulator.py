@@ -31,7 +31,7 @@ class Simulator:
         self.dark = dark_reference(sim.seed, self.rows, self.cols, sim.dark_level)
         rng = np.random.default_rng([sim.seed, 0xBA4C])
         top = np.iinfo(self.dtype).max if self.dtype.kind == "u" else np.finfo(self.dtype).max
-        bank = self.dark + rng.normal(0.0, sim.noise_sigma, (BANK_SIZE, self.rows, self.cols))
+        bank = self.dark + sim.pedestal + rng.normal(0.0, sim.noise_sigma, (BANK_SIZE, self.rows, self.cols))
         bank = np.clip(np.rint(bank), 0, top).astype(self.dtype)
         # Stored as contiguous sector strips, so producing a sector is one contiguous copy.
         self.bank = np.ascontiguousarray(bank.reshape(BANK_SIZE, self.rows, self.sectors, self.width)

@@ -13,7 +13,7 @@ from detstream.services.session import Detector, Simulator as SimulatorSettings
 from detstream.services.simulator import Simulator
 
 COUNTING = {"name": "electron-counting",
-            "params": {"dark": "simulated", "backgroundThreshold": 12, "xrayThreshold": 30}}
+            "params": {"dark": "simulated", "backgroundThreshold": 32, "xrayThreshold": 50}}
 
 
 def run(path, out, *extra, timeout=180):
@@ -21,7 +21,7 @@ def run(path, out, *extra, timeout=180):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
-def stempy_events(frame, dark, background=12, xray=30):
+def stempy_events(frame, dark, background=32, xray=50):
     counted = stempy.image.electron_count_frame(frame, darkreference=dark, background_threshold=background,
                                                 xray_threshold=xray)
     return np.sort(counted.data[0][0])
@@ -115,3 +115,18 @@ def test_a_killed_stage_stops_the_session(tmp_path, write_manifest):
     assert proc.returncode == 1
     assert "aggregator-0 exited with code -9" in err
     assert not no_stage_left(str(plan))
+
+
+def test_workers_fit_thresholds_on_sampled_frames(tmp_path, write_manifest):
+    doc = manifest("sampled", scan={"rows": 12, "cols": 12},
+                   plugin={"name": "electron-counting", "params": {"dark": "simulated", "samples": 20}})
+    result = run(write_manifest(doc), tmp_path)
+    assert result.returncode == 0, result.stderr
+    logs = [(tmp_path / ".detstream" / "sampled" / "logs" / f"worker-{i}.log").read_text() for i in range(2)]
+    assert all("calibrated on 20 frames: Thresholds(background=" in log for log in logs)
+    report = json.loads((tmp_path / "report.json").read_text())
+    counted = stempy.io.load_electron_counts(report["scans"][0]["file"])
+    sim = Simulator(SimulatorSettings(seed=0), Detector())
+    truth = [sim.truth(0, p) for p in range(144)]
+    found = sum(len(np.intersect1d(counted.data[p][0], truth[p])) for p in range(144))
+    assert found / sum(len(t) for t in truth) > 0.95  # nearly every simulated electron is found

@@ -99,7 +99,7 @@ def scrape(port):
 
 def test_drain_mid_scan_closes_the_file_with_exact_accounting(local_session):
     doc = manifest("drained", scan={"rows": 30, "cols": 30, "count": 3}, source={"rate": 150},
-                   plugin={"name": "electron-counting", "params": {"backgroundThreshold": 12, "xrayThreshold": 30}})
+                   plugin={"name": "electron-counting", "params": {"backgroundThreshold": 32, "xrayThreshold": 50}})
     local = local_session(doc)
     wait_for(lambda: local.writer().status is not None and local.writer().status.frames_in > 50)
     for p in local.stages:
