@@ -112,8 +112,10 @@ def test_drain_mid_scan_closes_the_file_with_exact_accounting(local_session):
 
 
 def test_an_outside_source_joins_through_the_ingest_addresses(local_session, write_manifest, tmp_path):
+    # Two senders started independently may be seconds apart on a loaded machine: a frame waits for
+    # its other sectors up to frameTimeoutS before it is passed on as partial.
     doc = manifest("joined", scan={"rows": 6, "cols": 6}, lanes=2, source={"kind": "external", "replicas": 2},
-                   plugin={"name": "noop"})
+                   transport={"frameTimeoutS": 60}, plugin={"name": "noop"})
     local = local_session(doc)
     path = write_manifest(doc)
     ingest = [f"--connect={local.plan.endpoint('aggregator', lane, 'ingest')}" for lane in range(2)]
