@@ -18,13 +18,6 @@ from detstream.services.session import API_GROUP, API_VERSION, KIND, SessionSpec
 PLURAL = "streamingsessions"
 PHASES = ("Pending", "Starting", "Ready", "Streaming", "Draining", "Succeeded", "Failed")
 
-# Rules the API server enforces where it knows CEL (Kubernetes >= 1.25); the operator checks the
-# same rules itself (services.session.check_spec), so they hold on older servers too.
-CEL_RULES = {
-    "detector": [{"rule": "self.cols % self.sectors == 0", "message": "detector.sectors must divide detector.cols"}],
-}
-
-
 def _status_schema() -> dict:
     count = {"type": "integer", "format": "int64"}
     stage = {"type": "object", "properties": {"desired": {"type": "integer"}, "ready": {"type": "integer"},
@@ -57,14 +50,10 @@ def _status_schema() -> dict:
             }}
 
 
-def _with_cel(schema: dict) -> dict:
-    for name, rules in CEL_RULES.items():
-        schema["properties"][name]["x-kubernetes-validations"] = rules
-    return schema
-
-
 def crd() -> dict:
-    spec_schema = _with_cel(openapi(SessionSpec))
+    # No CEL rules (x-kubernetes-validations): Kubernetes 1.20 rejects the field; the operator checks
+    # the rules that span fields (services.session.check_spec) and reports them in SpecValid.
+    spec_schema = openapi(SessionSpec)
     spec_schema["properties"]["plugin"]["properties"]["params"]["description"] += (
         " See the README's plugin table.")
     columns = [

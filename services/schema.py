@@ -145,7 +145,8 @@ def openapi(cls: type) -> dict:
                 schema[key] = meta[key]
         if meta.get("enum"):
             schema["enum"] = list(meta["enum"])
-        if f.default is not dataclasses.MISSING and f.default is not None and not dataclasses.is_dataclass(tp):
+        # An empty-string default says nothing, and Kubernetes 1.20 reads it as null and refuses it.
+        if f.default not in (dataclasses.MISSING, None, "") and not dataclasses.is_dataclass(tp):
             schema["default"] = f.default
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and not optional:
             required.append(camel(f.name))
