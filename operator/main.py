@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +23,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     cmd.add_argument("--peering", default="detstream",
                      help="kopf peering object: of several replicas only one acts (default: detstream)")
     cmd.add_argument("--standalone", action="store_true", help="no peering (a single replica)")
+    cmd.add_argument("--priority", type=int, default=random.randint(1, 2**31 - 1),
+                     help="peering priority; the highest acts (default: random, so of identical replicas "
+                          "exactly one acts: kopf pauses all peers of equal priority)")
     cmd.add_argument("--image", default=os.environ.get("DETSTREAM_IMAGE"),
                      help="image of the stage pods (default: $DETSTREAM_IMAGE)")
     cmd.set_defaults(run=run)
@@ -41,5 +45,6 @@ def run(args) -> int:
     namespaces = args.namespace or [os.environ.get("POD_NAMESPACE", "default")]
     kopf.run(clusterwide=args.all_namespaces, namespaces=[] if args.all_namespaces else namespaces,
              liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz",
-             standalone=args.standalone, peering_name=args.peering)
+             standalone=args.standalone, peering_name=None if args.standalone else args.peering,
+             priority=args.priority)
     return 0

@@ -122,7 +122,7 @@ def services(session: Session, plan: Plan) -> list[dict]:
                     "metadata": {"name": f"{session.name}-{role}", "namespace": session.namespace,
                                  "labels": labels(session, role)},
                     "spec": {"clusterIP": "None", "selector": selector(session, role),
-                             "ports": [{"name": "control", "port": CLUSTER_PORTS["control"]}]}})
+                             "ports": [{"name": "control", "port": CLUSTER_PORTS["control"], "protocol": "TCP"}]}})
         for stage in stages:
             external = role == "aggregator" and session.spec.source.kind == "external"
             spec = {"selector": {"statefulset.kubernetes.io/pod-name": stage.host},

@@ -97,8 +97,13 @@ def condition(old: list[dict], type_: str, ok: bool, reason: str, message: str, 
     status = "True" if ok else "False"
     previous = next((c for c in old if c.get("type") == type_), None)
     since = previous["lastTransitionTime"] if previous and previous.get("status") == status else now()
-    return {"type": type_, "status": status, "reason": reason, "message": message,
-            "lastTransitionTime": since, "observedGeneration": generation}
+    return without_empty({"type": type_, "status": status, "reason": reason, "message": message,
+                          "lastTransitionTime": since, "observedGeneration": generation})
+
+
+def without_empty(fields: dict) -> dict:
+    """Kubernetes 1.20 reads an empty string as null and refuses it for a string field: leave it out."""
+    return {k: v for k, v in fields.items() if v != ""}
 
 
 def status_patch(o: Observed, old_status: dict, generation: int, selector: str) -> dict:
@@ -134,8 +139,8 @@ def status_patch(o: Observed, old_status: dict, generation: int, selector: str) 
         out["scans"] = scans
     if writer is not None and writer.elapsed_s > 0 and o.started:
         out["throughputGbps"] = round(writer.bytes_in / writer.elapsed_s / 1e9, 6)
-    out["message"] = why or (old_status.get("message", "") if current == "Failed" else "")
-    return out
+    out["message"] = why or (old_status.get("message") if current == "Failed" else None)
+    return out  # a None message removes the field (kopf patches status with a JSON merge patch)
 
 
 def ingest_addresses(services: list[dict], port: int) -> list[str]:
