@@ -16,14 +16,14 @@ import numpy as np
 import zmq
 
 from detstream.v1 import wire_pb2
-from detstream.v1.wire_pb2 import (CREDIT, DUPLICATE, END_OF_SCAN, FRAME, HEARTBEAT, PARTIAL, RESULT, SECTOR,
-                                    Header)
+from detstream.v1.wire_pb2 import (CREDIT, DUPLICATE, END_OF_SCAN, FRAME, HEARTBEAT, PARTIAL, RECEIPT, RESULT,
+                                    SECTOR, Header)
 
 WIRE_VERSION = 1
 MAX_HEADER_BYTES = 4096
 FRAME_BITS = 40  # a frame key is scan << 40 | frame: 10^12 frames per scan, 2^24 scans
 
-__all__ = ["CREDIT", "DUPLICATE", "END_OF_SCAN", "FRAME", "HEARTBEAT", "PARTIAL", "RESULT", "SECTOR", "Header",
+__all__ = ["CREDIT", "DUPLICATE", "END_OF_SCAN", "FRAME", "HEARTBEAT", "PARTIAL", "RECEIPT", "RESULT", "SECTOR", "Header",
            "WireError", "Geometry", "Message", "Outbox", "frame_key", "decode", "Gaps", "FRAME_BITS"]
 
 
@@ -47,11 +47,12 @@ class Geometry:
     sectors: int
     dtype: str
     scan_frames: int
+    scans: int | None = None  # scans in the session: a message of a later scan is out of range
 
     @classmethod
     def of(cls, spec) -> Geometry:
         d = spec.detector
-        return cls(d.rows, d.cols, d.sectors, np.dtype(d.dtype).str, spec.scan.frames)
+        return cls(d.rows, d.cols, d.sectors, np.dtype(d.dtype).str, spec.scan.frames, spec.scan.count)
 
     @property
     def sector_shape(self) -> tuple[int, int]:
@@ -78,7 +79,7 @@ class Message:
         return [np.frombuffer(p.buffer, dtype=self.header.dtype).reshape(shape) for p in self.parts]
 
 
-_PARTS = {SECTOR: 1, END_OF_SCAN: 0, CREDIT: 0, HEARTBEAT: 0}
+_PARTS = {SECTOR: 1, END_OF_SCAN: 0, CREDIT: 0, HEARTBEAT: 0, RECEIPT: 0}
 
 
 def decode(raw: Sequence[zmq.Frame], geometry: Geometry | None = None) -> Message:
@@ -105,6 +106,9 @@ def decode(raw: Sequence[zmq.Frame], geometry: Geometry | None = None) -> Messag
         raise WireError("parts", "RESULT without a payload")
     if geometry is not None and header.kind in (SECTOR, FRAME):
         _check_pixels(header, parts, geometry)
+    if geometry is not None and geometry.scans is not None and header.kind in (SECTOR, FRAME, RESULT, END_OF_SCAN) \
+            and header.scan >= geometry.scans:
+        raise WireError("range", f"scan {header.scan} of a session of {geometry.scans} scans")
     return Message(header, parts)
 
 

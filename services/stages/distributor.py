@@ -5,8 +5,11 @@ credit, and stays "in flight" (its buffers kept, no copy) until the worker ackno
 which it does after handing the result to the writer. With no credit anywhere the distributor
 stops reading from its aggregator, so backpressure reaches the sources instead of memory
 growing. A worker silent past the worker timeout is declared dead and its in-flight frames go
-to others (the writer drops the duplicates a late worker may still produce). The lane's end
-of scan goes to the writer once every frame of the scan is acknowledged.
+to others (the writer drops the duplicates a late worker may still produce). A worker
+acknowledges a frame only when the writer has confirmed receiving its result, so the lane's end
+of scan, sent to the writer once every frame of the scan is acknowledged, always arrives after
+the results it accounts for. A worker busy waiting for a slow writer keeps sending heartbeats;
+only a silent one (dead, or hung) is declared dead.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import zmq
 
 from detstream.services.stage import POLL_MS, Stage
-from detstream.services.wire import (CREDIT, DUPLICATE, END_OF_SCAN, FRAME, FRAME_BITS, HEARTBEAT, Header,
+from detstream.services.wire import (CREDIT, DUPLICATE, END_OF_SCAN, FRAME, HEARTBEAT, Header,
                                      Message, Outbox, frame_key)
 
 
@@ -32,6 +36,7 @@ class Worker:
 
 @dataclass
 class LaneScan:
+    acked: np.ndarray                 # per frame of the scan: acknowledged already (a re-sent frame counts once)
     done: int = 0                     # frames acknowledged (each counted once)
     in_flight: int = 0
     end: Header | None = None         # the aggregator's END_OF_SCAN, once it came
@@ -45,13 +50,11 @@ class DistributorStage(Stage):
         work = self.socket(zmq.ROUTER, bind="work")
         work.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished worker raises instead of dropping
         self.work = Outbox(work, self.name)
-        self.writer = Outbox(self.socket(zmq.PUSH, connect=[self.plan.endpoint("writer", 0, "results")]),
-                             self.name)
+        self.writer = Outbox(self.socket(zmq.DEALER, connect=[("writer", 0, "results")]), self.name)
         self.workers: dict[bytes, Worker] = {}
         self.ready: deque[bytes] = deque()     # peers with credit, round-robin
         self.resend: deque[Message] = deque()  # frames of dead workers, sent before new ones
         self.scans: dict[int, LaneScan] = {}
-        self.acked: set[int] = set()           # keys acknowledged, so a re-sent frame counts once
         self.poller = zmq.Poller()
         self.last_check = time.monotonic()
 
@@ -82,15 +85,25 @@ class DistributorStage(Stage):
     def from_aggregator(self, msg: Message) -> None:
         h = msg.header
         if h.kind == END_OF_SCAN:
-            self.scans.setdefault(h.scan, LaneScan()).end = h
+            self.lane_scan(h.scan).end = h
             self.finish_scans()
         elif h.kind == FRAME:
+            scan = self.lane_scan(h.scan)
+            if scan.acked[h.frame]:
+                self.counters.rejected["late"] += 1
+                return
             self.counters.frames_in += 1
             self.counters.bytes_in += msg.payload_bytes
-            self.scans.setdefault(h.scan, LaneScan()).in_flight += 1
+            scan.in_flight += 1
             self.dispatch(msg)
         else:
             self.counters.rejected["kind"] += 1
+
+    def lane_scan(self, number: int) -> LaneScan:
+        scan = self.scans.get(number)
+        if scan is None:
+            scan = self.scans[number] = LaneScan(np.zeros(self.geometry.scan_frames, bool))
+        return scan
 
     def from_worker(self, peer: bytes, msg: Message) -> None:
         h = msg.header
@@ -107,16 +120,19 @@ class DistributorStage(Stage):
         if h.credit:
             if worker.credit == 0:
                 self.ready.append(peer)
-            worker.credit += h.credit
+            # never more than a worker may hold: a confused or hostile peer cannot hoard frames
+            worker.credit = min(worker.credit + h.credit, self.spec.workers.credits)
         if h.acked:
             self.finish_scans()
 
     def acknowledge(self, worker: Worker, key: int) -> None:
         msg = worker.in_flight.pop(key, None)
-        if msg is None or key in self.acked:
-            return  # a frame this worker lost to a re-send, or one acknowledged already
-        self.acked.add(key)
-        scan = self.scans[msg.header.scan]
+        if msg is None:
+            return  # a frame this worker lost to a re-send
+        scan = self.scans.get(msg.header.scan)
+        if scan is None or scan.acked[msg.header.frame]:
+            return  # acknowledged already (by the worker it was re-sent to)
+        scan.acked[msg.header.frame] = True
         scan.done += 1
         scan.in_flight -= 1
 
@@ -149,6 +165,7 @@ class DistributorStage(Stage):
         del self.workers[worker.peer]
         self.work.forget(worker.peer)
         self.counters.workers_lost += 1
+        self.counters.resent += len(worker.in_flight)
         for msg in worker.in_flight.values():
             msg.header.flags |= DUPLICATE
             self.resend.append(msg)
@@ -162,7 +179,6 @@ class DistributorStage(Stage):
                                         partial=end.partial, lost=end.lost, scan_rows=end.scan_rows,
                                         scan_cols=end.scan_cols))
                 del self.scans[number]
-                self.acked = {k for k in self.acked if k >> FRAME_BITS != number}
                 self.log.info("scan %d done in this lane: %d frames", number, scan.done)
 
     def update_gauges(self) -> None:

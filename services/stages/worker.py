@@ -1,17 +1,26 @@
 """A worker: takes frames from every lane's distributor against credits, runs the plugin, and
-hands results to the writer; the acknowledgement (which also returns the credit) follows the
-result, so a frame is never acknowledged before the writer has been given its result.
+hands results to the writer. The acknowledgement to the distributor (which also returns the
+credit) waits for the writer's RECEIPT of the result: a frame is acknowledged only once its result
+is in the writer's hands, so a worker killed with results still queued in its own memory or
+sockets loses nothing (the distributor re-sends those frames, and the writer drops any copy it
+already has).
+
+The worker never blocks: results wait in a queue bounded by the credits it gave out, and while
+the writer is slow the worker keeps reading receipts and sending heartbeats, so backpressure is
+never mistaken for death.
 """
 
 from __future__ import annotations
 
 import time
+from collections import defaultdict, deque
 
 import zmq
 
+from detstream.services.faults import failpoint
 from detstream.services.plugins import PluginContext, plugin_class
 from detstream.services.stage import POLL_MS, Stage
-from detstream.services.wire import CREDIT, FRAME, HEARTBEAT, RESULT, Header, Message, Outbox, frame_key
+from detstream.services.wire import CREDIT, FRAME, HEARTBEAT, RECEIPT, RESULT, Header, Message, Outbox, frame_key
 
 CALIBRATION_IDLE_S = 0.5  # calibrate on fewer samples when the stream pauses this long
 
@@ -23,22 +32,32 @@ class WorkerStage(Stage):
         spec = self.spec
         self.plugin_cls = plugin_class(spec.plugin.name)
         self.plugin = self.plugin_cls(spec.plugin.params, PluginContext(spec))
-        self.lanes = [Outbox(self.socket(zmq.DEALER, connect=[self.plan.endpoint("distributor", lane, "work")]),
-                             self.name) for lane in range(spec.lanes)]
-        self.writer = Outbox(self.socket(zmq.PUSH, connect=[self.plan.endpoint("writer", 0, "results")]), self.name)
+        self.lanes = [Outbox(self.socket(zmq.DEALER, connect=[("distributor", lane, "work")]), self.name)
+                      for lane in range(spec.lanes)]
+        self.writer = Outbox(self.socket(zmq.DEALER, connect=[("writer", 0, "results")]), self.name)
         self.poller = zmq.Poller()
         for lane in self.lanes:
             self.poller.register(lane.socket, zmq.POLLIN)
         self.last_sent = [0.0] * len(self.lanes)
         self.held: list[tuple[int, Message]] = []  # frames kept for calibration
         self.last_frame = time.monotonic()
+        self.outgoing: deque[tuple[Header, list]] = deque()   # results the writer's queue cannot take yet
+        self.unconfirmed: dict[int, tuple[int, int]] = {}     # key -> (lane, credit to return) until RECEIPT
+        self.process_delay = failpoint(self.name, self.role, "process-delay")
 
     def step(self):
         if not any(self.last_sent):  # first turn: offer our capacity to every lane
             for lane in range(len(self.lanes)):
                 self.tell(lane, Header(kind=CREDIT, credit=self.spec.workers.credits))
         self.apply_updates()
-        for sock, _ in self.poller.poll(POLL_MS):
+        self.poller.register(self.writer.socket, zmq.POLLIN | (zmq.POLLOUT if self.outgoing else 0))
+        for sock, events in self.poller.poll(POLL_MS):
+            if sock is self.writer.socket:
+                if events & zmq.POLLIN:
+                    self.receipts()
+                if events & zmq.POLLOUT:
+                    self.flush()
+                continue
             lane = next(i for i, o in enumerate(self.lanes) if o.socket is sock)
             _, msg = self.receive(sock)
             if msg is None:
@@ -49,6 +68,8 @@ class WorkerStage(Stage):
                 self.frame(lane, msg)
         self.calibrate_if_idle()
         self.heartbeat()
+        self.counters.queue_depth = len(self.outgoing)
+        self.counters.in_flight = len(self.unconfirmed)
 
     def frame(self, lane: int, msg: Message) -> None:
         self.counters.frames_in += 1
@@ -66,13 +87,50 @@ class WorkerStage(Stage):
         h = msg.header
         t0 = time.perf_counter()
         parts = self.plugin.process(msg.sectors, msg.parts)
+        if self.process_delay:
+            time.sleep(self.process_delay)
         self.metrics.latency.observe(time.perf_counter() - t0)
         result = Header(kind=RESULT, scan=h.scan, frame=h.frame, position=h.position, flags=h.flags,
                         scan_rows=h.scan_rows, scan_cols=h.scan_cols, result=self.plugin_cls.result)
-        self.writer.send(result, parts)
-        self.counters.frames_out += 1
-        self.counters.bytes_out += sum(memoryview(p).nbytes for p in parts)
-        self.tell(lane, Header(kind=CREDIT, credit=credit, acked=[frame_key(h.scan, h.frame)]))
+        key = frame_key(h.scan, h.frame)
+        if key in self.unconfirmed:  # a re-send of a frame whose result is on its way: return its credit then
+            lane0, credit0 = self.unconfirmed[key]
+            self.unconfirmed[key] = (lane0, credit0 + credit)
+        else:
+            self.unconfirmed[key] = (lane, credit)
+        self.outgoing.append((result, list(parts)))
+        self.flush()
+
+    def flush(self) -> None:
+        """Hand queued results to the writer's socket, as far as its queue takes them (never blocks)."""
+        while self.outgoing:
+            header, parts = self.outgoing[0]
+            try:
+                self.writer.send(header, parts, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.outgoing.popleft()
+            self.counters.frames_out += 1
+            self.counters.bytes_out += sum(memoryview(p).nbytes for p in parts)
+
+    def receipts(self) -> None:
+        """The writer has these results: acknowledge the frames (returning their credit) to their lanes."""
+        acks: dict[int, list[int]] = defaultdict(list)
+        credits: dict[int, int] = defaultdict(int)
+        while self.writer.socket.poll(0):
+            _, msg = self.receive(self.writer.socket)
+            if msg is None:
+                continue
+            if msg.header.kind != RECEIPT:
+                self.counters.rejected["kind"] += 1
+                continue
+            for key in msg.header.acked:
+                lane, credit = self.unconfirmed.pop(key, (None, 0))
+                if lane is not None:
+                    acks[lane].append(key)
+                    credits[lane] += credit
+        for lane, keys in acks.items():
+            self.tell(lane, Header(kind=CREDIT, credit=credits[lane], acked=keys))
 
     def calibrate(self) -> None:
         held, self.held = self.held, []

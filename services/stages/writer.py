@@ -1,9 +1,18 @@
 """The writer: collects results per scan, drops duplicates, writes files, keeps the accounting.
 
 A scan is closed when every lane has ended it and the writer holds as many distinct frames as
-the lanes say they passed on (or, failing that, after the end-of-scan timeout). Then, per scan:
-expected = written + lost + unaccounted, where `lost` is what the aggregators reported as never
-arrived and `unaccounted` must be 0: anything else is a frame that vanished silently.
+the lanes say they passed on (or, failing that, after the end-of-scan timeout without any input
+for the scan). Then, per scan: expected = written + lost + unaccounted, where `lost` is what the
+aggregators reported as never arrived and `unaccounted` must be 0: anything else is a frame that
+vanished silently. With `transport.onLoss: fail`, a scan closed with lost or partial frames fails
+the writer, and so the session.
+
+Workers send results on a DEALER to this ROUTER; every result (new, duplicate or late) is answered
+with a RECEIPT, and only then does the worker acknowledge the frame to its distributor. So when a
+lane's END_OF_SCAN arrives, the results it accounts for are here already. A file is created at the
+first result of a scan (a scan of which nothing arrived leaves no file), written as `NAME.partial`
+and renamed when complete; a write error (full disk) fails the stage with the reason and leaves
+no file behind.
 """
 
 from __future__ import annotations
@@ -16,9 +25,10 @@ import numpy as np
 import zmq
 
 from detstream.services.electron_events import ElectronEventsFile
+from detstream.services.faults import failpoint
 from detstream.services.plugins import plugin_class
 from detstream.services.stage import POLL_MS, Stage, StageError
-from detstream.services.wire import END_OF_SCAN, PARTIAL, RESULT, Header, Message
+from detstream.services.wire import END_OF_SCAN, PARTIAL, RECEIPT, RESULT, Header, Message, Outbox, frame_key
 from detstream.v1.control_pb2 import ScanAccount
 
 DRAIN_QUIET_S = 1.0  # a draining writer finishes after this long without input and no open scan
@@ -36,7 +46,7 @@ class WriterScan:
     partial: int = 0
     duplicates: int = 0
     lanes: dict = field(default_factory=dict)   # distributor name -> its END_OF_SCAN
-    ended_at: float = 0.0
+    last_input: float = field(default_factory=time.monotonic)
 
     def account(self, complete: bool) -> ScanAccount:
         lost = sum(h.lost for h in self.lanes.values())
@@ -61,31 +71,42 @@ class WriterStage(Stage):
         except OSError as exc:
             raise StageError(f"output folder {self.output} is not writable: {exc.strerror}") from None
         self.kind = plugin_class(self.spec.plugin.name).result
-        self.results = self.socket(zmq.PULL, bind="results")
+        results = self.socket(zmq.ROUTER, bind="results")
+        results.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a receipt to a full peer waits; to a gone one is dropped
+        self.results = Outbox(results, self.name)
+        self.receipts: dict[bytes, list[int]] = {}
+        self.pixels = self.spec.detector.rows * self.spec.detector.cols
+        self.write_delay = failpoint(self.name, self.role, "write-delay")
         self.scans: dict[int, WriterScan] = {}
         self.done: dict[int, ScanAccount] = {}
         self.last_input = time.monotonic()
 
     def step(self):
-        if self.results.poll(POLL_MS):
+        sock = self.results.socket
+        if sock.poll(POLL_MS):
             for _ in range(256):
-                _, msg = self.receive(self.results)
+                peer, msg = self.receive(sock, envelope=True)
                 if msg is not None:
-                    self.handle(msg)
-                if not self.results.poll(0):
+                    self.handle(msg, peer)
+                if not sock.poll(0):
                     break
+        self.send_receipts()
         now = time.monotonic()
         self.close_ready(now)
         if self.draining.is_set() and not self.scans and now - self.last_input > DRAIN_QUIET_S:
             self.finish()  # drained: every scan that started is closed and nothing more comes
         self.counters.scan_progress = max((s.written / s.seen.size for s in self.scans.values()), default=0.0)
 
-    def handle(self, msg: Message) -> None:
+    def handle(self, msg: Message, peer: bytes | None = None) -> None:
         self.last_input = time.monotonic()
         h = msg.header
         if h.kind not in (RESULT, END_OF_SCAN):
             self.counters.rejected["kind"] += 1
             return
+        if h.kind == RESULT and not self.valid_result(msg):
+            return
+        if h.kind == RESULT and peer is not None:
+            self.receipts.setdefault(peer, []).append(frame_key(h.scan, h.frame))
         if h.scan in self.done:
             if h.kind == RESULT:
                 self.counters.outcomes["duplicate"] += 1
@@ -93,13 +114,12 @@ class WriterStage(Stage):
         scan = self.scan(h)
         if scan is None:
             return
+        scan.last_input = self.last_input
         if h.kind == END_OF_SCAN:
             scan.lanes[h.sender] = h
-            scan.ended_at = time.monotonic()
             return
-        if h.position >= scan.seen.size:
-            self.counters.rejected["range"] += 1
-            return
+        if self.write_delay:
+            time.sleep(self.write_delay)
         self.counters.frames_in += 1
         self.counters.bytes_in += msg.payload_bytes
         if scan.seen[h.position]:
@@ -112,8 +132,39 @@ class WriterStage(Stage):
         self.counters.outcomes["written"] += 1
         if h.flags & PARTIAL:
             self.counters.outcomes["partial"] += 1
-        if scan.file is not None:
-            scan.file.write(h.position, np.frombuffer(msg.parts[0].buffer, dtype=np.uint32))
+        if self.kind == "events":
+            self.write(scan, h.position, np.frombuffer(msg.parts[0].buffer, dtype=np.uint32))
+
+    def valid_result(self, msg: Message) -> bool:
+        """A RESULT this writer can take: the session's result kind, a position in the scan, and for
+        events one part of uint32 pixel indices inside the frame (anything else is counted and dropped)."""
+        h = msg.header
+        reason = None
+        if h.result != self.kind:
+            reason = "result"
+        elif h.position >= self.spec.scan.frames or h.frame >= self.spec.scan.frames:
+            reason = "range"
+        elif self.kind == "events":
+            if len(msg.parts) != 1 or len(msg.parts[0]) % 4:
+                reason = "size"
+            elif len(msg.parts[0]) and int(np.frombuffer(msg.parts[0].buffer, np.uint32).max()) >= self.pixels:
+                reason = "range"
+        if reason:
+            self.counters.rejected[reason] += 1
+            if self.counters.rejected[reason] == 1:
+                self.log.warning("rejected a result (%s): scan %d frame %d from %r", reason, h.scan, h.frame, h.sender)
+        return reason is None
+
+    def send_receipts(self) -> None:
+        """Tell each worker which of its results are here (it acknowledges those frames only then)."""
+        for peer in list(self.receipts):
+            try:
+                self.results.send(Header(kind=RECEIPT, acked=self.receipts[peer]), peer=peer, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                continue  # the worker is not reading just now: next turn
+            except zmq.ZMQError:
+                pass      # the worker is gone; its distributor re-sends what it had
+            del self.receipts[peer]
 
     def scan(self, h: Header) -> WriterScan | None:
         scan = self.scans.get(h.scan)
@@ -123,14 +174,21 @@ class WriterStage(Stage):
                 self.counters.rejected["geometry"] += 1
                 return None
             scan = self.scans[h.scan] = WriterScan(h.scan, rows, cols, np.zeros(rows * cols, bool))
-            if self.kind == "events":
-                path = self.output / f"{self.plan.session}-scan{h.scan:04d}.h5"
+        return scan
+
+    def write(self, scan: WriterScan, position: int, events: np.ndarray) -> None:
+        path = self.output / f"{self.plan.session}-scan{scan.number:04d}.h5"
+        try:
+            if scan.file is None:
                 scan.path = str(path)
-                scan.file = ElectronEventsFile(path, (rows, cols), (self.spec.detector.rows, self.spec.detector.cols),
-                                               metadata={"session": self.plan.session, "scan": h.scan,
+                scan.file = ElectronEventsFile(path, (scan.rows, scan.cols),
+                                               (self.spec.detector.rows, self.spec.detector.cols),
+                                               metadata={"session": self.plan.session, "scan": scan.number,
                                                          "plugin": self.spec.plugin.name,
                                                          "plugin_params": str(self.spec.plugin.params)})
-        return scan
+            scan.file.write(position, events)
+        except OSError as exc:
+            raise StageError(f"cannot write scan {scan.number} to {path}: {exc}") from None
 
     def close_ready(self, now: float) -> None:
         lanes = self.spec.lanes
@@ -139,12 +197,16 @@ class WriterStage(Stage):
             if len(scan.lanes) < lanes:
                 continue
             passed_on = sum(h.sent for h in scan.lanes.values())
-            if scan.written >= passed_on or now - scan.ended_at > timeout:
+            if scan.written >= passed_on or now - scan.last_input > timeout:
                 self.close(scan)
 
     def close(self, scan: WriterScan) -> None:
         if scan.file is not None:
-            scan.file.close()
+            try:
+                scan.file.close()
+            except OSError as exc:
+                scan.file = None  # close() removed the temporary file
+                raise StageError(f"cannot write scan {scan.number} to {scan.path}: {exc}") from None
         account = self.done[scan.number] = scan.account(complete=True)
         del self.scans[scan.number]
         unaccounted = account.expected - account.written - account.lost
@@ -152,6 +214,10 @@ class WriterStage(Stage):
         log("scan %d closed: %d expected, %d written (%d partial), %d lost, %d duplicates dropped%s",
             scan.number, account.expected, account.written, account.partial, account.lost,
             account.duplicates, f", {unaccounted} UNACCOUNTED" if unaccounted else "")
+        if self.spec.transport.on_loss == "fail" and (account.lost or account.partial or unaccounted):
+            raise StageError(f"scan {scan.number} closed with {account.lost} frames lost, {account.partial} partial"
+                             f"{f', {unaccounted} unaccounted' if unaccounted else ''} "
+                             f"(spec.transport.onLoss is fail)")
         if len(self.done) >= self.spec.scan.count:
             self.finish()
 

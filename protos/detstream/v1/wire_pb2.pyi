@@ -16,6 +16,7 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     END_OF_SCAN: _ClassVar[Kind]
     CREDIT: _ClassVar[Kind]
     HEARTBEAT: _ClassVar[Kind]
+    RECEIPT: _ClassVar[Kind]
 
 class Flag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -29,6 +30,7 @@ RESULT: Kind
 END_OF_SCAN: Kind
 CREDIT: Kind
 HEARTBEAT: Kind
+RECEIPT: Kind
 FLAG_NONE: Flag
 PARTIAL: Flag
 DUPLICATE: Flag
