@@ -7,6 +7,7 @@ latency) is observed by workers, whose per-frame work dwarfs it.
 
 from __future__ import annotations
 
+import resource
 from collections import Counter as Tally
 from dataclasses import dataclass, field
 
@@ -14,7 +15,7 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LABELS = ("session", "stage", "replica")
-OUTCOMES = ("written", "partial", "lost", "duplicate")
+OUTCOMES = ("written", "partial", "lost", "duplicate", "dropped")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
@@ -33,6 +34,8 @@ class Counters:
     credits: int = 0
     workers: int = 0
     workers_lost: int = 0
+    resent: int = 0
+    dropped: int = 0
     scan_progress: float = 0.0
     state: int = 0
 
@@ -62,6 +65,8 @@ class StageCollector:
         yield self._family(C, "detstream_frames_outcome", "Frames by outcome.",
                            {o: c.outcomes.get(o, 0) for o in OUTCOMES}, extra=("outcome",))
         yield self._family(C, "detstream_workers_lost", "Workers declared dead.", c.workers_lost)
+        yield self._family(C, "detstream_frames_resent", "Frames re-sent after their worker was declared dead.",
+                           c.resent)
         yield self._family(G, "detstream_queue_depth", "Frames waiting inside the stage.", c.queue_depth)
         yield self._family(G, "detstream_in_flight_frames", "Frames handed on and not yet acknowledged.",
                            c.in_flight)
@@ -71,6 +76,8 @@ class StageCollector:
                            c.scan_progress)
         yield self._family(G, "detstream_stage_state", "Lifecycle state (1 configured, 2 running, "
                                                        "3 draining, 4 finished, 5 failed).", c.state)
+        yield self._family(G, "detstream_peak_rss_bytes", "Peak resident memory of the stage process.",
+                           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 class StageMetrics:

@@ -123,6 +123,13 @@ class Transport:
                                                         "scan is closed and its missing frames reported "
                                                         "lost.", minimum=0.1)
     startup_timeout_s: float = spec_field(60.0, doc="Seconds for every stage to become healthy.", minimum=1)
+    on_full: str = spec_field("block", doc="What a source does when the pipeline cannot take a frame now: block "
+                                           "(wait; backpressure, nothing is dropped) or drop (drop the frame, "
+                                           "as a detector that cannot wait must; every drop is counted and "
+                                           "the frame reported lost or partial).", enum=("block", "drop"))
+    on_loss: str = spec_field("continue", doc="When a scan closes with lost or partial frames: continue (report "
+                                               "them and go on with the next scan) or fail (fail the session, "
+                                               "`detstream run` exits 1).", enum=("continue", "fail"))
 
 
 @dataclass(frozen=True)

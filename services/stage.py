@@ -20,6 +20,7 @@ import zmq
 from grpc_health.v1 import health_pb2
 
 from detstream.services import control
+from detstream.services.faults import failpoint
 from detstream.services.metrics import Counters, StageMetrics
 from detstream.services.plan import Plan
 from detstream.services.wire import Gaps, Geometry, Message, WireError, decode
@@ -60,17 +61,21 @@ class Stage:
         self.log = logging.getLogger(f"detstream.{self.name}")
 
     # -- sockets -------------------------------------------------------------------------------
-    def socket(self, kind: int, *, bind: str | None = None, connect: list[str] = ()) -> zmq.Socket:
-        """A socket with bounded queues on both sides and no lingering at close."""
+    def socket(self, kind: int, *, bind: str | None = None, connect: list = ()) -> zmq.Socket:
+        """A socket with bounded queues on both sides and no lingering at close. `connect` lists
+        peers as (role, index, port) of the plan, or as endpoint strings (a source outside the
+        session). ZeroMQ retries connections by itself, so peers may come up in any order."""
         hwm = self.spec.transport.high_water_mark
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.RCVHWM, hwm)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         if bind:
             sock.bind(f"tcp://{self.bind_host}:{self.me.ports[bind]}")
-        for endpoint in connect:
-            sock.connect(endpoint)
+        for peer in connect:
+            sock.connect(peer if isinstance(peer, str) else self.plan.endpoint(*peer))
         return sock
 
     def receive(self, sock: zmq.Socket, envelope: bool = False) -> tuple[bytes | None, Message | None]:
@@ -118,7 +123,7 @@ class Stage:
         status = StageStatus(stage=self.role, replica=self.me.index, state=self.state, message=self.message,
                              frames_in=c.frames_in, frames_out=c.frames_out, bytes_in=c.bytes_in,
                              bytes_out=c.bytes_out, in_flight=c.in_flight,
-                             rejected=sum(c.rejected.values()),
+                             rejected=sum(c.rejected.values()), dropped=c.dropped,
                              elapsed_s=time.monotonic() - self.t_start if self.t_start else 0.0)
         self.add_status(status)
         return status
@@ -141,6 +146,10 @@ class Stage:
         self.metrics.serve(self.bind_host, self.me.ports["metrics"])
         server, health = control.serve(self, self.bind_host, self.me.ports["control"])
         try:
+            delay = failpoint(self.name, self.role, "setup-delay")
+            if delay:
+                self.log.info("failpoint: setup delayed by %g s", delay)
+                self.stopping.wait(delay)
             self.setup()
             health.set("", health_pb2.HealthCheckResponse.SERVING)
             self.log.info("ready (control %s, metrics %s)", self.me.ports["control"], self.me.ports["metrics"])

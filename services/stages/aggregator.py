@@ -5,6 +5,19 @@ arrived (no copy). A frame whose sectors do not all arrive within the frame time
 end of its scan, goes on with the missing sectors zero-filled and flagged PARTIAL. When every
 source has ended a scan (or it has been silent past the end-of-scan timeout), the lane reports
 downstream how many of its frames it passed on, how many were partial and how many never came.
+
+Scans are streamed back to back, so a scan nobody ever started is closed too: when no scan is
+open and nothing has arrived for the end-of-scan timeout since the last activity (the last
+input, or the close of the previous scan), the next scan of the session is closed with all its
+frames lost, and so on, one timeout per scan, until the session's scan count is reached. A
+source that comes back sends the following scans as usual (its sectors of closed scans are
+rejected as `late`). Drain closes every open scan once the sectors already queued are read, and
+starts no further scan: a drained session ends with the scans it had started.
+
+Timeouts measure the sources' silence only while this stage can listen: time spent blocked on
+a full distributor (backpressure) does not count, so a slow pipeline never closes scans early.
+Frames waiting for missing sectors are bounded by time: each goes on (partial) after the frame
+timeout, so a source that dies among others holds at most rate x frameTimeoutS frames here.
 """
 
 from __future__ import annotations
@@ -15,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
+from detstream.services.accounting import ClosedScans
 from detstream.services.stage import POLL_MS, Stage
 from detstream.services.wire import END_OF_SCAN, FRAME, PARTIAL, SECTOR, Header, Message, Outbox
 
@@ -25,10 +39,10 @@ class OpenScan:
     emitted: np.ndarray              # bitmap over the scan's frame numbers
     rows: int
     cols: int
+    last_input: float
     ended_by: set = field(default_factory=set)
     sent: int = 0
     partial: int = 0
-    last_input: float = field(default_factory=time.monotonic)
 
 
 class AggregatorStage(Stage):
@@ -37,21 +51,28 @@ class AggregatorStage(Stage):
     def setup(self):
         self.lane = self.me.index
         self.ingest = self.socket(zmq.PULL, bind="ingest")
-        self.out = Outbox(self.socket(zmq.PUSH, connect=[self.plan.endpoint("distributor", self.lane, "frames")]),
-                          self.name)
+        self.out = Outbox(self.socket(zmq.PUSH, connect=[("distributor", self.lane, "frames")]), self.name)
         self.sources = self.spec.source.replicas
         self.pending: dict[tuple[int, int], tuple[list, float]] = {}
         self.scans: dict[int, OpenScan] = {}
-        self.closed: set[int] = set()
+        self.closed = ClosedScans()
         self.zero = zmq.Frame(bytes(self.geometry.sector_bytes))
-        self.last_sweep = time.monotonic()
+        self.stalled = 0.0                   # seconds spent blocked on the distributor
+        self.last_activity = self.clock()
+        self.last_sweep = self.clock()
+
+    def clock(self) -> float:
+        """Seconds, not counting the time this stage could not listen (blocked downstream)."""
+        return time.monotonic() - self.stalled
 
     def step(self):
         if self.ingest.poll(POLL_MS):
             _, msg = self.receive(self.ingest)
             if msg is not None:
                 self.handle(msg)
-        now = time.monotonic()
+        elif self.draining.is_set():
+            self.drain_now()
+        now = self.clock()
         if now - self.last_sweep > 0.1:
             self.last_sweep = now
             self.sweep(now)
@@ -62,9 +83,12 @@ class AggregatorStage(Stage):
         if h.kind not in (SECTOR, END_OF_SCAN):
             return self.counters.rejected.update(["kind"])
         if h.scan in self.closed:
+            self.last_activity = self.clock()  # a source is there (replaying old scans): keep the next one open
             return self.counters.rejected.update(["late"])
+        if (h.scan_rows or self.spec.scan.rows) * (h.scan_cols or self.spec.scan.cols) != self.geometry.scan_frames:
+            return self.counters.rejected.update(["geometry"])
         scan = self.open_scan(h)
-        scan.last_input = time.monotonic()
+        scan.last_input = self.last_activity = self.clock()
         if h.kind == END_OF_SCAN:
             scan.ended_by.add(h.sender)
             if len(scan.ended_by) >= self.sources:
@@ -75,7 +99,7 @@ class AggregatorStage(Stage):
         self.counters.frames_in += 1
         self.counters.bytes_in += msg.payload_bytes
         key = (h.scan, h.frame)
-        parts, first = self.pending.setdefault(key, ([None] * self.geometry.sectors, time.monotonic()))
+        parts, first = self.pending.setdefault(key, ([None] * self.geometry.sectors, self.clock()))
         if parts[h.sector] is not None:
             return self.counters.rejected.update(["duplicate-sector"])
         parts[h.sector] = msg.parts[0]
@@ -88,7 +112,7 @@ class AggregatorStage(Stage):
             lane_frames = len(range(self.lane, self.geometry.scan_frames, self.spec.lanes))
             scan = self.scans[h.scan] = OpenScan(lane_frames, np.zeros(self.geometry.scan_frames, bool),
                                                  h.scan_rows or self.spec.scan.rows,
-                                                 h.scan_cols or self.spec.scan.cols)
+                                                 h.scan_cols or self.spec.scan.cols, self.clock())
         return scan
 
     def emit(self, key: tuple[int, int], parts: list) -> None:
@@ -111,26 +135,43 @@ class AggregatorStage(Stage):
             self.log.warning("scan %d frame %d partial: sectors %s missing", scan_no, frame, missing)
 
     def send(self, header: Header, parts=()) -> None:
-        """Blocking send (the distributor's queue full means: wait, and let the sources wait)."""
+        """Blocking send (the distributor's queue full means: wait, and let the sources wait).
+        The time spent waiting is taken off the clock the timeouts are measured with."""
+        t0 = time.monotonic()
         while not self.stopping.is_set():
             if self.out.socket.poll(POLL_MS, zmq.POLLOUT):
                 self.out.send(header, parts, flags=zmq.NOBLOCK)
-                return
+                break
+        self.stalled += time.monotonic() - t0
 
     def sweep(self, now: float) -> None:
-        """Pass on frames past their timeout; close scans whose sources went silent."""
-        timeout = self.spec.transport.frame_timeout_s
-        for key in [k for k, (_, first) in self.pending.items() if now - first > timeout]:
+        """Pass on frames past their timeout; close scans whose sources went silent, and the next
+        scan when nobody started it."""
+        timeout = self.spec.transport.end_of_scan_timeout_s
+        frame_timeout = self.spec.transport.frame_timeout_s
+        for key in [k for k, (_, first) in self.pending.items() if now - first > frame_timeout]:
             self.emit(key, self.pending[key][0])
         for number, scan in list(self.scans.items()):
-            if now - scan.last_input > self.spec.transport.end_of_scan_timeout_s:
-                self.close(number, f"no input for {self.spec.transport.end_of_scan_timeout_s:g} s")
+            if now - scan.last_input > timeout:
+                self.close(number, f"no input for {timeout:g} s")
+        upcoming = self.closed.next_open()
+        if (not self.scans and upcoming < self.spec.scan.count and now - self.last_activity > timeout
+                and not self.draining.is_set()):
+            self.open_scan(Header(scan=upcoming))
+            self.close(upcoming, f"never started: no input for {timeout:g} s")
+
+    def drain_now(self) -> None:
+        """Drained and nothing more queued: close every open scan; no further scan starts."""
+        for number in sorted(self.scans):
+            self.close(number, "drained")
+        self.finish()
 
     def close(self, number: int, why: str) -> None:
         for key in [k for k in self.pending if k[0] == number]:
             self.emit(key, self.pending[key][0])
         scan = self.scans.pop(number)
         self.closed.add(number)
+        self.last_activity = self.clock()
         lost = scan.frames - scan.sent
         self.counters.outcomes["lost"] += lost
         self.send(Header(kind=END_OF_SCAN, scan=number, expected=self.geometry.scan_frames, sent=scan.sent,

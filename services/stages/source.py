@@ -96,6 +96,7 @@ class SourceStage(Stage):
         """Send every scan; yields after each frame so the main loop can notice Stop."""
         spec, g = self.spec, self.geometry
         shape = list(g.sector_shape)
+        drop = spec.transport.on_full == "drop"
         for scan in range(spec.scan.count):
             sent = [0] * spec.lanes
             t0 = time.monotonic()
@@ -112,7 +113,16 @@ class SourceStage(Stage):
                     header = Header(kind=SECTOR, scan=scan, frame=frame, position=frame, sector=sector,
                                     shape=shape, dtype=g.dtype, scan_rows=spec.scan.rows,
                                     scan_cols=spec.scan.cols)
-                    if not self.send(self.lanes[lane], header, [pixels]):
+                    if drop:
+                        try:
+                            self.lanes[lane].send(header, [pixels], flags=zmq.NOBLOCK)
+                        except zmq.Again:  # the lane is full: drop the rest of this frame, count it once
+                            self.counters.dropped += 1
+                            self.counters.outcomes["dropped"] += 1
+                            if self.counters.dropped == 1:
+                                self.log.warning("pipeline full: dropping frames (spec.transport.onFull: drop)")
+                            break
+                    elif not self.send(self.lanes[lane], header, [pixels]):
                         return
                     sent[lane] += 1
                     self.counters.frames_out += 1
@@ -123,7 +133,8 @@ class SourceStage(Stage):
                                 scan_rows=spec.scan.rows, scan_cols=spec.scan.cols)
                 if not self.send(outbox, header):
                     return
-            self.log.info("scan %d: %d sectors sent", scan, sum(sent))
+            self.log.info("scan %d: %d sectors sent, %d frames dropped so far", scan, sum(sent),
+                          self.counters.dropped)
             if self.draining.is_set():
                 return
 

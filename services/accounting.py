@@ -1,0 +1,30 @@
+"""Bookkeeping shared by the stages: which scans are closed, in memory that does not grow with
+the length of a session (scans are numbered in order and close roughly in order)."""
+
+from __future__ import annotations
+
+
+class ClosedScans:
+    """A set of closed scan numbers kept as a floor (every scan below it is closed) plus the few
+    closed above it, so a session of 100,000 scans holds a handful of numbers, not 100,000."""
+
+    def __init__(self):
+        self.floor = 0          # every scan < floor is closed
+        self.above: set[int] = set()
+
+    def add(self, number: int) -> None:
+        if number >= self.floor:
+            self.above.add(number)
+        while self.floor in self.above:
+            self.above.discard(self.floor)
+            self.floor += 1
+
+    def __contains__(self, number: int) -> bool:
+        return number < self.floor or number in self.above
+
+    def __len__(self) -> int:
+        return self.floor + len(self.above)
+
+    def next_open(self) -> int:
+        """The lowest scan number not closed."""
+        return self.floor
