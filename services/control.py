@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from detstream.services.stage import Stage
 
 WATCH_INTERVAL_S = 0.5
+# A stage that comes up late is found within a second: gRPC's default reconnect backoff grows to 2 minutes.
+RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+             ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 class StageControlServicer(control_pb2_grpc.StageControlServicer):
@@ -86,7 +89,7 @@ class StageClient:
     def __init__(self, address: str, timeout: float = 5.0):
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(address)
+        self.channel = grpc.insecure_channel(address, options=RECONNECT)
         self.stub = control_pb2_grpc.StageControlStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from detstream.v1.control_pb2 import StageState
@@ -118,8 +119,13 @@ class Progress:
             out.print(table)
         out.print(f"{summary.frames_per_second:,.0f} frames/s, {summary.throughput_gbps:.3f} GB/s, "
                   f"{summary.duration_s:.2f} s")
+        if summary.dropped:
+            out.print(f"[yellow]{summary.dropped} frames dropped by the sources (spec.transport.onFull: drop); "
+                      f"they are counted above as lost or partial[/]")
+        for incident in summary.incidents:
+            out.print(f"[yellow]lost while streaming: {escape(incident)}[/]")
         if summary.failure:
-            out.print(f"[bold red]detstream: {summary.failure}[/]")
+            out.print(f"[bold red]detstream: {escape(summary.failure)}[/]")
         elif not summary.ok:
             out.print("[bold red]detstream: not every frame is accounted for[/]")
 
@@ -133,9 +139,13 @@ class Summary:
     duration_s: float = 0.0
     failure: str | None = None
     ok: bool = False
+    dropped: int = 0                                   # frames the sources dropped (transport.onFull: drop)
+    incidents: list[str] = field(default_factory=list)  # pool stages lost while streaming, and why
+    stages: dict[str, dict] = field(default_factory=dict)  # name -> {"peak_rss_bytes", "exit_code"}
 
     @classmethod
-    def of(cls, session, writer_status, duration: float, failure: str | None) -> Summary:
+    def of(cls, session, writer_status, duration: float, failure: str | None, stages=(),
+           incidents=()) -> Summary:
         scans = []
         for s in (writer_status.scans if writer_status else []):
             scans.append({"scan": s.scan, "expected": s.expected, "written": s.written, "partial": s.partial,
@@ -146,10 +156,13 @@ class Summary:
         duration = max(duration, 1e-9)
         accounted = (len(scans) == session.spec.scan.count
                      and all(s["complete"] and s["unaccounted"] == 0 for s in scans))
+        per_stage = {p.stage.name: {"peak_rss_bytes": p.peak_rss, "exit_code": p.proc.returncode}
+                     for p in stages}
+        dropped = sum(p.status.dropped for p in stages if p.status is not None and p.stage.role == "source")
         return cls(session=session.name, scans=scans,
                    throughput_gbps=written * session.spec.detector.frame_bytes / duration / 1e9,
                    frames_per_second=written / duration, duration_s=duration, failure=failure,
-                   ok=failure is None and accounted)
+                   ok=failure is None and accounted, dropped=dropped, incidents=list(incidents), stages=per_stage)
 
     @property
     def exit_code(self) -> int:

@@ -4,6 +4,13 @@ It starts every stage, waits until all are healthy, starts the scan (sources las
 stage's WatchStatus for the progress display, and when the writer has closed every scan, stops
 them all. A stage that dies, a start-up that times out, or Ctrl-C stops everything that runs;
 stage processes also die with the launcher itself (PR_SET_PDEATHSIG), so none is left behind.
+
+Once streaming, the pool stages may be lost without failing the session: a worker that exits
+(its distributor re-sends its frames to the others; all workers gone fails the session), and a
+source that exits (its lanes close its scans by timeout and report the frames lost, then go on
+with the next scan, or fail by `transport.onLoss`). Each such loss is reported (`incidents`).
+An aggregator, distributor or writer that exits fails the session at once, naming it.
+The peak resident memory (VmHWM) of every stage process is sampled and reported.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
+from rich.markup import escape
 
 from detstream.services.control import StageClient
 from detstream.services.plan import START_ORDER, LocalNetwork, Plan, StagePlan, build_plan
@@ -27,6 +35,8 @@ from detstream.services.session import Session, read_manifest
 from detstream.v1.control_pb2 import FAILED, FINISHED
 
 STOP_GRACE_S = 5.0
+POOL_ROLES = ("worker", "source")   # roles whose loss the session survives once streaming
+HUNG_S = 10.0                       # a stage whose status stream is silent this long is hung (at least)
 
 
 class RunFailed(Exception):
@@ -59,14 +69,42 @@ class StageProcess:
         self.client: StageClient | None = None  # connected after every fork (see LocalSession.launch)
         self.status = None
         self.watcher: threading.Thread | None = None
+        self.peak_rss = 0
+        self.lost: str | None = None  # why this pool stage is gone, once it is
+        self.status_at: float | None = None  # when the status stream last spoke
+
+    def hung(self, limit: float) -> str | None:
+        if self.status_at is None or self.proc.poll() is not None:
+            return None
+        silent = time.monotonic() - self.status_at
+        if silent <= limit:
+            return None
+        return f"{self.stage.name} has not answered for {silent:.0f} s (hung: stopped, or stuck)"
+
+    def sample(self) -> None:
+        """Note the process's peak resident memory (VmHWM) while it is alive."""
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak_rss = max(self.peak_rss, int(line.split()[1]) * 1024)
+        except (OSError, ValueError, IndexError):
+            pass  # gone, or not Linux
 
     def watch(self) -> None:
+        self.status_at = time.monotonic()
+
         def follow():
-            try:
-                for status in self.client.watch():
-                    self.status = status
-            except grpc.RpcError:
-                pass  # the stage stopped; the launcher notices through the process
+            while self.proc.poll() is None:
+                try:
+                    for status in self.client.watch():
+                        self.status = status
+                        self.status_at = time.monotonic()
+                except grpc.RpcError:
+                    time.sleep(0.2)  # stopped (the launcher notices through the process), or a hiccup: again
+                except ValueError:
+                    return  # the launcher closed the channel
+                else:
+                    return  # the stage ended the stream: it is stopping
         self.watcher = threading.Thread(target=follow, name=f"watch-{self.stage.name}", daemon=True)
         self.watcher.start()
 
@@ -123,13 +161,28 @@ class LocalSession:
         for p in self.stages:
             p.client = StageClient(f"127.0.0.1:{p.stage.ports['control']}")
 
-    def check_alive(self) -> None:
+    def check_alive(self, streaming: bool = False) -> list[str]:
+        """Raise RunFailed if the session cannot go on; return the pool stages newly lost."""
+        lost = []
         for p in self.stages:
+            if p.lost:
+                continue
+            p.sample()
             reason = p.died()
-            if reason:
+            if reason is None and p.status is not None and p.status.state == FAILED:
+                reason = f"{p.stage.name} failed: {p.status.message}"
+            if reason is None and p.stage.role not in POOL_ROLES:
+                reason = p.hung(max(HUNG_S, 2 * self.session.spec.transport.worker_timeout_s))
+            if reason is None:
+                continue
+            if not (streaming and p.stage.role in POOL_ROLES):
                 raise RunFailed(reason)
-            if p.status is not None and p.status.state == FAILED:
-                raise RunFailed(f"{p.stage.name} failed: {p.status.message}")
+            p.lost = reason
+            lost.append(reason)
+        workers = [p for p in self.stages if p.stage.role == "worker"]
+        if workers and all(p.lost for p in workers):
+            raise RunFailed("every worker is gone: " + "; ".join(p.lost for p in workers))
+        return lost
 
     def wait_healthy(self) -> None:
         timeout = self.session.spec.transport.startup_timeout_s
@@ -148,7 +201,11 @@ class LocalSession:
         for role in START_ORDER:
             for p in self.stages:
                 if p.stage.role == role:
-                    p.client.start()
+                    try:
+                        p.client.start()
+                    except grpc.RpcError as exc:
+                        self.check_alive()
+                        raise RunFailed(f"{p.stage.name} refused Start: {exc.code().name}: {exc.details()}") from None
                     p.watch()
 
     def writer(self) -> StageProcess:
@@ -159,6 +216,8 @@ class LocalSession:
         return status is not None and status.state == FINISHED
 
     def stop(self) -> None:
+        for p in self.stages:
+            p.sample()
         for p in self.stages:
             p.stop()
         deadline = time.monotonic() + STOP_GRACE_S
@@ -171,6 +230,7 @@ def run_session(manifest: Path, output: Path, report: Path | None, quiet: bool =
     local = LocalSession(session, output)
     progress = Progress(session, quiet=quiet)
     failure = None
+    incidents: list[str] = []
     t0 = time.monotonic()
     with ExitStack() as stack:
         stack.callback(local.stop)
@@ -188,7 +248,9 @@ def run_session(manifest: Path, output: Path, report: Path | None, quiet: bool =
             t0 = time.monotonic()
             with progress.live():
                 while not local.finished():
-                    local.check_alive()
+                    for reason in local.check_alive(streaming=True):
+                        incidents.append(reason)
+                        progress.say(f"[yellow]detstream: {escape(reason)}; the session goes on without it[/]")
                     progress.update(local.stages)
                     time.sleep(0.25)
             local.writer().status = local.writer().client.status()
@@ -197,7 +259,7 @@ def run_session(manifest: Path, output: Path, report: Path | None, quiet: bool =
         except KeyboardInterrupt:
             failure = "interrupted (Ctrl-C)"
     writer = next((p.status for p in local.stages if p.stage.role == "writer"), None)
-    summary = Summary.of(session, writer, time.monotonic() - t0, failure)
+    summary = Summary.of(session, writer, time.monotonic() - t0, failure, stages=local.stages, incidents=incidents)
     progress.show(summary)
     if report:
         report.parent.mkdir(parents=True, exist_ok=True)
