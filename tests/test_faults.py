@@ -1,0 +1,270 @@
+"""Faults injected into whole sessions of real processes (`detstream run`), and what must follow:
+nothing lost silently, nothing hangs, memory bounded, and every loss counted and reported.
+
+Timeouts in the manifests are short so each test takes seconds; no test asserts on timing.
+"""
+
+import re
+import signal
+import subprocess
+
+import numpy as np
+import pytest
+import stempy.io
+
+from conftest import DETSTREAM, manifest
+from detstream.services.counting import Counter, Thresholds
+from detstream.services.session import Detector, Simulator as SimulatorSettings
+from live import Live, wait_for
+
+SMALL = {"rows": 128, "cols": 128, "sectors": 4}
+COUNTING = {"name": "electron-counting", "params": {"dark": "simulated", "backgroundThreshold": 32,
+                                                     "xrayThreshold": 50}}
+FAST = {"heartbeatS": 0.1, "workerTimeoutS": 1.0, "frameTimeoutS": 0.5, "endOfScanTimeoutS": 1.5,
+        "startupTimeoutS": 30}
+
+
+def truth_events(scan, positions):
+    """What the counting plugin must find in each frame of the simulator (seed 0, SMALL detector)."""
+    from detstream.services.simulator import Simulator, dark_reference
+    detector = Detector(**SMALL)
+    sim = Simulator(SimulatorSettings(), detector)
+    counter = Counter(dark_reference(0, 128, 128, 100.0), Thresholds(32, 50), (128, 128))
+    return [counter.count(sim.frame(scan, p)) for p in range(positions)]
+
+
+def assert_exact(report, scans=1):
+    assert [s["scan"] for s in report["scans"]] == list(range(scans))
+    for s in report["scans"]:
+        assert s["complete"] and s["unaccounted"] == 0, s
+
+
+def assert_file_matches_truth(path, scan, positions):
+    counted = stempy.io.load_electron_counts(path)
+    truth = truth_events(scan, positions)
+    for p in range(positions):
+        np.testing.assert_array_equal(np.sort(counted.data[p][0]), truth[p], err_msg=f"position {p}")
+
+
+def resent_in(log: str) -> int:
+    return sum(int(n) for n in re.findall(r"re-sending its (\d+) frames", log))
+
+
+def test_a_killed_worker_loses_nothing_and_every_frame_is_written_once(tmp_path):
+    doc = manifest("wkill", scan={"rows": 24, "cols": 24}, detector=SMALL, source={"rate": 150},
+                   workers={"replicas": 3}, plugin=COUNTING, transport=FAST)
+    live = Live(doc, tmp_path, failpoints="worker-1:process-delay=0.05")  # a slow worker always holds frames
+    try:
+        live.wait_started(frames=100)
+        live.signal("worker-1", signal.SIGKILL)
+        code, err, report = live.finish()
+    finally:
+        live.kill()
+    assert code == 0, err
+    assert_exact(report)
+    (scan,) = report["scans"]
+    assert (scan["expected"], scan["written"], scan["lost"], scan["partial"]) == (576, 576, 0, 0)
+    assert any("worker-1 exited with code -9" in i for i in report["incidents"])
+    distributor = live.log("distributor-0")
+    assert "worker declared dead" in distributor
+    assert resent_in(distributor) >= 1          # its frames in flight went to the other workers
+    assert_file_matches_truth(scan["file"], 0, 576)
+
+
+def test_a_hung_worker_is_declared_dead_and_its_late_results_are_dropped(tmp_path):
+    doc = manifest("whang", scan={"rows": 24, "cols": 24}, detector=SMALL, source={"rate": 150},
+                   workers={"replicas": 3}, plugin=COUNTING, transport=FAST)
+    live = Live(doc, tmp_path, failpoints="worker-1:process-delay=0.05")
+    try:
+        live.wait_started(frames=100)
+        live.signal("worker-1", signal.SIGSTOP)  # keeps its connections, reads nothing, says nothing
+        wait_for(lambda: "worker declared dead" in live.log("distributor-0"), 30, "the hung worker declared dead")
+        live.signal("worker-1", signal.SIGCONT)  # it wakes up and delivers results the others already made
+        code, err, report = live.finish()
+    finally:
+        live.kill()
+    assert code == 0, err
+    assert_exact(report)
+    (scan,) = report["scans"]
+    assert (scan["written"], scan["lost"]) == (576, 0)
+    resent = resent_in(live.log("distributor-0"))
+    assert resent >= 1
+    assert 1 <= scan["duplicates"] <= resent    # each re-sent frame written once, the late copy dropped
+    assert "silent for" in live.log("distributor-0")
+    assert_file_matches_truth(scan["file"], 0, 576)
+
+
+def run_slow_writer(tmp_path, name, rows, **transport):
+    doc = manifest(name, scan={"rows": rows, "cols": 32}, workers={"replicas": 2}, plugin={"name": "noop"},
+                   transport={**FAST, "highWaterMark": 4, **transport})
+    live = Live(doc, tmp_path / name, failpoints="writer-0:write-delay=0.004")
+    ahead = []
+    try:
+        live.wait_started(frames=1)
+        while live.proc.poll() is None:
+            source, writer = live.status("source-0"), live.status("writer-0")
+            if source and writer and writer.scans:
+                sectors = source.frames_out
+                ahead.append(sectors / 4 - sum(s.written for s in writer.scans))
+            subprocess.run(["sleep", "0.2"])
+        code, err, report = live.finish()
+    finally:
+        live.kill()
+    return code, err, report, ahead
+
+
+def test_a_slow_writer_backpressures_the_source_and_memory_stays_bounded(tmp_path):
+    """Same session, a scan 4x longer: every stage's peak memory stays the same, the source is never
+    more than the pipeline's bounded queues ahead of the writer, and nothing is dropped."""
+    short = run_slow_writer(tmp_path, "short", 8)
+    long = run_slow_writer(tmp_path, "long", 32)
+    for code, err, report, ahead in (short, long):
+        assert code == 0, err
+        assert_exact(report)
+        (scan,) = report["scans"]
+        assert scan["written"] == scan["expected"] and scan["lost"] == scan["partial"] == 0
+        assert report["dropped"] == 0
+    _, _, short_report, _ = short
+    _, _, long_report, ahead = long
+    assert ahead and max(ahead) < 120, ahead    # in flight: a few high-water marks' worth, not the scan (1024)
+    for name, stats in long_report["stages"].items():
+        before = short_report["stages"][name]["peak_rss_bytes"]
+        assert stats["peak_rss_bytes"] < before * 1.15 + 16e6, (name, before, stats["peak_rss_bytes"])
+
+
+def test_when_the_policy_says_drop_every_drop_is_counted_and_reported(tmp_path):
+    doc = manifest("drop", scan={"rows": 16, "cols": 16}, workers={"replicas": 2}, plugin={"name": "noop"},
+                   transport={**FAST, "highWaterMark": 2, "onFull": "drop"})
+    live = Live(doc, tmp_path, failpoints="writer-0:write-delay=0.01")
+    try:
+        code, err, report = live.finish()
+    finally:
+        live.kill()
+    assert code == 0, err
+    assert_exact(report)
+    (scan,) = report["scans"]
+    assert report["dropped"] > 0
+    assert report["dropped"] == scan["lost"] + scan["partial"]   # one source: a dropped frame is lost or partial
+    assert scan["written"] + scan["lost"] == 256
+    assert "frames dropped by the sources" in err
+
+
+def external_source(live: Live, tmp_path):
+    ingest = [f"--connect={live.plan.endpoint('aggregator', 0, 'ingest')}"]
+    return subprocess.Popen(DETSTREAM + ["stage", "source", "--manifest", str(live.manifest), "--index", "0",
+                                         *ingest], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def scan_closed(live: Live, number: int):
+    status = live.status("writer-0")
+    return status and any(s.scan == number and s.complete for s in status.scans)
+
+
+def test_a_source_that_vanishes_mid_scan_its_scans_close_as_lost_and_the_session_goes_on(tmp_path):
+    doc = manifest("vanish", scan={"rows": 16, "cols": 16, "count": 4}, detector=SMALL,
+                   source={"kind": "external", "rate": 300}, plugin=COUNTING, transport=FAST)
+    live = Live(doc, tmp_path)
+    sender = None
+    try:
+        sender = external_source(live, tmp_path)
+        wait_for(lambda: scan_closed(live, 0) and live.written() >= 256 + 40, 60, "scan 1 under way")
+        sender.kill()                                # mid scan 1: its END_OF_SCAN never comes
+        sender.wait()
+        wait_for(lambda: scan_closed(live, 2), 60, "scans 1 and 2 closed by timeout")
+        sender = external_source(live, tmp_path)     # the detector is back: scans 0-2 are late, 3 goes through
+        code, err, report = live.finish()
+    finally:
+        if sender:
+            sender.kill()
+            sender.wait()
+        live.kill()
+    assert code == 0, err
+    assert_exact(report, scans=4)
+    s0, s1, s2, s3 = report["scans"]
+    assert (s0["written"], s0["lost"]) == (256, 0)
+    assert 40 <= s1["written"] < 256 and s1["lost"] == 256 - s1["written"]   # closed by timeout
+    assert (s2["written"], s2["lost"], s2["file"]) == (0, 256, "")           # never started: no file
+    assert (s3["written"], s3["lost"]) == (256, 0)                           # the session went on
+    aggregator = live.log("aggregator-0")
+    assert "scan 1 closed (no input for 1.5 s)" in aggregator
+    assert "scan 2 closed (never started: no input for 1.5 s)" in aggregator
+    assert_file_matches_truth(s3["file"], 3, 256)
+
+
+def test_a_vanished_source_fails_the_session_when_the_policy_says_so(tmp_path):
+    doc = manifest("vanishfail", scan={"rows": 16, "cols": 16, "count": 3}, detector=SMALL,
+                   source={"kind": "external", "rate": 300}, plugin=COUNTING, transport={**FAST, "onLoss": "fail"})
+    live = Live(doc, tmp_path)
+    sender = None
+    try:
+        sender = external_source(live, tmp_path)
+        wait_for(lambda: live.written() >= 40, 60, "scan 0 under way")
+        sender.kill()
+        sender.wait()
+        code, err, report = live.finish()
+    finally:
+        if sender:
+            sender.kill()
+            sender.wait()
+        live.kill()
+    assert code == 1
+    assert re.search(r"scan 0 closed with \d+ frames lost, \d+ partial \(spec.transport.onLoss is fail\)", err), err
+    assert not report["ok"] and "writer-0" in report["failure"]
+
+
+@pytest.mark.parametrize("victim", ["aggregator-0", "distributor-0", "writer-0"])
+def test_a_killed_pipeline_stage_fails_the_session_naming_it(tmp_path, victim):
+    doc = manifest("crit", scan={"rows": 32, "cols": 32}, detector=SMALL, source={"rate": 200},
+                   plugin={"name": "noop"}, transport=FAST)
+    live = Live(doc, tmp_path)
+    try:
+        live.wait_started(frames=50)
+        live.signal(victim, signal.SIGKILL)
+        code, err, report = live.finish(timeout=60)
+    finally:
+        live.kill()
+    assert code == 1
+    assert f"{victim} exited with code -9" in err
+    assert report["failure"].startswith(f"{victim} exited with code -9") and not report["ok"]
+
+
+def test_a_hung_distributor_fails_the_session_instead_of_hanging_it(tmp_path):
+    doc = manifest("dhang", scan={"rows": 32, "cols": 32}, detector=SMALL, source={"rate": 200},
+                   plugin={"name": "noop"}, transport=FAST)
+    live = Live(doc, tmp_path)
+    try:
+        live.wait_started(frames=50)
+        live.signal("distributor-0", signal.SIGSTOP)
+        code, err, report = live.finish(timeout=60)
+    finally:
+        live.kill()
+    assert code == 1
+    assert "distributor-0 has not answered for" in err
+
+
+def test_stages_starting_slowly_and_in_any_order_still_start_together(tmp_path):
+    doc = manifest("slowstart", scan={"rows": 8, "cols": 8}, detector=SMALL, plugin={"name": "noop"},
+                   transport=FAST)
+    # the consumers come up last: the source and aggregator connect to ports nobody listens on yet
+    live = Live(doc, tmp_path, failpoints="writer-0:setup-delay=3,distributor-0:setup-delay=2,"
+                                         "worker-0:setup-delay=1,source-0:setup-delay=0.5")
+    try:
+        code, err, report = live.finish()
+    finally:
+        live.kill()
+    assert code == 0, err
+    assert_exact(report)
+    assert report["scans"][0]["written"] == 64
+
+
+def test_a_stage_too_slow_to_start_is_named_when_the_startup_timeout_passes(tmp_path):
+    doc = manifest("tooslow", scan={"rows": 8, "cols": 8}, detector=SMALL, plugin={"name": "noop"},
+                   transport={**FAST, "startupTimeoutS": 3})
+    live = Live(doc, tmp_path, failpoints="writer-0:setup-delay=60")
+    try:
+        code, err, report = live.finish(timeout=60)
+    finally:
+        live.kill()
+    assert code == 1
+    assert "not healthy after 3 s (spec.transport.startupTimeoutS): writer-0" in err
+    assert report["failure"] and not report["scans"]
