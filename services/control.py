@@ -70,14 +70,18 @@ class StageControlServicer(control_pb2_grpc.StageControlServicer):
             time.sleep(WATCH_INTERVAL_S)
 
 
-def serve(stage: Stage, host: str, port: int) -> tuple[grpc.Server, health.HealthServicer]:
-    """Start StageControl and grpc.health.v1 on host:port; health starts NOT_SERVING."""
+def serve(stage: Stage, host: str, port: int, credentials: grpc.ServerCredentials | None = None
+          ) -> tuple[grpc.Server, health.HealthServicer]:
+    """Start StageControl and grpc.health.v1 on host:port (over TLS given `credentials`); health
+    starts NOT_SERVING."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="control"))
     control_pb2_grpc.add_StageControlServicer_to_server(StageControlServicer(stage), server)
     health_servicer = health.HealthServicer()
     health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if server.add_insecure_port(f"{host}:{port}") == 0:
+    added = (server.add_secure_port(f"{host}:{port}", credentials) if credentials is not None
+             else server.add_insecure_port(f"{host}:{port}"))
+    if added == 0:
         raise OSError(f"cannot listen for control on {host}:{port}")
     server.start()
     return server, health_servicer
@@ -86,10 +90,11 @@ def serve(stage: Stage, host: str, port: int) -> tuple[grpc.Server, health.Healt
 class StageClient:
     """A caller of one stage's control port (the local runner and the operator use it)."""
 
-    def __init__(self, address: str, timeout: float = 5.0):
+    def __init__(self, address: str, timeout: float = 5.0, credentials: grpc.ChannelCredentials | None = None):
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(address, options=RECONNECT)
+        self.channel = (grpc.secure_channel(address, credentials, options=RECONNECT) if credentials is not None
+                        else grpc.insecure_channel(address, options=RECONNECT))
         self.stub = control_pb2_grpc.StageControlStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 

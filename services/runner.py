@@ -16,6 +16,7 @@ The peak resident memory (VmHWM) of every stage process is sampled and reported.
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from rich.markup import escape
 from detstream.services.control import StageClient
 from detstream.services.plan import START_ORDER, LocalNetwork, Plan, StagePlan, build_plan
 from detstream.services.progress import Progress, Summary
+from detstream.services.security import KEYS_ENV, Keys, generate as generate_keys
 from detstream.services.session import Session, read_manifest
 from detstream.v1.control_pb2 import FAILED, FINISHED
 
@@ -59,12 +61,12 @@ def _die_with_parent() -> None:
 class StageProcess:
     """One running stage: its process, its log, its control client and its latest status."""
 
-    def __init__(self, stage: StagePlan, argv: list[str], log_path: Path):
+    def __init__(self, stage: StagePlan, argv: list[str], log_path: Path, env: dict | None = None):
         self.stage = stage
         self.log_path = log_path
         self.log_file = open(log_path, "wb")
         self.proc = subprocess.Popen(argv, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env,
                                      preexec_fn=_die_with_parent)
         self.client: StageClient | None = None  # connected after every fork (see LocalSession.launch)
         self.status = None
@@ -148,18 +150,32 @@ class LocalSession:
         self.run_dir = output / ".detstream" / session.name
         self.plan: Plan = build_plan(session, LocalNetwork(free_ports()))
         self.stages: list[StageProcess] = []
+        self.keys: Keys | None = None
 
     def launch(self) -> None:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         plan_path = self.run_dir / "plan.json"
         plan_path.write_text(self.plan.to_json())
+        env = None
+        security = self.session.spec.security
+        if security.data_plane != "plain" or security.control_plane != "insecure":
+            keys = generate_keys(self.run_dir / "keys", self.plan, curve=security.data_plane == "curve",
+                                 tls=security.control_plane == "mtls")
+            env = dict(os.environ, **{KEYS_ENV: str(keys.resolve())})
+            self.keys = Keys(keys)
         for stage in self.plan.stages:
             argv = [sys.executable, "-m", "detstream.services.cli", "stage", stage.role, "--plan", str(plan_path),
                     "--index", str(stage.index), "--output", str(self.output)]
-            self.stages.append(StageProcess(stage, argv, self.run_dir / "logs" / f"{stage.name}.log"))
+            self.stages.append(StageProcess(stage, argv, self.run_dir / "logs" / f"{stage.name}.log", env))
         # gRPC must not be live in this process while it forks: its fork handler aborts the child.
         for p in self.stages:
-            p.client = StageClient(f"127.0.0.1:{p.stage.ports['control']}")
+            p.client = self.client(p.stage)
+
+    def client(self, stage: StagePlan, timeout: float = 5.0) -> StageClient:
+        """A control client of one stage, with the launcher's certificate when the session uses mTLS."""
+        mtls = self.session.spec.security.control_plane == "mtls"
+        return StageClient(f"127.0.0.1:{stage.ports['control']}", timeout,
+                           self.keys.channel_credentials() if mtls else None)
 
     def check_alive(self, streaming: bool = False) -> list[str]:
         """Raise RunFailed if the session cannot go on; return the pool stages newly lost."""

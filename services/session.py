@@ -133,6 +133,17 @@ class Transport:
 
 
 @dataclass(frozen=True)
+class Security:
+    """Encryption and authentication between stages; keys and certificates are made per session."""
+    data_plane: str = spec_field("plain", doc="plain, or curve: ZeroMQ CURVE encryption and authentication "
+                                              "between every pair of stages (a client without the session's "
+                                              "key is refused, and counted).", enum=("plain", "curve"))
+    control_plane: str = spec_field("insecure", doc="insecure, or mtls: gRPC over TLS with client certificates "
+                                                    "from the session's own CA (an unauthenticated caller is "
+                                                    "refused).", enum=("insecure", "mtls"))
+
+
+@dataclass(frozen=True)
 class Kubernetes:
     """Settings used only on Kubernetes; accepted and ignored by the local runner."""
     image: str = spec_field("", doc="Container image of the stages (default: the operator's own image).")
@@ -163,6 +174,7 @@ class SessionSpec:
     plugin: Plugin = spec_field(default_factory=Plugin, doc="Processing applied to each frame.")
     output: Output = spec_field(default_factory=Output, doc="Where results go.")
     transport: Transport = spec_field(default_factory=Transport, doc="Data-plane limits and timeouts.")
+    security: Security = spec_field(default_factory=Security, doc="Encryption and authentication between stages.")
     kubernetes: Kubernetes = spec_field(default_factory=Kubernetes, doc="Kubernetes-only settings.")
 
 

@@ -23,10 +23,14 @@ from detstream.services import control
 from detstream.services.faults import failpoint
 from detstream.services.metrics import Counters, StageMetrics
 from detstream.services.plan import Plan
+from detstream.services.security import Keys, KeysMissing, ZapHandler
 from detstream.services.wire import Gaps, Geometry, Message, WireError, decode
 from detstream.v1.control_pb2 import CONFIGURED, DRAINING, FAILED, FINISHED, RUNNING, StageStatus
 
 POLL_MS = 100
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+AUTH_ERRORS = (zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH, zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC)
 REJECT_LOG_EVERY = 1000  # log the first message of each rejection reason, then every Nth
 
 log = logging.getLogger("detstream.stage")
@@ -59,12 +63,19 @@ class Stage:
         self.updates: queue.SimpleQueue = queue.SimpleQueue()
         self.t_start = 0.0
         self.log = logging.getLogger(f"detstream.{self.name}")
+        self.key_name = self.me.name       # whose keys this stage holds (see services/security.py)
+        self.curve = self.spec.security.data_plane == "curve"
+        self.keys: Keys | None = None
+        self.monitors: list[zmq.Socket] = []
+        self.zap: ZapHandler | None = None
 
     # -- sockets -------------------------------------------------------------------------------
-    def socket(self, kind: int, *, bind: str | None = None, connect: list = ()) -> zmq.Socket:
+    def socket(self, kind: int, *, bind: str | None = None, connect: list = (), server: str = "") -> zmq.Socket:
         """A socket with bounded queues on both sides and no lingering at close. `connect` lists
         peers as (role, index, port) of the plan, or as endpoint strings (a source outside the
-        session). ZeroMQ retries connections by itself, so peers may come up in any order."""
+        session; `server` then names the stage it reaches, for its CURVE key). ZeroMQ retries
+        connections by itself, so peers may come up in any order. A bound socket's failed
+        handshakes (garbage, or a client without the session's key) are counted as rejected."""
         hwm = self.spec.transport.high_water_mark
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.SNDHWM, hwm)
@@ -73,10 +84,32 @@ class Stage:
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         if bind:
+            if self.curve:
+                self.keys.curve_server(sock, self.key_name, domain=bind)
+            self.monitors.append(sock.get_monitor_socket(HANDSHAKE_EVENTS))
             sock.bind(f"tcp://{self.bind_host}:{self.me.ports[bind]}")
         for peer in connect:
+            if self.curve:
+                self.keys.curve_client(sock, self.key_name, server if isinstance(peer, str) else f"{peer[0]}-{peer[1]}")
             sock.connect(peer if isinstance(peer, str) else self.plan.endpoint(*peer))
         return sock
+
+    def watch_handshakes(self) -> None:
+        """Count the failed handshakes on bound sockets (thread: the monitors are its own sockets)."""
+        from zmq.utils.monitor import recv_monitor_message
+        poller = zmq.Poller()
+        for m in self.monitors:
+            poller.register(m, zmq.POLLIN)
+        while not self.closing.is_set():
+            try:
+                for sock, _ in poller.poll(POLL_MS):
+                    event = recv_monitor_message(sock)
+                    auth = event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH or event["value"] in AUTH_ERRORS
+                    self.reject(WireError("auth" if auth and self.curve else "handshake",
+                                          f"{zmq.Event(event['event']).name} ({event['value']:#x}) from a peer "
+                                          f"of {event['endpoint'].decode(errors='replace')}"))
+            except zmq.ZMQError:
+                return
 
     def receive(self, sock: zmq.Socket, envelope: bool = False) -> tuple[bytes | None, Message | None]:
         """One message, checked; a bad one is counted, logged once per kind, and None returned."""
@@ -143,14 +176,26 @@ class Stage:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
+        self.closing = threading.Event()
+        monitor = None
+        try:
+            self.keys = self.load_keys()
+        except KeysMissing as exc:
+            self.log.error("failed: %s", exc)
+            return 1
         self.metrics.serve(self.bind_host, self.me.ports["metrics"])
-        server, health = control.serve(self, self.bind_host, self.me.ports["control"])
+        credentials = self.keys.server_credentials(self.key_name) if self.spec.security.control_plane == "mtls" else None
+        server, health = control.serve(self, self.bind_host, self.me.ports["control"], credentials)
         try:
             delay = failpoint(self.name, self.role, "setup-delay")
             if delay:
                 self.log.info("failpoint: setup delayed by %g s", delay)
                 self.stopping.wait(delay)
+            if self.curve:
+                self.zap = ZapHandler(self.ctx, self.keys.curve_clients(), self.log)
             self.setup()
+            monitor = threading.Thread(target=self.watch_handshakes, name="handshakes", daemon=True)
+            monitor.start()
             health.set("", health_pb2.HealthCheckResponse.SERVING)
             self.log.info("ready (control %s, metrics %s)", self.me.ports["control"], self.me.ports["metrics"])
             while not self.stopping.is_set():
@@ -168,12 +213,28 @@ class Stage:
             return 1
         finally:
             health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.closing.set()
+            if monitor is not None:
+                monitor.join(1.0)
+            if self.zap is not None:
+                self.zap.stop()
             self.ctx.destroy(linger=0)
             server.stop(grace=1.0)
         if self.state != FAILED:
             self.set_state(FINISHED)
         self.log.info("stopped")
         return 0 if self.state != FAILED else 1
+
+    def load_keys(self) -> Keys | None:
+        """The session's keys, when its security settings need them ($DETSTREAM_KEYS)."""
+        security = self.spec.security
+        if security.data_plane == "plain" and security.control_plane == "insecure":
+            return None
+        keys = Keys.from_env()
+        if keys is None:
+            raise KeysMissing(f"spec.security asks for {security.data_plane} / {security.control_plane} but no "
+                              f"session keys were given ($DETSTREAM_KEYS)")
+        return keys
 
     def finish(self) -> None:
         """The stage has nothing more to do; it stays up (answering status) until stopped."""

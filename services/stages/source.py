@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 import zmq
 
+from detstream.services.security import EXTERNAL
 from detstream.services.simulator import Simulator
 from detstream.services.stage import Stage, StageError
 from detstream.services.wire import END_OF_SCAN, SECTOR, Header, Outbox
@@ -79,6 +80,8 @@ class SourceStage(Stage):
     def __init__(self, plan, index, bind_host=None, connect: list[str] | None = None):
         super().__init__(plan, index, bind_host)
         self.connect = connect  # outside the session: the aggregators' ingest addresses, one per lane
+        if connect:
+            self.key_name = EXTERNAL  # a sender outside the session holds the session's `external` key
 
     def setup(self):
         spec = self.spec
@@ -88,8 +91,9 @@ class SourceStage(Stage):
             self.frames = ReplaySource(spec.source.path, spec.source.dataset, spec)
         else:
             self.frames = Simulator(spec.source.simulator, spec.detector)
-        lanes = self.connect or [self.plan.endpoint("aggregator", lane, "ingest") for lane in range(spec.lanes)]
-        self.lanes = [Outbox(self.socket(zmq.PUSH, connect=[endpoint]), self.name) for endpoint in lanes]
+        lanes = self.connect or [("aggregator", lane, "ingest") for lane in range(spec.lanes)]
+        self.lanes = [Outbox(self.socket(zmq.PUSH, connect=[peer], server=f"aggregator-{lane}"), self.name)
+                      for lane, peer in enumerate(lanes)]
         self.work = self.sectors()
 
     def sectors(self) -> Iterator[None]:
