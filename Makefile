@@ -20,8 +20,14 @@ install: $(BIN)/detstream ## create .venv and install detstream with its test to
 run: install ## run the example session locally, output in out/
 	$(BIN)/detstream run examples/4dstem-local.yaml --output out/ --report out/report.json
 
-test: install ## run the whole test suite
+test: install tools ## run the whole test suite (installs the tools it needs first)
 	$(BIN)/python -m pytest -q tests
+
+lint: tools ## actionlint, hadolint, helm lint, promtool check rules
+	.tools/bin/actionlint
+	.tools/bin/hadolint Dockerfile
+	.tools/bin/helm lint --strict charts/detstream
+	promtool check rules charts/detstream/alerts/detstream-rules.yaml
 
 protos: install ## regenerate the committed protobuf/gRPC code from protos/
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos protos/detstream/v1/wire.proto
@@ -32,8 +38,15 @@ crd: install ## regenerate the CRD (charts/detstream/crds/) and the README's man
 	$(BIN)/python -m detstream.operator.crd > charts/detstream/crds/streamingsessions.yaml
 	$(BIN)/python -m detstream.operator.crd --readme README.md
 
-tools: ## install helm and actionlint into .tools/bin
+tools: ## install helm, kubectl, actionlint, hadolint into .tools/bin; prometheus/promtool, shellcheck via apt
 	bash .ci/install-tools
+
+image: ## build the image for this machine (needs Docker with buildx)
+	docker buildx build --load --build-arg VERSION=$$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml) -t detstream:dev .
+
+chart: tools ## lint the Helm chart and package it into dist/
+	.tools/bin/helm lint --strict charts/detstream
+	.tools/bin/helm package charts/detstream --destination dist
 
 cluster: ## start a real etcd + kube-apiserver on 127.0.0.1 (builds v1.20.2 once, cached)
 	bash tests/cluster/up.sh

@@ -82,12 +82,22 @@ def configure(settings: kopf.OperatorSettings, **_):
 @kopf.timer(*RESOURCE, interval=RESYNC_INTERVAL_S, initial_delay=RESYNC_INTERVAL_S)
 def reconcile(body, meta, status, patch, logger, diff=(), **_):
     t0 = time.perf_counter()
+    try:
+        apply_session(body, meta, status, patch, logger, diff)
+    except Exception:
+        RECONCILES.labels("error").inc()  # kopf logs it and retries
+        raise
+    finally:
+        RECONCILE_SECONDS.observe(time.perf_counter() - t0)
+
+
+def apply_session(body, meta, status, patch, logger, diff) -> None:
     session, errors = session_of(body)
     if errors:
         logger.warning("spec refused, %s: %s", "keeping the last valid spec" if session else "nothing to run",
                        "; ".join(errors))
-        RECONCILES.labels("invalid").inc()
     if session is None:
+        RECONCILES.labels("invalid").inc()
         patch.status.update(phase="Failed", message="invalid spec: " + "; ".join(errors),
                             observedGeneration=meta.get("generation"))
         return
@@ -103,7 +113,6 @@ def reconcile(body, meta, status, patch, logger, diff=(), **_):
     if not errors and params_changed(diff):
         push_params(session, logger)
     RECONCILES.labels("applied" if not errors else "invalid").inc()
-    RECONCILE_SECONDS.observe(time.perf_counter() - t0)
 
 
 def params_changed(diff) -> bool:

@@ -18,7 +18,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     scope.add_argument("--namespace", "-n", action="append", default=[],
                        help="watch this namespace (repeatable; default: $POD_NAMESPACE or 'default')")
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
-    cmd.add_argument("--liveness-port", type=int, default=8080, help="serves /healthz (default 8080)")
+    cmd.add_argument("--liveness-port", type=int, default=8080, help="serves /healthz (default 8080; 0: off)")
     cmd.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics (default 9090; 0: off)")
     cmd.add_argument("--peering", default="detstream",
                      help="kopf peering object: of several replicas only one acts (default: detstream)")
@@ -44,7 +44,7 @@ def run(args) -> int:
         start_http_server(args.metrics_port)
     namespaces = args.namespace or [os.environ.get("POD_NAMESPACE", "default")]
     kopf.run(clusterwide=args.all_namespaces, namespaces=[] if args.all_namespaces else namespaces,
-             liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz",
+             liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None,
              standalone=args.standalone, peering_name=None if args.standalone else args.peering,
              priority=args.priority)
     return 0

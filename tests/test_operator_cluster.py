@@ -1,0 +1,235 @@
+"""The operator against a real kube-apiserver (v1.20.2, tests/cluster/), driven through kubectl as a
+user drives it. There is no scheduler or kubelet here, so stage pods stay Pending: these tests
+cover what the operator makes of sessions; tests/test_e2e_cluster.py runs the pods."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from cluster.fixtures import control_plane, kubectl  # noqa: F401
+from conftest import DETSTREAM, ROOT, manifest
+
+NS = "optest"
+CHILD_KINDS = "configmaps,services,statefulsets,deployments"
+
+
+def wait_until(predicate, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+class Operator:
+    """`detstream operator` as a process, with its own kubeconfig."""
+
+    def __init__(self, cp, log_path, *extra):
+        self.log_path = log_path
+        self.argv = DETSTREAM + ["operator", "-n", NS, "--liveness-port", "0", "--metrics-port", "0", *extra]
+        self.env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig)}
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def cluster(kubectl, tmp_path_factory):  # noqa: F811
+    kubectl("apply", "-f", str(ROOT / "charts" / "detstream" / "crds"))
+    # The API server publishes a new CRD's OpenAPI (for explain and validation) a few seconds after.
+    wait_until(lambda: kubectl.run("explain", "streamingsession.spec", check=False).returncode == 0, what="CRD")
+    kubectl("create", "namespace", NS)
+    operator = Operator(kubectl.cp, tmp_path_factory.mktemp("operator") / "operator.log", "--standalone")
+    yield kubectl, operator
+    operator.stop()
+    kubectl.run("delete", "namespace", NS, "--wait=false", check=False)
+
+
+def apply(kubectl, doc):  # noqa: F811
+    return kubectl("apply", "-n", NS, "-f", "-", input=yaml.safe_dump(doc))
+
+
+def get(kubectl, what, name=None):  # noqa: F811
+    out = kubectl.run("get", "-n", NS, what, *([name] if name else []), "-o", "json", check=False)
+    return json.loads(out.stdout) if out.returncode == 0 else None
+
+
+def children(kubectl, session):  # noqa: F811
+    items = get(kubectl, CHILD_KINDS + ",pods")["items"]
+    return [i for i in items if i["metadata"].get("labels", {}).get("detstream.io/session") == session]
+
+
+def converged(kubectl, session, workers=2):  # noqa: F811
+    kinds = {(i["kind"], i["metadata"]["name"]) for i in children(kubectl, session)}
+    wanted = {("ConfigMap", f"{session}-plan"), ("Deployment", f"{session}-worker"),
+              ("StatefulSet", f"{session}-aggregator"), ("StatefulSet", f"{session}-writer"),
+              ("Service", f"{session}-writer-0")}
+    return wanted <= kinds
+
+
+def test_explain_documents_the_spec(cluster):
+    kubectl, _ = cluster
+    out = kubectl("explain", "streamingsession.spec.transport.workerTimeoutS")
+    assert "declared dead" in out
+    recursive = kubectl("explain", "streamingsession.spec", "--recursive")
+    for field in ("scan", "detector", "lanes", "workers", "plugin", "transport", "kubernetes", "highWaterMark"):
+        assert field in recursive
+
+
+def test_apply_creates_owned_children_and_columns(cluster):
+    kubectl, _ = cluster
+    kubectl("apply", "-n", NS, "-f", str(ROOT / "examples" / "4dstem.yaml"))
+    wait_until(lambda: converged(kubectl, "demo"), what="children of demo")
+    uid = get(kubectl, "sess", "demo")["metadata"]["uid"]
+    for child in children(kubectl, "demo"):
+        if child["kind"] != "Pod":
+            (owner,) = child["metadata"]["ownerReferences"]
+            assert owner["uid"] == uid and owner["controller"], child["metadata"]["name"]
+    statefulsets = {i["metadata"]["name"]: i["spec"]["replicas"] for i in get(kubectl, "statefulsets")["items"]
+                    if i["metadata"]["name"].startswith("demo-")}
+    assert statefulsets == {"demo-source": 2, "demo-aggregator": 1, "demo-distributor": 1, "demo-writer": 1}
+    wait_until(lambda: (get(kubectl, "sess", "demo").get("status") or {}).get("phase") == "Pending", what="status")
+    table = kubectl("get", "sess", "demo", "-n", NS)
+    assert table.split()[:6] == ["NAME", "PHASE", "WORKERS", "WRITTEN", "LOST", "AGE"]
+    assert table.split()[6:10] == ["demo", "Pending", "0/2", "0"]
+    assert "detstream.io/drain" in get(kubectl, "sess", "demo")["metadata"]["finalizers"]
+
+
+def test_scale_resizes_the_worker_pool(cluster):
+    kubectl, _ = cluster
+    apply(kubectl, manifest("scaled"))
+    wait_until(lambda: converged(kubectl, "scaled"), what="children")
+    kubectl("scale", "-n", NS, "sess/scaled", "--replicas=5")
+    wait_until(lambda: get(kubectl, "deployment", "scaled-worker")["spec"]["replicas"] == 5, what="5 workers")
+    wait_until(lambda: get(kubectl, "sess", "scaled")["status"].get("workers") == "0/5", what="status 0/5")
+
+
+def worker_replicasets(kubectl):  # noqa: F811
+    return sorted(i["metadata"]["name"] for i in get(kubectl, "replicasets")["items"]
+                  if i["metadata"]["name"].startswith("tuned-worker-") and i["spec"]["replicas"])
+
+
+def test_parameters_change_live_other_changes_roll(cluster):
+    kubectl, _ = cluster
+    doc = manifest("tuned", plugin={"name": "electron-counting", "params": {"backgroundThreshold": 32,
+                                                                          "xrayThreshold": 50}})
+    apply(kubectl, doc)
+    wait_until(lambda: worker_replicasets(kubectl), what="worker ReplicaSet")
+    before_rs = worker_replicasets(kubectl)
+    before_pods = sorted(p["metadata"]["uid"] for p in children(kubectl, "tuned") if p["kind"] == "Pod")
+    doc["spec"]["plugin"]["params"]["backgroundThreshold"] = 30
+    apply(kubectl, doc)
+    wait_until(lambda: '"backgroundThreshold": 30' in get(kubectl, "configmap", "tuned-plan")["data"]["plan.json"],
+               what="plan updated")
+    assert worker_replicasets(kubectl) == before_rs
+    assert sorted(p["metadata"]["uid"] for p in children(kubectl, "tuned") if p["kind"] == "Pod") == before_pods
+    doc["spec"]["transport"] = {"highWaterMark": 64}
+    apply(kubectl, doc)
+    wait_until(lambda: worker_replicasets(kubectl) != before_rs, what="a rolled worker ReplicaSet")
+
+
+def test_invalid_specs_are_refused(cluster):
+    kubectl, _ = cluster
+    bad = manifest("broken", workers={"replicas": -1})
+    result = kubectl.run("apply", "-n", NS, "-f", "-", input=yaml.safe_dump(bad), check=False)
+    assert result.returncode != 0 and "spec.workers.replicas" in result.stderr
+    doc = manifest("guarded")
+    apply(kubectl, doc)
+    wait_until(lambda: converged(kubectl, "guarded"), what="children")
+    template = get(kubectl, "statefulset", "guarded-writer")["spec"]["template"]
+    doc["spec"]["detector"] = {"sectors": 5}  # the API server takes it; the operator must not
+    apply(kubectl, doc)
+
+    def refused():
+        cond = {c["type"]: c for c in get(kubectl, "sess", "guarded")["status"].get("conditions", [])}
+        spec_valid = cond.get("SpecValid", {})
+        return spec_valid.get("status") == "False" and spec_valid
+    spec_valid = wait_until(refused, what="SpecValid=False")
+    assert "spec.detector.sectors: must divide detector.cols (576)" in spec_valid["message"]
+    assert spec_valid["observedGeneration"] == get(kubectl, "sess", "guarded")["metadata"]["generation"]
+    assert get(kubectl, "statefulset", "guarded-writer")["spec"]["template"] == template  # last valid spec runs
+
+
+def test_observed_generation_follows_generation(cluster):
+    kubectl, _ = cluster
+    doc = manifest("generations")
+    apply(kubectl, doc)
+    for replicas in (3, 4):
+        doc["spec"]["workers"]["replicas"] = replicas
+        apply(kubectl, doc)
+        wait_until(lambda: (lambda s: s["metadata"]["generation"] == (s.get("status") or {}).get("observedGeneration"))
+                   (get(kubectl, "sess", "generations")), what="observedGeneration")
+
+
+def test_delete_runs_the_finalizer_and_removes_the_children(cluster):
+    kubectl, _ = cluster
+    apply(kubectl, manifest("doomed"))
+    wait_until(lambda: converged(kubectl, "doomed"), what="children")
+    kubectl("delete", "-n", NS, "sess/doomed", "--timeout=60s")
+    wait_until(lambda: not children(kubectl, "doomed"), timeout=60, what="garbage collection")
+
+
+def test_operator_restart_converges_without_duplicates(cluster):
+    kubectl, operator = cluster
+    doc = manifest("restarted")
+    apply(kubectl, doc)
+    wait_until(lambda: converged(kubectl, "restarted"), what="children")
+    operator.stop()
+    doc["spec"]["workers"]["replicas"] = 3
+    doc["spec"]["lanes"] = 2
+    apply(kubectl, doc)  # changed while no operator runs
+    operator.start()
+    wait_until(lambda: get(kubectl, "deployment", "restarted-worker")["spec"]["replicas"] == 3
+               and get(kubectl, "statefulset", "restarted-aggregator")["spec"]["replicas"] == 2, what="converged")
+    names = [(c["kind"], c["metadata"]["name"]) for c in children(kubectl, "restarted") if c["kind"] != "Pod"]
+    assert len(names) == len(set(names))
+    assert ("Service", "restarted-aggregator-1") in names
+
+
+def test_twenty_sessions_converge(cluster):
+    kubectl, _ = cluster
+    docs = [manifest(f"many-{i}") for i in range(20)]
+    t0 = time.monotonic()
+    apply_all = "---\n".join(yaml.safe_dump(d) for d in docs)
+    kubectl("apply", "-n", NS, "-f", "-", input=apply_all)
+    wait_until(lambda: all(converged(kubectl, d["metadata"]["name"]) for d in docs), timeout=180,
+               what="20 sessions converged")
+    print(f"20 sessions: all children created {time.monotonic() - t0:.1f} s after kubectl apply", file=sys.stderr)
+
+
+def test_two_replicas_only_one_acts(cluster, tmp_path):
+    kubectl, operator = cluster
+    operator.stop()  # a standalone operator takes no part in peering
+    kubectl("apply", "-n", NS, "-f", "-", input=yaml.safe_dump(
+        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "detstream"}}))
+    peers = [Operator(kubectl.cp, tmp_path / f"peer-{i}.log", "--priority", str(10 + i)) for i in range(2)]
+    try:
+        wait_until(lambda: len(get(kubectl, "kopfpeering", "detstream").get("status", {})) == 2, what="both peers")
+        apply(kubectl, manifest("peered"))
+        wait_until(lambda: converged(kubectl, "peered"), what="children")
+        time.sleep(2 * 2.0)  # two observe intervals: a second acting peer would have logged by now
+        assert "Handler 'reconcile' succeeded" in peers[1].log()  # the higher priority acts
+        assert "'reconcile'" not in peers[0].log() and "'observe'" not in peers[0].log()
+    finally:
+        for peer in peers:
+            peer.stop()
+        operator.start()
