@@ -11,7 +11,8 @@ from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import NotFoundError
 
 FIELD_MANAGER = "detstream-operator"
-PRUNED_KINDS = (("v1", "ConfigMap"), ("v1", "Service"), ("apps/v1", "StatefulSet"), ("apps/v1", "Deployment"))
+PRUNED_KINDS = (("v1", "ConfigMap"), ("v1", "Service"), ("apps/v1", "StatefulSet"), ("apps/v1", "Deployment"),
+                ("networking.k8s.io/v1", "NetworkPolicy"))
 
 
 def owner_reference(body: dict) -> dict:

@@ -59,7 +59,10 @@ def session_of(body) -> tuple[Session | None, list[str]]:
     doc = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND,
            "metadata": {"name": meta["name"], "namespace": meta.get("namespace", "default")}}
     try:
-        return load_session({**doc, "spec": dict(body["spec"])}), []
+        session = load_session({**doc, "spec": dict(body["spec"])})
+        errors = resources.cluster_problems(session)
+        if not errors:
+            return session, []
     except SpecError as exc:
         errors = [str(e) for e in exc.errors]
     last = (meta.get("annotations") or {}).get(LAST_VALID)

@@ -137,6 +137,37 @@ def services(session: Session, plan: Plan) -> list[dict]:
     return out
 
 
+OPERATOR_POD = {"app.kubernetes.io/name": "detstream", "app.kubernetes.io/component": "operator"}
+
+
+def cluster_problems(session: Session) -> list[str]:
+    """What only matters on Kubernetes (the local runner ignores these fields)."""
+    k8s = session.spec.kubernetes
+    if session.spec.source.kind == "external" and k8s.network_policy and not k8s.external_source_ranges:
+        return ["spec.kubernetes.externalSourceRanges: required for an external source behind the session's "
+                "NetworkPolicy: the CIDR ranges of the acquisition machines (e.g. [192.0.2.0/24]; "
+                "[0.0.0.0/0] allows any), or set spec.kubernetes.networkPolicy: false"]
+    return []
+
+
+def network_policy(session: Session) -> dict:
+    """Ingress to the session's pods: its own stages (every port), the operator (control), any
+    monitoring (metrics), and for external sources the declared ranges (ingest)."""
+    def port(name):
+        return [{"port": CLUSTER_PORTS[name], "protocol": "TCP"}]
+    ingress = [{"from": [{"podSelector": {"matchLabels": {"detstream.io/session": session.name}}}]},
+               {"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": OPERATOR_POD}}],
+                "ports": port("control")},
+               {"from": [{"namespaceSelector": {}}], "ports": port("metrics")}]
+    ranges = session.spec.kubernetes.external_source_ranges
+    if session.spec.source.kind == "external" and ranges:
+        ingress.append({"from": [{"ipBlock": {"cidr": cidr}} for cidr in ranges], "ports": port("ingest")})
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": f"{session.name}-stages", "namespace": session.namespace, "labels": labels(session)},
+            "spec": {"podSelector": {"matchLabels": {"detstream.io/session": session.name}},
+                     "policyTypes": ["Ingress"], "ingress": ingress}}
+
+
 def children(session: Session, image: str, running: bool = True) -> list[dict]:
     """Every object the session needs; `running=False` (a finished session) scales stages to 0."""
     plan = cluster_plan(session)
@@ -144,6 +175,8 @@ def children(session: Session, image: str, running: bool = True) -> list[dict]:
     counts["worker"] = session.spec.workers.replicas
     image = session.spec.kubernetes.image or image
     out = [plan_configmap(session, plan), *services(session, plan)]
+    if session.spec.kubernetes.network_policy:
+        out.append(network_policy(session))
     for role, count in counts.items():
         if count or role == "worker":
             out.append(workload(session, role, count if running else 0, image))

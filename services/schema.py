@@ -70,6 +70,11 @@ def _parse_value(tp: Any, meta: dict, value: Any, path: str, errors: list[FieldE
             errors.append(FieldError(path, f"must be a mapping, got {type(value).__name__}"))
         return value
     origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            errors.append(FieldError(path, f"must be a list of strings, got {value!r}"))
+            return None
+        return list(value)
     if origin is dict:
         if not isinstance(value, dict):
             errors.append(FieldError(path, f"must be a mapping, got {type(value).__name__}"))
@@ -137,6 +142,8 @@ def openapi(cls: type) -> dict:
             schema = openapi(tp)
         elif meta.get("free_form") or typing.get_origin(tp) is dict:
             schema = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+        elif typing.get_origin(tp) is list:
+            schema = {"type": "array", "items": {"type": "string"}}
         else:
             schema = {"type": _OPENAPI_TYPES[tp]}
         schema["description"] = meta["doc"]

@@ -157,6 +157,12 @@ class Kubernetes:
     drain_grace_s: float = spec_field(60.0, doc="Seconds a deleted session may take to drain (sources stop, "
                                                 "frames in flight finish, files close) before its pods go.",
                                       minimum=0)
+    network_policy: bool = spec_field(True, doc="A NetworkPolicy lets only this session's own stages reach its "
+                                                "data ports, the operator its control ports, and monitoring "
+                                                "their metrics ports.")
+    external_source_ranges: list[str] = spec_field(default_factory=list, doc="external sources: CIDR ranges "
+                                                   "of the acquisition machines allowed to reach the ingest port "
+                                                   "(required with a NetworkPolicy; 0.0.0.0/0 allows any).")
     ingest_service_type: str = spec_field("ClusterIP", doc="Service type exposing the aggregators' ingest "
                                                            "port to external sources.",
                                           enum=("ClusterIP", "NodePort", "LoadBalancer"))

@@ -130,3 +130,24 @@ def test_ingest_addresses_follow_the_service_type():
     assert ingest_addresses([svc("s-aggregator-0", "ClusterIP"), svc("s-aggregator-1", "NodePort", 31000),
                              svc("s-aggregator-2", "LoadBalancer", 31001, [{"ip": "10.1.2.3"}])], 7200) == [
         "tcp://s-aggregator-0.lab.svc:7200", "tcp://NODE-ADDRESS:31000", "tcp://10.1.2.3:7200"]
+
+
+def test_network_policy_admits_only_the_session_the_operator_and_declared_sources():
+    s = session(source={"kind": "external", "replicas": 1},
+                kubernetes={"externalSourceRanges": ["192.0.2.0/24"]})
+    (policy,) = [o for o in resources.children(s, "img") if o["kind"] == "NetworkPolicy"]
+    kubernetes_validate.validate(policy, K8S, strict=True)
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"detstream.io/session": "s1"}}
+    rules = policy["spec"]["ingress"]
+    assert rules[0] == {"from": [{"podSelector": {"matchLabels": {"detstream.io/session": "s1"}}}]}
+    by_port = {r["ports"][0]["port"]: r["from"] for r in rules[1:]}
+    assert by_port[7100][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+    assert by_port[7200] == [{"ipBlock": {"cidr": "192.0.2.0/24"}}]
+    assert 7201 not in by_port and 7203 not in by_port  # data ports: the session's own stages only
+
+
+def test_external_source_behind_a_policy_needs_its_ranges():
+    assert resources.cluster_problems(session(source={"kind": "external"}))[0].startswith(
+        "spec.kubernetes.externalSourceRanges: required")
+    assert not resources.cluster_problems(session(source={"kind": "external"},
+                                                  kubernetes={"networkPolicy": False}))
