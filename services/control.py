@@ -27,6 +27,51 @@ RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_ba
              ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
+def _refused(stage: Stage, what: str) -> None:
+    from detstream.services.wire import WireError
+    stage.reject(WireError("control", what))
+
+
+class CountRefusals(grpc.ServerInterceptor):
+    """Counts control calls the stage refuses (undecodable request, unknown method, bad argument,
+    wrong state) as rejected messages, reason `control`."""
+
+    def __init__(self, stage: Stage):
+        self.stage = stage
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None:
+            _refused(self.stage, f"unknown method {details.method}")
+            return None
+        if handler.unary_unary is None and handler.unary_stream is None:
+            return handler
+        stage, method = self.stage, details.method
+        decode = handler.request_deserializer
+
+        def deserializer(data):
+            try:
+                return decode(data)
+            except Exception:
+                _refused(stage, f"undecodable request to {method}")
+                raise
+
+        def counted(behaviour):
+            def call(request, context):
+                try:
+                    return behaviour(request, context)
+                except Exception:
+                    if context.code() is not None:  # aborted with a status code: a refused call
+                        _refused(stage, f"{method}: {context.code().name}")
+                    raise
+            return call
+
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(counted(handler.unary_unary), deserializer,
+                                                       handler.response_serializer)
+        return grpc.unary_stream_rpc_method_handler(handler.unary_stream, deserializer, handler.response_serializer)
+
+
 class StageControlServicer(control_pb2_grpc.StageControlServicer):
     def __init__(self, stage: Stage):
         self.stage = stage
@@ -74,7 +119,8 @@ def serve(stage: Stage, host: str, port: int, credentials: grpc.ServerCredential
           ) -> tuple[grpc.Server, health.HealthServicer]:
     """Start StageControl and grpc.health.v1 on host:port (over TLS given `credentials`); health
     starts NOT_SERVING."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="control"))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="control"),
+                         interceptors=[CountRefusals(stage)])
     control_pb2_grpc.add_StageControlServicer_to_server(StageControlServicer(stage), server)
     health_servicer = health.HealthServicer()
     health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

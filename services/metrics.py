@@ -8,10 +8,11 @@ latency) is observed by workers, whose per-frame work dwarfs it.
 from __future__ import annotations
 
 import resource
+import threading
 from collections import Counter as Tally
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LABELS = ("session", "stage", "replica")
@@ -90,5 +91,31 @@ class StageMetrics:
         self.latency = Histogram("detstream_processing_seconds", "Time a worker spends on one frame.",
                                  LABELS, registry=self.registry, buckets=LATENCY_BUCKETS).labels(*labels)
 
-    def serve(self, host: str, port: int) -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, on_bad_request=None) -> None:
+        """Serve /metrics on host:port; a request that is not HTTP (or not a GET) is answered with
+        an error and reported to `on_bad_request(description)`."""
+        from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+        from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
+
+        class Handler(WSGIRequestHandler):
+            def log_message(self, format, *args):
+                pass
+
+            def send_error(self, code, message=None, explain=None):
+                if on_bad_request is not None:
+                    on_bad_request(f"HTTP {code}: {message}")
+                super().send_error(code, message, explain)
+
+        app = make_wsgi_app(self.registry)
+
+        def only_get(environ, start_response):
+            if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+                if on_bad_request is not None:
+                    on_bad_request(f"HTTP method {environ.get('REQUEST_METHOD')!r}")
+                start_response("405 Method Not Allowed", [("Content-Type", "text/plain")])
+                return [b"only GET\n"]
+            return app(environ, start_response)
+
+        httpd = make_server(host, port, only_get, ThreadingWSGIServer, handler_class=Handler)
+        threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()

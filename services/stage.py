@@ -183,7 +183,8 @@ class Stage:
         except KeysMissing as exc:
             self.log.error("failed: %s", exc)
             return 1
-        self.metrics.serve(self.bind_host, self.me.ports["metrics"])
+        self.metrics.serve(self.bind_host, self.me.ports["metrics"],
+                           on_bad_request=lambda what: self.reject(WireError("http", what)))
         credentials = self.keys.server_credentials(self.key_name) if self.spec.security.control_plane == "mtls" else None
         server, health = control.serve(self, self.bind_host, self.me.ports["control"], credentials)
         try:

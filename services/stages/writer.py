@@ -63,9 +63,9 @@ class WriterStage(Stage):
         self.output = Path(output or ".") / self.spec.output.path
 
     def setup(self):
-        self.output.mkdir(parents=True, exist_ok=True)
         probe = self.output / ".detstream-write-test"
         try:
+            self.output.mkdir(parents=True, exist_ok=True)
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
