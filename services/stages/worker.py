@@ -119,18 +119,20 @@ class WorkerStage(Stage):
         credits: dict[int, int] = defaultdict(int)
         while self.writer.socket.poll(0):
             _, msg = self.receive(self.writer.socket)
-            if msg is None:
-                continue
-            if msg.header.kind != RECEIPT:
-                self.counters.rejected["kind"] += 1
-                continue
-            for key in msg.header.acked:
-                lane, credit = self.unconfirmed.pop(key, (None, 0))
-                if lane is not None:
-                    acks[lane].append(key)
-                    credits[lane] += credit
+            if msg is not None:
+                self.receipt(msg, acks, credits)
         for lane, keys in acks.items():
             self.tell(lane, Header(kind=CREDIT, credit=credits[lane], acked=keys))
+
+    def receipt(self, msg: Message, acks: dict, credits: dict) -> None:
+        if msg.header.kind != RECEIPT:
+            self.counters.rejected["kind"] += 1
+            return
+        for key in msg.header.acked:
+            lane, credit = self.unconfirmed.pop(key, (None, 0))
+            if lane is not None:
+                acks[lane].append(key)
+                credits[lane] += credit
 
     def calibrate(self) -> None:
         held, self.held = self.held, []
