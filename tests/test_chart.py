@@ -346,20 +346,22 @@ def test_operator_pod_meets_the_restricted_pod_security_standard(rendered):
         assert "limits" in container["resources"] and "requests" in container["resources"]
 
 
-# The operator's permissions (the brief to the chart; the operator uses exactly these).
+# The operator's permissions: what it uses and no more (tests/test_helm_install.py runs it under them).
+CHILDREN = {"list", "create", "patch", "delete"}  # server-side apply (PATCH; creating needs create), prune
 OPERATOR_RULES = {
-    ("detstream.io", "streamingsessions"): {"get", "list", "watch", "patch", "update"},
-    ("detstream.io", "streamingsessions/status"): {"get", "patch", "update"},
-    ("", "configmaps"): {"get", "list", "watch", "create", "patch", "update", "delete"},
-    ("", "services"): {"get", "list", "watch", "create", "patch", "update", "delete"},
-    ("", "pods"): {"get", "list", "watch"},
-    ("", "events"): {"create", "patch"},
-    ("", "secrets"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "update", "delete"},
-    ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch", "update", "delete"},
-    ("networking.k8s.io", "networkpolicies"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("detstream.io", "streamingsessions"): {"list", "watch", "patch"},
+    ("detstream.io", "streamingsessions/status"): {"patch"},
+    ("", "configmaps"): CHILDREN,
+    ("", "services"): CHILDREN,
+    ("apps", "deployments"): CHILDREN,
+    ("apps", "statefulsets"): CHILDREN,
+    ("networking.k8s.io", "networkpolicies"): CHILDREN,
+    ("", "pods"): {"list"},
+    ("", "events"): {"create"},
 }
+PEERING = {"list", "watch", "patch"}
 CRD_DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
+NAMESPACE_DISCOVERY = {("", "namespaces"): {"list", "watch"}}  # kopf, when given namespaces
 
 
 def permissions(role: dict) -> dict:
@@ -376,9 +378,9 @@ def permissions(role: dict) -> dict:
 def test_namespaced_rbac_is_exactly_the_operators_list(tmp_path):
     docs = render({}, tmp_path)
     (role,) = of_kind(docs, "Role")
-    assert permissions(role) == {**OPERATOR_RULES, ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"}}
+    assert permissions(role) == OPERATOR_RULES  # standalone: no peering
     (cluster_role,) = of_kind(docs, "ClusterRole")
-    assert permissions(cluster_role) == CRD_DISCOVERY
+    assert permissions(cluster_role) == {**CRD_DISCOVERY, **NAMESPACE_DISCOVERY}
     (binding,) = of_kind(docs, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
     (sa,) = of_kind(docs, "ServiceAccount")
@@ -388,12 +390,19 @@ def test_namespaced_rbac_is_exactly_the_operators_list(tmp_path):
         assert b["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NAMESPACE}]
 
 
+def test_peering_adds_only_its_peering_object(tmp_path):
+    for role in of_kind(render(NAMESPACED_ALL_ON, tmp_path), "Role"):
+        assert permissions(role) == {**OPERATOR_RULES, ("kopf.dev", "kopfpeerings"): PEERING}
+
+
 def test_cluster_wide_rbac_is_the_same_list_plus_crd_discovery(tmp_path):
-    docs = render({"rbac": {"clusterWide": True}}, tmp_path)
+    assert permissions(of_kind(render({"rbac": {"clusterWide": True}}, tmp_path), "ClusterRole")[0]) == \
+        {**OPERATOR_RULES, **CRD_DISCOVERY}
+    docs = render({"rbac": {"clusterWide": True}, "peering": {"enabled": True}}, tmp_path)
     assert not of_kind(docs, "Role") and not of_kind(docs, "RoleBinding")
     (cluster_role,) = of_kind(docs, "ClusterRole")
     assert permissions(cluster_role) == {**OPERATOR_RULES, **CRD_DISCOVERY,
-                                         ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"}}
+                                         ("kopf.dev", "clusterkopfpeerings"): PEERING}
     (binding,) = of_kind(docs, "ClusterRoleBinding")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                                   "name": cluster_role["metadata"]["name"]}

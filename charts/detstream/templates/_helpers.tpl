@@ -61,42 +61,60 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
 {{/*
-The operator's permissions: the one list used by both the namespaced Role and the ClusterRole.
-Argument: a dict with "clusterWide" (bool).
+The operator's permissions: the one list used by both the namespaced Role and the ClusterRole, and
+no more than it uses (tests/test_helm_install.py runs the operator with only this ServiceAccount's
+token and checks that its log has no RBAC denial):
+- StreamingSessions: kopf lists, watches and patches them (finalizer, progress annotations) and
+  patches their status subresource; it never gets, updates (PUT) or creates them.
+- The children (ConfigMap, Services, StatefulSets, Deployment, NetworkPolicy): server-side apply is a
+  PATCH, and an apply that creates the object is also authorized as "create"; the prune lists them
+  by label and deletes the strays.
+- Pods: listed for the status. Events: kopf creates them.
+- kopf peering (only with peering.enabled): list, watch and patch of the peering object.
+Argument: a dict with "clusterWide" and "peering" (bools).
 */}}
 {{- define "detstream.operatorRules" -}}
 - apiGroups: ["detstream.io"]
   resources: ["streamingsessions"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["list", "watch", "patch"]
 - apiGroups: ["detstream.io"]
   resources: ["streamingsessions/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
-- apiGroups: [""]
-  resources: ["pods"]
-  verbs: ["get", "list", "watch"]
-- apiGroups: [""]
-  resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["list", "create", "patch", "delete"]
 - apiGroups: ["apps"]
   resources: ["deployments", "statefulsets"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+  verbs: ["list", "create", "patch", "delete"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["list", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- if .peering }}
 - apiGroups: ["kopf.dev"]
   resources: [{{ if .clusterWide }}"clusterkopfpeerings"{{ else }}"kopfpeerings"{{ end }}]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
+{{- end }}
 {{- end -}}
 
-{{/* kopf discovers the resources it serves through the CRDs: cluster-scoped, read only. */}}
-{{- define "detstream.crdDiscoveryRule" -}}
+{{/*
+What kopf observes cluster-wide, read only: the CRDs (to notice its resource appear or change) and,
+when it watches given namespaces, the namespaces: without "list namespaces" kopf retries for about a
+minute before it serves any session, then falls back to assuming the namespaces exist.
+Argument: a dict with "clusterWide" (bool).
+*/}}
+{{- define "detstream.observationRules" -}}
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
+{{- if not .clusterWide }}
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["list", "watch"]
+{{- end }}
 {{- end -}}
