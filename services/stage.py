@@ -97,6 +97,8 @@ class Stage:
     def watch_handshakes(self) -> None:
         """Count the failed handshakes on bound sockets (thread: the monitors are its own sockets)."""
         from zmq.utils.monitor import recv_monitor_message
+        if not self.monitors:
+            return  # nothing bound (sources, workers): an empty poll returns at once, and would spin
         poller = zmq.Poller()
         for m in self.monitors:
             poller.register(m, zmq.POLLIN)

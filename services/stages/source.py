@@ -22,6 +22,7 @@ from detstream.services.stage import Stage, StageError
 from detstream.services.wire import END_OF_SCAN, SECTOR, Header, Outbox
 
 SEND_RETRY_MS = 100
+FLUSH_S = 10.0  # an outside source exits once its queued messages are delivered, or after this long
 
 
 class FrameSource:
@@ -154,6 +155,8 @@ class SourceStage(Stage):
         if next(self.work, StopIteration) is StopIteration:
             self.work = iter(())
             self.finish()
-            if self.connect:
-                self.stopping.set()  # an outside source has no launcher to stop it
+            if self.connect:  # an outside source has no launcher to stop it: deliver what is queued, then exit
+                for outbox in self.lanes:
+                    outbox.socket.close(linger=int(FLUSH_S * 1000))
+                self.stopping.set()
             self.stopping.wait(0.1)
