@@ -66,35 +66,47 @@ class Simulator:
         """One sector (rows x cols/sectors, contiguous) of the frame."""
         out = self.bank[(frame * 7 + scan) % BANK_SIZE, sector].copy()
         idx, add = self._deposits(scan, frame, sector)
-        flat = out.reshape(-1)
-        flat[idx] = np.clip(np.rint(flat[idx] + add), 0, self.top)
+        if idx.size:
+            flat = out.reshape(-1)
+            flat[idx] = np.clip(np.rint(flat[idx] + add), 0, self.top)
         return out
 
     def _deposits(self, scan: int, frame: int, sector: int) -> tuple[np.ndarray, np.ndarray]:
-        """Linear indices inside the sector and the counts added there (touches only event pixels)."""
+        """Linear indices inside the sector and the counts added there (touches only event pixels).
+        Worked out once per frame for all its sectors: a source sends several sectors of each frame."""
         if self._cached[0] != (scan, frame):
-            self._cached = ((scan, frame), self._events(scan, frame))
-        rows, cols, signal, xray_at = self._cached[1]
+            self._cached = ((scan, frame), self._frame_deposits(scan, frame))
+        rows, cols, counts = self._cached[1]
         lo = sector * self.width
+        inside = (cols >= lo) & (cols < lo + self.width)
+        return rows[inside] * self.width + (cols[inside] - lo), counts[inside]
+
+    def _frame_deposits(self, scan: int, frame: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Row, column and summed counts of every pixel of the frame that receives signal."""
+        rows, cols, signal, xray_at = self._events(scan, frame)
         r = np.concatenate([rows + dr for dr, _, _ in _SPREAD])
-        c = np.concatenate([cols + dc for _, dc, _ in _SPREAD]) - lo
+        c = np.concatenate([cols + dc for _, dc, _ in _SPREAD])
         counts = np.concatenate([signal * share for _, _, share in _SPREAD])
         if xray_at >= 0:
             xr, xc = divmod(xray_at, self.cols)
-            r, c, counts = np.append(r, xr), np.append(c, xc - lo), np.append(counts, XRAY_COUNTS)
-        inside = (c >= 0) & (c < self.width)
-        idx, where = np.unique(r[inside] * self.width + c[inside], return_inverse=True)
-        return idx, np.bincount(where, weights=counts[inside], minlength=idx.size)
+            r, c, counts = np.append(r, xr), np.append(c, xc), np.append(counts, XRAY_COUNTS)
+        # Contributions to one pixel are summed in the order they come, as per sector before.
+        pixel, where = np.unique(r * self.cols + c, return_inverse=True)
+        summed = np.bincount(where, weights=counts, minlength=pixel.size)
+        return pixel // self.cols, pixel % self.cols, summed
 
     def frame(self, scan: int, frame: int) -> np.ndarray:
         return np.hstack([self.sector(scan, frame, s) for s in range(self.sectors)])
 
 
 def _spread(rows: np.ndarray, cols: np.ndarray, gap: int = 3) -> np.ndarray:
-    """Mask keeping the first of any events closer than `gap` pixels (Chebyshev distance)."""
+    """Mask keeping the first of any events closer than `gap` pixels (Chebyshev distance): an event
+    is dropped when an earlier event that is kept lies that close."""
     keep = np.ones(rows.size, dtype=bool)
-    for i in range(rows.size):
-        if keep[i]:
-            near = (np.abs(rows[i + 1:] - rows[i]) < gap) & (np.abs(cols[i + 1:] - cols[i]) < gap)
-            keep[i + 1:] &= ~near
+    if rows.size < 2:
+        return keep
+    near = (np.abs(rows[:, None] - rows[None, :]) < gap) & (np.abs(cols[:, None] - cols[None, :]) < gap)
+    near = np.triu(near, 1)          # near[j, i]: j comes before i
+    for i in np.flatnonzero(near.any(axis=0)):   # the few events with an earlier neighbour, in order
+        keep[i] = not (keep & near[:, i]).any()
     return keep
