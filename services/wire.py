@@ -54,11 +54,11 @@ class Geometry:
         d = spec.detector
         return cls(d.rows, d.cols, d.sectors, np.dtype(d.dtype).str, spec.scan.frames, spec.scan.count)
 
-    @property
+    @cached_property
     def sector_shape(self) -> tuple[int, int]:
         return self.rows, self.cols // self.sectors
 
-    @property
+    @cached_property
     def sector_bytes(self) -> int:
         return self.rows * (self.cols // self.sectors) * np.dtype(self.dtype).itemsize
 
@@ -80,6 +80,7 @@ class Message:
 
 
 _PARTS = {SECTOR: 1, END_OF_SCAN: 0, CREDIT: 0, HEARTBEAT: 0, RECEIPT: 0}
+_KINDS = frozenset(wire_pb2.Kind.values()) - {wire_pb2.KIND_UNSPECIFIED}  # Kind.values() builds a list per call
 
 
 def decode(raw: Sequence[zmq.Frame], geometry: Geometry | None = None) -> Message:
@@ -95,7 +96,7 @@ def decode(raw: Sequence[zmq.Frame], geometry: Geometry | None = None) -> Messag
         raise WireError("header", f"undecodable header ({type(exc).__name__})") from None
     if header.version != WIRE_VERSION:
         raise WireError("version", f"wire version {header.version}, this stage speaks {WIRE_VERSION}")
-    if header.kind not in wire_pb2.Kind.values() or header.kind == wire_pb2.KIND_UNSPECIFIED:
+    if header.kind not in _KINDS:
         raise WireError("kind", f"unknown message kind {header.kind}")
     parts = raw[1:]
     expected_parts = geometry.sectors if header.kind == FRAME and geometry else _PARTS.get(header.kind)
