@@ -1,0 +1,61 @@
+"""Session keys on Kubernetes: one Secret per session; each pod mounts only its role's secrets."""
+
+import base64
+
+import kubernetes_validate
+import pytest
+
+from conftest import manifest
+from detstream.operator import keys
+from detstream.operator.resources import cluster_plan, labels
+from detstream.services.security import Keys, KeysMissing
+from detstream.services.session import load_session
+
+SECURE = {"dataPlane": "curve", "controlPlane": "mtls"}
+
+
+@pytest.fixture(scope="module")
+def made():
+    session = load_session(manifest("s1", security=SECURE, lanes=2))
+    plan = cluster_plan(session)
+    return session, plan, keys.key_secret(session, plan, labels(session))
+
+
+def mount(secret, files, folder):
+    """What the kubelet does with the volume's items: one file per item."""
+    for path in files:
+        target = folder / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(base64.b64decode(secret["data"][keys.secret_key(path)]))
+    return Keys(folder)
+
+
+def test_secret_is_valid_and_holds_every_stage(made):
+    session, plan, secret = made
+    kubernetes_validate.validate(secret, kubernetes_validate.latest_version(), strict=True)
+    assert keys.covers(secret, session, plan)
+    assert {f"curve_private_{s.name}.key_secret" for s in plan.stages} <= set(secret["data"])
+
+
+def test_a_pod_mounts_only_its_roles_secrets(made, tmp_path):
+    session, plan, secret = made
+    files = keys.role_files(session, plan, "worker")
+    assert "tls/ca.key" not in files and not any("launcher" in f for f in files)
+    assert not any(f.startswith("curve/private/aggregator") or f.startswith("tls/writer") for f in files)
+    worker = mount(secret, files, tmp_path)
+    worker.curve_secret("worker-0")                   # its own keys load
+    worker.server_credentials("worker-0")
+    assert worker.curve_public("aggregator-1")        # every public key is there
+    with pytest.raises(KeysMissing):
+        worker.curve_secret("aggregator-0")           # nobody else's secret
+
+
+def test_a_new_lane_needs_new_keys(made):
+    session, _, secret = made
+    grown = load_session(manifest("s1", security=SECURE, lanes=3))
+    assert not keys.covers(secret, grown, cluster_plan(grown))
+
+
+def test_the_operator_gets_the_launcher_certificate(made):
+    ca, cert, key = keys.launcher_files(made[2])
+    assert b"BEGIN CERTIFICATE" in ca and b"BEGIN CERTIFICATE" in cert and b"PRIVATE KEY" in key
