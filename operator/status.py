@@ -41,8 +41,11 @@ def pod_view(pod: dict) -> PodView:
         view.restarts += cs.get("restartCount", 0)
         waiting = (cs.get("state") or {}).get("waiting") or {}
         if waiting.get("reason") in FATAL_WAITING:
+            # The container's own last words first: for CrashLoopBackOff the kubelet's waiting message
+            # is only "back-off 10s restarting failed container=...".
             last = ((cs.get("lastState") or {}).get("terminated") or {})
-            detail = waiting.get("message") or last.get("message") or f"exit code {last.get('exitCode', '?')}"
+            said = (last.get("message") or "").strip().splitlines()
+            detail = (said[-1] if said else "") or waiting.get("message") or f"exit code {last.get('exitCode', '?')}"
             view.problem = f"pod {view.name}: {waiting['reason']}: {detail.strip()}"
     return view
 
@@ -111,9 +114,9 @@ def status_patch(o: Observed, old_status: dict, generation: int, selector: str) 
     current, why = phase(o)
     ready = ready_counts(o)
     writer = next((s for s in o.stages.values() if s.stage == "writer"), None)
-    scans = [{"scan": a.scan, "expected": a.expected, "written": a.written, "partial": a.partial, "lost": a.lost,
-              "duplicates": a.duplicates, "complete": a.complete, "file": a.file}
-             for a in (writer.scans if writer else [])]
+    scans = [without_empty({"scan": a.scan, "expected": a.expected, "written": a.written, "partial": a.partial,
+                            "lost": a.lost, "duplicates": a.duplicates, "complete": a.complete, "file": a.file})
+             for a in (writer.scans if writer else [])]  # no file yet until a scan's first result
     old_conditions = old_status.get("conditions") or []
     spec_ok = not o.spec_errors
     conditions = [
