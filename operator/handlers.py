@@ -106,8 +106,10 @@ def apply_session(body, meta, status, patch, logger, diff) -> None:
         return
     if not errors:
         patch.metadata.setdefault("annotations", {})[LAST_VALID] = json.dumps(dict(body["spec"]), sort_keys=True)
-    running = status.get("phase") != "Succeeded"
-    desired = resources.children(session, default_image(), running=running)
+    if status.get("phase") != "Succeeded":
+        desired = resources.children(session, default_image())
+    else:
+        desired = resources.finished(session, default_image())
     for obj in desired:
         cluster().apply(obj, body)
     gone = cluster().prune(session.namespace, session.name, {(o["kind"], o["metadata"]["name"]) for o in desired})
@@ -132,7 +134,7 @@ def push_params(session: Session, logger) -> None:
 @kopf.timer(*RESOURCE, interval=OBSERVE_INTERVAL_S, initial_delay=1.0)
 def observe(body, meta, status, patch, logger, **_):
     if status.get("phase") == "Succeeded":
-        return  # the stages are scaled to zero; the result stays as it is
+        return  # the stages are scaled to zero (see resources.finished); the result stays as it is
     session, errors = session_of(body)
     if session is None:
         return
@@ -157,8 +159,8 @@ def observe(body, meta, status, patch, logger, **_):
     if new["phase"] != status.get("phase"):
         logger.info("phase %s -> %s%s", status.get("phase"), new["phase"], f": {why}" if why else "")
     if new["phase"] == "Succeeded":
-        for obj in resources.children(session, default_image(), running=False):
-            cluster().apply(obj, body)  # scale every stage to zero; the session's record stays
+        for obj in resources.finished(session, default_image()):
+            cluster().apply(obj, body)  # scale the stages to zero (not an emptyDir's writer); the record stays
     patch.status.update(new)
 
 

@@ -168,6 +168,18 @@ def network_policy(session: Session) -> dict:
                      "policyTypes": ["Ingress"], "ingress": ingress}}
 
 
+def finished(session: Session, image: str) -> list[dict]:
+    """What a succeeded session keeps running: nothing, except a writer whose results are in an
+    emptyDir (no `output.volumeClaim`): they would go with its pod, so it stays, finished and idle,
+    until the session is deleted (`kubectl cp SESSION-writer-0:/data/FILE .` fetches them)."""
+    out = children(session, image, running=False)
+    if not session.spec.output.volume_claim:
+        for obj in out:
+            if obj["kind"] == "StatefulSet" and obj["metadata"]["name"] == f"{session.name}-writer":
+                obj["spec"]["replicas"] = 1
+    return out
+
+
 def children(session: Session, image: str, running: bool = True) -> list[dict]:
     """Every object the session needs; `running=False` (a finished session) scales stages to 0."""
     plan = cluster_plan(session)
