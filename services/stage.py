@@ -25,6 +25,7 @@ from detstream.services.metrics import Counters, StageMetrics
 from detstream.services.plan import Plan
 from detstream.services.security import Keys, KeysMissing, ZapHandler
 from detstream.services.wire import Gaps, Geometry, Message, WireError, decode
+from detstream.v1.wire_pb2 import Kind
 from detstream.v1.control_pb2 import CONFIGURED, DRAINING, FAILED, FINISHED, RUNNING, StageStatus
 
 POLL_MS = 100
@@ -67,6 +68,7 @@ class Stage:
         self.curve = self.spec.security.data_plane == "curve"
         self.keys: Keys | None = None
         self.monitors: list[zmq.Socket] = []
+        self.reject_lock = threading.Lock()
         self.zap: ZapHandler | None = None
 
     # -- sockets -------------------------------------------------------------------------------
@@ -125,9 +127,20 @@ class Stage:
             self.reject(exc)
             return peer, None
 
+    def refuse(self, reason: str, msg: Message | None = None, why: str = "") -> None:
+        """A well-formed message this stage cannot take (wrong kind, late, out of range): counted and
+        logged as any rejected message."""
+        h = msg.header if msg is not None else None
+        what = f"{Kind.Name(h.kind) if h.kind in Kind.values() else h.kind} scan {h.scan} frame {h.frame} " \
+               f"from {h.sender!r}" if h is not None else ""
+        self.reject(WireError(reason, "; ".join(x for x in (what, why) if x)))
+
     def reject(self, exc: WireError) -> None:
-        seen = self.counters.rejected[exc.reason]
-        self.counters.rejected[exc.reason] += 1
+        """Count a rejected message; log the first of each reason, then every REJECT_LOG_EVERY-th.
+        Called from the main loop, the handshake monitor and the control threads."""
+        with self.reject_lock:
+            seen = self.counters.rejected[exc.reason]
+            self.counters.rejected[exc.reason] += 1
         if seen % REJECT_LOG_EVERY == 0:
             self.log.warning("rejected a message (%s; %d so far of this kind)", exc, seen + 1)
 

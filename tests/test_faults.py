@@ -266,5 +266,25 @@ def test_a_stage_too_slow_to_start_is_named_when_the_startup_timeout_passes(tmp_
     finally:
         live.kill()
     assert code == 1
-    assert "not healthy after 3 s (spec.transport.startupTimeoutS): writer-0" in err
+    stalled = re.search(r"not healthy after 3 s \(spec.transport.startupTimeoutS\): (.*)", err)
+    assert stalled and "writer-0" in stalled.group(1).split(", "), err
     assert report["failure"] and not report["scans"]
+
+
+def test_a_worker_killed_with_results_waiting_for_a_slow_writer_loses_nothing(tmp_path):
+    """Results queued in a worker's own memory and sockets die with it: the frames are acknowledged
+    only once the writer has their results, so the distributor re-sends them."""
+    doc = manifest("wkillslow", scan={"rows": 16, "cols": 16}, detector=SMALL, workers={"replicas": 3},
+                   plugin={"name": "noop"}, transport=FAST)
+    live = Live(doc, tmp_path, failpoints="writer-0:write-delay=0.02")
+    try:
+        live.wait_started(frames=40)
+        live.signal("worker-1", signal.SIGKILL)
+        code, err, report = live.finish()
+    finally:
+        live.kill()
+    assert code == 0, err
+    assert_exact(report)
+    (scan,) = report["scans"]
+    assert (scan["written"], scan["lost"], scan["partial"]) == (256, 0, 0)
+    assert resent_in(live.log("distributor-0")) >= 1

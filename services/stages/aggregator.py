@@ -81,12 +81,12 @@ class AggregatorStage(Stage):
     def handle(self, msg: Message) -> None:
         h = msg.header
         if h.kind not in (SECTOR, END_OF_SCAN):
-            return self.counters.rejected.update(["kind"])
+            return self.refuse("kind", msg)
         if h.scan in self.closed:
             self.last_activity = self.clock()  # a source is there (replaying old scans): keep the next one open
-            return self.counters.rejected.update(["late"])
+            return self.refuse("late", msg, "the scan is closed")
         if (h.scan_rows or self.spec.scan.rows) * (h.scan_cols or self.spec.scan.cols) != self.geometry.scan_frames:
-            return self.counters.rejected.update(["geometry"])
+            return self.refuse("geometry", msg, f"scan of {h.scan_rows}x{h.scan_cols}")
         scan = self.open_scan(h)
         scan.last_input = self.last_activity = self.clock()
         if h.kind == END_OF_SCAN:
@@ -95,13 +95,13 @@ class AggregatorStage(Stage):
                 self.close(h.scan, "end of scan")
             return
         if h.frame % self.spec.lanes != self.lane or scan.emitted[h.frame]:
-            return self.counters.rejected.update(["misrouted" if not scan.emitted[h.frame] else "late"])
+            return self.refuse("misrouted" if not scan.emitted[h.frame] else "late", msg)
         self.counters.frames_in += 1
         self.counters.bytes_in += msg.payload_bytes
         key = (h.scan, h.frame)
         parts, first = self.pending.setdefault(key, ([None] * self.geometry.sectors, self.clock()))
         if parts[h.sector] is not None:
-            return self.counters.rejected.update(["duplicate-sector"])
+            return self.refuse("duplicate-sector", msg, f"sector {h.sector} again")
         parts[h.sector] = msg.parts[0]
         if all(p is not None for p in parts):
             self.emit(key, parts)

@@ -90,14 +90,14 @@ class DistributorStage(Stage):
         elif h.kind == FRAME:
             scan = self.lane_scan(h.scan)
             if scan.acked[h.frame]:
-                self.counters.rejected["late"] += 1
+                self.refuse("late", msg, "frame done already")
                 return
             self.counters.frames_in += 1
             self.counters.bytes_in += msg.payload_bytes
             scan.in_flight += 1
             self.dispatch(msg)
         else:
-            self.counters.rejected["kind"] += 1
+            self.refuse("kind", msg)
 
     def lane_scan(self, number: int) -> LaneScan:
         scan = self.scans.get(number)
@@ -108,7 +108,7 @@ class DistributorStage(Stage):
     def from_worker(self, peer: bytes, msg: Message) -> None:
         h = msg.header
         if h.kind not in (CREDIT, HEARTBEAT):
-            self.counters.rejected["kind"] += 1
+            self.refuse("kind", msg)
             return
         worker = self.workers.get(peer)
         if worker is None:

@@ -63,7 +63,7 @@ class WorkerStage(Stage):
             if msg is None:
                 self.tell(lane, Header(kind=CREDIT, credit=1))  # a rejected message still used a credit
             elif msg.header.kind != FRAME:
-                self.counters.rejected["kind"] += 1
+                self.refuse("kind", msg)
             else:
                 self.frame(lane, msg)
         self.calibrate_if_idle()
@@ -126,7 +126,7 @@ class WorkerStage(Stage):
 
     def receipt(self, msg: Message, acks: dict, credits: dict) -> None:
         if msg.header.kind != RECEIPT:
-            self.counters.rejected["kind"] += 1
+            self.refuse("kind", msg)
             return
         for key in msg.header.acked:
             lane, credit = self.unconfirmed.pop(key, (None, 0))

@@ -101,7 +101,7 @@ class WriterStage(Stage):
         self.last_input = time.monotonic()
         h = msg.header
         if h.kind not in (RESULT, END_OF_SCAN):
-            self.counters.rejected["kind"] += 1
+            self.refuse("kind", msg)
             return
         if h.kind == RESULT and not self.valid_result(msg):
             return
@@ -150,9 +150,7 @@ class WriterStage(Stage):
             elif len(msg.parts[0]) and int(np.frombuffer(msg.parts[0].buffer, np.uint32).max()) >= self.pixels:
                 reason = "range"
         if reason:
-            self.counters.rejected[reason] += 1
-            if self.counters.rejected[reason] == 1:
-                self.log.warning("rejected a result (%s): scan %d frame %d from %r", reason, h.scan, h.frame, h.sender)
+            self.refuse(reason, msg, "a result this writer cannot take")
         return reason is None
 
     def send_receipts(self) -> None:
@@ -171,7 +169,7 @@ class WriterStage(Stage):
         if scan is None:
             rows, cols = h.scan_rows or self.spec.scan.rows, h.scan_cols or self.spec.scan.cols
             if rows * cols != self.spec.scan.frames:
-                self.counters.rejected["geometry"] += 1
+                self.refuse("geometry", None, f"scan {h.scan} of {rows}x{cols} positions")
                 return None
             scan = self.scans[h.scan] = WriterScan(h.scan, rows, cols, np.zeros(rows * cols, bool))
         return scan
