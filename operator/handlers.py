@@ -7,7 +7,8 @@
   spec hash and rolls the stages. An invalid spec is refused with the SpecValid condition and
   the last valid spec keeps running.
 - `observe` (every 2 s) reads the pods and every stage's own status over gRPC, starts stages that
-  are up but idle (at first all of them; later restarted or added ones), and writes `status`.
+  are up but idle (at first all of them, one observation after reporting Ready; later restarted or
+  added ones), and writes `status`.
 - `drain` (the finalizer) asks every stage to drain and waits until the writer has closed its
   files, at most `spec.kubernetes.drainGraceS`; then the children go by garbage collection.
 """
@@ -144,7 +145,9 @@ def observe(body, meta, status, patch, logger, **_):
                         started=bool(status.get("startedAt")), deleting=bool(meta.get("deletionTimestamp")),
                         spec_errors=errors)
     current, why = phase(observed)
-    if current in ("Ready", "Streaming"):
+    if current == "Ready" and status.get("phase") != "Ready":
+        pass  # report Ready (every stage healthy) first; the stages start at the next observation
+    elif current in ("Ready", "Streaming"):
         started = stages.start_waiting(pods, stage_status)
         if current == "Ready":
             patch.status["startedAt"] = now()
