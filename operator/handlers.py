@@ -170,8 +170,8 @@ def observe(body, meta, status, patch, logger, **_):
 @kopf.on.delete(*RESOURCE)
 def drain(body, status, patch, logger, runtime, **_):
     session, _errors = session_of(body)
-    if session is None or status.get("phase") in ("Succeeded", "Pending", None):
-        return
+    if session is None or status.get("phase") in ("Succeeded", "Pending", None) or not status.get("startedAt"):
+        return  # nothing streamed, no file is open: nothing to drain (a stage never started would not drain)
     pods = [pod_view(p) for p in cluster().pods(session.namespace, session.name)]
     stage_status = stages.statuses(pods)
     writer = next((s for s in stage_status.values() if s.stage == "writer"), None)
