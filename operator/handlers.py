@@ -98,8 +98,8 @@ def reconcile(body, meta, status, patch, logger, diff=(), **_):
 def apply_session(body, meta, status, patch, logger, diff) -> None:
     session, errors = session_of(body)
     if errors:
-        logger.warning("spec refused, %s: %s", "keeping the last valid spec" if session else "nothing to run",
-                       "; ".join(errors))
+        keeping = "keeping the last valid spec" if session else "nothing to run"
+        tell(body, logger, "SpecRefused", f"spec refused, {keeping}: {'; '.join(errors)}", warning=True)
     if session is None:
         RECONCILES.labels("invalid").inc()
         patch.status.update(phase="Failed", message="invalid spec: " + "; ".join(errors),
@@ -115,9 +115,9 @@ def apply_session(body, meta, status, patch, logger, diff) -> None:
         cluster().apply(obj, body)
     gone = cluster().prune(session.namespace, session.name, {(o["kind"], o["metadata"]["name"]) for o in desired})
     if gone:
-        logger.info("removed %s", ", ".join(gone))
+        tell(body, logger, "Pruned", f"removed {', '.join(gone)}")
     if not errors and params_changed(diff):
-        push_params(session, logger)
+        push_params(body, session, logger)
     RECONCILES.labels("applied" if not errors else "invalid").inc()
 
 
@@ -126,10 +126,19 @@ def params_changed(diff) -> bool:
     return any("params" in path and "plugin" in path for _, path, *_ in diff)
 
 
-def push_params(session: Session, logger) -> None:
+def push_params(body, session: Session, logger) -> None:
     pods = [pod_view(p) for p in cluster().pods(session.namespace, session.name)]
     done = stages.configure_workers(pods, session.spec.plugin.params)
-    logger.info("plugin parameters pushed live to %d worker(s): %s", len(done), session.spec.plugin.params)
+    tell(body, logger, "ParametersUpdated",
+         f"plugin parameters pushed live to {len(done)} worker(s): {session.spec.plugin.params}")
+
+
+def tell(body, logger, reason: str, message: str, warning: bool = False) -> None:
+    """Log it, and post it as an Event on the session (`kubectl describe sess`, `kubectl get events`).
+    Explicitly: kopf posts its loggers' messages only with settings.posting.loggers, and then every
+    handler's success too."""
+    (logger.warning if warning else logger.info)("%s", message)
+    (kopf.warn if warning else kopf.info)(body, reason=reason, message=message[:1024])
 
 
 @kopf.timer(*RESOURCE, interval=OBSERVE_INTERVAL_S, initial_delay=1.0)
@@ -152,15 +161,18 @@ def observe(body, meta, status, patch, logger, **_):
         if current == "Ready":
             patch.status["startedAt"] = now()
             observed.started = True
-            logger.info("every stage is healthy; started %d stages", len(started))
+            tell(body, logger, "Started", f"every stage is healthy; started {len(started)} stages")
         elif started:
-            logger.info("started stages that came up mid-session: %s", ", ".join(started))
+            restarted = {p.name: p.restarts for p in pods if p.restarts}
+            tell(body, logger, "StagesStarted", "started stages that came up mid-session: " + ", ".join(
+                f"{name} (restarted {restarted[name]}x)" if name in restarted else name for name in started))
     new = status_patch(observed, dict(status), meta.get("generation"), resources.worker_selector(session))
     if session.spec.source.kind == "external":
         new["ingest"] = ingest_addresses(cluster().services(session.namespace, session.name, "aggregator"),
                                          CLUSTER_PORTS["ingest"])
     if new["phase"] != status.get("phase"):
-        logger.info("phase %s -> %s%s", status.get("phase"), new["phase"], f": {why}" if why else "")
+        tell(body, logger, new["phase"], f"phase {status.get('phase')} -> {new['phase']}{f': {why}' if why else ''}",
+             warning=new["phase"] == "Failed")
     if new["phase"] == "Succeeded":
         for obj in resources.finished(session, default_image()):
             cluster().apply(obj, body)  # scale the stages to zero (not an emptyDir's writer); the record stays
@@ -176,12 +188,13 @@ def drain(body, status, patch, logger, runtime, **_):
     stage_status = stages.statuses(pods)
     writer = next((s for s in stage_status.values() if s.stage == "writer"), None)
     if writer is None or writer.state == FINISHED:
-        logger.info("drained: the writer has closed its files")
+        tell(body, logger, "Drained", "drained: the writer has closed its files")
         return
     patch.status["phase"] = "Draining"
     stages.drain(pods)
     grace = session.spec.kubernetes.drain_grace_s
     if runtime.total_seconds() > grace:
-        logger.error("drain did not finish within %g s (spec.kubernetes.drainGraceS); deleting anyway", grace)
+        tell(body, logger, "DrainTimeout", f"drain did not finish within {grace:g} s (spec.kubernetes.drainGraceS); "
+                                           f"deleting anyway", warning=True)
         return
     raise kopf.TemporaryError("draining: waiting for the writer to close its files", delay=1)
