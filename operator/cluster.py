@@ -62,6 +62,12 @@ class Cluster:
         return sorted((item.to_dict() for item in found.items if item.spec.clusterIP != "None"),
                       key=lambda svc: svc["metadata"]["name"])
 
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict | None:
+        try:
+            return self.resource(api_version, kind).get(name=name, namespace=namespace).to_dict()
+        except NotFoundError:
+            return None
+
     def pods(self, namespace: str, session: str) -> list[dict]:
         found = self.resource("v1", "Pod").get(namespace=namespace, label_selector=f"detstream.io/session={session}")
         return [item.to_dict() for item in found.items]

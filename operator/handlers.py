@@ -18,12 +18,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 
+import grpc
 import kopf
+from kubernetes.dynamic.exceptions import ForbiddenError
 from prometheus_client import Counter, Histogram
 
-from detstream.operator import resources, stages
+from detstream.operator import keys, resources, stages
 from detstream.operator.cluster import Cluster
 from detstream.operator.crd import PLURAL
 from detstream.operator.status import Observed, ingest_addresses, now, phase, pod_view, status_patch
@@ -43,11 +46,42 @@ RECONCILE_SECONDS = Histogram("detstream_operator_reconcile_seconds", "Time one 
 _cluster: Cluster | None = None
 
 
+_cluster_lock = threading.Lock()
+KEYS_FORBIDDEN = ("spec.security needs the session's keys in a Secret, and this operator may not create Secrets: "
+                  "install the chart with sessionKeys.enabled=true")
+
+
 def cluster() -> Cluster:
     global _cluster
-    if _cluster is None:
-        _cluster = Cluster()
+    with _cluster_lock:  # reconcile and observe run in different threads
+        if _cluster is None:
+            _cluster = Cluster()
     return _cluster
+
+
+def ensure_keys(session: Session, body) -> None:
+    """The session's keys Secret, made once (and again only if a new stage needs keys it lacks)."""
+    if not keys.needs_keys(session):
+        return
+    plan = resources.cluster_plan(session)
+    current = cluster().get("v1", "Secret", session.namespace, keys.secret_name(session))
+    if current is None or not keys.covers(current, session, plan):
+        try:
+            cluster().apply(keys.key_secret(session, plan, resources.labels(session)), body)
+        except ForbiddenError:
+            tell(body, logging.getLogger(__name__), "KeysForbidden", KEYS_FORBIDDEN, warning=True)
+            raise kopf.TemporaryError(KEYS_FORBIDDEN, delay=60) from None
+
+
+def tls(session: Session) -> stages.Tls | None:
+    """The operator's client certificate for a session with mutual TLS."""
+    if session.spec.security.control_plane != "mtls":
+        return None
+    secret = cluster().get("v1", "Secret", session.namespace, keys.secret_name(session))
+    if secret is None:
+        return None
+    ca, cert, key = keys.launcher_files(secret)
+    return stages.Tls(session.name, grpc.ssl_channel_credentials(ca, key, cert))
 
 
 def default_image() -> str:
@@ -84,10 +118,10 @@ def configure(settings: kopf.OperatorSettings, **_):
 @kopf.on.create(*RESOURCE)
 @kopf.on.update(*RESOURCE, field="spec")
 @kopf.timer(*RESOURCE, interval=RESYNC_INTERVAL_S, initial_delay=RESYNC_INTERVAL_S)
-def reconcile(body, meta, status, patch, logger, diff=(), **_):
+def reconcile(body, meta, status, patch, logger, old=None, new=None, **_):
     t0 = time.perf_counter()
     try:
-        apply_session(body, meta, status, patch, logger, diff)
+        apply_session(body, meta, status, patch, logger, params_changed(old, new))
     except Exception:
         RECONCILES.labels("error").inc()  # kopf logs it and retries
         raise
@@ -95,7 +129,7 @@ def reconcile(body, meta, status, patch, logger, diff=(), **_):
         RECONCILE_SECONDS.observe(time.perf_counter() - t0)
 
 
-def apply_session(body, meta, status, patch, logger, diff) -> None:
+def apply_session(body, meta, status, patch, logger, new_params: bool) -> None:
     session, errors = session_of(body)
     if errors:
         keeping = "keeping the last valid spec" if session else "nothing to run"
@@ -107,28 +141,34 @@ def apply_session(body, meta, status, patch, logger, diff) -> None:
         return
     if not errors:
         patch.metadata.setdefault("annotations", {})[LAST_VALID] = json.dumps(dict(body["spec"]), sort_keys=True)
+    if not status.get("phase"):
+        patch.status["phase"] = "Pending"  # accepted: its children are being created
     if status.get("phase") != "Succeeded":
         desired = resources.children(session, default_image())
     else:
         desired = resources.finished(session, default_image())
+    ensure_keys(session, body)  # before the pods that mount it
     for obj in desired:
         cluster().apply(obj, body)
     gone = cluster().prune(session.namespace, session.name, {(o["kind"], o["metadata"]["name"]) for o in desired})
     if gone:
         tell(body, logger, "Pruned", f"removed {', '.join(gone)}")
-    if not errors and params_changed(diff):
+    if not errors and new_params:
         push_params(body, session, logger)
     RECONCILES.labels("applied" if not errors else "invalid").inc()
 
 
-def params_changed(diff) -> bool:
-    """Whether the plugin parameters changed (kopf gives paths relative to the watched field)."""
-    return any("params" in path and "plugin" in path for _, path, *_ in diff)
+def params_changed(old: dict | None, new: dict | None) -> bool:
+    """Whether an update changed the plugin parameters (also when the plugin section is new)."""
+    if old is None or new is None:
+        return False
+    params = lambda body: ((body.get("spec") or {}).get("plugin") or {}).get("params") or {}  # noqa: E731
+    return params(old) != params(new)
 
 
 def push_params(body, session: Session, logger) -> None:
     pods = [pod_view(p) for p in cluster().pods(session.namespace, session.name)]
-    done = stages.configure_workers(pods, session.spec.plugin.params)
+    done = stages.configure_workers(pods, session.spec.plugin.params, tls(session))
     tell(body, logger, "ParametersUpdated",
          f"plugin parameters pushed live to {len(done)} worker(s): {session.spec.plugin.params}")
 
@@ -149,7 +189,8 @@ def observe(body, meta, status, patch, logger, **_):
     if session is None:
         return
     pods = [pod_view(p) for p in cluster().pods(session.namespace, session.name)]
-    stage_status = stages.statuses(pods)
+    secure = tls(session)
+    stage_status = stages.statuses(pods, secure)
     observed = Observed(desired=replicas(session), pods=pods, stages=stage_status,
                         started=bool(status.get("startedAt")), deleting=bool(meta.get("deletionTimestamp")),
                         spec_errors=errors)
@@ -157,7 +198,7 @@ def observe(body, meta, status, patch, logger, **_):
     if current == "Ready" and status.get("phase") != "Ready":
         pass  # report Ready (every stage healthy) first; the stages start at the next observation
     elif current in ("Ready", "Streaming"):
-        started = stages.start_waiting(pods, stage_status)
+        started = stages.start_waiting(pods, stage_status, secure)
         if current == "Ready":
             patch.status["startedAt"] = now()
             observed.started = True
@@ -185,13 +226,14 @@ def drain(body, status, patch, logger, runtime, **_):
     if session is None or status.get("phase") in ("Succeeded", "Pending", None) or not status.get("startedAt"):
         return  # nothing streamed, no file is open: nothing to drain (a stage never started would not drain)
     pods = [pod_view(p) for p in cluster().pods(session.namespace, session.name)]
-    stage_status = stages.statuses(pods)
+    secure = tls(session)
+    stage_status = stages.statuses(pods, secure)
     writer = next((s for s in stage_status.values() if s.stage == "writer"), None)
     if writer is None or writer.state == FINISHED:
         tell(body, logger, "Drained", "drained: the writer has closed its files")
         return
     patch.status["phase"] = "Draining"
-    stages.drain(pods)
+    stages.drain(pods, secure)
     grace = session.spec.kubernetes.drain_grace_s
     if runtime.total_seconds() > grace:
         tell(body, logger, "DrainTimeout", f"drain did not finish within {grace:g} s (spec.kubernetes.drainGraceS); "

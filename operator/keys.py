@@ -50,13 +50,20 @@ def key_secret(session: Session, plan: Plan, labels: dict) -> dict:
             "data": data}
 
 
+def key_names(plan: Plan, role: str) -> list[str]:
+    """Whose keys pods of `role` use: every worker pod is index 0 on Kubernetes (one Deployment), so
+    all use worker-0's, and scaling the workers needs no new keys."""
+    return ["worker-0"] if role == "worker" else [s.name for s in plan.of_role(role)]
+
+
 def role_files(session: Session, plan: Plan, role: str) -> list[str]:
     """The files a pod of `role` needs (paths inside KEYS_DIR)."""
     security = session.spec.security
-    mine = [s.name for s in plan.of_role(role)]
+    mine = key_names(plan, role)
+    everyone = [name for r in dict.fromkeys(s.role for s in plan.stages) for name in key_names(plan, r)]
     files = []
     if security.data_plane == "curve":
-        files += [f"curve/public/{s.name}.key" for s in plan.stages] + [f"curve/public/{EXTERNAL}.key"]
+        files += [f"curve/public/{name}.key" for name in everyone] + [f"curve/public/{EXTERNAL}.key"]
         files += [f"curve/private/{name}.key_secret" for name in mine]
     if security.control_plane == "mtls":
         files += ["tls/ca.crt"] + [f"tls/{name}.{ext}" for name in mine for ext in ("crt", "key")]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+from detstream.operator import keys
 from detstream.services.plan import CLUSTER_PORTS, DATA_PORTS, ClusterNetwork, Plan, build_plan
 from detstream.services.schema import to_manifest
 from detstream.services.session import Session
@@ -58,7 +59,7 @@ def plan_configmap(session: Session, plan: Plan) -> dict:
             "data": {"plan.json": plan.to_json()}}
 
 
-def container(session: Session, role: str, image: str) -> dict:
+def container(session: Session, role: str, image: str, plan: Plan) -> dict:
     k8s = session.spec.kubernetes
     ports = ("control", "metrics", *DATA_PORTS.get(role, ()))
     args = ["stage", role, "--plan", f"{PLAN_DIR}/plan.json"]
@@ -66,13 +67,21 @@ def container(session: Session, role: str, image: str) -> dict:
     if role == "writer":
         args += ["--output", OUTPUT_DIR]
         mounts.append({"name": "output", "mountPath": OUTPUT_DIR})
-    probe = {"exec": {"command": ["detstream", "health"]}, "periodSeconds": 2, "timeoutSeconds": 5}
+    env_keys = []
+    if keys.needs_keys(session):
+        mounts.append({"name": "keys", "mountPath": keys.KEYS_DIR, "readOnly": True})
+        env_keys = [{"name": "DETSTREAM_KEYS", "value": keys.KEYS_DIR}]
+    # With mutual TLS only the operator holds a client certificate, so the probe checks that the
+    # control port listens; the operator reads every stage's real state over mTLS before starting it.
+    check = ({"tcpSocket": {"port": CLUSTER_PORTS["control"]}} if session.spec.security.control_plane == "mtls"
+             else {"exec": {"command": ["detstream", "health"]}})
+    probe = {**check, "periodSeconds": 2, "timeoutSeconds": 5}
     field = lambda path: {"valueFrom": {"fieldRef": {"fieldPath": path}}}  # noqa: E731
     return {
         "name": "stage", "image": image, "imagePullPolicy": k8s.image_pull_policy, "args": args,
         "env": [{"name": "POD_NAME", **field("metadata.name")}, {"name": "POD_NAMESPACE", **field("metadata.namespace")},
                 {"name": "POD_IP", **field("status.podIP")},
-                {"name": "DETSTREAM_CONTROL_PORT", "value": str(CLUSTER_PORTS["control"])}],
+                {"name": "DETSTREAM_CONTROL_PORT", "value": str(CLUSTER_PORTS["control"])}, *env_keys],
         "ports": [{"name": name, "containerPort": CLUSTER_PORTS[name], "protocol": "TCP"} for name in ports],
         "readinessProbe": {**probe, "failureThreshold": 3},
         "livenessProbe": {**probe, "failureThreshold": 10, "initialDelaySeconds": 10},
@@ -84,13 +93,15 @@ def container(session: Session, role: str, image: str) -> dict:
     }
 
 
-def pod_template(session: Session, role: str, image: str) -> dict:
+def pod_template(session: Session, role: str, image: str, plan: Plan) -> dict:
     volumes = [{"name": "plan", "configMap": {"name": f"{session.name}-plan"}}, {"name": "tmp", "emptyDir": {}}]
+    if keys.needs_keys(session):
+        volumes.append(keys.keys_volume(session, plan, role))
     if role == "writer":
         claim = session.spec.output.volume_claim
         volumes.append({"name": "output", **({"persistentVolumeClaim": {"claimName": claim}} if claim
                                              else {"emptyDir": {}})})
-    spec = {"containers": [container(session, role, image)], "volumes": volumes,
+    spec = {"containers": [container(session, role, image, plan)], "volumes": volumes,
             "automountServiceAccountToken": False, "enableServiceLinks": False,
             "terminationGracePeriodSeconds": 30,
             "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
@@ -101,10 +112,10 @@ def pod_template(session: Session, role: str, image: str) -> dict:
             "spec": spec}
 
 
-def workload(session: Session, role: str, replicas: int, image: str) -> dict:
+def workload(session: Session, role: str, replicas: int, image: str, plan: Plan) -> dict:
     meta = {"name": f"{session.name}-{role}", "namespace": session.namespace, "labels": labels(session, role)}
     spec = {"replicas": replicas, "selector": {"matchLabels": selector(session, role)},
-            "template": pod_template(session, role, image)}
+            "template": pod_template(session, role, image, plan)}
     if role == "worker":
         return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": spec}
     spec.update(serviceName=f"{session.name}-{role}", podManagementPolicy="Parallel")
@@ -191,5 +202,5 @@ def children(session: Session, image: str, running: bool = True) -> list[dict]:
         out.append(network_policy(session))
     for role, count in counts.items():
         if count or role == "worker":
-            out.append(workload(session, role, count if running else 0, image))
+            out.append(workload(session, role, count if running else 0, image, plan))
     return out

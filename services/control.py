@@ -136,11 +136,15 @@ def serve(stage: Stage, host: str, port: int, credentials: grpc.ServerCredential
 class StageClient:
     """A caller of one stage's control port (the local runner and the operator use it)."""
 
-    def __init__(self, address: str, timeout: float = 5.0, credentials: grpc.ChannelCredentials | None = None):
+    def __init__(self, address: str, timeout: float = 5.0, credentials: grpc.ChannelCredentials | None = None,
+                 tls_name: str | None = None):
+        """`tls_name`: the name the stage's certificate must carry, when it differs from the address
+        (the operator calls pods by IP; their certificates name their Services)."""
         self.address = address
         self.timeout = timeout
-        self.channel = (grpc.secure_channel(address, credentials, options=RECONNECT) if credentials is not None
-                        else grpc.insecure_channel(address, options=RECONNECT))
+        options = RECONNECT + ([("grpc.ssl_target_name_override", tls_name)] if tls_name else [])
+        self.channel = (grpc.secure_channel(address, credentials, options=options) if credentials is not None
+                        else grpc.insecure_channel(address, options=options))
         self.stub = control_pb2_grpc.StageControlStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 

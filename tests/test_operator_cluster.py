@@ -169,6 +169,22 @@ def test_invalid_specs_are_refused(cluster):
     assert get(kubectl, "statefulset", "guarded-writer")["spec"]["template"] == template  # last valid spec runs
 
 
+def test_secure_sessions_get_their_keys_secret_once(cluster):
+    kubectl, _ = cluster
+    doc = manifest("secure", security={"dataPlane": "curve", "controlPlane": "mtls"})
+    apply(kubectl, doc)
+    secret = wait_until(lambda: get(kubectl, "secret", "secure-keys"), what="the keys Secret")
+    (owner,) = secret["metadata"]["ownerReferences"]
+    assert owner["uid"] == get(kubectl, "sess", "secure")["metadata"]["uid"]
+    template = get(kubectl, "statefulset", "secure-writer")["spec"]["template"]["spec"]
+    volume = next(v for v in template["volumes"] if v["name"] == "keys")
+    assert {"path": "tls/writer-0.key", "key": "tls_writer-0.key"} in volume["secret"]["items"]
+    doc["spec"]["workers"]["replicas"] = 3
+    apply(kubectl, doc)
+    wait_until(lambda: get(kubectl, "deployment", "secure-worker")["spec"]["replicas"] == 3, what="scaled")
+    assert get(kubectl, "secret", "secure-keys")["metadata"]["resourceVersion"] == secret["metadata"]["resourceVersion"]
+
+
 def test_observed_generation_follows_generation(cluster):
     kubectl, _ = cluster
     doc = manifest("generations")

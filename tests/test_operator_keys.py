@@ -59,3 +59,27 @@ def test_a_new_lane_needs_new_keys(made):
 def test_the_operator_gets_the_launcher_certificate(made):
     ca, cert, key = keys.launcher_files(made[2])
     assert b"BEGIN CERTIFICATE" in ca and b"BEGIN CERTIFICATE" in cert and b"PRIVATE KEY" in key
+
+
+def test_pods_mount_their_roles_keys_and_probe_the_port_under_mtls(made):
+    from detstream.operator.resources import children
+
+    session = made[0]
+    for obj in children(session, "img"):
+        if obj["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        role = obj["metadata"]["labels"]["app.kubernetes.io/component"]
+        pod = obj["spec"]["template"]["spec"]
+        volume = next(v for v in pod["volumes"] if v["name"] == "keys")
+        assert [i["path"] for i in volume["secret"]["items"]] == keys.role_files(session, cluster_plan(session), role)
+        (c,) = pod["containers"]
+        assert {"name": "DETSTREAM_KEYS", "value": keys.KEYS_DIR} in c["env"]
+        assert c["readinessProbe"]["tcpSocket"] == {"port": 7100}
+
+
+def test_plain_sessions_have_no_keys():
+    from detstream.operator.resources import children
+
+    for obj in children(load_session(manifest("plain")), "img"):
+        if "template" in obj.get("spec", {}):
+            assert all(v["name"] != "keys" for v in obj["spec"]["template"]["spec"]["volumes"])

@@ -95,6 +95,13 @@ Argument: a dict with "clusterWide" and "peering" (bools).
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- if .sessionKeys }}
+# Sessions with spec.security (CURVE, mutual TLS): the operator keeps each session's keys in a
+# Secret it creates (server-side apply: create, patch) and reads back its own client certificate.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "create", "patch"]
+{{- end }}
 {{- if .peering }}
 - apiGroups: ["kopf.dev"]
   resources: [{{ if .clusterWide }}"clusterkopfpeerings"{{ else }}"kopfpeerings"{{ end }}]
