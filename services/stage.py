@@ -24,11 +24,12 @@ from detstream.services.faults import failpoint
 from detstream.services.metrics import Counters, StageMetrics
 from detstream.services.plan import Plan
 from detstream.services.security import Keys, KeysMissing, ZapHandler
-from detstream.services.wire import Gaps, Geometry, Message, WireError, decode
+from detstream.services.wire import Gaps, Geometry, Message, WireError, decode, receive_parts
 from detstream.v1.wire_pb2 import Kind
 from detstream.v1.control_pb2 import CONFIGURED, DRAINING, FAILED, FINISHED, RUNNING, StageStatus
 
 POLL_MS = 100
+BATCH = 64  # messages a stage takes from one socket per turn of its loop, once the socket is readable
 HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 AUTH_ERRORS = (zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH, zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC)
@@ -115,9 +116,10 @@ class Stage:
             except zmq.ZMQError:
                 return
 
-    def receive(self, sock: zmq.Socket, envelope: bool = False) -> tuple[bytes | None, Message | None]:
-        """One message, checked; a bad one is counted, logged once per kind, and None returned."""
-        raw = sock.recv_multipart(copy=False)
+    def receive(self, sock: zmq.Socket, envelope: bool = False, flags: int = 0) -> tuple[bytes | None, Message | None]:
+        """One message, checked; a bad one is counted, logged once per kind, and None returned.
+        With flags=zmq.NOBLOCK, raises zmq.Again when nothing is queued."""
+        raw = receive_parts(sock, flags)
         peer = raw.pop(0).bytes if envelope else None
         try:
             msg = decode(raw, self.geometry)

@@ -5,6 +5,8 @@ raise, every bad message is counted, and the stages' books stay consistent.
 The four pipeline stages run in this process on real sockets (their own ports, as in a session),
 so what one stage emits reaches the next when they are pumped."""
 
+from collections import defaultdict
+
 import numpy as np
 import pytest
 import zmq
@@ -120,7 +122,7 @@ def deliver(stages, target, raw, peer):
     elif msg.header.kind == wire_pb2.FRAME:
         stage.frame(0, msg)
     else:
-        stage.receipt(msg, {}, {})
+        stage.receipt(msg, defaultdict(list), defaultdict(int))  # as the worker's receipts() passes them
 
 
 def check_books(stages):

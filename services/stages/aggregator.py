@@ -29,7 +29,7 @@ import numpy as np
 import zmq
 
 from detstream.services.accounting import ClosedScans
-from detstream.services.stage import POLL_MS, Stage
+from detstream.services.stage import BATCH, POLL_MS, Stage
 from detstream.services.wire import END_OF_SCAN, FRAME, PARTIAL, SECTOR, Header, Message, Outbox
 
 
@@ -53,7 +53,13 @@ class AggregatorStage(Stage):
         self.ingest = self.socket(zmq.PULL, bind="ingest")
         self.out = Outbox(self.socket(zmq.PUSH, connect=[("distributor", self.lane, "frames")]), self.name)
         self.sources = self.spec.source.replicas
-        self.pending: dict[tuple[int, int], tuple[list, float]] = {}
+        self.lanes = self.spec.lanes
+        self.sectors = self.geometry.sectors
+        self.sector_bytes = self.geometry.sector_bytes
+        self.scan_rows, self.scan_cols = self.spec.scan.rows, self.spec.scan.cols
+        self.scan_frames = self.geometry.scan_frames
+        self.sector_shape = list(self.geometry.sector_shape)
+        self.pending: dict[tuple[int, int], tuple[list, float, list]] = {}  # parts, first arrival, [parts in]
         self.scans: dict[int, OpenScan] = {}
         self.closed = ClosedScans()
         self.zero = zmq.Frame(bytes(self.geometry.sector_bytes))
@@ -67,9 +73,13 @@ class AggregatorStage(Stage):
 
     def step(self):
         if self.ingest.poll(POLL_MS):
-            _, msg = self.receive(self.ingest)
-            if msg is not None:
-                self.handle(msg)
+            for _ in range(BATCH):  # what is queued, without a poll per message
+                try:
+                    _, msg = self.receive(self.ingest, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if msg is not None:
+                    self.handle(msg)
         elif self.draining.is_set():
             self.drain_now()
         now = self.clock()
@@ -80,30 +90,42 @@ class AggregatorStage(Stage):
 
     def handle(self, msg: Message) -> None:
         h = msg.header
-        if h.kind not in (SECTOR, END_OF_SCAN):
+        kind = h.kind
+        if kind != SECTOR and kind != END_OF_SCAN:
             return self.refuse("kind", msg)
-        if h.scan in self.closed:
+        number = h.scan
+        scan = self.scans.get(number)  # an open scan is never closed: the closed check only for the others
+        if scan is None and number in self.closed:
             self.last_activity = self.clock()  # a source is there (replaying old scans): keep the next one open
             return self.refuse("late", msg, "the scan is closed")
-        if (h.scan_rows or self.spec.scan.rows) * (h.scan_cols or self.spec.scan.cols) != self.geometry.scan_frames:
+        if (h.scan_rows or self.scan_rows) * (h.scan_cols or self.scan_cols) != self.scan_frames:
             return self.refuse("geometry", msg, f"scan of {h.scan_rows}x{h.scan_cols}")
-        scan = self.open_scan(h)
+        if scan is None:
+            scan = self.open_scan(h)
         scan.last_input = self.last_activity = self.clock()
-        if h.kind == END_OF_SCAN:
+        if kind == END_OF_SCAN:
             scan.ended_by.add(h.sender)
             if len(scan.ended_by) >= self.sources:
-                self.close(h.scan, "end of scan")
+                self.close(number, "end of scan")
             return
-        if h.frame % self.spec.lanes != self.lane or scan.emitted[h.frame]:
-            return self.refuse("misrouted" if not scan.emitted[h.frame] else "late", msg)
-        self.counters.frames_in += 1
-        self.counters.bytes_in += msg.payload_bytes
-        key = (h.scan, h.frame)
-        parts, first = self.pending.setdefault(key, ([None] * self.geometry.sectors, self.clock()))
-        if parts[h.sector] is not None:
-            return self.refuse("duplicate-sector", msg, f"sector {h.sector} again")
-        parts[h.sector] = msg.parts[0]
-        if all(p is not None for p in parts):
+        frame = h.frame
+        emitted = scan.emitted[frame]
+        if frame % self.lanes != self.lane or emitted:
+            return self.refuse("late" if emitted else "misrouted", msg)
+        counters = self.counters
+        counters.frames_in += 1
+        counters.bytes_in += self.sector_bytes  # checked on arrival
+        key = (number, frame)
+        entry = self.pending.get(key)
+        if entry is None:
+            entry = self.pending[key] = ([None] * self.sectors, scan.last_input, [0])
+        parts, _, have = entry
+        sector = h.sector
+        if parts[sector] is not None:
+            return self.refuse("duplicate-sector", msg, f"sector {sector} again")
+        parts[sector] = msg.parts[0]
+        have[0] += 1
+        if have[0] == self.sectors:
             self.emit(key, parts)
 
     def open_scan(self, h: Header) -> OpenScan:
@@ -119,17 +141,21 @@ class AggregatorStage(Stage):
         del self.pending[key]
         scan_no, frame = key
         scan = self.scans[scan_no]
-        missing = [i for i, p in enumerate(parts) if p is None]
-        mask = sum(1 << i for i, p in enumerate(parts) if p is not None)
+        if None in parts:
+            missing = [i for i, p in enumerate(parts) if p is None]
+            mask = sum(1 << i for i, p in enumerate(parts) if p is not None)
+            parts = [p if p is not None else self.zero for p in parts]
+        else:
+            missing, mask = (), (1 << len(parts)) - 1
         header = Header(kind=FRAME, scan=scan_no, frame=frame, position=frame, sector_mask=mask,
-                        shape=list(self.geometry.sector_shape), dtype=self.geometry.dtype,
+                        shape=self.sector_shape, dtype=self.geometry.dtype,
                         flags=PARTIAL if missing else 0, scan_rows=scan.rows, scan_cols=scan.cols)
-        self.send(header, [p if p is not None else self.zero for p in parts])
+        self.send(header, parts)
         scan.emitted[frame] = True
         scan.sent += 1
         scan.partial += bool(missing)
         self.counters.frames_out += 1
-        self.counters.bytes_out += self.geometry.sector_bytes * len(parts)
+        self.counters.bytes_out += self.sector_bytes * len(parts)
         if missing:
             self.counters.outcomes["partial"] += 1
             self.log.warning("scan %d frame %d partial: sectors %s missing", scan_no, frame, missing)
@@ -137,6 +163,10 @@ class AggregatorStage(Stage):
     def send(self, header: Header, parts=()) -> None:
         """Blocking send (the distributor's queue full means: wait, and let the sources wait).
         The time spent waiting is taken off the clock the timeouts are measured with."""
+        try:
+            return self.out.send(header, parts, flags=zmq.NOBLOCK)  # the usual case: room in the queue
+        except zmq.Again:
+            pass
         t0 = time.monotonic()
         while not self.stopping.is_set():
             if self.out.socket.poll(POLL_MS, zmq.POLLOUT):
@@ -149,7 +179,7 @@ class AggregatorStage(Stage):
         scan when nobody started it."""
         timeout = self.spec.transport.end_of_scan_timeout_s
         frame_timeout = self.spec.transport.frame_timeout_s
-        for key in [k for k, (_, first) in self.pending.items() if now - first > frame_timeout]:
+        for key in [k for k, (_, first, _) in self.pending.items() if now - first > frame_timeout]:
             self.emit(key, self.pending[key][0])
         for number, scan in list(self.scans.items()):
             if now - scan.last_input > timeout:

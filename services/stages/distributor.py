@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from detstream.services.stage import POLL_MS, Stage
+from detstream.services.stage import BATCH, POLL_MS, Stage
 from detstream.services.wire import (CREDIT, DUPLICATE, END_OF_SCAN, FRAME, HEARTBEAT, Header,
                                      Message, Outbox, frame_key)
 
@@ -56,26 +56,36 @@ class DistributorStage(Stage):
         self.resend: deque[Message] = deque()  # frames of dead workers, sent before new ones
         self.scans: dict[int, LaneScan] = {}
         self.poller = zmq.Poller()
+        self.poller.register(self.work.socket, zmq.POLLIN)
+        self.reading_frames = False                  # whether the poller watches `frames`
         self.last_check = time.monotonic()
 
     def step(self):
-        self.poller.register(self.work.socket, zmq.POLLIN)
         wants_frames = bool(self.ready) and not self.resend
-        self.poller.register(self.frames, zmq.POLLIN if wants_frames else 0)
+        if wants_frames != self.reading_frames:  # (re-registering every turn costs as much as a message)
+            self.poller.register(self.frames, zmq.POLLIN if wants_frames else 0)
+            self.reading_frames = wants_frames
         events = dict(self.poller.poll(POLL_MS))
         if events.get(self.work.socket):
-            for _ in range(64):  # drain worker messages first: they free credits
-                peer, msg = self.receive(self.work.socket, envelope=True)
+            for _ in range(BATCH):  # worker messages first: they free credits
+                try:
+                    peer, msg = self.receive(self.work.socket, envelope=True, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
                 if msg is not None:
                     self.from_worker(peer, msg)
-                if not self.work.socket.poll(0):
-                    break
         while self.resend and self.ready:
             self.dispatch(self.resend.popleft())
-        if events.get(self.frames) and self.ready:
-            _, msg = self.receive(self.frames)
-            if msg is not None:
-                self.from_aggregator(msg)
+        if events.get(self.frames):
+            for _ in range(BATCH):  # as many frames as there are credits for
+                if not self.ready or self.resend:
+                    break
+                try:
+                    _, msg = self.receive(self.frames, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if msg is not None:
+                    self.from_aggregator(msg)
         now = time.monotonic()
         if now - self.last_check > 0.1:
             self.last_check = now

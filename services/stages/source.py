@@ -145,6 +145,11 @@ class SourceStage(Stage):
 
     def send(self, outbox: Outbox, header: Header, parts=()) -> bool:
         """Send, waiting while the lane is full; False if the stage is stopped meanwhile."""
+        try:
+            outbox.send(header, parts, flags=zmq.NOBLOCK)  # the usual case: room in the queue, no poll
+            return True
+        except zmq.Again:
+            pass
         while not self.stopping.is_set():
             if outbox.socket.poll(SEND_RETRY_MS, zmq.POLLOUT):
                 outbox.send(header, parts, flags=zmq.NOBLOCK)

@@ -19,9 +19,10 @@ import zmq
 
 from detstream.services.faults import failpoint
 from detstream.services.plugins import PluginContext, plugin_class
-from detstream.services.stage import POLL_MS, Stage
+from detstream.services.stage import BATCH, POLL_MS, Stage
 from detstream.services.wire import CREDIT, FRAME, HEARTBEAT, RECEIPT, RESULT, Header, Message, Outbox, frame_key
 
+POLLIN, POLLIN_OUT = int(zmq.POLLIN), int(zmq.POLLIN | zmq.POLLOUT)
 CALIBRATION_IDLE_S = 0.5  # calibrate on fewer samples when the stream pauses this long
 
 
@@ -38,6 +39,8 @@ class WorkerStage(Stage):
         self.poller = zmq.Poller()
         for lane in self.lanes:
             self.poller.register(lane.socket, zmq.POLLIN)
+        self.lane_of = {o.socket: i for i, o in enumerate(self.lanes)}
+        self.writer_events = 0                                # what the poller watches on the writer's socket
         self.last_sent = [0.0] * len(self.lanes)
         self.held: list[tuple[int, Message]] = []  # frames kept for calibration
         self.last_frame = time.monotonic()
@@ -50,7 +53,10 @@ class WorkerStage(Stage):
             for lane in range(len(self.lanes)):
                 self.tell(lane, Header(kind=CREDIT, credit=self.spec.workers.credits))
         self.apply_updates()
-        self.poller.register(self.writer.socket, zmq.POLLIN | (zmq.POLLOUT if self.outgoing else 0))
+        events = POLLIN_OUT if self.outgoing else POLLIN
+        if events != self.writer_events:
+            self.poller.register(self.writer.socket, events)
+            self.writer_events = events
         for sock, events in self.poller.poll(POLL_MS):
             if sock is self.writer.socket:
                 if events & zmq.POLLIN:
@@ -58,14 +64,18 @@ class WorkerStage(Stage):
                 if events & zmq.POLLOUT:
                     self.flush()
                 continue
-            lane = next(i for i, o in enumerate(self.lanes) if o.socket is sock)
-            _, msg = self.receive(sock)
-            if msg is None:
-                self.tell(lane, Header(kind=CREDIT, credit=1))  # a rejected message still used a credit
-            elif msg.header.kind != FRAME:
-                self.refuse("kind", msg)
-            else:
-                self.frame(lane, msg)
+            lane = self.lane_of[sock]
+            for _ in range(BATCH):  # what is queued (at most our credits), without a poll per frame
+                try:
+                    _, msg = self.receive(sock, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if msg is None:
+                    self.tell(lane, Header(kind=CREDIT, credit=1))  # a rejected message still used a credit
+                elif msg.header.kind != FRAME:
+                    self.refuse("kind", msg)
+                else:
+                    self.frame(lane, msg)
         self.calibrate_if_idle()
         self.heartbeat()
         self.counters.queue_depth = len(self.outgoing)
@@ -117,8 +127,11 @@ class WorkerStage(Stage):
         """The writer has these results: acknowledge the frames (returning their credit) to their lanes."""
         acks: dict[int, list[int]] = defaultdict(list)
         credits: dict[int, int] = defaultdict(int)
-        while self.writer.socket.poll(0):
-            _, msg = self.receive(self.writer.socket)
+        for _ in range(4 * BATCH):
+            try:
+                _, msg = self.receive(self.writer.socket, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
             if msg is not None:
                 self.receipt(msg, acks, credits)
         for lane, keys in acks.items():
