@@ -6,9 +6,10 @@ The 4D Camera simulator (--detector x --detector frames, 4 sectors, 2 sources) s
 --scan x --scan frames back to back at --rate frames/s through 2 lanes and 3 workers counting
 electrons into one HDF5 file per scan, for --minutes. Every --interval seconds it prints the
 throughput over the interval, the resident memory of every stage and the accounting so far; at
-the end, per stage the peak resident memory and its growth (largest RSS in the last third of the
-run minus the largest in the second third: after warm-up, a leak or a growing queue shows as
-growth that scales with the run), and the accounting of every scan. Results go to
+the end, per stage the peak resident memory and its growth (median RSS over the last third of
+the run minus the median over the second third: after warm-up, a leak or a growing queue shows
+as growth that scales with the run, while the frames an aggregator holds for a source that lags
+the others, at most rate x frameTimeoutS, come and go), and the accounting of every scan. Results go to
 benchmarks/results/soak.json (or --json). Exit status 0 when every frame is written (none lost,
 none unaccounted, no duplicate) and no stage grew by more than --max-growth-mb.
 """
@@ -21,10 +22,14 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from detstream.services.runner import LocalSession, RunFailed
 from detstream.services.session import load_session
@@ -44,6 +49,16 @@ def rss(pid: int) -> tuple[int, int]:
     except (OSError, ValueError, IndexError):
         pass
     return now, peak
+
+
+def queue_depth(port: int) -> float:
+    """A stage's detstream_queue_depth (frames waiting inside it), from its metrics endpoint."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return 0.0
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "detstream_queue_depth")
 
 
 def manifest(args) -> dict:
@@ -98,14 +113,18 @@ def main(argv=None) -> int:
             writer = local.writer().status
             written = sum(s.written for s in writer.scans) if writer else 0
             memory = {p.stage.name: rss(p.proc.pid)[0] for p in local.stages}
+            waiting = {p.stage.name: queue_depth(p.stage.ports["metrics"]) for p in local.stages
+                       if p.stage.role == "aggregator"}
             sample = {"t": round(now - t0, 2), "written": written,
                       "frames_per_second": (written - last_written) / (now - last_t),
                       "lost": sum(s.lost for s in writer.scans) if writer else 0,
-                      "scans_closed": sum(s.complete for s in writer.scans) if writer else 0, "rss": memory}
+                      "scans_closed": sum(s.complete for s in writer.scans) if writer else 0, "rss": memory,
+                      "aggregator_pending_frames": waiting}
             samples.append(sample)
             last_t, last_written = now, written
             print(f"{sample['t']:7.0f} s  {written:>9,}/{total:,} written  {sample['frames_per_second']:7.0f} frames/s  "
-                  f"{sample['scans_closed']} scans closed  lost {sample['lost']}  RSS MB "
+                  f"{sample['scans_closed']} scans closed  lost {sample['lost']}  "
+                  f"pending {'/'.join(f'{v:.0f}' for v in waiting.values())}  RSS MB "
                   + " ".join(f"{n}={m / 1e6:.0f}" for n, m in memory.items()), flush=True)
         duration = time.monotonic() - t0
         final = local.writer().client.status()
@@ -126,8 +145,8 @@ def main(argv=None) -> int:
     third = len(samples) // 3
     if third:
         for name in samples[0]["rss"]:
-            middle = max(s["rss"][name] for s in samples[third:2 * third])
-            last = max(s["rss"][name] for s in samples[2 * third:])
+            middle = statistics.median(s["rss"][name] for s in samples[third:2 * third])
+            last = statistics.median(s["rss"][name] for s in samples[2 * third:])
             growth[name] = last - middle
     ok = (failure is None and len(scans) == spec.scan.count and written == total and lost == 0 and unaccounted == 0
           and all(s["duplicates"] == 0 for s in scans) and all(g <= args.max_growth_mb * 1e6 for g in growth.values()))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -46,11 +47,26 @@ class RunFailed(Exception):
 
 
 def free_ports(host: str = "127.0.0.1"):
-    """Ports the kernel says are free now (each one found by binding to port 0)."""
+    """Ports free now, drawn below the kernel's ephemeral range: a port the kernel hands out for
+    outgoing connections (or binds to port 0) could be taken between the plan and the stage's bind."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    seen: set[int] = set()
     while True:
+        port = rng.randrange(max(1024, low - 12000), low) if low > 2048 else 0
+        if port in seen:
+            continue
         with socket.socket() as s:
-            s.bind((host, 0))
-            yield s.getsockname()[1]
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        seen.add(port)
+        yield port
 
 
 def _die_with_parent() -> None:

@@ -161,8 +161,10 @@ def scan_closed(live: Live, number: int):
 
 
 def test_a_source_that_vanishes_mid_scan_its_scans_close_as_lost_and_the_session_goes_on(tmp_path):
+    # the replacement sender must be heard within endOfScanTimeoutS of scan 2's close, or scan 3 closes too
     doc = manifest("vanish", scan={"rows": 16, "cols": 16, "count": 4}, detector=SMALL,
-                   source={"kind": "external", "rate": 300}, plugin=COUNTING, transport=FAST)
+                   source={"kind": "external", "rate": 300}, plugin=COUNTING,
+                   transport={**FAST, "endOfScanTimeoutS": 4})
     live = Live(doc, tmp_path)
     sender = None
     try:
@@ -186,8 +188,8 @@ def test_a_source_that_vanishes_mid_scan_its_scans_close_as_lost_and_the_session
     assert (s2["written"], s2["lost"], s2["file"]) == (0, 256, "")           # never started: no file
     assert (s3["written"], s3["lost"]) == (256, 0)                           # the session went on
     aggregator = live.log("aggregator-0")
-    assert "scan 1 closed (no input for 1.5 s)" in aggregator
-    assert "scan 2 closed (never started: no input for 1.5 s)" in aggregator
+    assert "scan 1 closed (no input for 4 s)" in aggregator
+    assert "scan 2 closed (never started: no input for 4 s)" in aggregator
     assert_file_matches_truth(s3["file"], 3, 256)
 
 

@@ -9,7 +9,8 @@ downstream how many of its frames it passed on, how many were partial and how ma
 Scans are streamed back to back, so a scan nobody ever started is closed too: when no scan is
 open and nothing has arrived for the end-of-scan timeout since the last activity (the last
 input, or the close of the previous scan), the next scan of the session is closed with all its
-frames lost, and so on, one timeout per scan, until the session's scan count is reached. A
+frames lost, and so on, one timeout per scan, until the session's scan count is reached. The
+first scan waits for the sources as long as it takes (a session is started before its detector). A
 source that comes back sends the following scans as usual (its sectors of closed scans are
 rejected as `late`). Drain closes every open scan once the sectors already queued are read, and
 starts no further scan: a drained session ends with the scans it had started.
@@ -64,7 +65,7 @@ class AggregatorStage(Stage):
         self.closed = ClosedScans()
         self.zero = zmq.Frame(bytes(self.geometry.sector_bytes))
         self.stalled = 0.0                   # seconds spent blocked on the distributor
-        self.last_activity = self.clock()
+        self.last_activity: float | None = None  # None until the first input: the first scan waits for ever
         self.last_sweep = self.clock()
 
     def clock(self) -> float:
@@ -185,8 +186,8 @@ class AggregatorStage(Stage):
             if now - scan.last_input > timeout:
                 self.close(number, f"no input for {timeout:g} s")
         upcoming = self.closed.next_open()
-        if (not self.scans and upcoming < self.spec.scan.count and now - self.last_activity > timeout
-                and not self.draining.is_set()):
+        if (not self.scans and upcoming < self.spec.scan.count and self.last_activity is not None
+                and now - self.last_activity > timeout and not self.draining.is_set()):
             self.open_scan(Header(scan=upcoming))
             self.close(upcoming, f"never started: no input for {timeout:g} s")
 

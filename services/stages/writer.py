@@ -103,10 +103,12 @@ class WriterStage(Stage):
         if h.kind not in (RESULT, END_OF_SCAN):
             self.refuse("kind", msg)
             return
+        if h.kind == RESULT and peer is not None:
+            # even for a result refused below: the frame must not stay in flight for ever (a plugin
+            # returning bad results shows as frames unaccounted, which fails the session loudly)
+            self.receipts.setdefault(peer, []).append(frame_key(h.scan, h.frame))
         if h.kind == RESULT and not self.valid_result(msg):
             return
-        if h.kind == RESULT and peer is not None:
-            self.receipts.setdefault(peer, []).append(frame_key(h.scan, h.frame))
         if h.scan in self.done:
             if h.kind == RESULT:
                 self.counters.outcomes["duplicate"] += 1
