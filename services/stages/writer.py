@@ -27,7 +27,7 @@ import zmq
 from detstream.services.electron_events import ElectronEventsFile
 from detstream.services.faults import failpoint
 from detstream.services.plugins import plugin_class
-from detstream.services.stage import POLL_MS, Stage, StageError
+from detstream.services.stage import BATCH, POLL_MS, Stage, StageError
 from detstream.services.wire import END_OF_SCAN, PARTIAL, RECEIPT, RESULT, Header, Message, Outbox, frame_key
 from detstream.v1.control_pb2 import ScanAccount
 
@@ -84,12 +84,13 @@ class WriterStage(Stage):
     def step(self):
         sock = self.results.socket
         if sock.poll(POLL_MS):
-            for _ in range(256):
-                peer, msg = self.receive(sock, envelope=True)
+            for _ in range(4 * BATCH):  # what is queued, without a poll per message
+                try:
+                    peer, msg = self.receive(sock, envelope=True, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
                 if msg is not None:
                     self.handle(msg, peer)
-                if not sock.poll(0):
-                    break
         self.send_receipts()
         now = time.monotonic()
         self.close_ready(now)
