@@ -141,8 +141,6 @@ def apply_session(body, meta, status, patch, logger, new_params: bool) -> None:
         return
     if not errors:
         patch.metadata.setdefault("annotations", {})[LAST_VALID] = json.dumps(dict(body["spec"]), sort_keys=True)
-    if not status.get("phase"):
-        patch.status["phase"] = "Pending"  # accepted: its children are being created
     if status.get("phase") != "Succeeded":
         desired = resources.children(session, default_image())
     else:
