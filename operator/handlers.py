@@ -112,6 +112,10 @@ def configure(settings: kopf.OperatorSettings, **_):
     settings.posting.level = logging.INFO
     settings.execution.max_workers = 32
     settings.watching.server_timeout = 300
+    # A deleted session waits for its timers (observe, resync) to exit before its finalizer goes; kopf
+    # re-checks a timer still running after `cancellation_polling` s (default 60): deleting a session
+    # while its resync ran took a minute more.
+    settings.background.cancellation_polling = 1.0
 
 
 @kopf.on.resume(*RESOURCE)
