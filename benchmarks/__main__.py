@@ -19,13 +19,13 @@ from importlib import import_module
 # name -> arguments for `make bench` (each module's main(argv))
 BENCHMARKS = {
     "pipeline": [],        # 1. framework overhead: detstream noop session vs bare pyzmq, one-hop ceiling
-    "counting": [],        # 2. electron counting vs stempy, per core
+    "counting": ["--frames", "200", "--repeats", "2"],  # 2. electron counting vs stempy, per core
     "turnaround": [],      # 3. last frame out of the source -> counted HDF5 complete
     "scaling": [],         # 4. workers 1, 2, 4 (credits) and lanes 1, 2
     "memory": [],          # 5. RSS per stage flat over the stream, bytes held within the limits
     "files": [],           # 6. streaming vs the file-based way, same scan, same machine
     "operator": [],        # 7. kubectl apply -> children, 1 and 20 sessions, real control plane
-    "curve": [],           # CURVE encryption cost, socket and session
+    "curve": ["--messages", "1000", "--repeats", "1"],  # CURVE encryption cost, socket and session
     "soak": ["--minutes", "0.5", "--interval", "5"],  # continuous stream: growth and accounting (short here)
 }
 

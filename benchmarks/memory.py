@@ -3,7 +3,7 @@ hold stays within the limits the session configures.
 
     python -m benchmarks.memory [--scans 4] [--scan 32] [--interval 0.1]
 
-A `noop` session (simulator source, 1 lane, 2 workers, default high-water mark and credits)
+A `noop` session (--sources simulator sources, 1 lane, 2 workers, default high-water mark and credits)
 streams --scans scans of --scan x --scan 576x576 frames back to back, as fast as it goes, while
 this process samples every stage's resident memory (VmRSS) and the distributor's frames in flight.
 
@@ -35,13 +35,17 @@ MB = 1 << 20
 
 def bounds(hwm: int, credits: int, workers: int, lanes: int = 1, sources: int = 1) -> dict[str, int]:
     """Bytes each stage may hold by the session's limits (ZeroMQ queues a high-water mark of messages
-    per peer and direction; a worker holds at most `credits` frames of each lane)."""
+    per peer and direction; a worker holds at most `credits` frames of each lane), plus the message
+    it has in hand and the one being received. The aggregator's frames waiting for sectors of
+    other sources are bounded by time (transport.frameTimeoutS), not by a size: with one source
+    they are the frame being assembled."""
+    hand = 2 * FRAME
     return {
-        "source": lanes * hwm * SECTOR * 4 // sources,                  # send queue to each lane, its sectors
-        "aggregator": sources * hwm * SECTOR + 2 * FRAME + hwm * FRAME,  # ingest queue, frames waiting, send queue
-        "distributor": hwm * FRAME + workers * credits * FRAME,          # receive queue, frames in flight (kept)
-        "worker": lanes * credits * FRAME + credits * FRAME,             # frames held, results queued (noop: frames)
-        "writer": workers * hwm * FRAME,                                 # receive queue per worker
+        "source": lanes * hwm * SECTOR * 4 // sources + hand,        # send queue to each lane, its sectors
+        "aggregator": sources * hwm * SECTOR + hwm * FRAME + hand,   # ingest queue per source, send queue
+        "distributor": hwm * FRAME + workers * credits * FRAME + hand,  # receive queue, frames in flight (kept)
+        "worker": lanes * credits * FRAME + credits * FRAME + hand,  # frames held, results queued (noop: frames)
+        "writer": workers * hwm * FRAME + hand,                      # receive queue per worker
     }
 
 
@@ -50,15 +54,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--scans", type=int, default=4)
     parser.add_argument("--scan", type=int, default=32, help="scans of SCAN x SCAN frames (default 32)")
     parser.add_argument("--interval", type=float, default=0.1, help="seconds between samples")
+    parser.add_argument("--sources", type=int, default=1,
+                        help="source processes (default 1); with more, the aggregator also holds the frames whose "
+                             "other sectors are still on their way, bounded by frameTimeoutS, not by a size")
     args = parser.parse_args(argv)
     frames = args.scans * args.scan * args.scan
-    doc = manifest("memory", scan={"rows": args.scan, "cols": args.scan, "count": args.scans})
-    report = Report("memory", frames=frames, scans=args.scans, scan=[args.scan, args.scan])
+    doc = manifest("memory", scan={"rows": args.scan, "cols": args.scan, "count": args.scans},
+                   source={"replicas": args.sources})
+    report = Report("memory", frames=frames, scans=args.scans, scan=[args.scan, args.scan], sources=args.sources)
     samples = []
     with tempfile.TemporaryDirectory(prefix="detstream-bench-") as tmp:
         with SessionRun(doc, Path(tmp)) as run:
             spec = run.local.session.spec
-            limits = bounds(spec.transport.high_water_mark, spec.workers.credits, spec.workers.replicas)
+            limits = bounds(spec.transport.high_water_mark, spec.workers.credits, spec.workers.replicas,
+                            sources=args.sources)
             pids = run.pids
             before = {name: memory(pid)[0] for name, pid in pids.items()}
             distributor = next(p.client for p in run.local.stages if p.stage.role == "distributor")
