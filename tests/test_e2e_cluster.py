@@ -1,0 +1,433 @@
+"""End to end on a real control plane: `kubectl apply` -> the operator -> pods -> frames -> HDF5.
+
+tests/cluster/ runs a real kube-apiserver and kube-controller-manager (v1.20.2), the operator runs as
+`detstream operator`, and the test node agent (tests/node_agent/) stands in for the scheduler and
+the kubelet: it runs the pods the operator's StatefulSets and Deployments create as local
+processes, from the manifests as the API server holds them (command, env with downward-API fields,
+volumes, probes, restart policy), each with its own loopback IP, resolving Service names from their
+EndpointSlices. So a wrong command, a missing variable, a wrong port or a probe that never passes
+fails these tests (see test_the_agent_refuses_what_a_kubelet_would).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import stempy.io
+import yaml
+
+from cluster.fixtures import control_plane, kubectl  # noqa: F401
+from conftest import DETSTREAM, ROOT, manifest
+
+NS = "e2e"
+TESTS = Path(__file__).resolve().parent
+# Small and light: 128x128 frames in 4 sectors, counted with fixed thresholds; `rate` makes a scan
+# last long enough to act on it while it streams.
+LIGHT = {"detector": {"rows": 128, "cols": 128, "sectors": 4},
+         "plugin": {"name": "electron-counting", "params": {"dark": "simulated", "backgroundThreshold": 32,
+                                                            "xrayThreshold": 50}},
+         "transport": {"frameTimeoutS": 20.0}}
+
+
+def wait_until(predicate, timeout=60.0, what="condition", every=0.3):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}"
+        time.sleep(every)
+
+
+class Process:
+    """A long-running helper process (operator, node agent) that dies with the test run."""
+
+    def __init__(self, argv, log_path, env=None, cwd=None):
+        self.log_path = log_path
+        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
+                                     preexec_fn=_die_with_parent)
+
+    def stop(self, timeout=30):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+
+def _die_with_parent():
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Env:
+    def __init__(self, kubectl, workdir, operator, agent):  # noqa: F811
+        self.kubectl, self.workdir, self.operator, self.agent = kubectl, workdir, operator, agent
+        self.pods_dir = workdir / "node" / "pods"
+
+    def get(self, what, name=None):
+        out = self.kubectl.run("get", "-n", NS, what, *([name] if name else []), "-o", "json", check=False)
+        return json.loads(out.stdout) if out.returncode == 0 else None
+
+    def status(self, session):
+        return (self.get("sess", session) or {}).get("status") or {}
+
+    def pods(self, session, role=None):
+        selector = f"detstream.io/session={session}" + (f",app.kubernetes.io/component={role}" if role else "")
+        out = self.kubectl("get", "pods", "-n", NS, "-l", selector, "-o", "json")
+        return json.loads(out)["items"]
+
+    def apply(self, doc):
+        return self.kubectl("apply", "-n", NS, "-f", "-", input=yaml.safe_dump(doc))
+
+    def volume(self, pod, name):
+        """A pod's volume as the node holds it (what `kubectl cp` would read from inside the pod)."""
+        return self.pods_dir / pod["metadata"]["uid"] / "volumes" / name
+
+    def processes(self):
+        """Command lines of processes the node agent started that are still running."""
+        out = subprocess.run(["pgrep", "-af", str(self.pods_dir)], capture_output=True, text=True).stdout
+        return [line for line in out.splitlines() if "pgrep" not in line]
+
+    def wait_phase(self, session, phase, timeout=240):
+        def reached():
+            status = self.status(session)
+            assert status.get("phase") != "Failed" or phase == "Failed", f"session failed: {status.get('message')}"
+            return status.get("phase") == phase and status
+        return wait_until(reached, timeout, f"{session} {phase}")
+
+    def delete(self, session, timeout=120):
+        """`kubectl delete` and wait until its pods and their processes are gone."""
+        uids = [p["metadata"]["uid"] for p in self.pods(session)]
+        self.kubectl("delete", "-n", NS, f"sess/{session}", f"--timeout={timeout}s", timeout=timeout + 10)
+        wait_until(lambda: not self.pods(session), timeout, f"{session}'s pods gone")
+        wait_until(lambda: not [p for p in self.processes() if any(uid in p for uid in uids)], 30,
+                   f"{session}'s processes gone")
+
+    def events(self, name):
+        out = self.kubectl("get", "events", "-n", NS, "--field-selector", f"involvedObject.name={name}", "-o", "json")
+        return [e["message"] for e in json.loads(out)["items"]]
+
+
+@pytest.fixture
+def e2e(cluster):
+    """The module's cluster; whatever a test leaves (a failed one) is deleted after it."""
+    yield cluster
+    cluster.kubectl.run("delete", "sess", "--all", "-n", NS, "--timeout=120s", check=False, timeout=130)
+    cluster.kubectl.run("delete", "pvc", "--all", "-n", NS, "--timeout=60s", check=False, timeout=70)
+    wait_until(lambda: not cluster.get("pods")["items"], 120, "every pod gone")
+
+
+@pytest.fixture(scope="module")
+def cluster(kubectl, tmp_path_factory):  # noqa: F811
+    kubectl("apply", "-f", str(ROOT / "charts" / "detstream" / "crds"))
+    wait_until(lambda: kubectl.run("explain", "streamingsession.spec", check=False).returncode == 0, what="CRD")
+    kubectl("create", "namespace", NS)
+    workdir = tmp_path_factory.mktemp("e2e")
+    env = {**os.environ, "KUBECONFIG": str(kubectl.cp.kubeconfig)}
+    agent = Process([sys.executable, "-m", "node_agent", "--kubeconfig", str(kubectl.cp.kubeconfig), "-n", NS,
+                     "--workdir", str(workdir / "node")], workdir / "node-agent.log", env=env, cwd=TESTS)
+    operator = Process(DETSTREAM + ["operator", "-n", NS, "--standalone", "--liveness-port", "0",
+                                    "--metrics-port", "0"], workdir / "operator.log", env=env)
+    wait_until(lambda: kubectl("get", "nodes", "-o", "name").strip(), what="the test node")
+    e = Env(kubectl, workdir, operator, agent)
+    try:
+        yield e
+    finally:
+        kubectl.run("delete", "namespace", NS, "--wait=false", check=False)
+        operator.stop()
+        agent.stop()
+        print(f"\nlogs: {workdir}", file=sys.stderr)
+    assert agent.proc.returncode == 0, agent.log()[-3000:]
+    assert not e.processes(), "the node agent left processes running"
+    assert not kubectl("get", "nodes", "-o", "name").strip(), "the node agent left its Node"
+
+
+class PhaseWatch:
+    """`kubectl get sess NAME -w`: every phase the session's status went through, in order."""
+
+    def __init__(self, kubectl, name):  # noqa: F811
+        self.proc = subprocess.Popen(
+            [kubectl.exe, f"--kubeconfig={kubectl.cp.kubeconfig}", "get", "-n", NS, "sess", "-w",
+             f"--field-selector=metadata.name={name}", "--request-timeout=0",
+             "-o", "jsonpath={.status.phase}{'\\n'}"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.thread.start()
+
+    def phases(self) -> list[str]:
+        self.proc.terminate()
+        self.thread.join(5)
+        out = []
+        for line in self.lines:
+            line = line.strip()
+            if line and (not out or out[-1] != line):
+                out.append(line)
+        return out
+
+
+def metric(pod, name):
+    """A stage's counter, read from its Prometheus endpoint on its pod IP (0 while it is not serving)."""
+    try:
+        with urllib.request.urlopen(f"http://{pod['status']['podIP']}:9100/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return 0.0
+    return sum(float(m) for m in re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.M))
+
+
+def pod_log(e2e, pod_name):
+    """What `kubectl logs` would show of a removed pod: the node agent keeps its logs."""
+    return "".join(f.read_text() for d in (e2e.workdir / "node" / "logs").glob(f"{NS}_{pod_name}_*")
+                   for f in sorted(d.rglob("*.log")))
+
+
+def check_accounting(status, rows, cols):
+    (scan,) = status["scans"]
+    assert scan["complete"] and scan["expected"] == rows * cols
+    assert scan["expected"] == scan["written"] + scan["lost"]
+    assert (status["framesWritten"], status["framesLost"]) == (scan["written"], scan["lost"])
+    return scan
+
+
+def test_example_session_streams_through_pods_to_a_stempy_file(e2e):
+    t0 = time.monotonic()
+    watch = PhaseWatch(e2e.kubectl, "demo")
+    e2e.kubectl("apply", "-n", NS, "-f", str(ROOT / "examples" / "4dstem.yaml"))
+    status = e2e.wait_phase("demo", "Succeeded", timeout=300)
+    took = time.monotonic() - t0
+    # Pending lasts until the first stage pod runs; this node starts pods within a second, sometimes
+    # before the operator's first observation (1 s after creation): then it is not seen.
+    phases = watch.phases()
+    assert phases in (["Pending", "Starting", "Ready", "Streaming", "Succeeded"],
+                      ["Starting", "Ready", "Streaming", "Succeeded"]), phases
+    scan = check_accounting(status, 32, 32)
+    assert scan["lost"] == 0 and scan["written"] == 1024
+    row = e2e.kubectl("get", "sess", "demo", "-n", NS).splitlines()[1].split()
+    assert (row[0], row[1], row[3], row[4]) == ("demo", "Succeeded", "1024", "0")
+
+    # The results live in the writer's emptyDir: the writer stays (finished) until the session is
+    # deleted, so they can be fetched (`kubectl cp demo-writer-0:/data/demo-scan0000.h5 .`).
+    (writer,) = e2e.pods("demo", "writer")
+    path = e2e.volume(writer, "output") / "demo-scan0000.h5"
+    counted = stempy.io.load_electron_counts(str(path))
+    assert tuple(counted.scan_shape) == (32, 32) and tuple(counted.frame_shape) == (576, 576)
+    assert sum(1 for frames in counted.data if len(frames[0])) == scan["written"]
+    if scan["partial"] == 0:  # a partial frame is zero-filled: only whole frames count as stempy does
+        from test_local_session import stempy_events
+        from detstream.services.session import Detector, Simulator as SimulatorSettings
+        from detstream.services.simulator import Simulator
+        sim = Simulator(SimulatorSettings(seed=7), Detector())
+        for position in range(0, 1024, 97):
+            np.testing.assert_array_equal(np.sort(counted.data[position][0]),
+                                          stempy_events(sim.frame(0, position), sim.dark))
+    wait_until(lambda: [p["metadata"]["name"] for p in e2e.pods("demo")] == ["demo-writer-0"], 60,
+               "every stage but the writer scaled to zero")
+    print(f"\nexample: kubectl apply -> Succeeded in {took:.1f} s", file=sys.stderr)
+    e2e.delete("demo")
+    wait_until(lambda: not path.exists(), 10, "the emptyDir removed with its pod")
+
+
+def claim(e2e, name):
+    """A PersistentVolumeClaim bound to a hostPath PersistentVolume in a folder of the test."""
+    folder = e2e.workdir / name
+    folder.mkdir()
+    e2e.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([
+        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{NS}-{name}"},
+         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "",
+                  "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(folder)},
+                  "claimRef": {"namespace": NS, "name": name}}},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name, "namespace": NS},
+         "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": f"{NS}-{name}",
+                  "resources": {"requests": {"storage": "1Gi"}}}}]))
+    wait_until(lambda: (e2e.get("pvc", name) or {}).get("status", {}).get("phase") == "Bound", what=f"{name} Bound")
+    return folder
+
+
+def streaming_session(e2e, name, rows, rate, workers, **extra):
+    sections = {**copy.deepcopy(LIGHT), **extra}
+    doc = manifest(name, scan={"rows": rows, "cols": rows}, workers={"replicas": workers},
+                   source={"kind": "simulator", "rate": rate, "simulator": {"seed": 3}},
+                   output={"volumeClaim": name}, **sections)
+    folder = claim(e2e, name)
+    e2e.apply(doc)
+    return folder
+
+
+def written(e2e, session):
+    return e2e.status(session).get("framesWritten", 0)
+
+
+def check_file(path, rows, written_frames):
+    """The file loads with stempy; the positions with events are the frames the writer counted."""
+    counted = stempy.io.load_electron_counts(str(path))
+    assert tuple(counted.scan_shape) == (rows, rows)
+    assert sum(1 for frames in counted.data if len(frames[0])) == written_frames
+    return counted
+
+
+def test_scaling_workers_mid_scan_spreads_the_work_and_loses_nothing(e2e):
+    folder = streaming_session(e2e, "scaled", 24, rate=12, workers=1)
+    e2e.wait_phase("scaled", "Streaming")
+    first = {p["metadata"]["name"] for p in e2e.pods("scaled", "worker")}
+    wait_until(lambda: written(e2e, "scaled") >= 30, 120, "frames written by one worker")
+    e2e.kubectl("scale", "-n", NS, "sess/scaled", "--replicas=3")
+
+    def new_workers_working():
+        new = [p for p in e2e.pods("scaled", "worker") if p["metadata"]["name"] not in first
+               and p.get("status", {}).get("podIP")]
+        assert e2e.status("scaled").get("phase") == "Streaming", "the scan ended before the new workers worked"
+        return len(new) == 2 and all(metric(p, "detstream_frames_received_total") > 0 for p in new) and new
+    wait_until(new_workers_working, 150, "the two new workers to receive frames", every=1)
+    status = e2e.wait_phase("scaled", "Succeeded")
+    assert status["workers"].endswith("/3") and status["workerReplicas"] == 3
+    scan = check_accounting(status, 24, 24)
+    assert (scan["written"], scan["lost"], scan["partial"]) == (576, 0, 0)
+    check_file(folder / "scaled-scan0000.h5", 24, 576)
+    assert any("came up mid-session" in m for m in e2e.events("scaled"))
+    e2e.delete("scaled")
+
+
+def test_a_killed_worker_restarts_and_nothing_is_lost_or_duplicated(e2e):
+    # Without fixed thresholds a worker holds its first `samples` frames to calibrate on them: they
+    # are in flight (handed out, not acknowledged) when it is killed, so they must be re-sent.
+    plugin = {"name": "electron-counting", "params": {"dark": "simulated", "samples": 60}}
+    folder = streaming_session(e2e, "killed", 24, rate=12, workers=2, plugin=plugin,
+                               transport={**LIGHT["transport"], "workerTimeoutS": 2.0})
+    e2e.wait_phase("killed", "Streaming")
+    victim = e2e.pods("killed", "worker")[0]
+    name = victim["metadata"]["name"]
+    wait_until(lambda: metric(victim, "detstream_frames_received_total") >= 15, 120, f"{name} holding frames")
+    (container,) = victim["status"]["containerStatuses"]
+    os.kill(int(container["containerID"].removeprefix("process://")), signal.SIGKILL)
+
+    def restarted():
+        (cs,) = e2e.get("pod", name)["status"]["containerStatuses"]
+        return cs["restartCount"] == 1 and cs["ready"] and cs
+    cs = wait_until(restarted, 90, f"{name} restarted and ready")
+    assert cs["lastState"]["terminated"]["exitCode"] == 137 and cs["lastState"]["terminated"]["reason"] == "Error"
+    status = e2e.wait_phase("killed", "Succeeded")
+    scan = check_accounting(status, 24, 24)
+    assert (scan["written"], scan["lost"], scan["partial"]) == (576, 0, 0)
+    counted = check_file(folder / "killed-scan0000.h5", 24, 576)
+    assert all(len(frames) == 1 for frames in counted.data)  # every position once: nothing duplicated
+    assert any(f"came up mid-session: {name} (restarted 1x)" in m for m in e2e.events("killed"))
+    e2e.delete("killed")
+    resent = [int(n) for n in re.findall(r"worker declared dead .*; re-sending its (\d+) frames",
+                                         pod_log(e2e, "killed-distributor-0"))]
+    assert resent and resent[0] >= 15, resent
+
+
+def test_a_pod_that_cannot_start_fails_the_session_with_its_message(e2e):
+    # A replay of a file the source pod cannot see: the source exits 1 with the reason, is restarted,
+    # exits again and backs off (CrashLoopBackOff), and the session says which pod and why.
+    doc = manifest("broken", source={"kind": "replay", "path": "/data/scan-0042.npy"}, **copy.deepcopy(LIGHT))
+    e2e.apply(doc)
+    status = e2e.wait_phase("broken", "Failed", timeout=120)
+    expected = "replay file /data/scan-0042.npy does not exist (spec.source.path)"
+    assert status["message"].startswith("pod broken-source-0: CrashLoopBackOff: ") and expected in status["message"]
+    ready = {c["type"]: c for c in status["conditions"]}["StagesReady"]
+    assert ready["status"] == "False" and ready["reason"] == "StageFailed" and expected in ready["message"]
+    (source,) = e2e.pods("broken", "source")
+    (cs,) = source["status"]["containerStatuses"]
+    assert cs["restartCount"] >= 1 and cs["lastState"]["terminated"]["exitCode"] == 1
+    assert any("Back-off restarting failed container" in m for m in e2e.events("broken-source-0"))
+    e2e.delete("broken")
+
+
+def test_deleting_a_running_session_drains_it_and_removes_everything(e2e):
+    folder = streaming_session(e2e, "drained", 32, rate=10, workers=2)
+    e2e.wait_phase("drained", "Streaming")
+    wait_until(lambda: written(e2e, "drained") >= 30, 120, "frames written")
+    watch = PhaseWatch(e2e.kubectl, "drained")
+    t0 = time.monotonic()
+    e2e.delete("drained")
+    took = time.monotonic() - t0
+    assert "Draining" in watch.phases()
+    assert not e2e.get("sess", "drained")
+    assert any("drained: the writer has closed its files" in m for m in e2e.events("drained"))
+    # The source ended its scan early; the writer closed it: frames not sent are reported lost, the
+    # file is complete (renamed from its temporary name), valid, and holds what was written.
+    closed = re.search(r"scan 0 closed: (\d+) expected, (\d+) written \((\d+) partial\), (\d+) lost",
+                       pod_log(e2e, "drained-writer-0"))
+    expected, kept, _, lost = map(int, closed.groups())
+    assert expected == 1024 == kept + lost and 30 <= kept < 1024
+    assert os.listdir(folder) == ["drained-scan0000.h5"]
+    check_file(folder / "drained-scan0000.h5", 32, kept)
+    print(f"\ndrain: kubectl delete returned in {took:.1f} s; {kept} of 1024 frames written, {lost} lost",
+          file=sys.stderr)
+
+
+def test_the_agent_refuses_what_a_kubelet_would(e2e):
+    """The operator's own worker Deployment, applied as it builds it and with one thing broken each:
+    only the unbroken one becomes Ready. This is what makes the tests above worth something."""
+    from detstream.operator import resources
+    from detstream.services.session import load_session
+
+    session = load_session({**manifest("honest", **copy.deepcopy(LIGHT)), "metadata": {"name": "honest",
+                                                                                        "namespace": NS}})
+    built = resources.children(session, "example/detstream:test")
+    plan = next(o for o in built if o["kind"] == "ConfigMap")
+    worker = next(o for o in built if o["kind"] == "Deployment")
+
+    def env(name, value=None):
+        def change(c):
+            c["env"] = [e for e in c["env"] if e["name"] != name] + ([{"name": name, "value": value}] if value else [])
+        return change
+
+    def mount_at(path):
+        def change(c):
+            next(m for m in c["volumeMounts"] if m["mountPath"] == "/etc/detstream")["mountPath"] = path
+        return change
+
+    cases = {"control": lambda c: None,
+             "command": lambda c: c["args"].__setitem__(1, "wroker"),  # a typo in the role
+             "env": env("POD_IP"),                                      # no downward-API pod IP
+             "port": env("DETSTREAM_CONTROL_PORT", "7999"),             # probes ask the wrong port
+             "mount": mount_at("/etc/plan")}                            # the plan is not where args say
+    docs = [plan]
+    for case, change in cases.items():
+        doc = copy.deepcopy(worker)
+        doc["metadata"]["name"] = f"honest-{case}"
+        doc["spec"]["replicas"] = 1
+        doc["spec"]["selector"]["matchLabels"]["case"] = doc["spec"]["template"]["metadata"]["labels"]["case"] = case
+        change(doc["spec"]["template"]["spec"]["containers"][0])
+        docs.append(doc)
+    e2e.kubectl("apply", "-n", NS, "-f", "-", input=yaml.safe_dump_all(docs))
+
+    def pods():
+        return {p["metadata"]["labels"]["case"]: p for p in e2e.pods("honest")
+                if p.get("status", {}).get("containerStatuses")}
+
+    def settled():
+        now = pods()
+        crashed = [now[c]["status"]["containerStatuses"][0] for c in ("command", "mount") if c in now]
+        ready = "control" in now and now["control"]["status"]["containerStatuses"][0]["ready"]
+        return ready and len(crashed) == 2 and all(cs["restartCount"] >= 1 for cs in crashed) and now
+    wait_until(settled, 120, "the control worker Ready and the broken ones restarted", every=1)
+    time.sleep(3 * 2)  # three more probe periods for the others
+    now = {case: pod["status"]["containerStatuses"][0] for case, pod in pods().items()}
+    assert now["control"]["ready"] and now["control"]["restartCount"] == 0
+    assert not any(now[case]["ready"] for case in ("command", "env", "port", "mount"))
+    last = lambda case: now[case].get("lastState", {}).get("terminated") or now[case]["state"]["terminated"]  # noqa
+    assert last("command")["exitCode"] == 2 and "invalid choice: 'wroker'" in last("command")["message"]
+    assert "/etc/detstream/plan.json" in last("mount")["message"]
+    e2e.kubectl("delete", "deployment,configmap", "-n", NS, "-l", "detstream.io/session=honest")
+    wait_until(lambda: not e2e.pods("honest"), 60, "the honest-* pods gone")
