@@ -102,14 +102,17 @@ class SourceStage(Stage):
         spec, g = self.spec, self.geometry
         shape = list(g.sector_shape)
         drop = spec.transport.on_full == "drop"
+        # One schedule for the whole session, not one per scan: a source held up for a moment (a busy
+        # core) catches up afterwards, instead of staying behind the other sources for good, which
+        # would leave the aggregators holding half frames (up to frameTimeoutS) for the rest of the run.
+        t0 = time.monotonic()
         for scan in range(spec.scan.count):
             sent = [0] * spec.lanes
-            t0 = time.monotonic()
             for frame in range(spec.scan.frames):
                 if self.draining.is_set():
                     break  # end the scan here: the frames not sent are reported lost downstream
                 if spec.source.rate:
-                    delay = t0 + frame / spec.source.rate - time.monotonic()
+                    delay = t0 + (scan * spec.scan.frames + frame) / spec.source.rate - time.monotonic()
                     if delay > 0:
                         time.sleep(delay)
                 lane = frame % spec.lanes
