@@ -105,7 +105,11 @@ def run_stage(args) -> int:
         print("detstream stage: --plan is required (or, for a source outside the session, "
               "--manifest and --connect)", file=sys.stderr)
         return 2
-    plan = Plan.read(args.plan)
+    try:
+        plan = Plan.read(args.plan)
+    except (OSError, ValueError) as exc:
+        print(f"detstream stage: cannot read the plan {args.plan}: {exc}", file=sys.stderr)
+        return 2
     extra = {"output": args.output} if args.role == "writer" else {}
     return cls(plan, stage_index(args.index), bind_host=args.bind, **extra).run()
 

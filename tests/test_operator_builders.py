@@ -151,3 +151,12 @@ def test_external_source_behind_a_policy_needs_its_ranges():
         "spec.kubernetes.externalSourceRanges: required")
     assert not resources.cluster_problems(session(source={"kind": "external"},
                                                   kubernetes={"networkPolicy": False}))
+
+
+def test_a_finished_session_keeps_only_a_writer_holding_results_in_an_emptydir():
+    def replicas(s):
+        return {o["metadata"]["name"]: o["spec"]["replicas"] for o in resources.finished(s, "img")
+                if o["kind"] in ("Deployment", "StatefulSet")}
+    kept = replicas(session())
+    assert kept.pop("s1-writer") == 1 and not any(kept.values())
+    assert not any(replicas(session(output={"volumeClaim": "scans"})).values())
