@@ -17,8 +17,10 @@ starts no further scan: a drained session ends with the scans it had started.
 
 Timeouts measure the sources' silence only while this stage can listen: time spent blocked on
 a full distributor (backpressure) does not count, so a slow pipeline never closes scans early.
-Frames waiting for missing sectors are bounded by time: each goes on (partial) after the frame
-timeout, so a source that dies among others holds at most rate x frameTimeoutS frames here.
+Frames waiting for missing sectors are bounded: past MAX_PENDING_PER_HWM x highWaterMark of them
+(a source ahead of the others) the aggregator reads one message per pause, so the source ahead is
+held back by its full queue while the others catch up; and each frame goes on (partial) after the
+frame timeout, so a source that dies among others cannot make them grow either.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ import zmq
 from detstream.services.accounting import ClosedScans
 from detstream.services.stage import BATCH, POLL_MS, Stage
 from detstream.services.wire import END_OF_SCAN, FRAME, PARTIAL, SECTOR, Header, Message, Outbox
+
+MAX_PENDING_PER_HWM = 8   # frames waiting for sectors from other sources, per unit of transport.highWaterMark
+PACE_S = 0.001            # the pause per message while that many are waiting
 
 
 @dataclass
@@ -61,6 +66,7 @@ class AggregatorStage(Stage):
         self.scan_frames = self.geometry.scan_frames
         self.sector_shape = list(self.geometry.sector_shape)
         self.pending: dict[tuple[int, int], tuple[list, float, list]] = {}  # parts, first arrival, [parts in]
+        self.max_pending = MAX_PENDING_PER_HWM * self.spec.transport.high_water_mark
         self.scans: dict[int, OpenScan] = {}
         self.closed = ClosedScans()
         self.zero = zmq.Frame(bytes(self.geometry.sector_bytes))
@@ -74,7 +80,14 @@ class AggregatorStage(Stage):
 
     def step(self):
         if self.ingest.poll(POLL_MS):
-            for _ in range(BATCH):  # what is queued, without a poll per message
+            ahead = len(self.pending) >= self.max_pending
+            if ahead:
+                # A source runs ahead of another (a busy core, or one that died): take one message per
+                # turn and a pause, so the others can catch up. ZeroMQ takes turns among the sources
+                # that have something queued, so what is pending stops growing; the one ahead waits
+                # on its full queue (backpressure), and a source that never comes is the frame timeout's.
+                time.sleep(PACE_S)
+            for _ in range(1 if ahead else BATCH):  # what is queued, without a poll per message
                 try:
                     _, msg = self.receive(self.ingest, flags=zmq.NOBLOCK)
                 except zmq.Again:
