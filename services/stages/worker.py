@@ -158,15 +158,22 @@ class WorkerStage(Stage):
         if self.held and time.monotonic() - self.last_frame > CALIBRATION_IDLE_S:
             self.calibrate()
 
-    def tell(self, lane: int, header: Header) -> None:
-        self.lanes[lane].send(header)
+    def tell(self, lane: int, header: Header, droppable: bool = False) -> None:
+        """Send to a lane's distributor without ever blocking past a Stop (the distributor re-sends
+        what we never acknowledged); a heartbeat that finds the queue full is dropped: the queue
+        itself says we are alive once the distributor reads it."""
+        outbox = self.lanes[lane]
+        while not outbox.socket.poll(POLL_MS, zmq.POLLOUT):
+            if droppable or self.stopping.is_set():
+                return
+        outbox.send(header, flags=zmq.NOBLOCK)
         self.last_sent[lane] = time.monotonic()
 
     def heartbeat(self) -> None:
         now = time.monotonic()
         for lane, last in enumerate(self.last_sent):
             if now - last > self.spec.transport.heartbeat_s:
-                self.tell(lane, Header(kind=HEARTBEAT))
+                self.tell(lane, Header(kind=HEARTBEAT), droppable=True)
 
     def configure(self, params: dict) -> None:
         """Called from a control thread: build the new plugin there (so bad parameters are refused
