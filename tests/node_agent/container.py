@@ -204,7 +204,9 @@ class Container:
                     env[var["name"]] = data[ref["key"]]
             else:
                 raise ConfigError(f"env {var['name']}: {', '.join(source)} is not supported by the test node agent")
-        env = {k: pod.paths.path(v) for k, v in env.items()}
+        # Paths the pod's spec gives are rewritten to its volumes; the image's own variables are not
+        # (PATH names this machine's venv, which may itself lie under a mount path such as /tmp).
+        env = {k: v if IMAGE["env"].get(k) == v else pod.paths.path(v) for k, v in env.items()}
         if "TMPDIR" not in env and pod.paths.path("/tmp") != "/tmp":
             env["TMPDIR"] = pod.paths.path("/tmp")
         return env
