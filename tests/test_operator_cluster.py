@@ -160,7 +160,8 @@ def test_invalid_specs_are_refused(cluster):
     apply(kubectl, doc)
 
     def refused():
-        cond = {c["type"]: c for c in get(kubectl, "sess", "guarded")["status"].get("conditions", [])}
+        status = get(kubectl, "sess", "guarded").get("status") or {}
+        cond = {c["type"]: c for c in status.get("conditions", [])}
         spec_valid = cond.get("SpecValid", {})
         return spec_valid.get("status") == "False" and spec_valid
     spec_valid = wait_until(refused, what="SpecValid=False")
@@ -237,15 +238,19 @@ def test_two_replicas_only_one_acts(cluster, tmp_path):
     operator.stop()  # a standalone operator takes no part in peering
     kubectl("apply", "-n", NS, "-f", "-", input=yaml.safe_dump(
         {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "detstream"}}))
-    peers = [Operator(kubectl.cp, tmp_path / f"peer-{i}.log", "--priority", str(10 + i)) for i in range(2)]
+    # The higher priority first: a peer starts paused and acts only once it has read the peering
+    # object, so the second one, seeing the first already there, never acts.
+    peers = [None, Operator(kubectl.cp, tmp_path / "peer-1.log", "--priority", "11")]
     try:
-        wait_until(lambda: len(get(kubectl, "kopfpeering", "detstream").get("status", {})) == 2, what="both peers")
+        wait_until(lambda: len(get(kubectl, "kopfpeering", "detstream").get("status") or {}) == 1, what="peer 1")
+        peers[0] = Operator(kubectl.cp, tmp_path / "peer-0.log", "--priority", "10")
+        wait_until(lambda: len(get(kubectl, "kopfpeering", "detstream").get("status") or {}) == 2, what="both peers")
         apply(kubectl, manifest("peered"))
         wait_until(lambda: converged(kubectl, "peered"), what="children")
         time.sleep(2 * 2.0)  # two observe intervals: a second acting peer would have logged by now
         assert "Handler 'reconcile' succeeded" in peers[1].log()  # the higher priority acts
         assert "'reconcile'" not in peers[0].log() and "'observe'" not in peers[0].log()
     finally:
-        for peer in peers:
+        for peer in filter(None, peers):
             peer.stop()
         operator.start()
