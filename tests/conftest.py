@@ -41,3 +41,36 @@ def no_stage_left(marker: str) -> list[str]:
 def which(tool: str) -> str | None:
     local = ROOT / ".tools" / "bin" / tool
     return str(local) if local.exists() else shutil.which(tool)
+
+
+@pytest.fixture
+def local_session(tmp_path):
+    """Start sessions in-process (real stage processes on 127.0.0.1); all stopped at the end."""
+    from detstream.services.runner import LocalSession
+    from detstream.services.session import load_session
+
+    sessions = []
+
+    def start(doc):
+        local = LocalSession(load_session(doc), tmp_path)
+        sessions.append(local)
+        local.launch()
+        local.wait_healthy()
+        local.start()
+        return local
+    yield start
+    for local in sessions:
+        local.stop()
+
+
+def wait_for(predicate, timeout=60.0, what="condition"):
+    """Poll until `predicate()` is true (returned), failing after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)

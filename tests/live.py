@@ -18,19 +18,9 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import DETSTREAM, no_stage_left
+from conftest import DETSTREAM, no_stage_left, wait_for  # noqa: F401 (wait_for is re-exported)
 from detstream.services.control import StageClient
 from detstream.services.plan import Plan
-
-
-def wait_for(predicate, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 class Live:

@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import subprocess
-import time
 import urllib.request
 
 import grpc
@@ -15,39 +14,14 @@ import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import DETSTREAM, manifest, no_stage_left
-from detstream.services.runner import LocalSession
-from detstream.services.session import load_session
+from conftest import DETSTREAM, manifest, no_stage_left, wait_for
 from detstream.v1 import control_pb2
-from detstream.v1.wire_pb2 import CREDIT, END_OF_SCAN, FRAME, RESULT, SECTOR, Header
+from detstream.v1.wire_pb2 import END_OF_SCAN, FRAME, RESULT, SECTOR, Header
 
 SMALL = {"rows": 64, "cols": 64, "sectors": 2}
 SECTOR_BYTES = 64 * 32 * 2
 COUNTING = {"name": "electron-counting", "params": {"dark": "none", "backgroundThreshold": 200,
                                                      "xrayThreshold": 400}}
-
-
-@pytest.fixture
-def local_session(tmp_path):
-    sessions = []
-
-    def start(doc):
-        local = LocalSession(load_session(doc), tmp_path)
-        sessions.append(local)
-        local.launch()
-        local.wait_healthy()
-        local.start()
-        return local
-    yield start
-    for local in sessions:
-        local.stop()
-
-
-def wait_for(predicate, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def rejected(port) -> dict[str, float]:

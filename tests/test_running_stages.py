@@ -2,44 +2,17 @@
 endpoint and health service answer while it streams."""
 
 import subprocess
-import time
 import urllib.request
 
 import grpc
 import numpy as np
-import pytest
 import stempy.io
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import DETSTREAM, manifest
-from detstream.services.runner import LocalSession
-from detstream.services.session import load_session
+from conftest import DETSTREAM, manifest, wait_for
 from detstream.services.wire import END_OF_SCAN, SECTOR, Header, Outbox
-
-
-@pytest.fixture
-def local_session(tmp_path):
-    sessions = []
-
-    def start(doc):
-        local = LocalSession(load_session(doc), tmp_path)
-        sessions.append(local)
-        local.launch()
-        local.wait_healthy()
-        local.start()
-        return local
-    yield start
-    for local in sessions:
-        local.stop()
-
-
-def wait_for(predicate, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_a_withheld_sector_gives_a_partial_frame_zero_filled(local_session):

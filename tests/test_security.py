@@ -3,7 +3,6 @@ port. Outsiders are refused and counted; the session itself streams with exact a
 
 import os
 import subprocess
-import time
 import urllib.request
 
 import grpc
@@ -12,38 +11,13 @@ import zmq
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import DETSTREAM, manifest
+from conftest import DETSTREAM, manifest, wait_for
 from detstream.services.control import StageClient
-from detstream.services.runner import LocalSession
 from detstream.services.security import Keys
-from detstream.services.session import load_session
 from detstream.services.wire import SECTOR, Header, Outbox
 
 SECURE = {"dataPlane": "curve", "controlPlane": "mtls"}
 SMALL = {"rows": 64, "cols": 64, "sectors": 2}
-
-
-@pytest.fixture
-def secure_session(tmp_path):
-    sessions = []
-
-    def start(doc):
-        local = LocalSession(load_session(doc), tmp_path)
-        sessions.append(local)
-        local.launch()
-        local.wait_healthy()
-        local.start()
-        return local
-    yield start
-    for local in sessions:
-        local.stop()
-
-
-def wait_for(predicate, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def rejected(port, reason):
@@ -57,10 +31,10 @@ def sector_message():
                   scan_cols=8), [bytes(64 * 32 * 2)]
 
 
-def test_outsiders_are_refused_and_counted_while_the_session_streams_exactly(secure_session, tmp_path):
+def test_outsiders_are_refused_and_counted_while_the_session_streams_exactly(local_session, tmp_path):
     doc = manifest("secure", scan={"rows": 8, "cols": 8}, detector=SMALL, source={"kind": "external"},
                    plugin={"name": "noop"}, security=SECURE)
-    local = secure_session(doc)
+    local = local_session(doc)
     keys = Keys(local.run_dir / "keys")
     aggregator = local.plan.stage("aggregator", 0)
     ingest = local.plan.endpoint("aggregator", 0, "ingest")
@@ -100,10 +74,10 @@ def test_outsiders_are_refused_and_counted_while_the_session_streams_exactly(sec
         ctx.destroy(linger=0)
 
 
-def test_the_control_plane_refuses_callers_without_a_session_certificate(secure_session):
+def test_the_control_plane_refuses_callers_without_a_session_certificate(local_session):
     doc = manifest("mtls", scan={"rows": 4, "cols": 4}, detector=SMALL, source={"rate": 2},
                    plugin={"name": "noop"}, security=SECURE)
-    local = secure_session(doc)
+    local = local_session(doc)
     keys = Keys(local.run_dir / "keys")
     for p in local.stages:
         address = f"127.0.0.1:{p.stage.ports['control']}"
