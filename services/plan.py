@@ -7,7 +7,7 @@ plan to find its peers. Topology, per lane l (frames with frame % lanes == l):
 
     source x S --PUSH--> aggregator[l] (binds ingest) --PUSH--> distributor[l] (binds frames)
     distributor[l] (binds work, ROUTER) <--DEALER-- worker x M (each connects to every lane)
-    worker --PUSH--> writer (binds results) <--PUSH-- distributor[l] (end of scan accounting)
+    worker --DEALER--> writer (binds results, ROUTER: a RECEIPT per result) <-- distributor[l] (end of scan)
 """
 
 from __future__ import annotations
