@@ -13,19 +13,10 @@ import yaml
 
 from cluster.fixtures import control_plane, kubectl  # noqa: F401
 from conftest import DETSTREAM, ROOT, manifest
+from conftest import wait_for as wait_until
 
 NS = "optest"
 CHILD_KINDS = "configmaps,services,statefulsets,deployments"
-
-
-def wait_until(predicate, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
 
 
 class Operator:
