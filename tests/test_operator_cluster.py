@@ -111,7 +111,7 @@ def test_scale_resizes_the_worker_pool(cluster):
     wait_until(lambda: converged(kubectl, "scaled"), what="children")
     kubectl("scale", "-n", NS, "sess/scaled", "--replicas=5")
     wait_until(lambda: get(kubectl, "deployment", "scaled-worker")["spec"]["replicas"] == 5, what="5 workers")
-    wait_until(lambda: get(kubectl, "sess", "scaled")["status"].get("workers") == "0/5", what="status 0/5")
+    wait_until(lambda: (get(kubectl, "sess", "scaled").get("status") or {}).get("workers") == "0/5", what="status 0/5")
 
 
 def worker_replicasets(kubectl):  # noqa: F811
