@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -36,6 +37,16 @@ def no_stage_left(marker: str) -> list[str]:
     out = subprocess.run(["pgrep", "-af", f"detstream.services.cli stage .*{marker}"], capture_output=True,
                          text=True).stdout
     return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+def require(tool: str) -> str:
+    """The tool's path; a test without it fails in CI (where `make tools` must have run), else skips."""
+    path = which(tool)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{tool} is missing (run `make tools`); in CI every tool must be there")
+        pytest.skip(f"{tool} is not installed (`make tools` installs it)")
+    return path
 
 
 def which(tool: str) -> str | None:

@@ -19,7 +19,6 @@ Without helm/actionlint these tests skip, unless $CI is set: then they fail.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import ROOT, which
+from conftest import ROOT, require, which
 
 CHART = ROOT / "charts" / "detstream"
 RELEASE, NAMESPACE = "ds", "detstream"
@@ -39,15 +38,6 @@ ALL_ON = {"rbac": {"clusterWide": True}, "metrics": {"enabled": True, "additiona
           "peering": {"enabled": True}, "replicas": 2}
 NAMESPACED_ALL_ON = {**ALL_ON, "rbac": {"clusterWide": False}, "watchNamespaces": ["beamline-a", "beamline-b"]}
 SCENARIOS = {"default": {}, "all-on": ALL_ON, "namespaced-all-on": NAMESPACED_ALL_ON}
-
-
-def require(tool: str) -> str:
-    path = which(tool)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{tool} is missing (run `make tools`); in CI every tool must be there")
-        pytest.skip(f"{tool} is not installed (`make tools` installs it)")
-    return path
 
 
 def helm(*args: str, values: dict | None = None, tmp_path: Path | None = None) -> subprocess.CompletedProcess:

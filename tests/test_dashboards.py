@@ -17,7 +17,6 @@ Without promtool/prometheus these tests skip, unless $CI is set: then they fail.
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, manifest, which
+from conftest import ROOT, manifest, require
 
 CHART = ROOT / "charts" / "detstream"
 DASHBOARDS = sorted((CHART / "dashboards").glob("*.json"))
@@ -37,15 +36,6 @@ RULES = CHART / "alerts" / "detstream-rules.yaml"
 RULE_TESTS = sorted((ROOT / "tests" / "prometheus").glob("*.test.yaml"))
 SESSION = "dash"
 BUILTIN_VARIABLES = {"__rate_interval", "__interval", "__range", "__interval_ms", "__range_s", "__range_ms"}
-
-
-def require(tool: str) -> str:
-    path = which(tool)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{tool} is missing (run `make tools`); in CI every tool must be there")
-        pytest.skip(f"{tool} is not installed (`make tools` installs it)")
-    return path
 
 
 def load(path: Path) -> dict:

@@ -14,13 +14,12 @@ import json
 import os
 import re
 import subprocess
-import time
 
 import pytest
 import yaml
 
 from cluster.fixtures import control_plane, kubectl  # noqa: F401
-from conftest import DETSTREAM, ROOT, manifest, which
+from conftest import DETSTREAM, ROOT, manifest, wait_for, which
 
 CHART = ROOT / "charts" / "detstream"
 CRDS = {"streamingsessions.detstream.io", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"}
@@ -31,13 +30,7 @@ pytestmark = pytest.mark.timeout(900)  # the first test may wait for the control
 
 
 def wait_until(predicate, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
+    return wait_for(predicate, timeout, what)
 
 
 class Helm:
