@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from detstream.v1 import control_pb2, control_pb2_grpc
-from detstream.v1.control_pb2 import CONFIGURED, DRAINING, FAILED, FINISHED, RUNNING
+from detstream.v1.control_pb2 import CONFIGURED, FAILED, FINISHED, RUNNING
 
 if TYPE_CHECKING:
     from detstream.services.stage import Stage

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import ctypes
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,7 +36,6 @@ def write_manifest(tmp_path):
 
 def no_stage_left(marker: str) -> list[str]:
     """Command lines of stage processes whose arguments contain `marker` (should be none)."""
-    import subprocess
     out = subprocess.run(["pgrep", "-af", f"detstream.services.cli stage .*{marker}"], capture_output=True,
                          text=True).stdout
     return [line for line in out.splitlines() if "pgrep" not in line]
@@ -85,3 +87,32 @@ def wait_for(predicate, timeout=60.0, what="condition"):
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+class Background:
+    """A long-running helper process (an operator, the node agent) writing to a log file. It dies
+    with the test run even when that is killed (PR_SET_PDEATHSIG), so none is ever left behind."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict | None = None, cwd: Path | None = None):
+        self.argv, self.log_path, self.env, self.cwd = argv, Path(log_path), env, cwd
+        self.start()
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, stdout=log,
+                                         stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+
+    def stop(self, timeout: float = 20) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

@@ -29,7 +29,7 @@ import stempy.io
 import yaml
 
 from cluster.fixtures import control_plane, kubectl  # noqa: F401
-from conftest import DETSTREAM, ROOT, manifest
+from conftest import DETSTREAM, ROOT, Background, manifest
 
 NS = "e2e"
 TESTS = Path(__file__).resolve().parent
@@ -49,31 +49,6 @@ def wait_until(predicate, timeout=60.0, what="condition", every=0.3):
             return value
         assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}"
         time.sleep(every)
-
-
-class Process:
-    """A long-running helper process (operator, node agent) that dies with the test run."""
-
-    def __init__(self, argv, log_path, env=None, cwd=None):
-        self.log_path = log_path
-        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
-                                     preexec_fn=_die_with_parent)
-
-    def stop(self, timeout=30):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def log(self):
-        return self.log_path.read_text(errors="replace")
-
-
-def _die_with_parent():
-    import ctypes
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class Env:
@@ -155,9 +130,9 @@ def cluster(kubectl, tmp_path_factory):  # noqa: F811
     kubectl("create", "namespace", NS)
     workdir = tmp_path_factory.mktemp("e2e")
     env = {**os.environ, "KUBECONFIG": str(kubectl.cp.kubeconfig)}
-    agent = Process([sys.executable, "-m", "node_agent", "--kubeconfig", str(kubectl.cp.kubeconfig), "-n", NS,
+    agent = Background([sys.executable, "-m", "node_agent", "--kubeconfig", str(kubectl.cp.kubeconfig), "-n", NS,
                      "--workdir", str(workdir / "node")], workdir / "node-agent.log", env=env, cwd=TESTS)
-    operator = Process(DETSTREAM + ["operator", "-n", NS, "--standalone", "--liveness-port", "0",
+    operator = Background(DETSTREAM + ["operator", "-n", NS, "--standalone", "--liveness-port", "0",
                                     "--metrics-port", "0"], workdir / "operator.log", env=env)
     wait_until(lambda: kubectl("get", "nodes", "-o", "name").strip(), what="the test node")
     e = Env(kubectl, workdir, operator, agent)

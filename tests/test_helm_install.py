@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from cluster.fixtures import control_plane, kubectl  # noqa: F401
-from conftest import DETSTREAM, ROOT, manifest, wait_for, which
+from conftest import DETSTREAM, ROOT, Background, manifest, wait_for, which
 
 CHART = ROOT / "charts" / "detstream"
 CRDS = {"streamingsessions.detstream.io", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"}
@@ -178,28 +178,13 @@ def token_kubeconfig(cp, token: str, path) -> None:
     path.chmod(0o600)
 
 
-class LocalOperator:
+def start_local_operator(container: dict, kubeconfig, namespace: str, log_path) -> Background:
     """`detstream operator` with the installed Deployment's arguments, as a local process."""
-
-    def __init__(self, container: dict, kubeconfig, namespace: str, log_path):
-        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
-        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")},
-                    **env, "KUBECONFIG": str(kubeconfig), "POD_NAMESPACE": namespace}
-        # the chart's arguments; the ports last (the last occurrence wins), off: this is not a pod
-        self.argv = DETSTREAM + container["args"] + ["--liveness-port", "0", "--metrics-port", "0"]
-        self.log_path = log_path
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")},
+           **env, "KUBECONFIG": str(kubeconfig), "POD_NAMESPACE": namespace}
+    # the chart's arguments; the ports last (the last occurrence wins), off: this is not a pod
+    return Background(DETSTREAM + container["args"] + ["--liveness-port", "0", "--metrics-port", "0"], log_path, env)
 
 
 def can_i(kubectl, token: str, verb: str, resource: str, namespace: str | None) -> str:  # noqa: F811
@@ -228,7 +213,7 @@ def test_the_chart_rbac_is_enough_for_the_operator_and_no_more(mode, kubectl, he
         config = tmp_path / "serviceaccount.kubeconfig"
         token_kubeconfig(kubectl.cp, token, config)
         assert "client-certificate" not in config.read_text() and "client-key" not in config.read_text()
-        operator = LocalOperator(operator_container(kubectl, ns, fullname), config, ns, tmp_path / "operator.log")
+        operator = start_local_operator(operator_container(kubectl, ns, fullname), config, ns, tmp_path / "operator.log")
 
         # A session: children created and owned, status written (Pending: no kubelet).
         doc = manifest("rbac", lanes=2)

@@ -4,7 +4,6 @@ import json
 import subprocess
 
 import numpy as np
-import pytest
 import stempy.image
 import stempy.io
 

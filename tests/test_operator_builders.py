@@ -1,7 +1,6 @@
 """The operator's pure parts: the CRD, the children it builds, how spec changes are classified,
 and the phase it derives; manifests validated against a current Kubernetes release's schemas."""
 
-import copy
 import subprocess
 import sys
 

@@ -4,7 +4,6 @@ cover what the operator makes of sessions; tests/test_e2e_cluster.py runs the po
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -12,35 +11,17 @@ import pytest
 import yaml
 
 from cluster.fixtures import control_plane, kubectl  # noqa: F401
-from conftest import DETSTREAM, ROOT, manifest
+from conftest import DETSTREAM, ROOT, Background, manifest
 from conftest import wait_for as wait_until
 
 NS = "optest"
 CHILD_KINDS = "configmaps,services,statefulsets,deployments"
 
 
-class Operator:
+def start_operator(cp, log_path, *extra) -> Background:
     """`detstream operator` as a process, with its own kubeconfig."""
-
-    def __init__(self, cp, log_path, *extra):
-        self.log_path = log_path
-        self.argv = DETSTREAM + ["operator", "-n", NS, "--liveness-port", "0", "--metrics-port", "0", *extra]
-        self.env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig)}
-        self.start()
-
-    def start(self):
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT)
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def log(self):
-        return self.log_path.read_text(errors="replace")
+    return Background(DETSTREAM + ["operator", "-n", NS, "--liveness-port", "0", "--metrics-port", "0", *extra],
+                      log_path, env={**os.environ, "KUBECONFIG": str(cp.kubeconfig)})
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +30,7 @@ def cluster(kubectl, tmp_path_factory):  # noqa: F811
     # The API server publishes a new CRD's OpenAPI (for explain and validation) a few seconds after.
     wait_until(lambda: kubectl.run("explain", "streamingsession.spec", check=False).returncode == 0, what="CRD")
     kubectl("create", "namespace", NS)
-    operator = Operator(kubectl.cp, tmp_path_factory.mktemp("operator") / "operator.log", "--standalone")
+    operator = start_operator(kubectl.cp, tmp_path_factory.mktemp("operator") / "operator.log", "--standalone")
     yield kubectl, operator
     operator.stop()
     kubectl.run("delete", "namespace", NS, "--wait=false", check=False)
@@ -231,10 +212,10 @@ def test_two_replicas_only_one_acts(cluster, tmp_path):
         {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "detstream"}}))
     # The higher priority first: a peer starts paused and acts only once it has read the peering
     # object, so the second one, seeing the first already there, never acts.
-    peers = [None, Operator(kubectl.cp, tmp_path / "peer-1.log", "--priority", "11")]
+    peers = [None, start_operator(kubectl.cp, tmp_path / "peer-1.log", "--priority", "11")]
     try:
         wait_until(lambda: len(get(kubectl, "kopfpeering", "detstream").get("status") or {}) == 1, what="peer 1")
-        peers[0] = Operator(kubectl.cp, tmp_path / "peer-0.log", "--priority", "10")
+        peers[0] = start_operator(kubectl.cp, tmp_path / "peer-0.log", "--priority", "10")
         wait_until(lambda: len(get(kubectl, "kopfpeering", "detstream").get("status") or {}) == 2, what="both peers")
         apply(kubectl, manifest("peered"))
         wait_until(lambda: converged(kubectl, "peered"), what="children")
