@@ -180,12 +180,15 @@ class LocalSession:
             env = dict(os.environ, **{KEYS_ENV: str(keys.resolve())})
             self.keys = Keys(keys)
         for stage in self.plan.stages:
-            argv = [sys.executable, "-m", "detstream.services.cli", "stage", stage.role, "--plan", str(plan_path),
-                    "--index", str(stage.index), "--output", str(self.output)]
-            self.stages.append(StageProcess(stage, argv, self.run_dir / "logs" / f"{stage.name}.log", env))
+            self.stages.append(StageProcess(stage, self.argv(stage), self.run_dir / "logs" / f"{stage.name}.log", env))
         # gRPC must not be live in this process while it forks: its fork handler aborts the child.
         for p in self.stages:
             p.client = self.client(p.stage)
+
+    def argv(self, stage: StagePlan) -> list[str]:
+        """The command that runs one stage of this session."""
+        return [sys.executable, "-m", "detstream.services.cli", "stage", stage.role, "--plan",
+                str(self.run_dir / "plan.json"), "--index", str(stage.index), "--output", str(self.output)]
 
     def client(self, stage: StagePlan, timeout: float = 5.0) -> StageClient:
         """A control client of one stage, with the launcher's certificate when the session uses mTLS."""

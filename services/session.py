@@ -208,7 +208,7 @@ def check_plugin(section: Any, errors: list[FieldError]) -> None:
     """The plugin exists and takes these parameters (checked even when other fields are wrong)."""
     from detstream.services.plugins import plugin_class
 
-    plugin = parse(Plugin, section, "spec.plugin", scratch := [])
+    plugin = parse(Plugin, section, "spec.plugin", [])
     if plugin is None:
         return  # the field errors are reported by the whole-spec parse
     try:

@@ -72,12 +72,15 @@ class Stage:
         self.zap: ZapHandler | None = None
 
     # -- sockets -------------------------------------------------------------------------------
-    def socket(self, kind: int, *, bind: str | None = None, connect: list = (), server: str = "") -> zmq.Socket:
+    def socket(self, kind: int, *, bind: str | None = None, connect: list = (), server: str = "",
+               connections: dict | None = None) -> zmq.Socket:
         """A socket with bounded queues on both sides and no lingering at close. `connect` lists
         peers as (role, index, port) of the plan, or as endpoint strings (a source outside the
         session; `server` then names the stage it reaches, for its CURVE key). ZeroMQ retries
         connections by itself, so peers may come up in any order. A bound socket's failed
-        handshakes (garbage, or a client without the session's key) are counted as rejected."""
+        handshakes (garbage, or a client without the session's key) are counted as rejected.
+        With `connections`, a socket there that reports each connection made (the first, and every
+        one after a peer restarted) is put in it under this socket."""
         hwm = self.spec.transport.high_water_mark
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.SNDHWM, hwm)
@@ -90,6 +93,8 @@ class Stage:
                 self.keys.curve_server(sock, self.key_name, domain=bind)
             self.monitors.append(sock.get_monitor_socket(HANDSHAKE_EVENTS))
             sock.bind(f"tcp://{self.bind_host}:{self.me.ports[bind]}")
+        if connections is not None:  # before connecting, so that no connection goes unseen
+            connections[sock] = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         for peer in connect:
             if self.curve:
                 self.keys.curve_client(sock, self.key_name, server if isinstance(peer, str) else f"{peer[0]}-{peer[1]}")

@@ -25,7 +25,8 @@ _SNDMORE = int(zmq.SNDMORE)
 FRAME_BITS = 40  # a frame key is scan << 40 | frame: 10^12 frames per scan, 2^24 scans
 
 __all__ = ["CREDIT", "DUPLICATE", "END_OF_SCAN", "FRAME", "HEARTBEAT", "PARTIAL", "RECEIPT", "RESULT", "SECTOR", "Header",
-           "WireError", "Geometry", "Message", "Outbox", "frame_key", "decode", "receive_parts", "Gaps", "FRAME_BITS"]
+           "WireError", "Geometry", "Message", "Outbox", "frame_key", "decode", "receive_parts", "Gaps", "FRAME_BITS",
+           "pack_frames", "unpack_frames"]
 
 
 class WireError(ValueError):
@@ -80,7 +81,7 @@ class Message:
         return [np.frombuffer(p.buffer, dtype=self.header.dtype).reshape(shape) for p in self.parts]
 
 
-_PARTS = {SECTOR: 1, END_OF_SCAN: 0, CREDIT: 0, HEARTBEAT: 0, RECEIPT: 0}
+_PARTS = {SECTOR: 1, CREDIT: 0, HEARTBEAT: 0, RECEIPT: 0}
 _KINDS = frozenset(wire_pb2.Kind.values()) - {wire_pb2.KIND_UNSPECIFIED}  # Kind.values() builds a list per call
 
 
@@ -106,6 +107,8 @@ def decode(raw: Sequence[zmq.Frame], geometry: Geometry | None = None) -> Messag
                                  f"expected {expected_parts}")
     if header.kind == RESULT and not parts:
         raise WireError("parts", "RESULT without a payload")
+    if header.kind == END_OF_SCAN:
+        _check_lost_frames(header, parts, geometry)
     if geometry is not None and header.kind in (SECTOR, FRAME):
         _check_pixels(header, parts, geometry)
     if geometry is not None and geometry.scans is not None and header.kind in (SECTOR, FRAME, RESULT, END_OF_SCAN) \
@@ -128,6 +131,26 @@ def _check_pixels(header: Header, parts: Sequence[zmq.Frame], g: Geometry) -> No
         raise WireError("range", f"sector {header.sector} of a {g.sectors}-sector detector")
     if header.scan >= 1 << (64 - FRAME_BITS):
         raise WireError("range", f"scan number {header.scan} too large")
+
+
+def _check_lost_frames(header: Header, parts: Sequence[zmq.Frame], g: Geometry | None) -> None:
+    if len(parts) > (1 if header.lost else 0):
+        raise WireError("parts", f"END_OF_SCAN with {len(parts)} parts: at most the bitmap of its lost frames")
+    if parts and g is not None and len(parts[0]) != bitmap_bytes(g.scan_frames):
+        raise WireError("size", f"lost-frame bitmap of {len(parts[0])} bytes, expected {bitmap_bytes(g.scan_frames)}")
+
+
+def bitmap_bytes(frames: int) -> int:
+    return (frames + 7) // 8
+
+
+def pack_frames(frames: np.ndarray) -> bytes:
+    """A boolean array over a scan's frames as a bitmap (what END_OF_SCAN carries as its lost frames)."""
+    return np.packbits(frames).tobytes()
+
+
+def unpack_frames(bitmap, frames: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(bitmap, np.uint8), count=frames).astype(bool)
 
 
 def receive_parts(sock: zmq.Socket, flags: int = 0) -> list[zmq.Frame]:

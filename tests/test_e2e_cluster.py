@@ -250,9 +250,9 @@ def claim(e2e, name):
     return folder
 
 
-def streaming_session(e2e, name, rows, rate, workers, **extra):
+def streaming_session(e2e, name, rows, rate, workers, scans=1, **extra):
     sections = {**copy.deepcopy(LIGHT), **extra}
-    doc = manifest(name, scan={"rows": rows, "cols": rows}, workers={"replicas": workers},
+    doc = manifest(name, scan={"rows": rows, "cols": rows, "count": scans}, workers={"replicas": workers},
                    source={"kind": "simulator", "rate": rate, "simulator": {"seed": 3}},
                    output={"volumeClaim": name}, **sections)
     folder = claim(e2e, name)
@@ -304,14 +304,7 @@ def test_a_killed_worker_restarts_and_nothing_is_lost_or_duplicated(e2e):
     victim = e2e.pods("killed", "worker")[0]
     name = victim["metadata"]["name"]
     wait_until(lambda: metric(victim, "detstream_frames_received_total") >= 15, 120, f"{name} holding frames")
-    (container,) = victim["status"]["containerStatuses"]
-    os.kill(int(container["containerID"].removeprefix("process://")), signal.SIGKILL)
-
-    def restarted():
-        (cs,) = e2e.get("pod", name)["status"]["containerStatuses"]
-        return cs["restartCount"] == 1 and cs["ready"] and cs
-    cs = wait_until(restarted, 90, f"{name} restarted and ready")
-    assert cs["lastState"]["terminated"]["exitCode"] == 137 and cs["lastState"]["terminated"]["reason"] == "Error"
+    kill_and_restart(e2e, victim)
     status = e2e.wait_phase("killed", "Succeeded")
     scan = check_accounting(status, 24, 24)
     assert (scan["written"], scan["lost"], scan["partial"]) == (576, 0, 0)
@@ -322,6 +315,44 @@ def test_a_killed_worker_restarts_and_nothing_is_lost_or_duplicated(e2e):
     resent = [int(n) for n in re.findall(r"worker declared dead .*; re-sending its (\d+) frames",
                                          pod_log(e2e, "killed-distributor-0"))]
     assert resent and resent[0] >= 15, resent
+
+
+def kill_and_restart(e2e, pod):
+    """SIGKILL the pod's process; wait until the (test) kubelet has restarted it and it is ready."""
+    name = pod["metadata"]["name"]
+    (container,) = pod["status"]["containerStatuses"]
+    os.kill(int(container["containerID"].removeprefix("process://")), signal.SIGKILL)
+
+    def restarted():
+        (cs,) = e2e.get("pod", name)["status"]["containerStatuses"]
+        return cs["restartCount"] == 1 and cs["ready"] and cs
+    cs = wait_until(restarted, 90, f"{name} restarted and ready")
+    assert cs["lastState"]["terminated"]["exitCode"] == 137 and cs["lastState"]["terminated"]["reason"] == "Error"
+
+
+@pytest.mark.parametrize("role", ["aggregator", "distributor"])
+def test_a_killed_pipeline_stage_restarts_and_the_session_resumes_with_exact_accounting(e2e, role):
+    # What its process held dies with it: those frames are lost, the others written, every scan
+    # closes exactly (written + lost = expected), and the scans after the restart are whole.
+    session = f"{role[:3]}-killed"
+    streaming_session(e2e, session, 12, rate=20, workers=2, scans=3,
+                      transport={**LIGHT["transport"], "endOfScanTimeoutS": 5.0, "workerTimeoutS": 2.0})
+    e2e.wait_phase(session, "Streaming")
+    wait_until(lambda: written(e2e, session) >= 30, 120, "scan 0 under way")
+    (victim,) = e2e.pods(session, role)
+    kill_and_restart(e2e, victim)
+    status = e2e.wait_phase(session, "Succeeded")
+    scans = status["scans"]
+    assert [s["scan"] for s in scans] == [0, 1, 2]
+    for s in scans:
+        assert s["complete"] and s["expected"] == 144 == s["written"] + s["lost"], s
+    assert scans[2]["written"] == 144, "the scan after the restart is whole"
+    assert (status["framesWritten"], status["framesLost"]) == (sum(s["written"] for s in scans),
+                                                               sum(s["lost"] for s in scans))
+    name = victim["metadata"]["name"]
+    assert any(f"came up mid-session: {name} (restarted 1x)" in m for m in e2e.events(session))
+    e2e.delete(session)
+    assert "UNACCOUNTED" not in pod_log(e2e, f"{session}-writer-0")
 
 
 def test_a_pod_that_cannot_start_fails_the_session_with_its_message(e2e):

@@ -12,7 +12,11 @@ input, or the close of the previous scan), the next scan of the session is close
 frames lost, and so on, one timeout per scan, until the session's scan count is reached. The
 first scan waits for the sources as long as it takes (a session is started before its detector). A
 source that comes back sends the following scans as usual (its sectors of closed scans are
-rejected as `late`). Drain closes every open scan once the sectors already queued are read, and
+rejected as `late`). An aggregator started mid-session (a pod restarted by Kubernetes) closes the
+scans below the first one it sees the same way, one timeout after it notices them: their frames
+that its predecessor passed on are written, and the distributor names the others lost. When its
+distributor restarts, the aggregator sends it the ends of the last scans it closed again (those
+the previous distributor may have died holding; the ends of scans finished already are ignored). Drain closes every open scan once the sectors already queued are read, and
 starts no further scan: a drained session ends with the scans it had started.
 
 Timeouts measure the sources' silence only while this stage can listen: time spent blocked on
@@ -26,10 +30,12 @@ frame timeout, so a source that dies among others cannot make them grow either.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from detstream.services.accounting import ClosedScans
 from detstream.services.stage import BATCH, POLL_MS, Stage
@@ -37,6 +43,7 @@ from detstream.services.wire import END_OF_SCAN, FRAME, PARTIAL, SECTOR, Header,
 
 MAX_PENDING_PER_HWM = 8   # frames waiting for sectors from other sources, per unit of transport.highWaterMark
 PACE_S = 0.001            # the pause per message while that many are waiting
+ENDS_KEPT = 8             # ends of scans sent again to a restarted distributor: more than it ever has open
 
 
 @dataclass
@@ -57,7 +64,11 @@ class AggregatorStage(Stage):
     def setup(self):
         self.lane = self.me.index
         self.ingest = self.socket(zmq.PULL, bind="ingest")
-        self.out = Outbox(self.socket(zmq.PUSH, connect=[("distributor", self.lane, "frames")]), self.name)
+        connections: dict[zmq.Socket, zmq.Socket] = {}
+        self.out = Outbox(self.socket(zmq.PUSH, connect=[("distributor", self.lane, "frames")],
+                                      connections=connections), self.name)
+        self.connected = connections[self.out.socket]   # a connection made to the distributor (restarted?)
+        self.ends: deque[Header] = deque(maxlen=ENDS_KEPT)  # the last scans' ends, sent again to a new distributor
         self.sources = self.spec.source.replicas
         self.lanes = self.spec.lanes
         self.sectors = self.geometry.sectors
@@ -72,6 +83,7 @@ class AggregatorStage(Stage):
         self.zero = zmq.Frame(bytes(self.geometry.sector_bytes))
         self.stalled = 0.0                   # seconds spent blocked on the distributor
         self.last_activity: float | None = None  # None until the first input: the first scan waits for ever
+        self.skipped: tuple[int, float] | None = None  # a scan below an open one, never seen here; since when
         self.last_sweep = self.clock()
 
     def clock(self) -> float:
@@ -100,6 +112,7 @@ class AggregatorStage(Stage):
         if now - self.last_sweep > 0.1:
             self.last_sweep = now
             self.sweep(now)
+            self.resend_ends_if_reconnected()
         self.counters.queue_depth = len(self.pending)
 
     def handle(self, msg: Message) -> None:
@@ -199,10 +212,27 @@ class AggregatorStage(Stage):
             if now - scan.last_input > timeout:
                 self.close(number, f"no input for {timeout:g} s")
         upcoming = self.closed.next_open()
-        if (not self.scans and upcoming < self.spec.scan.count and self.last_activity is not None
-                and now - self.last_activity > timeout and not self.draining.is_set()):
+        if upcoming in self.scans or upcoming >= self.spec.scan.count or self.draining.is_set():
+            return
+        if self.scans:  # open scans are all later: this one was over before this aggregator started
+            if self.skipped is None or self.skipped[0] != upcoming:
+                self.skipped = (upcoming, now)
+            elif now - self.skipped[1] > timeout:
+                self.open_scan(Header(scan=upcoming))
+                self.close(upcoming, "never seen here: this aggregator started after it")
+        elif self.last_activity is not None and now - self.last_activity > timeout:
             self.open_scan(Header(scan=upcoming))
             self.close(upcoming, f"never started: no input for {timeout:g} s")
+
+    def resend_ends_if_reconnected(self) -> None:
+        """On each connection to the distributor (the first one, or to a restarted distributor), send
+        the last scans' ends again: a distributor that died may have held them."""
+        while self.connected.poll(0):
+            recv_monitor_message(self.connected)
+            for end in self.ends:
+                self.send(end)  # (stamped anew)
+            if self.ends:
+                self.log.info("distributor (re)connected: sent the ends of scans %s again", [e.scan for e in self.ends])
 
     def drain_now(self) -> None:
         """Drained and nothing more queued: close every open scan; no further scan starts."""
@@ -218,8 +248,10 @@ class AggregatorStage(Stage):
         self.last_activity = self.clock()
         lost = scan.frames - scan.sent
         self.counters.outcomes["lost"] += lost
-        self.send(Header(kind=END_OF_SCAN, scan=number, expected=self.geometry.scan_frames, sent=scan.sent,
-                         partial=scan.partial, lost=lost, scan_rows=scan.rows, scan_cols=scan.cols))
+        end = Header(kind=END_OF_SCAN, scan=number, expected=self.geometry.scan_frames, sent=scan.sent,
+                     partial=scan.partial, lost=lost, scan_rows=scan.rows, scan_cols=scan.cols)
+        self.send(end)
+        self.ends.append(end)
         log = self.log.warning if lost else self.log.info
         log("scan %d closed (%s): %d frames passed on, %d partial, %d lost", number, why, scan.sent,
             scan.partial, lost)

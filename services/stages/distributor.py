@@ -10,6 +10,12 @@ acknowledges a frame only when the writer has confirmed receiving its result, so
 of scan, sent to the writer once every frame of the scan is acknowledged, always arrives after
 the results it accounts for. A worker busy waiting for a slow writer keeps sending heartbeats;
 only a silent one (dead, or hung) is declared dead.
+
+The lane's end of scan names its lost frames exactly: every frame of the lane this distributor never
+saw acknowledged, as a bitmap, which the writer reads against the frames it has. That covers what
+the aggregator never received and, after a restart of the aggregator or of this stage (a pod
+restarted by Kubernetes), what died with the previous process: frames it had passed on are
+written, the rest are lost, none is unaccounted. Frames of a scan finished here are refused late.
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
+from detstream.services.accounting import ClosedScans
 from detstream.services.stage import BATCH, POLL_MS, Stage
 from detstream.services.wire import (CREDIT, DUPLICATE, END_OF_SCAN, FRAME, HEARTBEAT, Header,
-                                     Message, Outbox, frame_key)
+                                     Message, Outbox, frame_key, pack_frames)
 
 
 @dataclass
@@ -55,6 +62,8 @@ class DistributorStage(Stage):
         self.ready: deque[bytes] = deque()     # peers with credit, round-robin
         self.resend: deque[Message] = deque()  # frames of dead workers, sent before new ones
         self.scans: dict[int, LaneScan] = {}
+        self.closed = ClosedScans()
+        self.lane_frames = np.arange(self.geometry.scan_frames) % self.spec.lanes == self.me.index
         self.poller = zmq.Poller()
         self.poller.register(self.work.socket, zmq.POLLIN)
         self.reading_frames = False                  # whether the poller watches `frames`
@@ -94,7 +103,9 @@ class DistributorStage(Stage):
 
     def from_aggregator(self, msg: Message) -> None:
         h = msg.header
-        if h.kind == END_OF_SCAN:
+        if h.scan in self.closed:
+            self.refuse("late", msg, "the scan is finished in this lane")
+        elif h.kind == END_OF_SCAN:
             self.lane_scan(h.scan).end = h
             self.finish_scans()
         elif h.kind == FRAME:
@@ -184,12 +195,22 @@ class DistributorStage(Stage):
     def finish_scans(self) -> None:
         for number, scan in list(self.scans.items()):
             if scan.end is not None and scan.in_flight == 0:
-                end = scan.end
-                self.writer.send(Header(kind=END_OF_SCAN, scan=number, expected=end.expected, sent=scan.done,
-                                        partial=end.partial, lost=end.lost, scan_rows=end.scan_rows,
-                                        scan_cols=end.scan_cols))
-                del self.scans[number]
-                self.log.info("scan %d done in this lane: %d frames", number, scan.done)
+                self.finish_scan(number, scan)
+
+    def finish_scan(self, number: int, scan: LaneScan) -> None:
+        end = scan.end
+        lost = self.lane_frames & ~scan.acked
+        count = int(np.count_nonzero(lost))
+        self.writer.send(Header(kind=END_OF_SCAN, scan=number, expected=end.expected, sent=scan.done,
+                                partial=end.partial, lost=count, scan_rows=end.scan_rows, scan_cols=end.scan_cols),
+                         [pack_frames(lost)] if count else ())
+        del self.scans[number]
+        self.closed.add(number)
+        if count > end.lost:  # not the aggregator's: frames that died with a restarted stage (or on the way)
+            self.log.warning("scan %d: %d frames the aggregator passed on were not acknowledged here (this stage "
+                             "or the aggregator restarted mid-scan?): the writer counts those it lacks as lost",
+                             number, count - end.lost)
+        self.log.info("scan %d done in this lane: %d frames, %d lost", number, scan.done, count)
 
     def update_gauges(self) -> None:
         c = self.counters

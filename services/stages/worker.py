@@ -8,6 +8,10 @@ already has).
 The worker never blocks: results wait in a queue bounded by the credits it gave out, and while
 the writer is slow the worker keeps reading receipts and sending heartbeats, so backpressure is
 never mistaken for death.
+
+Credits are offered on each connection to a lane's distributor: at the start, and again when a
+restarted distributor comes back (its predecessor's credits died with it), then less the frames
+still held from that lane, whose credit goes back with their acknowledgement.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import time
 from collections import defaultdict, deque
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from detstream.services.faults import failpoint
 from detstream.services.plugins import PluginContext, plugin_class
@@ -33,13 +38,17 @@ class WorkerStage(Stage):
         spec = self.spec
         self.plugin_cls = plugin_class(spec.plugin.name)
         self.plugin = self.plugin_cls(spec.plugin.params, PluginContext(spec))
-        self.lanes = [Outbox(self.socket(zmq.DEALER, connect=[("distributor", lane, "work")]), self.name)
-                      for lane in range(spec.lanes)]
+        connections: dict[zmq.Socket, zmq.Socket] = {}
+        self.lanes = [Outbox(self.socket(zmq.DEALER, connect=[("distributor", lane, "work")], connections=connections),
+                             self.name) for lane in range(spec.lanes)]
         self.writer = Outbox(self.socket(zmq.DEALER, connect=[("writer", 0, "results")]), self.name)
         self.poller = zmq.Poller()
         for lane in self.lanes:
             self.poller.register(lane.socket, zmq.POLLIN)
         self.lane_of = {o.socket: i for i, o in enumerate(self.lanes)}
+        self.connected_lane = {connections[o.socket]: i for i, o in enumerate(self.lanes)}
+        for monitor in self.connected_lane:
+            self.poller.register(monitor, zmq.POLLIN)
         self.writer_events = 0                                # what the poller watches on the writer's socket
         self.last_sent = [0.0] * len(self.lanes)
         self.held: list[tuple[int, Message]] = []  # frames kept for calibration
@@ -49,9 +58,6 @@ class WorkerStage(Stage):
         self.process_delay = failpoint(self.name, self.role, "process-delay")
 
     def step(self):
-        if not any(self.last_sent):  # first turn: offer our capacity to every lane
-            for lane in range(len(self.lanes)):
-                self.tell(lane, Header(kind=CREDIT, credit=self.spec.workers.credits))
         self.apply_updates()
         events = POLLIN_OUT if self.outgoing else POLLIN
         if events != self.writer_events:
@@ -63,6 +69,10 @@ class WorkerStage(Stage):
                     self.receipts()
                 if events & zmq.POLLOUT:
                     self.flush()
+                continue
+            if sock in self.connected_lane:
+                recv_monitor_message(sock)
+                self.offer(self.connected_lane[sock])
                 continue
             lane = self.lane_of[sock]
             for _ in range(BATCH):  # what is queued (at most our credits), without a poll per frame
@@ -80,6 +90,13 @@ class WorkerStage(Stage):
         self.heartbeat()
         self.counters.queue_depth = len(self.outgoing)
         self.counters.in_flight = len(self.unconfirmed)
+
+    def offer(self, lane: int) -> None:
+        """Connected to the lane's distributor: offer it our credits, less those of the frames we
+        still hold from it (their credit goes back with their acknowledgement; frames held for
+        calibration gave theirs back on arrival)."""
+        holding = sum(credit for held_lane, credit in self.unconfirmed.values() if held_lane == lane)
+        self.tell(lane, Header(kind=CREDIT, credit=max(0, self.spec.workers.credits - holding)))
 
     def frame(self, lane: int, msg: Message) -> None:
         self.counters.frames_in += 1

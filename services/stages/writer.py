@@ -2,10 +2,17 @@
 
 A scan is closed when every lane has ended it and the writer holds as many distinct frames as
 the lanes say they passed on (or, failing that, after the end-of-scan timeout without any input
-for the scan). Then, per scan: expected = written + lost + unaccounted, where `lost` is what the
-aggregators reported as never arrived and `unaccounted` must be 0: anything else is a frame that
-vanished silently. With `transport.onLoss: fail`, a scan closed with lost or partial frames fails
-the writer, and so the session.
+for the scan). Then, per scan: expected = written + lost + unaccounted, where `lost` are the frames
+the lanes name as lost (each lane's END_OF_SCAN carries them as a bitmap) that are not here, and
+`unaccounted` must be 0: anything else is a frame that vanished silently. With
+`transport.onLoss: fail`, a scan closed with lost or partial frames fails the writer, and so the
+session.
+
+A lane's end of scan can die with a distributor restarted mid-session (a pod restarted by
+Kubernetes); its aggregator sends it again to the new one. As a last resort, a scan stale for
+STALE_TIMEOUTS x (end-of-scan + worker timeout) + STALE_MARGIN_S closes anyway, its missing frames
+counted lost and the lanes that never ended it named; a scan of which nothing came at all, below
+an open one (or, once streaming, with no input for as long), is opened for that.
 
 Workers send results on a DEALER to this ROUTER; every result (new, duplicate or late) is answered
 with a RECEIPT, and only then does the worker acknowledge the frame to its distributor. So when a
@@ -24,14 +31,20 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+from detstream.services.accounting import ClosedScans
 from detstream.services.electron_events import ElectronEventsFile
 from detstream.services.faults import failpoint
 from detstream.services.plugins import plugin_class
 from detstream.services.stage import BATCH, POLL_MS, Stage, StageError
-from detstream.services.wire import END_OF_SCAN, PARTIAL, RECEIPT, RESULT, Header, Message, Outbox, frame_key
+from detstream.services.wire import (END_OF_SCAN, PARTIAL, RECEIPT, RESULT, Header, Message, Outbox, frame_key,
+                                     unpack_frames)
 from detstream.v1.control_pb2 import ScanAccount
 
 DRAIN_QUIET_S = 1.0  # a draining writer finishes after this long without input and no open scan
+# A scan without input for this many (end-of-scan + worker) timeouts, and STALE_MARGIN_S more, is closed as
+# it is: by then a hung stage has been found and failed the session (`detstream run`, after 10 s) or
+# been restarted (Kubernetes' liveness probe); this is the last resort for an end of scan that died.
+STALE_TIMEOUTS, STALE_MARGIN_S = 2, 10.0
 
 
 @dataclass
@@ -39,7 +52,8 @@ class WriterScan:
     number: int
     rows: int
     cols: int
-    seen: np.ndarray
+    seen: np.ndarray                 # per frame: written
+    lost: np.ndarray                 # per frame: named lost by a lane (or missing from a stale scan)
     file: ElectronEventsFile | None = None
     path: str = ""
     written: int = 0
@@ -49,7 +63,7 @@ class WriterScan:
     last_input: float = field(default_factory=time.monotonic)
 
     def account(self, complete: bool) -> ScanAccount:
-        lost = sum(h.lost for h in self.lanes.values())
+        lost = int(np.count_nonzero(self.lost & ~self.seen))
         return ScanAccount(scan=self.number, expected=self.rows * self.cols, written=self.written,
                            partial=self.partial, lost=lost, duplicates=self.duplicates, complete=complete,
                            file=self.path)
@@ -79,7 +93,9 @@ class WriterStage(Stage):
         self.write_delay = failpoint(self.name, self.role, "write-delay")
         self.scans: dict[int, WriterScan] = {}
         self.done: dict[int, ScanAccount] = {}
+        self.closed = ClosedScans()
         self.last_input = time.monotonic()
+        self.streaming = False  # any input yet (a session may wait for its detector as long as it takes)
 
     def step(self):
         sock = self.results.socket
@@ -100,6 +116,7 @@ class WriterStage(Stage):
 
     def handle(self, msg: Message, peer: bytes | None = None) -> None:
         self.last_input = time.monotonic()
+        self.streaming = True
         h = msg.header
         if h.kind not in (RESULT, END_OF_SCAN):
             self.refuse("kind", msg)
@@ -110,7 +127,7 @@ class WriterStage(Stage):
             self.receipts.setdefault(peer, []).append(frame_key(h.scan, h.frame))
         if h.kind == RESULT and not self.valid_result(msg):
             return
-        if h.scan in self.done:
+        if h.scan in self.closed:
             if h.kind == RESULT:
                 self.counters.outcomes["duplicate"] += 1
             return
@@ -119,7 +136,7 @@ class WriterStage(Stage):
             return
         scan.last_input = self.last_input
         if h.kind == END_OF_SCAN:
-            scan.lanes[h.sender] = h
+            self.end_of_lane(scan, msg)
             return
         if self.write_delay:
             time.sleep(self.write_delay)
@@ -156,6 +173,16 @@ class WriterStage(Stage):
             self.refuse(reason, msg, "a result this writer cannot take")
         return reason is None
 
+    def end_of_lane(self, scan: WriterScan, msg: Message) -> None:
+        """A lane's END_OF_SCAN: what it passed on, and the bitmap of the frames it names lost."""
+        h = msg.header
+        lost = unpack_frames(msg.parts[0], scan.seen.size) if msg.parts else np.zeros(scan.seen.size, bool)
+        if int(np.count_nonzero(lost)) != h.lost:
+            self.refuse("lost", msg, f"END_OF_SCAN says {h.lost} frames lost, its bitmap {np.count_nonzero(lost)}")
+            return
+        scan.lost |= lost
+        scan.lanes[h.sender] = h
+
     def send_receipts(self) -> None:
         """Tell each worker which of its results are here (it acknowledges those frames only then)."""
         for peer in list(self.receipts):
@@ -174,8 +201,12 @@ class WriterStage(Stage):
             if rows * cols != self.spec.scan.frames:
                 self.refuse("geometry", None, f"scan {h.scan} of {rows}x{cols} positions")
                 return None
-            scan = self.scans[h.scan] = WriterScan(h.scan, rows, cols, np.zeros(rows * cols, bool))
+            scan = self.scans[h.scan] = self.new_scan(h.scan, rows, cols)
         return scan
+
+    @staticmethod
+    def new_scan(number: int, rows: int, cols: int) -> WriterScan:
+        return WriterScan(number, rows, cols, np.zeros(rows * cols, bool), np.zeros(rows * cols, bool))
 
     def write(self, scan: WriterScan, position: int, events: np.ndarray) -> None:
         path = self.output / f"{self.plan.session}-scan{scan.number:04d}.h5"
@@ -192,14 +223,37 @@ class WriterStage(Stage):
             raise StageError(f"cannot write scan {scan.number} to {path}: {exc}") from None
 
     def close_ready(self, now: float) -> None:
-        lanes = self.spec.lanes
-        timeout = self.spec.transport.end_of_scan_timeout_s
-        for number, scan in list(self.scans.items()):
-            if len(scan.lanes) < lanes:
-                continue
-            passed_on = sum(h.sent for h in scan.lanes.values())
-            if scan.written >= passed_on or now - scan.last_input > timeout:
-                self.close(scan)
+        transport = self.spec.transport
+        stale = STALE_TIMEOUTS * (transport.end_of_scan_timeout_s + transport.worker_timeout_s) + STALE_MARGIN_S
+        self.open_skipped(now, stale)
+        for scan in list(self.scans.values()):
+            silent = now - scan.last_input
+            if len(scan.lanes) >= self.spec.lanes:
+                passed_on = sum(h.sent for h in scan.lanes.values())
+                if scan.written >= passed_on or silent > transport.end_of_scan_timeout_s:
+                    self.close(scan)
+            elif silent > stale:
+                self.close_stale(scan, silent)
+
+    def open_skipped(self, now: float, stale: float) -> None:
+        """Open the first scan not closed when nothing of it came, so that it closes when stale: when
+        a later scan is open, or once streaming when nothing has come for the stale time."""
+        first = self.closed.next_open()
+        if first in self.scans or first >= self.spec.scan.count or not self.streaming or self.draining.is_set():
+            return
+        if any(n > first for n in self.scans) or (not self.scans and now - self.last_input > stale):
+            scan = self.scans[first] = self.new_scan(first, self.spec.scan.rows, self.spec.scan.cols)
+            scan.last_input = self.last_input
+
+    def close_stale(self, scan: WriterScan, silent: float) -> None:
+        """Close a scan some lane never ended (its end of scan died with a restarted distributor):
+        every frame not here is lost."""
+        scan.lost |= ~scan.seen
+        self.log.error("scan %d: no input for %.0f s and %d of %d lanes never ended it (%s): its %d frames "
+                       "not here are lost", scan.number, silent, self.spec.lanes - len(scan.lanes), self.spec.lanes,
+                       "a distributor restarted mid-scan?" if scan.lanes or scan.written else "nothing of it came",
+                       int(np.count_nonzero(~scan.seen)))
+        self.close(scan)
 
     def close(self, scan: WriterScan) -> None:
         if scan.file is not None:
@@ -210,6 +264,7 @@ class WriterStage(Stage):
                 raise StageError(f"cannot write scan {scan.number} to {scan.path}: {exc}") from None
         account = self.done[scan.number] = scan.account(complete=True)
         del self.scans[scan.number]
+        self.closed.add(scan.number)
         unaccounted = account.expected - account.written - account.lost
         log = self.log.error if unaccounted else (self.log.warning if account.lost else self.log.info)
         log("scan %d closed: %d expected, %d written (%d partial), %d lost, %d duplicates dropped%s",

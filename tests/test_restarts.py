@@ -1,0 +1,131 @@
+"""A pipeline stage restarted mid-session, as Kubernetes restarts a pod whose process died: the
+session resumes, and every scan is accounted for exactly (expected = written + lost, nothing
+unaccounted). Locally `detstream run` fails instead (tests/test_faults.py); here the test plays
+the kubelet and the operator: it kills the stage, runs it again with the same plan and starts it.
+
+Workers are slowed down so that the pipeline is backpressured and the killed stage holds frames.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import stempy.io
+import zmq
+
+from conftest import manifest, wait_for
+from detstream.services.wire import END_OF_SCAN, RESULT, SECTOR, Header, Outbox
+from detstream.v1.control_pb2 import FINISHED
+
+ROWS = 12
+FAST = {"heartbeatS": 0.1, "workerTimeoutS": 1.0, "frameTimeoutS": 0.5, "endOfScanTimeoutS": 2.0,
+        "startupTimeoutS": 30}
+
+
+def restart(local, name: str):
+    """Kill a stage (SIGKILL) and run it again, as a kubelet restarts a container; then Start it,
+    as the operator does with a stage that came up mid-session."""
+    old = next(p for p in local.stages if p.stage.name == name)
+    old.proc.kill()
+    old.proc.wait()
+    # through a shell that execs: no fork of this process, where gRPC runs (its fork handler would
+    # abort the child); the stage still dies with the test (PR_SET_PDEATHSIG survives exec)
+    wrapper = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
+               "os.execv(sys.argv[1], sys.argv[1:])")
+    old.log_file.close()
+    log = open(old.log_path, "ab")
+    old.proc = subprocess.Popen([sys.executable, "-c", wrapper, *local.argv(old.stage)], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    old.log_file = log
+    wait_for(old.client.healthy, 30, f"{name} healthy again")
+    old.client.start()
+    return old
+
+
+def writer_status(local):
+    return local.writer().client.status()
+
+
+@pytest.mark.parametrize("victim", ["aggregator-0", "distributor-0"])
+def test_a_restarted_pipeline_stage_resumes_the_session_with_exact_accounting(local_session, monkeypatch, victim):
+    monkeypatch.setenv("DETSTREAM_FAILPOINTS", "worker:process-delay=0.01")
+    doc = manifest("restart", scan={"rows": ROWS, "cols": ROWS, "count": 3}, workers={"replicas": 2},
+                   detector={"rows": 128, "cols": 128, "sectors": 4}, source={"kind": "simulator", "rate": 400},
+                   plugin={"name": "electron-counting", "params": {"dark": "simulated", "backgroundThreshold": 32,
+                                                                    "xrayThreshold": 50}},
+                   transport={**FAST, "highWaterMark": 8})
+    local = local_session(doc)
+    wait_for(lambda: writer_status(local).frames_in >= 40, 60, "scan 0 under way")
+    restarted = restart(local, victim)
+    wait_for(lambda: writer_status(local).state == FINISHED, 120, "the writer to close every scan")
+
+    scans = writer_status(local).scans
+    print({s.scan: (s.written, s.lost, s.partial) for s in scans})
+    assert [s.scan for s in scans] == [0, 1, 2]
+    for s in scans:
+        assert s.complete and s.expected == ROWS * ROWS, s
+        assert s.written + s.lost == s.expected, s  # exact: nothing unaccounted
+        if s.written:
+            counted = stempy.io.load_electron_counts(s.file)
+            assert sum(1 for frames in counted.data if len(frames[0])) == s.written
+    assert scans[2].written == ROWS * ROWS, "the session resumed: the scan after the restart is whole"
+    assert "UNACCOUNTED" not in local.writer().log_path.read_text()
+    assert restarted.log_path.read_text().count(" ready (control") == 2
+
+
+def send_frames(out, scan: int, frames: int, rows: int, cols: int, every: float) -> None:
+    """Every sector of every frame of a scan, a frame every `every` seconds."""
+    pixels = np.zeros((576, 144), np.uint16)
+    for frame in range(frames):
+        time.sleep(every)
+        for sector in range(4):
+            out.send(Header(kind=SECTOR, scan=scan, frame=frame, position=frame, sector=sector, shape=[576, 144],
+                            dtype="<u2", scan_rows=rows, scan_cols=cols), [pixels])
+
+
+def test_an_aggregator_started_after_a_scan_closes_that_scan_as_lost(local_session):
+    # What a restarted aggregator sees when its predecessor died between two scans: the first input
+    # is of scan 1. Scan 0 never comes: while scan 1 is open, scan 0 is closed as lost one timeout
+    # later (scan 1 stays open: its frames come slowly), and scan 1 goes through.
+    doc = manifest("gap", scan={"rows": 2, "cols": 3, "count": 2}, source={"kind": "external", "replicas": 1},
+                   plugin={"name": "noop"}, transport={**FAST, "endOfScanTimeoutS": 1.0})
+    local = local_session(doc)
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.connect(local.plan.endpoint("aggregator", 0, "ingest"))
+    out = Outbox(push, "detector-0")
+    send_frames(out, 1, 6, 2, 3, every=0.4)
+    aggregator = next(p for p in local.stages if p.stage.role == "aggregator")
+    wait_for(lambda: "scan 0 closed (never seen here: this aggregator started after it)"
+             in aggregator.log_path.read_text(), 30, "scan 0 closed")
+    out.send(Header(kind=END_OF_SCAN, scan=1, expected=6, sent=6, scan_rows=2, scan_cols=3))
+    wait_for(lambda: local.finished(), 30, "both scans closed")
+    s0, s1 = local.writer().client.status().scans
+    assert (s0.scan, s0.written, s0.lost, s0.file) == (0, 0, 6, "")
+    assert (s1.scan, s1.written, s1.lost) == (1, 6, 0)
+    push.close()
+
+
+def test_a_scan_no_lane_ends_is_closed_when_stale_with_its_missing_frames_lost(local_session):
+    # A distributor that died holding its lane's end of scan: the writer has some results of the scan
+    # (here sent straight to it, as the workers would) and no end. It closes the scan when stale.
+    doc = manifest("stale", scan={"rows": 2, "cols": 3}, source={"kind": "external", "replicas": 1},
+                   transport={**FAST, "endOfScanTimeoutS": 1.0, "workerTimeoutS": 0.5})
+    local = local_session(doc)
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.connect(local.plan.endpoint("writer", 0, "results"))
+    out = Outbox(dealer, "worker-9")
+    for frame in (0, 2, 5):
+        out.send(Header(kind=RESULT, scan=0, frame=frame, position=frame, scan_rows=2, scan_cols=3, result="events"),
+                 [np.array([frame], np.uint32)])
+    wait_for(lambda: local.finished(), 30, "the stale scan closed")
+    (account,) = local.writer().client.status().scans
+    assert (account.complete, account.written, account.lost) == (True, 3, 3)
+    counted = stempy.io.load_electron_counts(account.file)
+    assert [len(counted.data[p][0]) for p in range(6)] == [1, 0, 1, 0, 0, 1]
+    log = local.writer().log_path.read_text()
+    assert "scan 0: no input for" in log and "1 of 1 lanes never ended it" in log
+    dealer.close()
