@@ -294,26 +294,36 @@ def test_scaling_workers_mid_scan_spreads_the_work_and_loses_nothing(e2e):
     e2e.delete("scaled")
 
 
-def test_a_killed_worker_restarts_and_nothing_is_lost_or_duplicated(e2e):
+@pytest.mark.parametrize("how", ["killed", "stopped"])
+def test_a_killed_or_stopped_worker_loses_nothing_and_duplicates_nothing(e2e, how):
     # Without fixed thresholds a worker holds its first `samples` frames to calibrate on them: they
-    # are in flight (handed out, not acknowledged) when it is killed, so they must be re-sent.
+    # are in flight (handed out, not acknowledged) when it is killed (SIGKILL: its pod restarts) or
+    # stopped (SIGSTOP: silent, declared dead), so they must be re-sent.
     plugin = {"name": "electron-counting", "params": {"dark": "simulated", "samples": 60}}
-    folder = streaming_session(e2e, "killed", 24, rate=12, workers=2, plugin=plugin,
+    folder = streaming_session(e2e, how, 24, rate=12, workers=2, plugin=plugin,
                                transport={**LIGHT["transport"], "workerTimeoutS": 2.0})
-    e2e.wait_phase("killed", "Streaming")
-    victim = e2e.pods("killed", "worker")[0]
+    e2e.wait_phase(how, "Streaming")
+    victim = e2e.pods(how, "worker")[0]
     name = victim["metadata"]["name"]
     wait_until(lambda: metric(victim, "detstream_frames_received_total") >= 15, 120, f"{name} holding frames")
-    kill_and_restart(e2e, victim)
-    status = e2e.wait_phase("killed", "Succeeded")
+    if how == "killed":
+        kill_and_restart(e2e, victim)
+        status = e2e.wait_phase(how, "Succeeded")
+        assert any(f"came up mid-session: {name} (restarted 1x)" in m for m in e2e.events(how))
+    else:
+        pid = int(victim["status"]["containerStatuses"][0]["containerID"].removeprefix("process://"))
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            status = e2e.wait_phase(how, "Succeeded")
+        finally:
+            os.kill(pid, signal.SIGCONT)
     scan = check_accounting(status, 24, 24)
     assert (scan["written"], scan["lost"], scan["partial"]) == (576, 0, 0)
-    counted = check_file(folder / "killed-scan0000.h5", 24, 576)
+    counted = check_file(folder / f"{how}-scan0000.h5", 24, 576)
     assert all(len(frames) == 1 for frames in counted.data)  # every position once: nothing duplicated
-    assert any(f"came up mid-session: {name} (restarted 1x)" in m for m in e2e.events("killed"))
-    e2e.delete("killed")
+    e2e.delete(how)
     resent = [int(n) for n in re.findall(r"worker declared dead .*; re-sending its (\d+) frames",
-                                         pod_log(e2e, "killed-distributor-0"))]
+                                         pod_log(e2e, f"{how}-distributor-0"))]
     assert resent and resent[0] >= 15, resent
 
 
