@@ -72,6 +72,10 @@ def build(kind, scan, frame, sector, mutation, target, seed):
     elif kind == wire_pb2.END_OF_SCAN:
         h.expected, h.sent = 16, int(rng.integers(0, 17))
         h.lost = 16 - h.sent
+        if h.lost and seed % 2:  # the bitmap of the lost frames, as a distributor sends it (or one more)
+            lost = np.zeros(16, bool)
+            lost[rng.choice(16, min(16, h.lost + seed % 3 // 2), replace=False)] = True
+            parts = [np.packbits(lost).tobytes()]
     elif kind in (wire_pb2.CREDIT, wire_pb2.RECEIPT):
         h.credit = int(rng.integers(0, 6)) if kind == wire_pb2.CREDIT else 0
         h.acked.extend(int(scan) << 40 | int(f) for f in rng.integers(0, 16, int(rng.integers(0, 4))))
@@ -131,7 +135,7 @@ def check_books(stages):
     assert all(0 <= w.credit <= d.spec.workers.credits for w in d.workers.values())
     w = stages["writer"]
     assert all(s.written == s.seen.sum() <= s.seen.size for s in w.scans.values())
-    assert all(a.written <= a.expected for a in w.done.values())
+    assert all(a.written + a.lost <= a.expected for a in w.done.values())
     a = stages["aggregator"]
     assert all(s.sent <= s.frames for s in a.scans.values())
 

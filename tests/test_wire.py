@@ -6,7 +6,7 @@ import zmq
 from hypothesis import given, settings, strategies as st
 
 from detstream.services.wire import (END_OF_SCAN, FRAME, SECTOR, Geometry, Header, WireError, decode, frame_key,
-                                     Gaps)
+                                     Gaps, pack_frames, unpack_frames)
 
 G = Geometry(rows=8, cols=8, sectors=2, dtype="<u2", scan_frames=16)
 
@@ -47,6 +47,8 @@ def test_sector_round_trip_gives_a_view_of_the_payload():
     (frames(sector(sector=2), bytes(64)), "range"),
     (frames(Header(version=1, kind=FRAME, shape=[8, 4], dtype="<u2"), bytes(64)), "parts"),
     (frames(Header(version=1, kind=END_OF_SCAN), b"extra"), "parts"),
+    (frames(Header(version=1, kind=END_OF_SCAN, lost=1), bytes(2), bytes(2)), "parts"),
+    (frames(Header(version=1, kind=END_OF_SCAN, lost=1), bytes(3)), "size"),
 ])
 def test_malformed_messages_are_rejected_with_a_reason(raw, reason):
     with pytest.raises(WireError) as err:
@@ -73,6 +75,14 @@ def test_fuzzed_sector_headers_are_accepted_only_when_consistent(frame, sec, siz
     except WireError:
         return
     assert msg.header.frame < 16 and msg.header.sector < 2 and len(msg.parts[0]) == 64
+
+
+def test_an_end_of_scan_names_its_lost_frames_as_a_bitmap():
+    lost = np.zeros(16, bool)
+    lost[[0, 7, 15]] = True
+    msg = decode(frames(Header(version=1, kind=END_OF_SCAN, lost=3), pack_frames(lost)), G)
+    np.testing.assert_array_equal(unpack_frames(msg.parts[0], 16), lost)
+    assert not decode(frames(Header(version=1, kind=END_OF_SCAN, lost=3)), G).parts  # a count alone is fine
 
 
 def test_frame_key_and_gaps():
