@@ -16,8 +16,9 @@ rejected as `late`). An aggregator started mid-session (a pod restarted by Kuber
 scans below the first one it sees the same way, one timeout after it notices them: their frames
 that its predecessor passed on are written, and the distributor names the others lost. When its
 distributor restarts, the aggregator sends it the ends of the last scans it closed again (those
-the previous distributor may have died holding; the ends of scans finished already are ignored). Drain closes every open scan once the sectors already queued are read, and
-starts no further scan: a drained session ends with the scans it had started.
+the previous distributor may have died holding; the ends of scans finished already are ignored).
+Drain closes every open scan once the sectors already queued are read, and starts no further
+scan: a drained session ends with the scans it had started.
 
 Timeouts measure the sources' silence only while this stage can listen: time spent blocked on
 a full distributor (backpressure) does not count, so a slow pipeline never closes scans early.

@@ -42,8 +42,8 @@ from detstream.v1.control_pb2 import ScanAccount
 
 DRAIN_QUIET_S = 1.0  # a draining writer finishes after this long without input and no open scan
 # A scan without input for this many (end-of-scan + worker) timeouts, and STALE_MARGIN_S more, is closed as
-# it is: by then a hung stage has been found and failed the session (`detstream run`, after 10 s) or
-# been restarted (Kubernetes' liveness probe); this is the last resort for an end of scan that died.
+# it is: the last resort for an end of scan that died. Longer than `detstream run` takes to fail a
+# session whose stage hangs (10 s, or 2 worker timeouts), so a hung stage still fails it locally.
 STALE_TIMEOUTS, STALE_MARGIN_S = 2, 10.0
 
 
