@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from detstream.v1.control_pb2 import FAILED, FINISHED
 
 # Container states that will not fix themselves: the session cannot run.
+CRASH_LOOP_RESTARTS = 2  # a container that failed this often and is not ready (again) is crash-looping
 FATAL_WAITING = ("CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
                  "CreateContainerConfigError", "CreateContainerError", "RunContainerError")
 
@@ -40,13 +41,16 @@ def pod_view(pod: dict) -> PodView:
     for cs in status.get("containerStatuses") or []:
         view.restarts += cs.get("restartCount", 0)
         waiting = (cs.get("state") or {}).get("waiting") or {}
+        last = ((cs.get("lastState") or {}).get("terminated") or {})
+        # The container's own last words first: for CrashLoopBackOff the kubelet's waiting message
+        # is only "back-off 10s restarting failed container=...".
+        said = (last.get("message") or "").strip().splitlines()
+        detail = (said[-1] if said else "") or waiting.get("message") or f"exit code {last.get('exitCode', '?')}"
         if waiting.get("reason") in FATAL_WAITING:
-            # The container's own last words first: for CrashLoopBackOff the kubelet's waiting message
-            # is only "back-off 10s restarting failed container=...".
-            last = ((cs.get("lastState") or {}).get("terminated") or {})
-            said = (last.get("message") or "").strip().splitlines()
-            detail = (said[-1] if said else "") or waiting.get("message") or f"exit code {last.get('exitCode', '?')}"
             view.problem = f"pod {view.name}: {waiting['reason']}: {detail.strip()}"
+        elif cs.get("restartCount", 0) >= CRASH_LOOP_RESTARTS and last.get("exitCode") and not cs.get("ready"):
+            # between two back-offs a crash-looping container runs again for a moment: still failing
+            view.problem = f"pod {view.name}: CrashLoopBackOff: {detail.strip()}"
     return view
 
 

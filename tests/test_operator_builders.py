@@ -119,6 +119,18 @@ def test_pod_problem_carries_the_pods_own_message():
     assert view.problem == "pod s1-worker-x: CrashLoopBackOff: detstream: invalid choice: 'stagee'"
 
 
+@pytest.mark.parametrize("restarts, ready, failing", [(1, False, False), (2, False, True), (2, True, False)])
+def test_a_crash_looping_pod_stays_a_problem_while_it_runs_between_back_offs(restarts, ready, failing):
+    # One restart is a stage that died and came back (the session resumes); a container that failed
+    # twice and is running again, not ready, is crash-looping: the session stays Failed meanwhile.
+    pod = {"metadata": {"name": "s1-source-0", "labels": {"app.kubernetes.io/component": "source"}},
+           "status": {"phase": "Running", "containerStatuses": [{
+               "restartCount": restarts, "ready": ready, "state": {"running": {}},
+               "lastState": {"terminated": {"exitCode": 1, "message": "replay file /data/x.npy does not exist"}}}]}}
+    problem = pod_view(pod).problem
+    assert problem == ("pod s1-source-0: CrashLoopBackOff: replay file /data/x.npy does not exist" if failing else "")
+
+
 def test_ingest_addresses_follow_the_service_type():
     from detstream.operator.status import ingest_addresses
 
