@@ -29,7 +29,8 @@ from prometheus_client import Counter, Histogram
 from detstream.operator import keys, resources, stages
 from detstream.operator.cluster import Cluster
 from detstream.operator.crd import PLURAL
-from detstream.operator.status import Observed, ingest_addresses, now, phase, pod_view, status_patch
+from detstream.operator.status import (Observed, age_s, ingest_addresses, now, phase, pod_view, reason_of,
+                                       startup_overdue, status_patch)
 from detstream.services.plan import CLUSTER_PORTS, replicas
 from detstream.services.schema import SpecError
 from detstream.services.session import API_GROUP, API_VERSION, KIND, Session, load_session
@@ -195,7 +196,8 @@ def observe(body, meta, status, patch, logger, **_):
     stage_status = stages.statuses(pods, secure)
     observed = Observed(desired=replicas(session), pods=pods, stages=stage_status,
                         started=bool(status.get("startedAt")), deleting=bool(meta.get("deletionTimestamp")),
-                        spec_errors=errors)
+                        spec_errors=errors, waited_s=age_s(meta),
+                        startup_timeout_s=session.spec.transport.startup_timeout_s)
     current, why = phase(observed)
     if current == "Ready" and status.get("phase") != "Ready":
         pass  # report Ready (every stage healthy) first; the stages start at the next observation
@@ -213,6 +215,10 @@ def observe(body, meta, status, patch, logger, **_):
     if session.spec.source.kind == "external":
         new["ingest"] = ingest_addresses(cluster().services(session.namespace, session.name, "aggregator"),
                                          CLUSTER_PORTS["ingest"])
+    overdue = startup_overdue(observed)
+    if overdue and reason_of(status, "StagesReady") != "StartupTimeout":
+        # reported, not fatal: on a cluster a pod may be slow for a while (an image pull, scheduling)
+        tell(body, logger, "StartupTimeout", overdue, warning=True)
     if new["phase"] != status.get("phase"):
         tell(body, logger, new["phase"], f"phase {status.get('phase')} -> {new['phase']}{f': {why}' if why else ''}",
              warning=new["phase"] == "Failed")

@@ -62,6 +62,8 @@ class Observed:
     started: bool = False
     deleting: bool = False
     spec_errors: list[str] = field(default_factory=list)
+    waited_s: float = 0.0                          # since the session was created
+    startup_timeout_s: float = float("inf")        # spec.transport.startupTimeoutS
 
 
 def phase(o: Observed) -> tuple[str, str]:
@@ -88,11 +90,36 @@ def phase(o: Observed) -> tuple[str, str]:
     return "Pending", ""
 
 
+def startup_overdue(o: Observed) -> str:
+    """Why the session has not started within its startup timeout, or "" (it has, or may still)."""
+    ready = ready_counts(o)
+    if o.started or o.waited_s <= o.startup_timeout_s or all(ready.get(r, 0) >= n for r, n in o.desired.items()):
+        return ""
+    waiting = [f"{p.name} ({p.phase})" for p in o.pods if not (p.ready and p.name in o.stages)]
+    missing = [f"{r} {ready.get(r, 0)}/{n}" for r, n in o.desired.items() if ready.get(r, 0) < n]
+    return (f"not every stage is healthy after {o.startup_timeout_s:g} s (spec.transport.startupTimeoutS): "
+            f"{', '.join(missing)}; not ready: {', '.join(waiting) or 'no pods yet'}")
+
+
 def ready_counts(o: Observed) -> dict[str, int]:
     counts: dict[str, int] = {}
     for p in o.pods:
         counts[p.role] = counts.get(p.role, 0) + (p.ready and p.name in o.stages)
     return counts
+
+
+def age_s(meta: dict) -> float:
+    """Seconds since the object was created."""
+    created = meta.get("creationTimestamp")
+    if not created:
+        return 0.0
+    since = datetime.datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    return (datetime.datetime.now(datetime.timezone.utc) - since).total_seconds()
+
+
+def reason_of(status: dict, condition_type: str) -> str:
+    """The reason of a condition in a status, or ""."""
+    return next((c.get("reason", "") for c in status.get("conditions") or [] if c.get("type") == condition_type), "")
 
 
 def now() -> str:
@@ -123,12 +150,15 @@ def status_patch(o: Observed, old_status: dict, generation: int, selector: str) 
              for a in (writer.scans if writer else [])]  # no file yet until a scan's first result
     old_conditions = old_status.get("conditions") or []
     spec_ok = not o.spec_errors
+    all_ready = all(ready.get(r, 0) >= n for r, n in o.desired.items())
+    overdue = startup_overdue(o)
     conditions = [
         condition(old_conditions, "SpecValid", spec_ok, "Valid" if spec_ok else "Invalid",
                   "; ".join(o.spec_errors), generation),
-        condition(old_conditions, "StagesReady", all(ready.get(r, 0) >= n for r, n in o.desired.items()),
-                  "AllReady" if current != "Failed" else "StageFailed",
-                  why or ", ".join(f"{r} {ready.get(r, 0)}/{n}" for r, n in o.desired.items()), generation),
+        condition(old_conditions, "StagesReady", all_ready,
+                  "StageFailed" if current == "Failed" else "StartupTimeout" if overdue else
+                  "AllReady" if all_ready else "Waiting",
+                  why or overdue or ", ".join(f"{r} {ready.get(r, 0)}/{n}" for r, n in o.desired.items()), generation),
         condition(old_conditions, "Succeeded", current == "Succeeded", current, why, generation),
     ]
     out = {

@@ -11,7 +11,7 @@ import yaml
 from conftest import ROOT, manifest
 from detstream.operator import resources
 from detstream.operator.crd import crd
-from detstream.operator.status import Observed, PodView, phase, pod_view
+from detstream.operator.status import Observed, PodView, phase, pod_view, startup_overdue, status_patch
 from detstream.services.session import load_session
 from detstream.v1.control_pb2 import CONFIGURED, FAILED, FINISHED, RUNNING, ScanAccount, StageStatus
 
@@ -107,6 +107,17 @@ DESIRED = {"aggregator": 1, "writer": 1}
 ])
 def test_phase(pods, stages, started, expected):
     assert phase(Observed(DESIRED, pods, stages, started))[0] == expected
+
+
+@pytest.mark.parametrize("started, waited, overdue", [(False, 5.0, False), (False, 61.0, True), (True, 61.0, False)])
+def test_startup_is_overdue_only_before_the_start_and_past_the_timeout(started, waited, overdue):
+    pods = [PodView("a", "aggregator", "1", True, "Running"), PodView("w", "writer", phase="Pending")]
+    o = Observed(DESIRED, pods, {"a": stage("aggregator", CONFIGURED)}, started, waited_s=waited, startup_timeout_s=60)
+    expected = ("not every stage is healthy after 60 s (spec.transport.startupTimeoutS): writer 0/1; "
+                "not ready: w (Pending)")
+    assert startup_overdue(o) == (expected if overdue else "")
+    (ready,) = [c for c in status_patch(o, {}, 1, "")["conditions"] if c["type"] == "StagesReady"]
+    assert ready["reason"] == ("StartupTimeout" if overdue else "Waiting")
 
 
 def test_pod_problem_carries_the_pods_own_message():

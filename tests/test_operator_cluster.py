@@ -86,6 +86,32 @@ def test_apply_creates_owned_children_and_columns(cluster):
     assert "detstream.io/drain" in get(kubectl, "sess", "demo")["metadata"]["finalizers"]
 
 
+def test_a_session_not_healthy_within_its_startup_timeout_is_reported(cluster):
+    # No kubelet runs here: the pods stay Pending. Past spec.transport.startupTimeoutS the operator says
+    # so, in the StagesReady condition and in one warning Event, and goes on waiting (not Failed: on a
+    # cluster a pod may be slow for a while, pulling its image or waiting for a node).
+    kubectl, _ = cluster
+    apply(kubectl, manifest("slow", transport={"startupTimeoutS": 2}))
+
+    def overdue():
+        status = get(kubectl, "sess", "slow").get("status") or {}
+        ready = {c["type"]: c for c in status.get("conditions", [])}.get("StagesReady", {})
+        return ready.get("reason") == "StartupTimeout" and (status, ready)
+    status, ready = wait_until(overdue, what="StagesReady reason StartupTimeout")
+    assert status["phase"] == "Pending" and ready["status"] == "False"
+    assert ready["message"].startswith("not every stage is healthy after 2 s (spec.transport.startupTimeoutS): ")
+    assert "slow-writer-0 (Pending)" in ready["message"]
+
+    def warnings():
+        out = kubectl("get", "events", "-n", NS, "--field-selector", "involvedObject.name=slow", "-o", "json")
+        return [e for e in json.loads(out)["items"] if e["reason"] == "StartupTimeout"]
+    (event,) = wait_until(warnings, what="the StartupTimeout event")
+    assert event["type"] == "Warning" and "slow-writer-0 (Pending)" in event["message"]
+    time.sleep(3)  # a few more observations: they do not repeat it
+    assert len(warnings()) == 1 and warnings()[0].get("count", 1) == 1
+    kubectl("delete", "-n", NS, "sess/slow")
+
+
 def test_scale_resizes_the_worker_pool(cluster):
     kubectl, _ = cluster
     apply(kubectl, manifest("scaled"))
