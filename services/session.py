@@ -122,7 +122,9 @@ class Transport:
     end_of_scan_timeout_s: float = spec_field(30.0, doc="Seconds without input after which an unfinished "
                                                         "scan is closed and its missing frames reported "
                                                         "lost.", minimum=0.1)
-    startup_timeout_s: float = spec_field(60.0, doc="Seconds for every stage to become healthy.", minimum=1)
+    startup_timeout_s: float = spec_field(60.0, doc="Seconds for every stage to become healthy: past them "
+                                                    "`detstream run` fails, the operator reports it (StagesReady "
+                                                    "reason StartupTimeout).", minimum=1)
     on_full: str = spec_field("block", doc="What a source does when the pipeline cannot take a frame now: block "
                                            "(wait; backpressure, nothing is dropped) or drop (drop the frame, "
                                            "as a detector that cannot wait must; every drop is counted and "
