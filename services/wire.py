@@ -21,12 +21,14 @@ from detstream.v1.wire_pb2 import (CREDIT, DUPLICATE, END_OF_SCAN, FRAME, HEARTB
 
 WIRE_VERSION = 1
 MAX_HEADER_BYTES = 4096
-_SNDMORE = int(zmq.SNDMORE)
+# ZeroMQ's flags as plain ints: an operation on pyzmq's IntFlag members (`zmq.NOBLOCK | zmq.SNDMORE`,
+# `events & zmq.POLLIN`) runs Python code of the enum module, ~2-5 us each, several per message.
+NOBLOCK, POLLIN, POLLOUT, _SNDMORE = int(zmq.NOBLOCK), int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.SNDMORE)
 FRAME_BITS = 40  # a frame key is scan << 40 | frame: 10^12 frames per scan, 2^24 scans
 
 __all__ = ["CREDIT", "DUPLICATE", "END_OF_SCAN", "FRAME", "HEARTBEAT", "PARTIAL", "RECEIPT", "RESULT", "SECTOR", "Header",
            "WireError", "Geometry", "Message", "Outbox", "frame_key", "decode", "receive_parts", "Gaps", "FRAME_BITS",
-           "pack_frames", "unpack_frames"]
+           "pack_frames", "unpack_frames", "NOBLOCK", "POLLIN", "POLLOUT"]
 
 
 class WireError(ValueError):
@@ -179,6 +181,7 @@ class Outbox:
         header.seq = seq
         # Part by part (as send_multipart, at a fraction of its cost): only the first part can be refused
         # (queue full, peer gone); ZeroMQ then takes the rest of the message whole.
+        flags = int(flags)  # an IntFlag argument would make each `|` below cost microseconds
         sock, more = self.socket, flags | _SNDMORE
         if peer is not None:
             sock.send(peer, more)

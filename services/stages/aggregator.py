@@ -76,7 +76,7 @@ class AggregatorStage(Stage):
         self.sector_bytes = self.geometry.sector_bytes
         self.scan_rows, self.scan_cols = self.spec.scan.rows, self.spec.scan.cols
         self.scan_frames = self.geometry.scan_frames
-        self.sector_shape = list(self.geometry.sector_shape)
+        self.frame_header = Header(kind=FRAME, shape=self.geometry.sector_shape, dtype=self.geometry.dtype)
         self.pending: dict[tuple[int, int], tuple[list, float, list]] = {}  # parts, first arrival, [parts in]
         self.max_pending = MAX_PENDING_PER_HWM * self.spec.transport.high_water_mark
         self.scans: dict[int, OpenScan] = {}
@@ -175,9 +175,9 @@ class AggregatorStage(Stage):
             parts = [p if p is not None else self.zero for p in parts]
         else:
             missing, mask = (), (1 << len(parts)) - 1
-        header = Header(kind=FRAME, scan=scan_no, frame=frame, position=frame, sector_mask=mask,
-                        shape=self.sector_shape, dtype=self.geometry.dtype,
-                        flags=PARTIAL if missing else 0, scan_rows=scan.rows, scan_cols=scan.cols)
+        header = self.frame_header  # one for every frame, its fields set here (building one costs ~5 us)
+        header.scan, header.frame, header.position, header.sector_mask = scan_no, frame, frame, mask
+        header.flags, header.scan_rows, header.scan_cols = PARTIAL if missing else 0, scan.rows, scan.cols
         self.send(header, parts)
         scan.emitted[frame] = True
         scan.sent += 1

@@ -25,9 +25,10 @@ from zmq.utils.monitor import recv_monitor_message
 from detstream.services.faults import failpoint
 from detstream.services.plugins import PluginContext, plugin_class
 from detstream.services.stage import BATCH, POLL_MS, Stage
-from detstream.services.wire import CREDIT, FRAME, HEARTBEAT, RECEIPT, RESULT, Header, Message, Outbox, frame_key
+from detstream.services.wire import (CREDIT, FRAME, HEARTBEAT, POLLIN, POLLOUT, RECEIPT, RESULT, Header, Message,
+                                     Outbox, frame_key)
 
-POLLIN, POLLIN_OUT = int(zmq.POLLIN), int(zmq.POLLIN | zmq.POLLOUT)
+POLLIN_OUT = POLLIN | POLLOUT
 CALIBRATION_IDLE_S = 0.5  # calibrate on fewer samples when the stream pauses this long
 
 
@@ -65,9 +66,9 @@ class WorkerStage(Stage):
             self.writer_events = events
         for sock, events in self.poller.poll(POLL_MS):
             if sock is self.writer.socket:
-                if events & zmq.POLLIN:
+                if events & POLLIN:
                     self.receipts()
-                if events & zmq.POLLOUT:
+                if events & POLLOUT:
                     self.flush()
                 continue
             if sock in self.connected_lane:
@@ -180,10 +181,14 @@ class WorkerStage(Stage):
         what we never acknowledged); a heartbeat that finds the queue full is dropped: the queue
         itself says we are alive once the distributor reads it."""
         outbox = self.lanes[lane]
-        while not outbox.socket.poll(POLL_MS, zmq.POLLOUT):
-            if droppable or self.stopping.is_set():
-                return
-        outbox.send(header, flags=zmq.NOBLOCK)
+        while True:
+            try:
+                outbox.send(header, flags=zmq.NOBLOCK)  # the usual case: room in the queue, no poll
+                break
+            except zmq.Again:
+                if droppable or self.stopping.is_set():
+                    return
+                outbox.socket.poll(POLL_MS, zmq.POLLOUT)
         self.last_sent[lane] = time.monotonic()
 
     def heartbeat(self) -> None:
