@@ -183,9 +183,11 @@ def metric(pod, name):
 
 
 def pod_log(e2e, pod_name):
-    """What `kubectl logs` would show of a removed pod: the node agent keeps its logs."""
-    return "".join(f.read_text() for d in (e2e.workdir / "node" / "logs").glob(f"{NS}_{pod_name}_*")
-                   for f in sorted(d.rglob("*.log")))
+    """What `kubectl logs` would show of a removed pod: the node agent keeps its logs (it moves them
+    there once the pod is gone, which may be a moment after the API server has let it go)."""
+    folders = wait_until(lambda: list((e2e.workdir / "node" / "logs").glob(f"{NS}_{pod_name}_*")), 30,
+                         f"the logs of {pod_name}")
+    return "".join(f.read_text() for d in folders for f in sorted(d.rglob("*.log")))
 
 
 def check_accounting(status, rows, cols):
