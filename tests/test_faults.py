@@ -71,6 +71,24 @@ def test_a_killed_worker_loses_nothing_and_every_frame_is_written_once(tmp_path)
     assert_file_matches_truth(scan["file"], 0, 576)
 
 
+def test_a_worker_whose_queue_is_full_waits_and_is_not_declared_dead(tmp_path):
+    # More credits than the high-water mark lets through: the distributor's send to a slow worker finds
+    # its queue full. That worker is only busy: it gets no frame until it next speaks, nothing is re-sent.
+    doc = manifest("fullq", scan={"rows": 16, "cols": 16}, detector=SMALL, source={"rate": 400},
+                   workers={"replicas": 2, "credits": 16}, plugin={"name": "noop"},
+                   transport={**FAST, "highWaterMark": 2})
+    live = Live(doc, tmp_path, failpoints="worker:process-delay=0.01")
+    try:
+        code, err, report = live.finish()
+    finally:
+        live.kill()
+    assert code == 0, err
+    assert_exact(report)
+    (scan,) = report["scans"]
+    assert (scan["written"], scan["lost"], scan["duplicates"]) == (256, 0, 0)
+    assert "worker declared dead" not in live.log("distributor-0")
+
+
 def test_a_hung_worker_is_declared_dead_and_its_late_results_are_dropped(tmp_path):
     doc = manifest("whang", scan={"rows": 24, "cols": 24}, detector=SMALL, source={"rate": 150},
                    workers={"replicas": 3}, plugin=COUNTING, transport=FAST)

@@ -37,8 +37,14 @@ from detstream.services.wire import (CREDIT, DUPLICATE, END_OF_SCAN, FRAME, HEAR
 class Worker:
     peer: bytes
     credit: int = 0
+    full: bool = False                # its queue refused a frame: none more until it next speaks
     in_flight: dict[int, Message] = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
+
+    @property
+    def listed(self) -> bool:
+        """Whether it is among the distributor's ready peers."""
+        return self.credit > 0 and not self.full
 
 
 @dataclass
@@ -138,11 +144,12 @@ class DistributorStage(Stage):
         worker.last_seen = time.monotonic()
         for key in h.acked:
             self.acknowledge(worker, key)
-        if h.credit:
-            if worker.credit == 0:
-                self.ready.append(peer)
-            # never more than a worker may hold: a confused or hostile peer cannot hoard frames
-            worker.credit = min(worker.credit + h.credit, self.spec.workers.credits)
+        listed = worker.listed
+        worker.full = False  # it speaks, so it reads: its queue has room again
+        # never more than a worker may hold: a confused or hostile peer cannot hoard frames
+        worker.credit = min(worker.credit + h.credit, self.spec.workers.credits)
+        if worker.listed and not listed:
+            self.ready.append(peer)
         if h.acked:
             self.finish_scans()
 
@@ -166,7 +173,11 @@ class DistributorStage(Stage):
                 continue
             try:
                 self.work.send(msg.header, msg.parts, peer=peer, flags=zmq.NOBLOCK)
-            except zmq.ZMQError as exc:  # gone (EHOSTUNREACH) or full: treat as dead
+            except zmq.Again:  # its queue is full (more credits than the high-water mark lets through)
+                worker.full = True
+                self.ready.popleft()
+                continue
+            except zmq.ZMQError as exc:  # gone (EHOSTUNREACH): dead
                 self.declare_dead(worker, f"send failed: {exc}")
                 continue
             worker.credit -= 1
