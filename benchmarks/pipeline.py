@@ -1,6 +1,6 @@
 """Framework overhead on the data plane: a detstream session against bare pyzmq, same run.
 
-    python -m benchmarks.pipeline [--frames 2048] [--repeats 2] [--workers 2] [--against REV]
+    python -m benchmarks.pipeline [--frames 2048] [--repeats 2] [--workers 2] [--credits N] [--against REV]
 
 Measured, alternated in rounds (the machine is shared: only ratios within a run mean something):
   detstream   `noop` session: simulator source -> aggregator -> distributor => WORKERS workers =>
@@ -32,9 +32,10 @@ from benchmarks.sessions import SessionRun, manifest
 FRAME_BYTES = 576 * 576 * 2
 
 
-def session_doc(frames: int, workers: int) -> dict:
+def session_doc(frames: int, workers: int, credits: int | None = None) -> dict:
     cols = 64
-    return manifest("pipeline", scan={"rows": max(1, frames // cols), "cols": cols}, workers={"replicas": workers},
+    pool = {"replicas": workers, **({"credits": credits} if credits else {})}
+    return manifest("pipeline", scan={"rows": max(1, frames // cols), "cols": cols}, workers=pool,
                     plugin={"name": "noop"})
 
 
@@ -47,12 +48,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--frames", type=int, default=2048, help="frames per run (a multiple of 64)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of (bare, detstream)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--credits", type=int, help="the session's workers.credits (default: the spec default)")
     parser.add_argument("--against", metavar="REV", help="also run the session with the code of this git revision")
     args = parser.parse_args(argv)
     frames = max(64, args.frames - args.frames % 64)
-    report = Report("pipeline", frames=frames, repeats=args.repeats, workers=args.workers, against=args.against,
-                    frame_bytes=FRAME_BYTES)
-    doc = session_doc(frames, args.workers)
+    report = Report("pipeline", frames=frames, repeats=args.repeats, workers=args.workers, credits=args.credits,
+                    against=args.against, frame_bytes=FRAME_BYTES)
+    doc = session_doc(frames, args.workers, args.credits)
 
     hop = {"zero-copy": [], "copy": []}
     for _ in range(args.repeats):
