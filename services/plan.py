@@ -7,7 +7,8 @@ plan to find its peers. Topology, per lane l (frames with frame % lanes == l):
 
     source x S --PUSH--> aggregator[l] (binds ingest) --PUSH--> distributor[l] (binds frames)
     distributor[l] (binds work, ROUTER) <--DEALER-- worker x M (each connects to every lane)
-    worker --DEALER--> writer (binds results, ROUTER: a RECEIPT per result) <-- distributor[l] (end of scan)
+    worker --DEALER--> writer (binds results, ROUTER) <--DEALER-- distributor[l] (ends of scan; the
+        writer's RECEIPTs of the lane's results come back on it: they acknowledge the frames)
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ START_ORDER = ("writer", "worker", "distributor", "aggregator", "source")  # con
 DATA_PORTS = {"aggregator": ("ingest",), "distributor": ("frames", "work"), "writer": ("results",)}
 CLUSTER_PORTS = {"control": 7100, "metrics": 9100, "ingest": 7200, "frames": 7201, "work": 7202,
                  "results": 7203}
+
+
+def lane_routing_id(lane: int) -> bytes:
+    """How the writer addresses the distributor of a lane (its DEALER's routing id)."""
+    return b"distributor-%d" % lane
 
 
 @dataclass(frozen=True)

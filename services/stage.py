@@ -73,14 +73,15 @@ class Stage:
 
     # -- sockets -------------------------------------------------------------------------------
     def socket(self, kind: int, *, bind: str | None = None, connect: list = (), server: str = "",
-               connections: dict | None = None) -> zmq.Socket:
+               connections: dict | None = None, routing_id: bytes = b"") -> zmq.Socket:
         """A socket with bounded queues on both sides and no lingering at close. `connect` lists
         peers as (role, index, port) of the plan, or as endpoint strings (a source outside the
         session; `server` then names the stage it reaches, for its CURVE key). ZeroMQ retries
         connections by itself, so peers may come up in any order. A bound socket's failed
         handshakes (garbage, or a client without the session's key) are counted as rejected.
         With `connections`, a socket there that reports each connection made (the first, and every
-        one after a peer restarted) is put in it under this socket."""
+        one after a peer restarted) is put in it under this socket. `routing_id` names this socket
+        to a ROUTER it connects to, so that the ROUTER can address it."""
         hwm = self.spec.transport.high_water_mark
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.SNDHWM, hwm)
@@ -88,6 +89,8 @@ class Stage:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if routing_id:
+            sock.setsockopt(zmq.ROUTING_ID, routing_id)
         if bind:
             if self.curve:
                 self.keys.curve_server(sock, self.key_name, domain=bind)

@@ -295,9 +295,10 @@ def test_a_stage_too_slow_to_start_is_named_when_the_startup_timeout_passes(tmp_
     assert report["failure"] and not report["scans"]
 
 
-def test_a_worker_killed_with_results_waiting_for_a_slow_writer_loses_nothing(tmp_path):
-    """Results queued in a worker's own memory and sockets die with it: the frames are acknowledged
-    only once the writer has their results, so the distributor re-sends them."""
+def test_a_worker_killed_while_the_writer_is_slow_loses_nothing(tmp_path):
+    """A frame is done only once the writer has its result: whatever the killed worker still held
+    (frames, results in its own memory) is re-sent, what it had handed to its socket arrives
+    anyway (the kernel delivers it), and the writer drops any second copy."""
     doc = manifest("wkillslow", scan={"rows": 16, "cols": 16}, detector=SMALL, workers={"replicas": 3},
                    plugin={"name": "noop"}, transport=FAST)
     live = Live(doc, tmp_path, failpoints="writer-0:write-delay=0.02")
@@ -311,4 +312,4 @@ def test_a_worker_killed_with_results_waiting_for_a_slow_writer_loses_nothing(tm
     assert_exact(report)
     (scan,) = report["scans"]
     assert (scan["written"], scan["lost"], scan["partial"]) == (256, 0, 0)
-    assert resent_in(live.log("distributor-0")) >= 1
+    assert "worker declared dead" in live.log("distributor-0")

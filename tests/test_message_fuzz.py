@@ -5,7 +5,6 @@ raise, every bad message is counted, and the stages' books stay consistent.
 The four pipeline stages run in this process on real sockets (their own ports, as in a session),
 so what one stage emits reaches the next when they are pumped."""
 
-from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -47,11 +46,11 @@ def stages(tmp_path_factory):
     mp.undo()
 
 
-TARGETS = ["aggregator", "distributor-frames", "distributor-work", "worker", "writer"]
+TARGETS = ["aggregator", "distributor-frames", "distributor-work", "distributor-receipts", "worker", "writer"]
 NATURAL = {wire_pb2.SECTOR: ["aggregator"], wire_pb2.FRAME: ["distributor-frames", "worker"],
            wire_pb2.RESULT: ["writer"], wire_pb2.END_OF_SCAN: ["aggregator", "distributor-frames", "writer"],
            wire_pb2.CREDIT: ["distributor-work"], wire_pb2.HEARTBEAT: ["distributor-work"],
-           wire_pb2.RECEIPT: ["worker"]}
+           wire_pb2.RECEIPT: ["distributor-receipts"]}
 PEERS = [b"peer-a", b"peer-b", b"\x00"]
 
 
@@ -121,12 +120,12 @@ def deliver(stages, target, raw, peer):
         stage.from_aggregator(msg)
     elif target == "distributor-work":
         stage.from_worker(peer, msg)
+    elif target == "distributor-receipts":
+        stage.from_writer(msg)
     elif target == "writer":
-        stage.handle(msg, peer)
-    elif msg.header.kind == wire_pb2.FRAME:
-        stage.frame(0, msg)
+        stage.handle(msg)
     else:
-        stage.receipt(msg, defaultdict(list), defaultdict(int))  # as the worker's receipts() passes them
+        stage.from_distributor(0, msg)
 
 
 def check_books(stages):

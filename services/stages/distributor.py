@@ -1,15 +1,16 @@
 """The distributor of one lane: gives frames only to workers that asked for them (credits).
 
 Workers connect a DEALER to this ROUTER and offer credits; a frame is sent only against a
-credit, and stays "in flight" (its buffers kept, no copy) until the worker acknowledges it,
-which it does after handing the result to the writer. With no credit anywhere the distributor
-stops reading from its aggregator, so backpressure reaches the sources instead of memory
-growing. A worker silent past the worker timeout is declared dead and its in-flight frames go
-to others (the writer drops the duplicates a late worker may still produce). A worker
-acknowledges a frame only when the writer has confirmed receiving its result, so the lane's end
-of scan, sent to the writer once every frame of the scan is acknowledged, always arrives after
-the results it accounts for. A worker busy waiting for a slow writer keeps sending heartbeats;
-only a silent one (dead, or hung) is declared dead.
+credit, and stays "in flight" (its buffers kept, no copy) until the writer acknowledges it: the
+writer answers the results of this lane with RECEIPTs on the distributor's own connection to it,
+and each receipt gives the credit back to the worker that held the frame. So a frame is done only
+once its result is in the writer's hands (a worker killed with results still queued loses
+nothing), the lane's end of scan, sent to the writer once every frame of the scan is
+acknowledged, always arrives after the results it accounts for, and a worker sends nothing per
+frame but its result. With no credit anywhere the distributor stops reading from its aggregator,
+so backpressure reaches the sources instead of memory growing. A worker silent past the worker
+timeout (no heartbeat) is declared dead and its in-flight frames go to others (the writer drops
+the duplicates a late worker may still produce).
 
 The lane's end of scan names its lost frames exactly: every frame of the lane this distributor never
 saw acknowledged, as a bitmap, which the writer reads against the frames it has. That covers what
@@ -28,8 +29,9 @@ import numpy as np
 import zmq
 
 from detstream.services.accounting import ClosedScans
+from detstream.services.plan import lane_routing_id
 from detstream.services.stage import BATCH, POLL_MS, Stage
-from detstream.services.wire import (CREDIT, DUPLICATE, END_OF_SCAN, FRAME, HEARTBEAT, Header,
+from detstream.services.wire import (CREDIT, DUPLICATE, END_OF_SCAN, FRAME, HEARTBEAT, RECEIPT, Header,
                                      Message, Outbox, frame_key, pack_frames)
 
 
@@ -63,8 +65,10 @@ class DistributorStage(Stage):
         work = self.socket(zmq.ROUTER, bind="work")
         work.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished worker raises instead of dropping
         self.work = Outbox(work, self.name)
-        self.writer = Outbox(self.socket(zmq.DEALER, connect=[("writer", 0, "results")]), self.name)
+        self.writer = Outbox(self.socket(zmq.DEALER, connect=[("writer", 0, "results")],
+                                         routing_id=lane_routing_id(self.me.index)), self.name)
         self.workers: dict[bytes, Worker] = {}
+        self.holder: dict[int, Worker] = {}     # frame key -> the worker it is in flight with
         self.ready: deque[bytes] = deque()     # peers with credit, round-robin
         self.resend: deque[Message] = deque()  # frames of dead workers, sent before new ones
         self.scans: dict[int, LaneScan] = {}
@@ -72,6 +76,7 @@ class DistributorStage(Stage):
         self.lane_frames = np.arange(self.geometry.scan_frames) % self.spec.lanes == self.me.index
         self.poller = zmq.Poller()
         self.poller.register(self.work.socket, zmq.POLLIN)
+        self.poller.register(self.writer.socket, zmq.POLLIN)
         self.reading_frames = False                  # whether the poller watches `frames`
         self.last_check = time.monotonic()
 
@@ -81,8 +86,16 @@ class DistributorStage(Stage):
             self.poller.register(self.frames, zmq.POLLIN if wants_frames else 0)
             self.reading_frames = wants_frames
         events = dict(self.poller.poll(POLL_MS))
+        if events.get(self.writer.socket):
+            for _ in range(BATCH):  # receipts first: they free credits
+                try:
+                    _, msg = self.receive(self.writer.socket, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if msg is not None:
+                    self.from_writer(msg)
         if events.get(self.work.socket):
-            for _ in range(BATCH):  # worker messages first: they free credits
+            for _ in range(BATCH):  # worker messages (credits offered, heartbeats) before frames
                 try:
                     peer, msg = self.receive(self.work.socket, envelope=True, flags=zmq.NOBLOCK)
                 except zmq.Again:
@@ -116,8 +129,8 @@ class DistributorStage(Stage):
             self.finish_scans()
         elif h.kind == FRAME:
             scan = self.lane_scan(h.scan)
-            if scan.acked[h.frame]:
-                self.refuse("late", msg, "frame done already")
+            if scan.acked[h.frame] or frame_key(h.scan, h.frame) in self.holder:
+                self.refuse("late", msg, "frame done or in flight already")
                 return
             self.counters.frames_in += 1
             self.counters.bytes_in += msg.payload_bytes
@@ -142,24 +155,37 @@ class DistributorStage(Stage):
             worker = self.workers[peer] = Worker(peer)
             self.log.info("worker %s joined", h.sender)
         worker.last_seen = time.monotonic()
-        for key in h.acked:
-            self.acknowledge(worker, key)
-        listed = worker.listed
-        worker.full = False  # it speaks, so it reads: its queue has room again
-        # never more than a worker may hold: a confused or hostile peer cannot hoard frames
-        worker.credit = min(worker.credit + h.credit, self.spec.workers.credits)
-        if worker.listed and not listed:
-            self.ready.append(peer)
-        if h.acked:
-            self.finish_scans()
+        self.give_credit(worker, h.credit, room=True)  # it speaks, so it reads: its queue has room again
 
-    def acknowledge(self, worker: Worker, key: int) -> None:
-        msg = worker.in_flight.pop(key, None)
-        if msg is None:
-            return  # a frame this worker lost to a re-send
+    def give_credit(self, worker: Worker, credit: int, room: bool = False) -> None:
+        listed = worker.listed
+        if room:
+            worker.full = False
+        # never more than a worker may hold: a confused or hostile peer cannot hoard frames
+        worker.credit = min(worker.credit + credit, self.spec.workers.credits)
+        if worker.listed and not listed:
+            self.ready.append(worker.peer)
+
+    def from_writer(self, msg: Message) -> None:
+        """The writer's RECEIPT: it has the results of these frames. Each is done, and its credit
+        goes back to the worker that held it."""
+        if msg.header.kind != RECEIPT:
+            self.refuse("kind", msg)
+            return
+        for key in msg.header.acked:
+            self.acknowledge(key)
+        self.finish_scans()
+
+    def acknowledge(self, key: int) -> None:
+        worker = self.holder.pop(key, None)
+        if worker is None:
+            return  # not in flight here: done already, or a dead worker's frame waiting to be re-sent
+        msg = worker.in_flight.pop(key)
+        if worker.peer in self.workers:
+            self.give_credit(worker, 1)
         scan = self.scans.get(msg.header.scan)
         if scan is None or scan.acked[msg.header.frame]:
-            return  # acknowledged already (by the worker it was re-sent to)
+            return  # acknowledged already (the result of an earlier copy)
         scan.acked[msg.header.frame] = True
         scan.done += 1
         scan.in_flight -= 1
@@ -181,7 +207,9 @@ class DistributorStage(Stage):
                 self.declare_dead(worker, f"send failed: {exc}")
                 continue
             worker.credit -= 1
-            worker.in_flight[frame_key(msg.header.scan, msg.header.frame)] = msg
+            key = frame_key(msg.header.scan, msg.header.frame)
+            worker.in_flight[key] = msg
+            self.holder[key] = worker
             self.ready.rotate(-1) if worker.credit else self.ready.popleft()
             self.counters.frames_out += 1
             self.counters.bytes_out += msg.payload_bytes
@@ -198,7 +226,8 @@ class DistributorStage(Stage):
         self.work.forget(worker.peer)
         self.counters.workers_lost += 1
         self.counters.resent += len(worker.in_flight)
-        for msg in worker.in_flight.values():
+        for key, msg in worker.in_flight.items():
+            del self.holder[key]
             msg.header.flags |= DUPLICATE
             self.resend.append(msg)
         self.log.warning("worker declared dead (%s); re-sending its %d frames", why, len(worker.in_flight))

@@ -1,23 +1,22 @@
 """A worker: takes frames from every lane's distributor against credits, runs the plugin, and
-hands results to the writer. The acknowledgement to the distributor (which also returns the
-credit) waits for the writer's RECEIPT of the result: a frame is acknowledged only once its result
-is in the writer's hands, so a worker killed with results still queued in its own memory or
-sockets loses nothing (the distributor re-sends those frames, and the writer drops any copy it
-already has).
+hands results to the writer. That is all it sends per frame: the writer acknowledges each result
+to the frame's distributor, which counts the frame done and gives its credit back only then. So
+a worker killed with results still queued in its own memory or sockets loses nothing (the
+distributor re-sends those frames, and the writer drops any copy it already has).
 
-The worker never blocks: results wait in a queue bounded by the credits it gave out, and while
-the writer is slow the worker keeps reading receipts and sending heartbeats, so backpressure is
-never mistaken for death.
+The worker never blocks: results wait in a queue bounded by the credits it was given, and while
+the writer is slow the worker keeps sending heartbeats, so backpressure is never mistaken for
+death.
 
 Credits are offered on each connection to a lane's distributor: at the start, and again when a
-restarted distributor comes back (its predecessor's credits died with it), then less the frames
-still held from that lane, whose credit goes back with their acknowledgement.
+restarted distributor comes back (its predecessor's credits died with it, and the frames held
+from it will return no credit).
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict, deque
+from collections import deque
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -25,10 +24,8 @@ from zmq.utils.monitor import recv_monitor_message
 from detstream.services.faults import failpoint
 from detstream.services.plugins import PluginContext, plugin_class
 from detstream.services.stage import BATCH, POLL_MS, Stage
-from detstream.services.wire import (CREDIT, FRAME, HEARTBEAT, POLLIN, POLLOUT, RECEIPT, RESULT, Header, Message,
-                                     Outbox, frame_key)
+from detstream.services.wire import CREDIT, FRAME, HEARTBEAT, POLLOUT, RESULT, Header, Message, Outbox
 
-POLLIN_OUT = POLLIN | POLLOUT
 CALIBRATION_IDLE_S = 0.5  # calibrate on fewer samples when the stream pauses this long
 
 
@@ -52,24 +49,20 @@ class WorkerStage(Stage):
             self.poller.register(monitor, zmq.POLLIN)
         self.writer_events = 0                                # what the poller watches on the writer's socket
         self.last_sent = [0.0] * len(self.lanes)
-        self.held: list[tuple[int, Message]] = []  # frames kept for calibration
+        self.held: list[Message] = []  # frames kept for calibration
         self.last_frame = time.monotonic()
         self.outgoing: deque[tuple[Header, list]] = deque()   # results the writer's queue cannot take yet
-        self.unconfirmed: dict[int, tuple[int, int]] = {}     # key -> (lane, credit to return) until RECEIPT
         self.process_delay = failpoint(self.name, self.role, "process-delay")
 
     def step(self):
         self.apply_updates()
-        events = POLLIN_OUT if self.outgoing else POLLIN
+        events = POLLOUT if self.outgoing else 0  # the writer's socket: only while results wait for room
         if events != self.writer_events:
             self.poller.register(self.writer.socket, events)
             self.writer_events = events
         for sock, events in self.poller.poll(POLL_MS):
             if sock is self.writer.socket:
-                if events & POLLIN:
-                    self.receipts()
-                if events & POLLOUT:
-                    self.flush()
+                self.flush()
                 continue
             if sock in self.connected_lane:
                 recv_monitor_message(sock)
@@ -83,35 +76,36 @@ class WorkerStage(Stage):
                     break
                 if msg is None:
                     self.tell(lane, Header(kind=CREDIT, credit=1))  # a rejected message still used a credit
-                elif msg.header.kind != FRAME:
-                    self.refuse("kind", msg)
                 else:
-                    self.frame(lane, msg)
+                    self.from_distributor(lane, msg)
         self.calibrate_if_idle()
         self.heartbeat()
         self.counters.queue_depth = len(self.outgoing)
-        self.counters.in_flight = len(self.unconfirmed)
+        self.counters.in_flight = len(self.held) + len(self.outgoing)
 
     def offer(self, lane: int) -> None:
-        """Connected to the lane's distributor: offer it our credits, less those of the frames we
-        still hold from it (their credit goes back with their acknowledgement; frames held for
-        calibration gave theirs back on arrival)."""
-        holding = sum(credit for held_lane, credit in self.unconfirmed.values() if held_lane == lane)
-        self.tell(lane, Header(kind=CREDIT, credit=max(0, self.spec.workers.credits - holding)))
+        """Connected to the lane's distributor: offer it our credits."""
+        self.tell(lane, Header(kind=CREDIT, credit=self.spec.workers.credits))
+
+    def from_distributor(self, lane: int, msg: Message) -> None:
+        if msg.header.kind != FRAME:
+            self.refuse("kind", msg)
+        else:
+            self.frame(lane, msg)
 
     def frame(self, lane: int, msg: Message) -> None:
         self.counters.frames_in += 1
         self.counters.bytes_in += msg.payload_bytes
         self.last_frame = time.monotonic()
         if self.plugin.samples_wanted:
-            self.held.append((lane, msg))
-            self.tell(lane, Header(kind=CREDIT, credit=1))  # keep frames coming; ack after counting
+            self.held.append(msg)
+            self.tell(lane, Header(kind=CREDIT, credit=1))  # keep frames coming while these wait
             if len(self.held) >= self.plugin.samples_wanted:
                 self.calibrate()
             return
-        self.process(lane, msg)
+        self.process(msg)
 
-    def process(self, lane: int, msg: Message, credit: int = 1) -> None:
+    def process(self, msg: Message) -> None:
         h = msg.header
         t0 = time.perf_counter()
         parts = self.plugin.process(msg.sectors, msg.parts)
@@ -120,12 +114,6 @@ class WorkerStage(Stage):
         self.metrics.latency.observe(time.perf_counter() - t0)
         result = Header(kind=RESULT, scan=h.scan, frame=h.frame, position=h.position, flags=h.flags,
                         scan_rows=h.scan_rows, scan_cols=h.scan_cols, result=self.plugin_cls.result)
-        key = frame_key(h.scan, h.frame)
-        if key in self.unconfirmed:  # a re-send of a frame whose result is on its way: return its credit then
-            lane0, credit0 = self.unconfirmed[key]
-            self.unconfirmed[key] = (lane0, credit0 + credit)
-        else:
-            self.unconfirmed[key] = (lane, credit)
         self.outgoing.append((result, list(parts)))
         self.flush()
 
@@ -141,45 +129,20 @@ class WorkerStage(Stage):
             self.counters.frames_out += 1
             self.counters.bytes_out += sum(memoryview(p).nbytes for p in parts)
 
-    def receipts(self) -> None:
-        """The writer has these results: acknowledge the frames (returning their credit) to their lanes."""
-        acks: dict[int, list[int]] = defaultdict(list)
-        credits: dict[int, int] = defaultdict(int)
-        for _ in range(4 * BATCH):
-            try:
-                _, msg = self.receive(self.writer.socket, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            if msg is not None:
-                self.receipt(msg, acks, credits)
-        for lane, keys in acks.items():
-            self.tell(lane, Header(kind=CREDIT, credit=credits[lane], acked=keys))
-
-    def receipt(self, msg: Message, acks: dict, credits: dict) -> None:
-        if msg.header.kind != RECEIPT:
-            self.refuse("kind", msg)
-            return
-        for key in msg.header.acked:
-            lane, credit = self.unconfirmed.pop(key, (None, 0))
-            if lane is not None:
-                acks[lane].append(key)
-                credits[lane] += credit
-
     def calibrate(self) -> None:
         held, self.held = self.held, []
-        self.plugin.calibrate([msg.sectors for _, msg in held])
+        self.plugin.calibrate([msg.sectors for msg in held])
         self.log.info("calibrated on %d frames: %s", len(held), getattr(self.plugin, "thresholds", ""))
-        for lane, msg in held:
-            self.process(lane, msg, credit=0)  # their credit went back when they arrived
+        for msg in held:
+            self.process(msg)
 
     def calibrate_if_idle(self) -> None:
         if self.held and time.monotonic() - self.last_frame > CALIBRATION_IDLE_S:
             self.calibrate()
 
     def tell(self, lane: int, header: Header, droppable: bool = False) -> None:
-        """Send to a lane's distributor without ever blocking past a Stop (the distributor re-sends
-        what we never acknowledged); a heartbeat that finds the queue full is dropped: the queue
-        itself says we are alive once the distributor reads it."""
+        """Send to a lane's distributor without ever blocking past a Stop; a heartbeat that finds
+        the queue full is dropped: the queue itself says we are alive once the distributor reads it."""
         outbox = self.lanes[lane]
         while True:
             try:

@@ -14,9 +14,10 @@ STALE_TIMEOUTS x (end-of-scan + worker timeout) + STALE_MARGIN_S closes anyway, 
 counted lost and the lanes that never ended it named; a scan of which nothing came at all, below
 an open one (or, once streaming, with no input for as long), is opened for that.
 
-Workers send results on a DEALER to this ROUTER; every result (new, duplicate or late) is answered
-with a RECEIPT, and only then does the worker acknowledge the frame to its distributor. So when a
-lane's END_OF_SCAN arrives, the results it accounts for are here already. A file is created at the
+Workers send results on a DEALER to this ROUTER; every result (new, duplicate or late) is
+acknowledged with a RECEIPT to the distributor of its lane (on the DEALER that distributor connects
+here; a turn's results go out as one receipt per lane), which counts the frame done only then. So
+when a lane's END_OF_SCAN arrives, the results it accounts for are here already. A file is created at the
 first result of a scan (a scan of which nothing arrived leaves no file), written as `NAME.partial`
 and renamed when complete; a write error (full disk) fails the stage with the reason and leaves
 no file behind.
@@ -34,6 +35,7 @@ import zmq
 from detstream.services.accounting import ClosedScans
 from detstream.services.electron_events import ElectronEventsFile
 from detstream.services.faults import failpoint
+from detstream.services.plan import lane_routing_id
 from detstream.services.plugins import plugin_class
 from detstream.services.stage import BATCH, POLL_MS, Stage, StageError
 from detstream.services.wire import (END_OF_SCAN, PARTIAL, RECEIPT, RESULT, Header, Message, Outbox, frame_key,
@@ -45,6 +47,7 @@ DRAIN_QUIET_S = 1.0  # a draining writer finishes after this long without input 
 # it is: the last resort for an end of scan that died. Longer than `detstream run` takes to fail a
 # session whose stage hangs (10 s, or 2 worker timeouts), so a hung stage still fails it locally.
 STALE_TIMEOUTS, STALE_MARGIN_S = 2, 10.0
+RECEIPTS_KEPT = 65536  # receipts kept per lane while its distributor is away (more than it can have in flight)
 
 
 @dataclass
@@ -86,9 +89,10 @@ class WriterStage(Stage):
             raise StageError(f"output folder {self.output} is not writable: {exc.strerror}") from None
         self.kind = plugin_class(self.spec.plugin.name).result
         results = self.socket(zmq.ROUTER, bind="results")
-        results.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a receipt to a full peer waits; to a gone one is dropped
+        results.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a receipt to a full or absent peer waits
+        results.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a restarted distributor takes its routing id over
         self.results = Outbox(results, self.name)
-        self.receipts: dict[bytes, list[int]] = {}
+        self.receipts: dict[int, list[int]] = {}      # lane -> keys of the results received this turn
         self.pixels = self.spec.detector.rows * self.spec.detector.cols
         self.write_delay = failpoint(self.name, self.role, "write-delay")
         self.scans: dict[int, WriterScan] = {}
@@ -102,11 +106,11 @@ class WriterStage(Stage):
         if sock.poll(POLL_MS):
             for _ in range(4 * BATCH):  # what is queued, without a poll per message
                 try:
-                    peer, msg = self.receive(sock, envelope=True, flags=zmq.NOBLOCK)
+                    _, msg = self.receive(sock, envelope=True, flags=zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 if msg is not None:
-                    self.handle(msg, peer)
+                    self.handle(msg)
         self.send_receipts()
         now = time.monotonic()
         self.close_ready(now)
@@ -114,17 +118,17 @@ class WriterStage(Stage):
             self.finish()  # drained: every scan that started is closed and nothing more comes
         self.counters.scan_progress = max((s.written / s.seen.size for s in self.scans.values()), default=0.0)
 
-    def handle(self, msg: Message, peer: bytes | None = None) -> None:
+    def handle(self, msg: Message) -> None:
         self.last_input = time.monotonic()
         self.streaming = True
         h = msg.header
         if h.kind not in (RESULT, END_OF_SCAN):
             self.refuse("kind", msg)
             return
-        if h.kind == RESULT and peer is not None:
+        if h.kind == RESULT:
             # even for a result refused below: the frame must not stay in flight for ever (a plugin
             # returning bad results shows as frames unaccounted, which fails the session loudly)
-            self.receipts.setdefault(peer, []).append(frame_key(h.scan, h.frame))
+            self.receipts.setdefault(h.frame % self.spec.lanes, []).append(frame_key(h.scan, h.frame))
         if h.kind == RESULT and not self.valid_result(msg):
             return
         if h.scan in self.closed:
@@ -184,15 +188,15 @@ class WriterStage(Stage):
         scan.lanes[h.sender] = h
 
     def send_receipts(self) -> None:
-        """Tell each worker which of its results are here (it acknowledges those frames only then)."""
-        for peer in list(self.receipts):
+        """Tell each lane's distributor which of its frames have their result here (they are done)."""
+        for lane in list(self.receipts):
             try:
-                self.results.send(Header(kind=RECEIPT, acked=self.receipts[peer]), peer=peer, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                continue  # the worker is not reading just now: next turn
-            except zmq.ZMQError:
-                pass      # the worker is gone; its distributor re-sends what it had
-            del self.receipts[peer]
+                self.results.send(Header(kind=RECEIPT, acked=self.receipts[lane]), peer=lane_routing_id(lane),
+                                  flags=zmq.NOBLOCK)
+            except zmq.ZMQError:  # its queue is full, or it is not connected (reconnecting): next turn
+                del self.receipts[lane][:-RECEIPTS_KEPT]  # (what a lane gone for good cannot grow without bound)
+                continue
+            del self.receipts[lane]
 
     def scan(self, h: Header) -> WriterScan | None:
         scan = self.scans.get(h.scan)
