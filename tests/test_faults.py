@@ -46,6 +46,26 @@ def assert_file_matches_truth(path, scan, positions):
         np.testing.assert_array_equal(np.sort(counted.data[p][0]), truth[p], err_msg=f"position {p}")
 
 
+def run_exact(doc, tmp_path, failpoints="", disturb=None):
+    """Run a session to its end (after `disturb(live)`): it succeeds, its one scan accounted exactly."""
+    live = Live(doc, tmp_path, failpoints=failpoints)
+    try:
+        if disturb:
+            disturb(live)
+        code, err, report = live.finish()
+    finally:
+        live.kill()
+    assert code == 0, err
+    assert_exact(report)
+    (scan,) = report["scans"]
+    return live, err, report, scan
+
+
+def kill_worker(live, after: int) -> None:
+    live.wait_started(frames=after)
+    live.signal("worker-1", signal.SIGKILL)
+
+
 def resent_in(log: str) -> int:
     return sum(int(n) for n in re.findall(r"re-sending its (\d+) frames", log))
 
@@ -53,16 +73,8 @@ def resent_in(log: str) -> int:
 def test_a_killed_worker_loses_nothing_and_every_frame_is_written_once(tmp_path):
     doc = manifest("wkill", scan={"rows": 24, "cols": 24}, detector=SMALL, source={"rate": 150},
                    workers={"replicas": 3}, plugin=COUNTING, transport=FAST)
-    live = Live(doc, tmp_path, failpoints="worker-1:process-delay=0.05")  # a slow worker always holds frames
-    try:
-        live.wait_started(frames=100)
-        live.signal("worker-1", signal.SIGKILL)
-        code, err, report = live.finish()
-    finally:
-        live.kill()
-    assert code == 0, err
-    assert_exact(report)
-    (scan,) = report["scans"]
+    live, _, report, scan = run_exact(doc, tmp_path, failpoints="worker-1:process-delay=0.05",  # always holds frames
+                                      disturb=lambda live: kill_worker(live, after=100))
     assert (scan["expected"], scan["written"], scan["lost"], scan["partial"]) == (576, 576, 0, 0)
     assert any("worker-1 exited with code -9" in i for i in report["incidents"])
     distributor = live.log("distributor-0")
@@ -77,14 +89,7 @@ def test_a_worker_whose_queue_is_full_waits_and_is_not_declared_dead(tmp_path):
     doc = manifest("fullq", scan={"rows": 16, "cols": 16}, detector=SMALL, source={"rate": 400},
                    workers={"replicas": 2, "credits": 16}, plugin={"name": "noop"},
                    transport={**FAST, "highWaterMark": 2})
-    live = Live(doc, tmp_path, failpoints="worker:process-delay=0.01")
-    try:
-        code, err, report = live.finish()
-    finally:
-        live.kill()
-    assert code == 0, err
-    assert_exact(report)
-    (scan,) = report["scans"]
+    live, _, _, scan = run_exact(doc, tmp_path, failpoints="worker:process-delay=0.01")
     assert (scan["written"], scan["lost"], scan["duplicates"]) == (256, 0, 0)
     assert "worker declared dead" not in live.log("distributor-0")
 
@@ -153,14 +158,7 @@ def test_a_slow_writer_backpressures_the_source_and_memory_stays_bounded(tmp_pat
 def test_when_the_policy_says_drop_every_drop_is_counted_and_reported(tmp_path):
     doc = manifest("drop", scan={"rows": 16, "cols": 16}, workers={"replicas": 2}, plugin={"name": "noop"},
                    transport={**FAST, "highWaterMark": 2, "onFull": "drop"})
-    live = Live(doc, tmp_path, failpoints="writer-0:write-delay=0.01")
-    try:
-        code, err, report = live.finish()
-    finally:
-        live.kill()
-    assert code == 0, err
-    assert_exact(report)
-    (scan,) = report["scans"]
+    _, err, report, scan = run_exact(doc, tmp_path, failpoints="writer-0:write-delay=0.01")
     assert report["dropped"] > 0
     assert report["dropped"] == scan["lost"] + scan["partial"]   # one source: a dropped frame is lost or partial
     assert scan["written"] + scan["lost"] == 256
@@ -270,15 +268,9 @@ def test_stages_starting_slowly_and_in_any_order_still_start_together(tmp_path):
     doc = manifest("slowstart", scan={"rows": 8, "cols": 8}, detector=SMALL, plugin={"name": "noop"},
                    transport=FAST)
     # the consumers come up last: the source and aggregator connect to ports nobody listens on yet
-    live = Live(doc, tmp_path, failpoints="writer-0:setup-delay=3,distributor-0:setup-delay=2,"
-                                         "worker-0:setup-delay=1,source-0:setup-delay=0.5")
-    try:
-        code, err, report = live.finish()
-    finally:
-        live.kill()
-    assert code == 0, err
-    assert_exact(report)
-    assert report["scans"][0]["written"] == 64
+    _, _, _, scan = run_exact(doc, tmp_path, failpoints="writer-0:setup-delay=3,distributor-0:setup-delay=2,"
+                                                      "worker-0:setup-delay=1,source-0:setup-delay=0.5")
+    assert scan["written"] == 64
 
 
 def test_a_stage_too_slow_to_start_is_named_when_the_startup_timeout_passes(tmp_path):
@@ -301,15 +293,7 @@ def test_a_worker_killed_while_the_writer_is_slow_loses_nothing(tmp_path):
     anyway (the kernel delivers it), and the writer drops any second copy."""
     doc = manifest("wkillslow", scan={"rows": 16, "cols": 16}, detector=SMALL, workers={"replicas": 3},
                    plugin={"name": "noop"}, transport=FAST)
-    live = Live(doc, tmp_path, failpoints="writer-0:write-delay=0.02")
-    try:
-        live.wait_started(frames=40)
-        live.signal("worker-1", signal.SIGKILL)
-        code, err, report = live.finish()
-    finally:
-        live.kill()
-    assert code == 0, err
-    assert_exact(report)
-    (scan,) = report["scans"]
+    live, _, _, scan = run_exact(doc, tmp_path, failpoints="writer-0:write-delay=0.02",
+                                 disturb=lambda live: kill_worker(live, after=40))
     assert (scan["written"], scan["lost"], scan["partial"]) == (256, 0, 0)
     assert "worker declared dead" in live.log("distributor-0")
