@@ -97,18 +97,12 @@ def test_a_worker_whose_queue_is_full_waits_and_is_not_declared_dead(tmp_path):
 def test_a_hung_worker_is_declared_dead_and_its_late_results_are_dropped(tmp_path):
     doc = manifest("whang", scan={"rows": 24, "cols": 24}, detector=SMALL, source={"rate": 150},
                    workers={"replicas": 3}, plugin=COUNTING, transport=FAST)
-    live = Live(doc, tmp_path, failpoints="worker-1:process-delay=0.05")
-    try:
+    def hang_and_wake(live):
         live.wait_started(frames=100)
         live.signal("worker-1", signal.SIGSTOP)  # keeps its connections, reads nothing, says nothing
         wait_for(lambda: "worker declared dead" in live.log("distributor-0"), 30, "the hung worker declared dead")
         live.signal("worker-1", signal.SIGCONT)  # it wakes up and delivers results the others already made
-        code, err, report = live.finish()
-    finally:
-        live.kill()
-    assert code == 0, err
-    assert_exact(report)
-    (scan,) = report["scans"]
+    live, _, _, scan = run_exact(doc, tmp_path, failpoints="worker-1:process-delay=0.05", disturb=hang_and_wake)
     assert (scan["written"], scan["lost"]) == (576, 0)
     resent = resent_in(live.log("distributor-0"))
     assert resent >= 1
