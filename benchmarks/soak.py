@@ -31,24 +31,11 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks import processes
 from detstream.services.runner import LocalSession, RunFailed
 from detstream.services.session import load_session
 
 RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
-
-
-def rss(pid: int) -> tuple[int, int]:
-    """(resident bytes now, peak) of a process from /proc; (0, 0) when it is gone."""
-    now = peak = 0
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                now = int(line.split()[1]) * 1024
-            elif line.startswith("VmHWM:"):
-                peak = int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return now, peak
 
 
 def queue_depth(port: int) -> float:
@@ -112,7 +99,7 @@ def main(argv=None) -> int:
             next_sample += args.interval
             writer = local.writer().status
             written = sum(s.written for s in writer.scans) if writer else 0
-            memory = {p.stage.name: rss(p.proc.pid)[0] for p in local.stages}
+            memory = {p.stage.name: processes.memory(p.proc.pid)[0] for p in local.stages}
             waiting = {p.stage.name: queue_depth(p.stage.ports["metrics"]) for p in local.stages
                        if p.stage.role == "aggregator"}
             sample = {"t": round(now - t0, 2), "written": written,
@@ -128,7 +115,7 @@ def main(argv=None) -> int:
                   + " ".join(f"{n}={m / 1e6:.0f}" for n, m in memory.items()), flush=True)
         duration = time.monotonic() - t0
         final = local.writer().client.status()
-        peaks = {p.stage.name: rss(p.proc.pid)[1] for p in local.stages}
+        peaks = {p.stage.name: processes.memory(p.proc.pid)[1] for p in local.stages}
     except RunFailed as exc:
         failure, duration, final, peaks = str(exc), 0.0, None, {}
     finally:

@@ -76,8 +76,8 @@ def local_session(tmp_path):
         local.stop()
 
 
-def wait_for(predicate, timeout=60.0, what="condition"):
-    """Poll until `predicate()` is true (returned), failing after `timeout` seconds."""
+def wait_for(predicate, timeout=60.0, what="condition", every=0.05):
+    """Poll every `every` seconds until `predicate()` is true (returned), failing after `timeout` seconds."""
     import time
 
     deadline = time.monotonic() + timeout
@@ -85,8 +85,8 @@ def wait_for(predicate, timeout=60.0, what="condition"):
         value = predicate()
         if value:
             return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+        assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}"
+        time.sleep(every)
 
 
 class Background:

@@ -12,6 +12,7 @@ fails these tests (see test_the_agent_refuses_what_a_kubelet_would).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import re
@@ -29,7 +30,7 @@ import stempy.io
 import yaml
 
 from cluster.fixtures import control_plane, kubectl  # noqa: F401
-from conftest import DETSTREAM, ROOT, Background, manifest
+from conftest import DETSTREAM, ROOT, Background, manifest, wait_for
 
 NS = "e2e"
 TESTS = Path(__file__).resolve().parent
@@ -39,16 +40,7 @@ LIGHT = {"detector": {"rows": 128, "cols": 128, "sectors": 4},
          "plugin": {"name": "electron-counting", "params": {"dark": "simulated", "backgroundThreshold": 32,
                                                             "xrayThreshold": 50}},
          "transport": {"frameTimeoutS": 20.0}}
-
-
-def wait_until(predicate, timeout=60.0, what="condition", every=0.3):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}"
-        time.sleep(every)
+wait_until = functools.partial(wait_for, every=0.3)  # each poll runs kubectl: not too often
 
 
 class Env:
