@@ -1,5 +1,6 @@
-"""detstream sessions run from a benchmark: the local launcher in this process, timed from the
-sources' start to the writer's end, with the CPU time and memory of every stage process."""
+"""detstream sessions run from a benchmark: the local launcher in this process, timed by the writer
+from its Start (the first stage started; the sources are started last) to its end (every scan
+closed), with the CPU time and memory of every stage process."""
 
 from __future__ import annotations
 
@@ -60,7 +61,10 @@ class SessionRun:
 
     def stream(self, timeout: float = 300.0, every: float = 0.0, sample=None) -> dict:
         """Start the stages (sources last) and wait until the writer has closed every scan.
-        `sample(elapsed)` is called about every `every` seconds meanwhile."""
+        `sample(elapsed)` is called about every `every` seconds meanwhile. The seconds are the
+        writer's own, from its Start to its end: neither the poll for its end (every POLL_S) nor
+        the status call counts. (A stage of a revision before its elapsed time stopped at its end,
+        see `--against`, counts both.)"""
         cpu0 = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
         writer = self.local.writer().client
         t0 = time.monotonic()
@@ -80,7 +84,7 @@ class SessionRun:
                 next_sample = now + every
             self.local.check_alive(streaming=False)
             time.sleep(POLL_S)
-        seconds = now - t0
+        seconds = min(status.elapsed_s, now - t0)
         cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in self.pids.items()}
         peak = {name: memory(pid)[1] for name, pid in self.pids.items()}
         return {"seconds": seconds, "cpu": cpu, "peak_rss": peak, "writer": status}

@@ -63,6 +63,7 @@ class Stage:
         self.stopping = threading.Event()
         self.updates: queue.SimpleQueue = queue.SimpleQueue()
         self.t_start = 0.0
+        self.t_end = 0.0   # when it finished or failed: its elapsed time stops there
         self.log = logging.getLogger(f"detstream.{self.name}")
         self.key_name = self.me.name       # whose keys this stage holds (see services/security.py)
         self.curve = self.spec.security.data_plane == "curve"
@@ -171,6 +172,8 @@ class Stage:
         raise ValueError(f"the {self.role} stage takes no parameters")
 
     def set_state(self, state: int, message: str = "") -> None:
+        if state in (FINISHED, FAILED) and self.t_start and not self.t_end:
+            self.t_end = time.monotonic()
         self.state = state
         self.counters.state = state
         if message:
@@ -182,7 +185,7 @@ class Stage:
                              frames_in=c.frames_in, frames_out=c.frames_out, bytes_in=c.bytes_in,
                              bytes_out=c.bytes_out, in_flight=c.in_flight,
                              rejected=sum(c.rejected.values()), dropped=c.dropped,
-                             elapsed_s=time.monotonic() - self.t_start if self.t_start else 0.0)
+                             elapsed_s=(self.t_end or time.monotonic()) - self.t_start if self.t_start else 0.0)
         self.add_status(status)
         return status
 

@@ -2,6 +2,7 @@
 endpoint and health service answer while it streams."""
 
 import subprocess
+import time
 import urllib.request
 
 import grpc
@@ -38,8 +39,11 @@ def test_a_withheld_sector_gives_a_partial_frame_zero_filled(local_session):
             sent += 1
     out.send(Header(kind=END_OF_SCAN, scan=0, expected=6, sent=sent, scan_rows=2, scan_cols=3))
     wait_for(lambda: local.finished())
-    (account,) = local.writer().client.status().scans
+    status = local.writer().client.status()
+    (account,) = status.scans
     assert (account.expected, account.written, account.partial, account.lost) == (6, 6, 1, 0)
+    time.sleep(0.2)
+    assert local.writer().client.status().elapsed_s == status.elapsed_s > 0  # stopped at its end
     counted = stempy.io.load_electron_counts(account.file)
     events = [np.sort(counted.data[p][0]) for p in range(6)]
     assert [len(e) for e in events] == [4, 4, 4, 4, 3, 4]
