@@ -63,6 +63,15 @@ class Geometry:
         return self.rows, self.cols // self.sectors
 
     @cached_property
+    def sector_shape_list(self) -> list[int]:
+        return list(self.sector_shape)  # (what a header's repeated field compares with the cheapest)
+
+    @cached_property
+    def max_scan(self) -> int:
+        """The first scan number out of range: past the session's scans, or past what a frame key holds."""
+        return min(self.scans if self.scans is not None else 1 << 64, 1 << (64 - FRAME_BITS))
+
+    @cached_property
     def sector_bytes(self) -> int:
         return self.rows * (self.cols // self.sectors) * np.dtype(self.dtype).itemsize
 
@@ -100,39 +109,49 @@ def decode(raw: Sequence[zmq.Frame], geometry: Geometry | None = None) -> Messag
         raise WireError("header", f"undecodable header ({type(exc).__name__})") from None
     if header.version != WIRE_VERSION:
         raise WireError("version", f"wire version {header.version}, this stage speaks {WIRE_VERSION}")
-    if header.kind not in _KINDS:
-        raise WireError("kind", f"unknown message kind {header.kind}")
+    kind = header.kind
     parts = raw[1:]
-    expected_parts = geometry.sectors if header.kind == FRAME and geometry else _PARTS.get(header.kind)
+    if geometry is not None and (kind == SECTOR or kind == FRAME):  # nearly every message: checked first
+        _check_pixels(header, kind, parts, geometry)
+        return Message(header, parts)
+    if kind not in _KINDS:
+        raise WireError("kind", f"unknown message kind {kind}")
+    expected_parts = _PARTS.get(kind)
     if expected_parts is not None and len(parts) != expected_parts:
-        raise WireError("parts", f"{wire_pb2.Kind.Name(header.kind)} with {len(parts)} parts, "
-                                 f"expected {expected_parts}")
-    if header.kind == RESULT and not parts:
+        raise _wrong_parts(kind, parts, expected_parts)
+    if kind == RESULT and not parts:
         raise WireError("parts", "RESULT without a payload")
-    if header.kind == END_OF_SCAN:
+    if kind == END_OF_SCAN:
         _check_lost_frames(header, parts, geometry)
-    if geometry is not None and header.kind in (SECTOR, FRAME):
-        _check_pixels(header, parts, geometry)
-    if geometry is not None and geometry.scans is not None and header.kind in (SECTOR, FRAME, RESULT, END_OF_SCAN) \
+    if geometry is not None and geometry.scans is not None and kind in (RESULT, END_OF_SCAN) \
             and header.scan >= geometry.scans:
         raise WireError("range", f"scan {header.scan} of a session of {geometry.scans} scans")
     return Message(header, parts)
 
 
-def _check_pixels(header: Header, parts: Sequence[zmq.Frame], g: Geometry) -> None:
-    if tuple(header.shape) != g.sector_shape or header.dtype != g.dtype:
+def _wrong_parts(kind: int, parts: Sequence, expected: int) -> WireError:
+    return WireError("parts", f"{wire_pb2.Kind.Name(kind)} with {len(parts)} parts, expected {expected}")
+
+
+def _check_pixels(header: Header, kind: int, parts: Sequence[zmq.Frame], g: Geometry) -> None:
+    expected_parts = 1 if kind == SECTOR else g.sectors
+    if len(parts) != expected_parts:
+        raise _wrong_parts(kind, parts, expected_parts)
+    if header.shape != g.sector_shape_list or header.dtype != g.dtype:
         raise WireError("geometry", f"shape {tuple(header.shape)} {header.dtype!r}, session has "
                                     f"{g.sector_shape} {g.dtype!r}")
+    size = g.sector_bytes
     for part in parts:
-        if len(part) != g.sector_bytes:
-            raise WireError("size", f"payload of {len(part)} bytes, expected {g.sector_bytes}")
+        if len(part) != size:
+            raise WireError("size", f"payload of {len(part)} bytes, expected {size}")
     if header.frame >= g.scan_frames or header.position >= g.scan_frames:
         raise WireError("range", f"frame {header.frame} / position {header.position} outside a scan "
                                  f"of {g.scan_frames} frames")
-    if header.kind == SECTOR and header.sector >= g.sectors:
+    if kind == SECTOR and header.sector >= g.sectors:
         raise WireError("range", f"sector {header.sector} of a {g.sectors}-sector detector")
-    if header.scan >= 1 << (64 - FRAME_BITS):
-        raise WireError("range", f"scan number {header.scan} too large")
+    if header.scan >= g.max_scan:
+        raise WireError("range", f"scan {header.scan} of a session of {g.scans} scans" if g.scans is not None
+                        else f"scan number {header.scan} too large")
 
 
 def _check_lost_frames(header: Header, parts: Sequence[zmq.Frame], g: Geometry | None) -> None:
