@@ -39,7 +39,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from detstream.services.accounting import ClosedScans
-from detstream.services.stage import BATCH, POLL_MS, Stage
+from detstream.services.stage import POLL_MS, Stage
 from detstream.services.wire import END_OF_SCAN, FRAME, PARTIAL, SECTOR, Header, Message, Outbox
 
 MAX_PENDING_PER_HWM = 8   # frames waiting for sectors from other sources, per unit of transport.highWaterMark
@@ -65,6 +65,7 @@ class AggregatorStage(Stage):
     def setup(self):
         self.lane = self.me.index
         self.ingest = self.socket(zmq.PULL, bind="ingest")
+        self.ingest.setsockopt(zmq.RCVTIMEO, POLL_MS)
         connections: dict[zmq.Socket, zmq.Socket] = {}
         self.out = Outbox(self.socket(zmq.PUSH, connect=[("distributor", self.lane, "frames")],
                                       connections=connections), self.name)
@@ -92,29 +93,27 @@ class AggregatorStage(Stage):
         return time.monotonic() - self.stalled
 
     def step(self):
-        if self.ingest.poll(POLL_MS):
-            ahead = len(self.pending) >= self.max_pending
-            if ahead:
-                # A source runs ahead of another (a busy core, or one that died): take one message per
-                # turn and a pause, so the others can catch up. ZeroMQ takes turns among the sources
-                # that have something queued, so what is pending stops growing; the one ahead waits
-                # on its full queue (backpressure), and a source that never comes is the frame timeout's.
-                time.sleep(PACE_S)
-            for _ in range(1 if ahead else BATCH):  # what is queued, without a poll per message
-                try:
-                    _, msg = self.receive(self.ingest, flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if msg is not None:
-                    self.handle(msg)
-        elif self.draining.is_set():
-            self.drain_now()
+        if len(self.pending) >= self.max_pending:
+            # A source runs ahead of another (a busy core, or one that died): a pause per message, so
+            # the others can catch up. ZeroMQ takes turns among the sources that have something
+            # queued, so what is pending stops growing; the one ahead waits on its full queue
+            # (backpressure), and a source that never comes is the frame timeout's.
+            time.sleep(PACE_S)
+        try:
+            # One message per turn, waiting at most POLL_MS (the socket's receive timeout): no poll
+            # and no refused read per message, which cost more than the rest of the turn.
+            _, msg = self.receive(self.ingest)
+            if msg is not None:
+                self.handle(msg)
+        except zmq.Again:  # nothing for POLL_MS
+            if self.draining.is_set():
+                self.drain_now()
         now = self.clock()
         if now - self.last_sweep > 0.1:
             self.last_sweep = now
             self.sweep(now)
             self.resend_ends_if_reconnected()
-        self.counters.queue_depth = len(self.pending)
+            self.counters.queue_depth = len(self.pending)
 
     def handle(self, msg: Message) -> None:
         h = msg.header

@@ -30,7 +30,7 @@ import zmq
 
 from detstream.services.accounting import ClosedScans
 from detstream.services.plan import lane_routing_id
-from detstream.services.stage import BATCH, POLL_MS, Stage
+from detstream.services.stage import POLL_MS, Stage
 from detstream.services.wire import (CREDIT, DUPLICATE, END_OF_SCAN, FRAME, HEARTBEAT, RECEIPT, Header,
                                      Message, Outbox, frame_key, pack_frames)
 
@@ -74,9 +74,9 @@ class DistributorStage(Stage):
         self.scans: dict[int, LaneScan] = {}
         self.closed = ClosedScans()
         self.lane_frames = np.arange(self.geometry.scan_frames) % self.spec.lanes == self.me.index
-        self.poller = zmq.Poller()
-        self.poller.register(self.work.socket, zmq.POLLIN)
+        self.poller = zmq.Poller()   # in this order: zmq.Poller answers in the order of registration
         self.poller.register(self.writer.socket, zmq.POLLIN)
+        self.poller.register(self.work.socket, zmq.POLLIN)
         self.reading_frames = False                  # whether the poller watches `frames`
         self.last_check = time.monotonic()
 
@@ -85,40 +85,29 @@ class DistributorStage(Stage):
         if wants_frames != self.reading_frames:  # (re-registering every turn costs as much as a message)
             self.poller.register(self.frames, zmq.POLLIN if wants_frames else 0)
             self.reading_frames = wants_frames
-        events = dict(self.poller.poll(POLL_MS))
-        if events.get(self.writer.socket):
-            for _ in range(BATCH):  # receipts first: they free credits
-                try:
-                    _, msg = self.receive(self.writer.socket, flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+        # One message from each socket that has one, per turn: a poll per message costs less than
+        # draining a socket to its refused read. Receipts free credits, worker messages offer them,
+        # so both come before frames.
+        for sock, _ in self.poller.poll(POLL_MS):
+            if sock is self.writer.socket:
+                _, msg = self.receive(sock)
                 if msg is not None:
                     self.from_writer(msg)
-        if events.get(self.work.socket):
-            for _ in range(BATCH):  # worker messages (credits offered, heartbeats) before frames
-                try:
-                    peer, msg = self.receive(self.work.socket, envelope=True, flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+            elif sock is self.work.socket:
+                peer, msg = self.receive(sock, envelope=True)
                 if msg is not None:
                     self.from_worker(peer, msg)
-        while self.resend and self.ready:
-            self.dispatch(self.resend.popleft())
-        if events.get(self.frames):
-            for _ in range(BATCH):  # as many frames as there are credits for
-                if not self.ready or self.resend:
-                    break
-                try:
-                    _, msg = self.receive(self.frames, flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+            elif self.ready and not self.resend:
+                _, msg = self.receive(sock)
                 if msg is not None:
                     self.from_aggregator(msg)
+        while self.resend and self.ready:
+            self.dispatch(self.resend.popleft())
         now = time.monotonic()
         if now - self.last_check > 0.1:
             self.last_check = now
             self.check_workers(now)
-        self.update_gauges()
+            self.update_gauges()
 
     def from_aggregator(self, msg: Message) -> None:
         h = msg.header

@@ -23,7 +23,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from detstream.services.faults import failpoint
 from detstream.services.plugins import PluginContext, plugin_class
-from detstream.services.stage import BATCH, POLL_MS, Stage
+from detstream.services.stage import POLL_MS, Stage
 from detstream.services.wire import CREDIT, FRAME, HEARTBEAT, POLLOUT, RESULT, Header, Message, Outbox
 
 CALIBRATION_IDLE_S = 0.5  # calibrate on fewer samples when the stream pauses this long
@@ -50,7 +50,8 @@ class WorkerStage(Stage):
         self.writer_events = 0                                # what the poller watches on the writer's socket
         self.last_sent = [0.0] * len(self.lanes)
         self.held: list[Message] = []  # frames kept for calibration
-        self.last_frame = time.monotonic()
+        self.last_frame = self.last_check = time.monotonic()
+        self.housekeeping_s = min(0.1, spec.transport.heartbeat_s / 2)  # heartbeats, calibration when idle, gauges
         self.outgoing: deque[tuple[Header, list]] = deque()   # results the writer's queue cannot take yet
         self.process_delay = failpoint(self.name, self.role, "process-delay")
 
@@ -60,28 +61,28 @@ class WorkerStage(Stage):
         if events != self.writer_events:
             self.poller.register(self.writer.socket, events)
             self.writer_events = events
-        for sock, events in self.poller.poll(POLL_MS):
+        # One message from each socket that has one, per turn: a poll per message costs less than
+        # draining a socket to its refused read.
+        for sock, _ in self.poller.poll(POLL_MS):
             if sock is self.writer.socket:
                 self.flush()
-                continue
-            if sock in self.connected_lane:
+            elif sock in self.connected_lane:
                 recv_monitor_message(sock)
                 self.offer(self.connected_lane[sock])
-                continue
-            lane = self.lane_of[sock]
-            for _ in range(BATCH):  # what is queued (at most our credits), without a poll per frame
-                try:
-                    _, msg = self.receive(sock, flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+            else:
+                lane = self.lane_of[sock]
+                _, msg = self.receive(sock)
                 if msg is None:
                     self.tell(lane, Header(kind=CREDIT, credit=1))  # a rejected message still used a credit
                 else:
                     self.from_distributor(lane, msg)
-        self.calibrate_if_idle()
-        self.heartbeat()
-        self.counters.queue_depth = len(self.outgoing)
-        self.counters.in_flight = len(self.held) + len(self.outgoing)
+        now = time.monotonic()
+        if now - self.last_check > self.housekeeping_s:
+            self.last_check = now
+            self.calibrate_if_idle(now)
+            self.heartbeat(now)
+            self.counters.queue_depth = len(self.outgoing)
+            self.counters.in_flight = len(self.held) + len(self.outgoing)
 
     def offer(self, lane: int) -> None:
         """Connected to the lane's distributor: offer it our credits."""
@@ -136,8 +137,8 @@ class WorkerStage(Stage):
         for msg in held:
             self.process(msg)
 
-    def calibrate_if_idle(self) -> None:
-        if self.held and time.monotonic() - self.last_frame > CALIBRATION_IDLE_S:
+    def calibrate_if_idle(self, now: float) -> None:
+        if self.held and now - self.last_frame > CALIBRATION_IDLE_S:
             self.calibrate()
 
     def tell(self, lane: int, header: Header, droppable: bool = False) -> None:
@@ -154,8 +155,7 @@ class WorkerStage(Stage):
                 outbox.socket.poll(POLL_MS, zmq.POLLOUT)
         self.last_sent[lane] = time.monotonic()
 
-    def heartbeat(self) -> None:
-        now = time.monotonic()
+    def heartbeat(self, now: float) -> None:
         for lane, last in enumerate(self.last_sent):
             if now - last > self.spec.transport.heartbeat_s:
                 self.tell(lane, Header(kind=HEARTBEAT), droppable=True)

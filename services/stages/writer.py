@@ -38,8 +38,8 @@ from detstream.services.faults import failpoint
 from detstream.services.plan import lane_routing_id
 from detstream.services.plugins import plugin_class
 from detstream.services.stage import BATCH, POLL_MS, Stage, StageError
-from detstream.services.wire import (END_OF_SCAN, PARTIAL, RECEIPT, RESULT, Header, Message, Outbox, frame_key,
-                                     unpack_frames)
+from detstream.services.wire import (END_OF_SCAN, NOBLOCK, PARTIAL, RECEIPT, RESULT, Header, Message, Outbox,
+                                     frame_key, unpack_frames)
 from detstream.v1.control_pb2 import ScanAccount
 
 DRAIN_QUIET_S = 1.0  # a draining writer finishes after this long without input and no open scan
@@ -91,6 +91,7 @@ class WriterStage(Stage):
         results = self.socket(zmq.ROUTER, bind="results")
         results.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a receipt to a full or absent peer waits
         results.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a restarted distributor takes its routing id over
+        results.setsockopt(zmq.RCVTIMEO, POLL_MS)      # a turn waits this long for input, without a poll
         self.results = Outbox(results, self.name)
         self.receipts: dict[int, list[int]] = {}      # lane -> keys of the results received this turn
         self.pixels = self.spec.detector.rows * self.spec.detector.cols
@@ -98,25 +99,30 @@ class WriterStage(Stage):
         self.scans: dict[int, WriterScan] = {}
         self.done: dict[int, ScanAccount] = {}
         self.closed = ClosedScans()
-        self.last_input = time.monotonic()
+        self.last_input = self.last_check = time.monotonic()
+        self.lane_ended = False  # a lane's END_OF_SCAN came this turn: its scan may be complete
         self.streaming = False  # any input yet (a session may wait for its detector as long as it takes)
 
     def step(self):
-        sock = self.results.socket
-        if sock.poll(POLL_MS):
-            for _ in range(4 * BATCH):  # what is queued, without a poll per message
-                try:
-                    _, msg = self.receive(sock, envelope=True, flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if msg is not None:
-                    self.handle(msg)
+        sock, flags = self.results.socket, 0
+        for _ in range(4 * BATCH):  # the first message waits (at most POLL_MS), then what is queued
+            try:
+                _, msg = self.receive(sock, envelope=True, flags=flags)
+            except zmq.Again:
+                break
+            flags = NOBLOCK
+            if msg is not None:
+                self.handle(msg)
         self.send_receipts()
         now = time.monotonic()
-        self.close_ready(now)
-        if self.draining.is_set() and not self.scans and now - self.last_input > DRAIN_QUIET_S:
-            self.finish()  # drained: every scan that started is closed and nothing more comes
-        self.counters.scan_progress = max((s.written / s.seen.size for s in self.scans.values()), default=0.0)
+        # A scan closes when its last lane ends it (the lane's results are here before its end), or on
+        # a timeout: checked then, and every 0.1 s.
+        if self.lane_ended or now - self.last_check > 0.1:
+            self.lane_ended, self.last_check = False, now
+            self.close_ready(now)
+            if self.draining.is_set() and not self.scans and now - self.last_input > DRAIN_QUIET_S:
+                self.finish()  # drained: every scan that started is closed and nothing more comes
+            self.counters.scan_progress = max((s.written / s.seen.size for s in self.scans.values()), default=0.0)
 
     def handle(self, msg: Message) -> None:
         self.last_input = time.monotonic()
@@ -186,6 +192,7 @@ class WriterStage(Stage):
             return
         scan.lost |= lost
         scan.lanes[h.sender] = h
+        self.lane_ended = True
 
     def send_receipts(self) -> None:
         """Tell each lane's distributor which of its frames have their result here (they are done)."""
