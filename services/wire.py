@@ -75,6 +75,11 @@ class Geometry:
     def sector_bytes(self) -> int:
         return self.rows * (self.cols // self.sectors) * np.dtype(self.dtype).itemsize
 
+    @cached_property
+    def frame_bytes(self) -> int:
+        """The payload of every FRAME message (checked on arrival)."""
+        return self.sectors * self.sector_bytes
+
 
 @dataclass
 class Message:

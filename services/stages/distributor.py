@@ -122,7 +122,7 @@ class DistributorStage(Stage):
                 self.refuse("late", msg, "frame done or in flight already")
                 return
             self.counters.frames_in += 1
-            self.counters.bytes_in += msg.payload_bytes
+            self.counters.bytes_in += self.geometry.frame_bytes
             scan.in_flight += 1
             self.dispatch(msg)
         else:
@@ -201,7 +201,7 @@ class DistributorStage(Stage):
             self.holder[key] = worker
             self.ready.rotate(-1) if worker.credit else self.ready.popleft()
             self.counters.frames_out += 1
-            self.counters.bytes_out += msg.payload_bytes
+            self.counters.bytes_out += self.geometry.frame_bytes
             return
         self.resend.appendleft(msg)  # nobody can take it now; first in line when credit comes
 

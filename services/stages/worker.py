@@ -96,7 +96,7 @@ class WorkerStage(Stage):
 
     def frame(self, lane: int, msg: Message) -> None:
         self.counters.frames_in += 1
-        self.counters.bytes_in += msg.payload_bytes
+        self.counters.bytes_in += self.geometry.frame_bytes
         self.last_frame = time.monotonic()
         if self.plugin.samples_wanted:
             self.held.append(msg)

@@ -37,7 +37,7 @@ from detstream.services.electron_events import ElectronEventsFile
 from detstream.services.faults import failpoint
 from detstream.services.plan import lane_routing_id
 from detstream.services.plugins import plugin_class
-from detstream.services.stage import BATCH, POLL_MS, Stage, StageError
+from detstream.services.stage import POLL_MS, Stage, StageError
 from detstream.services.wire import (END_OF_SCAN, NOBLOCK, PARTIAL, RECEIPT, RESULT, Header, Message, Outbox,
                                      frame_key, unpack_frames)
 from detstream.v1.control_pb2 import ScanAccount
@@ -47,6 +47,7 @@ DRAIN_QUIET_S = 1.0  # a draining writer finishes after this long without input 
 # it is: the last resort for an end of scan that died. Longer than `detstream run` takes to fail a
 # session whose stage hangs (10 s, or 2 worker timeouts), so a hung stage still fails it locally.
 STALE_TIMEOUTS, STALE_MARGIN_S = 2, 10.0
+TURN = 256  # messages a turn takes at most (they are acknowledged at its end)
 RECEIPTS_KEPT = 65536  # receipts kept per lane while its distributor is away (more than it can have in flight)
 
 
@@ -105,7 +106,7 @@ class WriterStage(Stage):
 
     def step(self):
         sock, flags = self.results.socket, 0
-        for _ in range(4 * BATCH):  # the first message waits (at most POLL_MS), then what is queued
+        for _ in range(TURN):  # the first message waits (at most POLL_MS), then what is queued
             try:
                 _, msg = self.receive(sock, envelope=True, flags=flags)
             except zmq.Again:
