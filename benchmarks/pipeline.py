@@ -1,6 +1,6 @@
 """Framework overhead on the data plane: a detstream session against bare pyzmq, same run.
 
-    python -m benchmarks.pipeline [--frames 2048] [--repeats 2] [--workers 2] [--credits N] [--against REV]
+    python -m benchmarks.pipeline [--frames 2048] [--repeats 4] [--workers 2] [--credits N] [--against REV]
 
 Measured, alternated in rounds (the machine is shared: only ratios within a run mean something):
   detstream   `noop` session: simulator source -> aggregator -> distributor => WORKERS workers =>
@@ -46,7 +46,7 @@ def per_frame_ms(cpu: dict, frames: int) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__.split("\n")[0])
     parser.add_argument("--frames", type=int, default=2048, help="frames per run (a multiple of 64)")
-    parser.add_argument("--repeats", type=int, default=2, help="rounds of (bare, detstream)")
+    parser.add_argument("--repeats", type=int, default=4, help="rounds of (bare, detstream)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--credits", type=int, help="the session's workers.credits (default: the spec default)")
     parser.add_argument("--against", metavar="REV", help="also run the session with the code of this git revision")
