@@ -4,7 +4,7 @@
 
 Each prints one line per figure and writes benchmarks/results/NAME.json; a benchmark that fails
 is reported and the others still run (exit status 1 then). Settings are chosen so that the whole
-run takes about 10 minutes on 2 cores; each benchmark takes its own options when run alone
+run takes 4 to 11 minutes on 2 cores (idle to loaded); each benchmark takes its own options when run alone
 (`python -m benchmarks.NAME --help`). What the figures mean and what they were on the machines
 they ran on: benchmarks/README.md.
 """
