@@ -29,6 +29,7 @@ from detstream.v1.wire_pb2 import Kind
 from detstream.v1.control_pb2 import CONFIGURED, DRAINING, FAILED, FINISHED, RUNNING, StageStatus
 
 POLL_MS = 100
+HOUSEKEEPING_S = 0.1  # how often a stage checks its timeouts and refreshes its gauges (not per message)
 HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 REJECT_LOG_EVERY = 1000  # log the first message of each rejection reason, then every Nth

@@ -39,7 +39,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from detstream.services.accounting import ClosedScans
-from detstream.services.stage import POLL_MS, Stage
+from detstream.services.stage import HOUSEKEEPING_S, POLL_MS, Stage
 from detstream.services.wire import END_OF_SCAN, FRAME, PARTIAL, SECTOR, Header, Message, Outbox
 
 MAX_PENDING_PER_HWM = 8   # frames waiting for sectors from other sources, per unit of transport.highWaterMark
@@ -109,7 +109,7 @@ class AggregatorStage(Stage):
             if self.draining.is_set():
                 self.drain_now()
         now = self.clock()
-        if now - self.last_sweep > 0.1:
+        if now - self.last_sweep > HOUSEKEEPING_S:
             self.last_sweep = now
             self.sweep(now)
             self.resend_ends_if_reconnected()

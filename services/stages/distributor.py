@@ -30,7 +30,7 @@ import zmq
 
 from detstream.services.accounting import ClosedScans
 from detstream.services.plan import lane_routing_id
-from detstream.services.stage import POLL_MS, Stage
+from detstream.services.stage import HOUSEKEEPING_S, POLL_MS, Stage
 from detstream.services.wire import (CREDIT, DUPLICATE, END_OF_SCAN, FRAME, HEARTBEAT, RECEIPT, Header,
                                      Message, Outbox, frame_key, pack_frames)
 
@@ -104,7 +104,7 @@ class DistributorStage(Stage):
         while self.resend and self.ready:
             self.dispatch(self.resend.popleft())
         now = time.monotonic()
-        if now - self.last_check > 0.1:
+        if now - self.last_check > HOUSEKEEPING_S:
             self.last_check = now
             self.check_workers(now)
             self.update_gauges()

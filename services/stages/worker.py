@@ -23,7 +23,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from detstream.services.faults import failpoint
 from detstream.services.plugins import PluginContext, plugin_class
-from detstream.services.stage import POLL_MS, Stage
+from detstream.services.stage import HOUSEKEEPING_S, POLL_MS, Stage
 from detstream.services.wire import CREDIT, FRAME, HEARTBEAT, POLLOUT, RESULT, Header, Message, Outbox
 
 CALIBRATION_IDLE_S = 0.5  # calibrate on fewer samples when the stream pauses this long
@@ -51,7 +51,7 @@ class WorkerStage(Stage):
         self.last_sent = [0.0] * len(self.lanes)
         self.held: list[Message] = []  # frames kept for calibration
         self.last_frame = self.last_check = time.monotonic()
-        self.housekeeping_s = min(0.1, spec.transport.heartbeat_s / 2)  # heartbeats, calibration when idle, gauges
+        self.housekeeping_s = min(HOUSEKEEPING_S, spec.transport.heartbeat_s / 2)  # heartbeats, calibration, gauges
         self.outgoing: deque[tuple[Header, list]] = deque()   # results the writer's queue cannot take yet
         self.process_delay = failpoint(self.name, self.role, "process-delay")
 

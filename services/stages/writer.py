@@ -37,7 +37,7 @@ from detstream.services.electron_events import ElectronEventsFile
 from detstream.services.faults import failpoint
 from detstream.services.plan import lane_routing_id
 from detstream.services.plugins import plugin_class
-from detstream.services.stage import POLL_MS, Stage, StageError
+from detstream.services.stage import HOUSEKEEPING_S, POLL_MS, Stage, StageError
 from detstream.services.wire import (END_OF_SCAN, NOBLOCK, PARTIAL, RECEIPT, RESULT, Header, Message, Outbox,
                                      frame_key, unpack_frames)
 from detstream.v1.control_pb2 import ScanAccount
@@ -117,8 +117,8 @@ class WriterStage(Stage):
         self.send_receipts()
         now = time.monotonic()
         # A scan closes when its last lane ends it (the lane's results are here before its end), or on
-        # a timeout: checked then, and every 0.1 s.
-        if self.lane_ended or now - self.last_check > 0.1:
+        # a timeout: checked then, and every HOUSEKEEPING_S.
+        if self.lane_ended or now - self.last_check > HOUSEKEEPING_S:
             self.lane_ended, self.last_check = False, now
             self.close_ready(now)
             if self.draining.is_set() and not self.scans and now - self.last_input > DRAIN_QUIET_S:
