@@ -4,23 +4,25 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROTOS := protos/detstream/v1/wire.proto protos/detstream/v1/control.proto
 
-.PHONY: help install test lint protos crd tools cluster cluster-down image chart bench run
+.PHONY: help install test lint protos crd tools cluster cluster-down image chart bench run fresh-check
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-$(BIN)/detstream: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+# The stamp is written only after a complete install, so an interrupted one is redone, never trusted.
+$(VENV)/.installed: pyproject.toml
+	bash .ci/python-venv $(PYTHON) $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
 	@touch $@
 
-install: $(BIN)/detstream ## create .venv and install detstream with its test tools
+install: $(VENV)/.installed ## create .venv and install detstream with its test tools
 
 run: install ## run the example session locally, output in out/
 	$(BIN)/detstream run examples/4dstem-local.yaml --output out/ --report out/report.json
 
-test: install tools ## run the whole test suite (installs the tools it needs first)
+test: install tools ## run the whole test suite (installs the tools and builds the API server it needs first)
+	@[ "$${DETSTREAM_SKIP_CLUSTER:-0}" = 1 ] || bash tests/cluster/build.sh
 	$(BIN)/python -m pytest -q tests
 
 lint: tools ## actionlint, hadolint, helm lint, promtool check rules
@@ -38,7 +40,7 @@ crd: install ## regenerate the CRD (charts/detstream/crds/) and the README's man
 	$(BIN)/python -m detstream.operator.crd > charts/detstream/crds/streamingsessions.yaml
 	$(BIN)/python -m detstream.operator.crd --readme README.md
 
-tools: ## install helm, kubectl, actionlint, hadolint into .tools/bin; prometheus/promtool, shellcheck via apt
+tools: ## install helm, kubectl, actionlint, hadolint into .tools/bin, and the Debian packages the tests call
 	bash .ci/install-tools
 
 image: ## build the image for this machine (needs Docker with buildx)
@@ -53,6 +55,9 @@ cluster: ## start a real etcd + kube-apiserver on 127.0.0.1 (builds v1.20.2 once
 
 cluster-down: ## stop the control plane started by `make cluster`
 	bash tests/cluster/down.sh
+
+fresh-check: ## the README's two commands on a fresh Debian root filesystem (root, ~40 min)
+	bash .ci/fresh-check
 
 bench: install ## run every benchmark; prints ratios, writes benchmarks/results/*.json
 	$(BIN)/python -m benchmarks
