@@ -7,8 +7,11 @@
 # Nothing a failed or interrupted build leaves is ever trusted: the build runs in a fresh work
 # folder that is deleted at exit, and bin/ appears (by one rename) only once both binaries run and
 # report v1.20.2. A cached bin/ is trusted only if its binaries still run and report that version.
+# `build.sh --cached` exits 0 if the cache is usable, 1 if a build is needed, and changes nothing.
 # DETSTREAM_KEEP_BUILD=1 keeps the work folder (~1.7 GB: source tree, Go build cache) for debugging.
 set -euo pipefail
+# One compound command, parsed whole before it runs: editing this file during a build is safe.
+{
 
 VERSION=v1.20.2
 CACHE="${DETSTREAM_CACHE:-$HOME/.cache/detstream}/kubernetes-$VERSION"
@@ -31,6 +34,7 @@ binaries_ok() {  # both binaries present, runnable and of the right version
 }
 have_all() { binaries_ok "$BIN" && command -v etcd >/dev/null && command -v openssl >/dev/null; }
 if have_all; then log "cached: $BIN (etcd: $(command -v etcd))"; exit 0; fi
+[ "${1:-}" != --cached ] || exit 1   # `build.sh --cached`: only answer whether the cache is usable
 
 # One build at a time per cache (two test runs may start together); the second then finds it cached.
 mkdir -p "$CACHE"
@@ -43,11 +47,13 @@ for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 APT_UPDATED=
-apt_update() { [ -n "$APT_UPDATED" ] || { log "apt-get update"; $SUDO apt-get update -qq; APT_UPDATED=1; }; }
+apt_update() {
+  [ -n "$APT_UPDATED" ] || { log "apt-get update"; $SUDO apt-get -o DPkg::Lock::Timeout=600 update -qq; APT_UPDATED=1; }
+}
 if [ ${#missing[@]} -gt 0 ]; then
   apt_update
   log "apt-get install ${missing[*]}"
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 absent=()
 for prog in "${PROGRAMS[@]}"; do command -v "$prog" >/dev/null || absent+=("$prog"); done
@@ -121,3 +127,5 @@ mkdir -p "$WORK/bin"
 binaries_ok "$WORK/bin" || die "the built binaries do not run or do not report $VERSION"
 mv "$WORK/bin" "$BIN"   # one rename: bin/ appears only when complete
 log "done: $BIN"
+exit 0
+}
