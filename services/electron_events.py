@@ -6,6 +6,11 @@ Layout, as stempy's SparseArray.write_to_hdf5 (format version 3, one frame per s
                                   attrs Nx = frame rows, Ny = frame cols (stempy reads frame_shape = (Nx, Ny))
   electron_events/scan_positions  arange(positions); attrs Nx = scan cols, Ny = scan rows (read back reversed)
   metadata/                       the metadata dict: nested dicts become groups, other values attributes
+and, written by `record_arrivals` (detstream's own; stempy ignores it), what arrived at each scan position:
+  accounting/position_status      uint8 (scan rows, scan cols): COMPLETE, PARTIAL (some sectors zero-filled) or
+                                  MISSING (no frame written: lost); mask with `position_status == COMPLETE`
+  accounting/sectors_arrived      uint32 (scan rows, scan cols): bit i set when sector i of the frame arrived
+                                  (0 where MISSING); attrs: the scan's totals (expected, written, partial, lost ...)
 
 The file is written as `path + '.partial'` and renamed to `path` on close, so a file at `path` is always complete.
 Events are buffered per block of positions and a block is written as soon as all its positions have arrived, so
@@ -20,7 +25,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-__all__ = ["ElectronEventsFile"]
+__all__ = ["ElectronEventsFile", "COMPLETE", "PARTIAL", "MISSING"]
+
+COMPLETE, PARTIAL, MISSING = 0, 1, 2  # accounting/position_status
 
 _EMPTY = np.empty(0, np.uint32)
 
@@ -82,6 +89,18 @@ class ElectronEventsFile:
         # event arrays into a 2-D array and fail
         self._frames.write_direct(self._events, span, span)
         self._events[span] = [_EMPTY] * (span.stop - span.start)
+
+    def record_arrivals(self, written: np.ndarray, sectors_arrived: np.ndarray, sectors: int, totals: dict) -> None:
+        """Record per position what arrived: `written` (bool) and `sectors_arrived` (uint32 bit masks), both of
+        the scan's positions in linear order; `sectors` per frame; `totals` (name -> int) as attributes."""
+        shape = self.scan_shape
+        complete = np.uint32((1 << sectors) - 1)
+        status = np.where(~written, MISSING, np.where(sectors_arrived == complete, COMPLETE, PARTIAL)).astype(np.uint8)
+        group = self._file.require_group("accounting")
+        dataset = group.create_dataset("position_status", data=status.reshape(shape))
+        dataset.attrs.update({"COMPLETE": COMPLETE, "PARTIAL": PARTIAL, "MISSING": MISSING})
+        group.create_dataset("sectors_arrived", data=np.where(written, sectors_arrived, 0).astype(np.uint32).reshape(shape))
+        group.attrs.update({"sectors": sectors, **totals})
 
     def close(self) -> Path:
         """Write what is left, close, and rename the temporary file to `path`; returns `path`."""

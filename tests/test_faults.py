@@ -8,12 +8,14 @@ import re
 import signal
 import subprocess
 
+import h5py
 import numpy as np
 import pytest
 import stempy.io
 
 from conftest import DETSTREAM, manifest
 from detstream.services.counting import Counter, Thresholds
+from detstream.services.electron_events import COMPLETE, MISSING, PARTIAL
 from detstream.services.session import Detector, Simulator as SimulatorSettings
 from live import Live, wait_for
 
@@ -157,6 +159,33 @@ def test_when_the_policy_says_drop_every_drop_is_counted_and_reported(tmp_path):
     assert report["dropped"] == scan["lost"] + scan["partial"]   # one source: a dropped frame is lost or partial
     assert scan["written"] + scan["lost"] == 256
     assert "frames dropped by the sources" in err
+
+
+def test_the_file_marks_the_positions_that_did_not_arrive_whole(tmp_path):
+    """Field case 10: dropped sectors make partial frames; the file says which positions are partial or missing
+    (and which sectors arrived), agreeing with the report, and every position it calls complete is whole."""
+    doc = manifest("marks", scan={"rows": 10, "cols": 10}, detector=SMALL, source={"replicas": 2, "rate": 200},
+                   workers={"replicas": 1, "credits": 2}, plugin=COUNTING,
+                   transport={**FAST, "highWaterMark": 2, "onFull": "drop"})
+    _, _, report, scan = run_exact(doc, tmp_path, failpoints="writer-0:write-delay=0.05")
+    assert scan["partial"] > 0, scan    # the slow writer made the sources drop sectors
+    with h5py.File(scan["file"]) as f:
+        status = f["accounting/position_status"][()].ravel()
+        arrived = f["accounting/sectors_arrived"][()].ravel()
+        totals = dict(f["accounting"].attrs)
+        names = dict(f["accounting/position_status"].attrs)
+        events = f["electron_events/frames"][()]
+    assert status.size == 100 and names == {"COMPLETE": COMPLETE, "PARTIAL": PARTIAL, "MISSING": MISSING}
+    assert np.count_nonzero(status == PARTIAL) == scan["partial"]
+    assert np.count_nonzero(status == MISSING) == scan["lost"]
+    assert {k: totals[k] for k in ("expected", "written", "partial", "lost")} == \
+        {k: scan[k] for k in ("expected", "written", "partial", "lost")}
+    assert np.all(arrived[status == COMPLETE] == 0b1111)
+    assert np.all((arrived[status == PARTIAL] != 0b1111) & (arrived[status == PARTIAL] != 0))
+    assert np.all(arrived[status == MISSING] == 0)
+    truth = truth_events(0, 100)
+    for p in np.flatnonzero(status == COMPLETE):
+        np.testing.assert_array_equal(np.sort(events[p]), truth[p], err_msg=f"position {p}")
 
 
 def external_source(live: Live, tmp_path):

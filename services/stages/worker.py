@@ -114,6 +114,7 @@ class WorkerStage(Stage):
             time.sleep(self.process_delay)
         self.metrics.latency.observe(time.perf_counter() - t0)
         result = Header(kind=RESULT, scan=h.scan, frame=h.frame, position=h.position, flags=h.flags,
+                        sector_mask=h.sector_mask,
                         scan_rows=h.scan_rows, scan_cols=h.scan_cols, result=self.plugin_cls.result)
         self.outgoing.append((result, list(parts)))
         self.flush()

@@ -58,6 +58,7 @@ class WriterScan:
     cols: int
     seen: np.ndarray                 # per frame: written
     lost: np.ndarray                 # per frame: named lost by a lane (or missing from a stale scan)
+    sectors: np.ndarray              # per frame: bit mask of the sectors that arrived (uint32), if written
     file: ElectronEventsFile | None = None
     path: str = ""
     written: int = 0
@@ -158,6 +159,7 @@ class WriterStage(Stage):
             self.counters.outcomes["duplicate"] += 1
             return
         scan.seen[h.position] = True
+        scan.sectors[h.position] = h.sector_mask
         scan.written += 1
         scan.partial += bool(h.flags & PARTIAL)
         self.counters.outcomes["written"] += 1
@@ -218,7 +220,8 @@ class WriterStage(Stage):
 
     @staticmethod
     def new_scan(number: int, rows: int, cols: int) -> WriterScan:
-        return WriterScan(number, rows, cols, np.zeros(rows * cols, bool), np.zeros(rows * cols, bool))
+        return WriterScan(number, rows, cols, np.zeros(rows * cols, bool), np.zeros(rows * cols, bool),
+                          np.zeros(rows * cols, np.uint32))
 
     def write(self, scan: WriterScan, position: int, events: np.ndarray) -> None:
         path = self.output / f"{self.plan.session}-scan{scan.number:04d}.h5"
@@ -268,16 +271,21 @@ class WriterStage(Stage):
         self.close(scan)
 
     def close(self, scan: WriterScan) -> None:
+        account = scan.account(complete=True)
+        unaccounted = account.expected - account.written - account.lost
         if scan.file is not None:
             try:
+                scan.file.record_arrivals(scan.seen, scan.sectors, self.spec.detector.sectors, {
+                    "expected": account.expected, "written": account.written, "partial": account.partial,
+                    "lost": account.lost, "duplicates": account.duplicates, "unaccounted": unaccounted})
                 scan.file.close()
             except OSError as exc:
-                scan.file = None  # close() removed the temporary file
+                scan.file.abort()  # no file that looks complete is left behind
+                scan.file = None
                 raise StageError(f"cannot write scan {scan.number} to {scan.path}: {exc}") from None
-        account = self.done[scan.number] = scan.account(complete=True)
+        self.done[scan.number] = account
         del self.scans[scan.number]
         self.closed.add(scan.number)
-        unaccounted = account.expected - account.written - account.lost
         log = self.log.error if unaccounted else (self.log.warning if account.lost else self.log.info)
         log("scan %d closed: %d expected, %d written (%d partial), %d lost, %d duplicates dropped%s",
             scan.number, account.expected, account.written, account.partial, account.lost,
