@@ -1,6 +1,6 @@
 """Electron counting throughput: detstream Counter (one core) against stempy 3.x on the same frames.
 
-    python -m benchmarks.counting [--frames 400] [--repeats 3]      (from the repository root)
+    python -m benchmarks.counting [--frames 400] [--repeats 3] [--densities 0.001,0.024,0.16,0.5]
 
 Frames: 576x576 uint16, float dark reference (~N(100, 4)), a pedestal of 20 counts with Gaussian noise (sigma 3),
 ~300 electrons per frame (each a small charge cloud of 1-5 pixels, 30-400 counts) and 3 X-ray hits (3000-9000).
@@ -25,6 +25,11 @@ these files, while its plain SectorReader and the multi-pass reader read them co
 The single-thread baseline is the fastest of the three single-core stempy paths.  Events are checked to be
 identical: the in-memory paths use thresholds from detstream's calculate_thresholds, the sector-file paths
 stempy's own (from the returned metadata), applied to our Counter for the check.
+
+Density sweep (--densities): frames of uniform noise below the background threshold with the given fraction
+of pixels between the thresholds (values 41-999 over a dark of whole numbers, thresholds 40.5 / 900), 40 frames
+each; ours (Counter.count, pinned) against the faster of the two single-core in-memory stempy paths (frame loop,
+C++ reader loop), events checked identical. Counting costs grow with the pixels in range; this shows where.
 Timings are printed and written to benchmarks/results/counting.json; nothing asserts on them.
 """
 
@@ -130,10 +135,46 @@ def stempy_sector_count(files, dark, threads):
     return stim.electron_count(reader, darkreference=dark, number_of_samples=1, threshold_num_blocks=1)
 
 
+def density_frames(density: float, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(integer-valued float32 dark, n frames) with `density` of the pixels between the thresholds 40.5 / 900."""
+    rng = np.random.default_rng(seed)
+    dark = np.trunc(rng.uniform(90, 110, SHAPE)).astype(np.float32)
+    values = rng.integers(0, 35, (n, *SHAPE))
+    hits = rng.random((n, *SHAPE)) < density
+    values[hits] = rng.integers(41, 1000, np.count_nonzero(hits))
+    return dark, (values + dark.astype(np.int64)).astype(np.uint16)
+
+
+def density_sweep(densities: list[float], repeats: int, n: int = 40) -> list[dict]:
+    """Ours against stempy's fastest single-core in-memory path at each density (see the module docstring)."""
+    thresholds = Counter(None, (40.5, 900.0), SHAPE).thresholds
+    rows = []
+    for density in densities:
+        dark, frames = density_frames(density, n)
+        counter = Counter(dark, thresholds, SHAPE)
+        ours_s, ours = pinned(lambda: best_of(repeats, lambda: [counter.count(f) for f in frames]))
+        frame_s, theirs = pinned(lambda: best_of(repeats, lambda: [stim.electron_count_frame(
+            f, darkreference=dark, background_threshold=thresholds.background,
+            xray_threshold=thresholds.xray).data[0, 0] for f in frames]))
+        reader_s, read = pinned(lambda: best_of(repeats, lambda: stempy_reader_count(frames, dark, thresholds, (n // 20, 20))))
+        identical = all(np.array_equal(a, b) and np.array_equal(a, c) for a, b, c in zip(ours, theirs, read))
+        stempy_fps = n / min(frame_s, reader_s)
+        rows.append({"density": density, "events_per_frame": float(np.mean([len(e) for e in ours])),
+                     "ours_fps": n / ours_s, "stempy_fps": stempy_fps, "stempy_path": "frame" if frame_s <= reader_s
+                     else "reader", "ratio": (n / ours_s) / stempy_fps, "identical": identical})
+    print("density  events/frame  ours frames/s  stempy frames/s (path)  ours/stempy  identical")
+    for r in rows:
+        print(f"{r['density']:7.3f}  {r['events_per_frame']:12.0f}  {r['ours_fps']:13.1f}  {r['stempy_fps']:15.1f} "
+              f"({r['stempy_path']:<6})  {r['ratio']:10.2f}x  {r['identical']}")
+    return rows
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--frames", type=int, default=400, help="number of frames (multiple of 20)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--densities", default="0.001,0.024,0.16,0.5",
+                        help="fractions of pixels between the thresholds for the sweep ('' to skip it)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     n = args.frames - args.frames % 20
@@ -200,7 +241,11 @@ def main(argv=None) -> dict:
     for name, value in ratios.items():
         print(f"{name:<36} {value:6.2f}x")
 
+    densities = [float(d) for d in args.densities.split(",") if d.strip()]
+    sweep = density_sweep(densities, args.repeats) if densities else []
+
     result = {
+        "density_sweep": sweep,
         "frames": n, "frame_shape": SHAPE, "scan_shape": scan_shape, "repeats": args.repeats, "cores": cores,
         "thresholds": thresholds._asdict(), "events_per_frame": float(np.mean([len(e) for e in ours])),
         "fps": fps, "identical": identical, "single_thread_baseline": single, "ratios": ratios,

@@ -28,13 +28,20 @@ def sectors(frame, edges=SECTOR_EDGES):
     return [np.ascontiguousarray(s) for s in np.split(frame, edges, axis=1)]
 
 
+def counters(dark, thresholds, shape):
+    """A Counter held to each way of finding maxima: sparse (candidates' neighbours) and dense (whole frame)."""
+    sparse, dense = Counter(dark, thresholds, shape), Counter(dark, thresholds, shape)
+    sparse.dense_fraction, dense.dense_fraction = 2.0, 0.0
+    return sparse, dense
+
+
 def assert_same(frame, dark, thresholds):
     expected = stempy_count(frame, dark, thresholds)
-    counter = Counter(dark, thresholds, frame.shape)
-    got = counter.count(frame)
-    assert got.dtype == np.uint32
-    np.testing.assert_array_equal(got, expected)
-    np.testing.assert_array_equal(counter.count_sectors(sectors(frame)), expected)
+    for counter in counters(dark, thresholds, frame.shape):
+        got = counter.count(frame)
+        assert got.dtype == np.uint32
+        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(counter.count_sectors(sectors(frame)), expected)
     return expected
 
 
@@ -124,6 +131,22 @@ def test_realistic_frames_match_stempy():
         np.testing.assert_array_equal(counter.count_sectors(sectors(frame)), expected)
 
 
+def test_frames_of_any_density_match_stempy():
+    """From sparse (0.1% of pixels between the thresholds) to half the frame, one Counter switching ways."""
+    rng = np.random.default_rng(11)
+    dark = rng.uniform(90, 110, SHAPE).astype(np.float32)
+    thresholds = Thresholds(40.5, 900.0)
+    counter = Counter(dark, thresholds, SHAPE)
+    for density in (0.001, 0.5, 0.024, 0.16, 0.001, 0.05):
+        values = rng.integers(0, 35, SHAPE)
+        hits = rng.random(SHAPE) < density
+        values[hits] = rng.integers(41, 1000, np.count_nonzero(hits))
+        frame = frame_from(values, np.trunc(dark).astype(np.int64))
+        expected = stempy_count(frame, dark, thresholds)
+        np.testing.assert_array_equal(counter.count(frame), expected, err_msg=f"density {density}")
+        np.testing.assert_array_equal(counter.count_sectors(sectors(frame)), expected, err_msg=f"density {density}")
+
+
 def test_counter_reuses_buffers_between_frames(scene):
     dark, dark16, v, _ = scene
     counter = Counter(dark, Thresholds(30.0, 400.0), SHAPE)
@@ -162,9 +185,9 @@ def small_cases(draw):
 def test_small_random_frames_match_stempy(case):
     frame, dark, thresholds, edges = case
     expected = stempy_count(frame, dark, thresholds)
-    counter = Counter(dark, thresholds, frame.shape)
-    np.testing.assert_array_equal(counter.count(frame), expected)
-    np.testing.assert_array_equal(counter.count_sectors(sectors(frame, edges)), expected)
+    for counter in counters(dark, thresholds, frame.shape):
+        np.testing.assert_array_equal(counter.count(frame), expected)
+        np.testing.assert_array_equal(counter.count_sectors(sectors(frame, edges)), expected)
 
 
 # --- thresholds --------------------------------------------------------------------------------------------
