@@ -28,7 +28,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-__all__ = ["Thresholds", "calculate_thresholds", "Counter"]
+__all__ = ["Thresholds", "ThresholdFit", "calculate_thresholds", "fit_thresholds", "Counter"]
 
 _INT_MIN = -(2**31)
 # Above this fraction of pixels in range the dense way is faster (576x576 frames, one core: both ways ~0.7 ms
@@ -39,6 +39,32 @@ DENSE_FRACTION = 0.02
 class Thresholds(NamedTuple):
     background: float
     xray: float
+
+
+class ThresholdFit(NamedTuple):
+    """What stempy records of a threshold fit (its ElectronCountedMetadata, written by stempy.io as the file's
+    `metadata/electron_counting`); the same names, so the field's tools read them."""
+    background_threshold: float
+    x_ray_threshold: float
+    number_of_samples: int           # frames sampled
+    min_sample: int                  # smallest and largest dark-subtracted sample value (uint16-wrapped)
+    max_sample: int
+    mean: float
+    variance: float
+    std_dev: float
+    number_of_bins: int
+    x_ray_threshold_n_sigma: float
+    background_threshold_n_sigma: float
+    optimized_mean: float            # of the Gaussian fitted to the histogram
+    optimized_std_dev: float
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return Thresholds(self.background_threshold, self.x_ray_threshold)
+
+    def metadata(self) -> dict:
+        """As stempy writes it, with threshold_calculated = True."""
+        return {"threshold_calculated": True, **self._asdict()}
 
 
 def _c_int(x: float) -> int:
@@ -60,6 +86,13 @@ def _dark_u16(dark: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
 def calculate_thresholds(
     frames: np.ndarray, dark: np.ndarray | None, background_sigma: float = 4.0, xray_sigma: float = 10.0
 ) -> Thresholds:
+    """The (background, X-ray) thresholds of `fit_thresholds`."""
+    return fit_thresholds(frames, dark, background_sigma, xray_sigma).thresholds
+
+
+def fit_thresholds(
+    frames: np.ndarray, dark: np.ndarray | None, background_sigma: float = 4.0, xray_sigma: float = 10.0
+) -> ThresholdFit:
     """stempy's calculateThresholds on exactly these sampled frames (n, rows, cols), each used once.
 
     Samples are (frame - dark) wrapped to uint16.  xray = mean + xray_sigma * std (sample std, n - 1).
@@ -99,7 +132,8 @@ def calculate_thresholds(
     if n_bins < 3:
         raise RuntimeError("Optimization did not converge")
     mu, sigma = _fit_gaussian(bins, counts, np.array([counts.max(), mean, std]))
-    return Thresholds(mu + abs(sigma) * background_sigma, xray)
+    return ThresholdFit(mu + abs(sigma) * background_sigma, xray, len(frames), int(present[0]), int(present[-1]),
+                        mean, std * std, std, n_bins, float(xray_sigma), float(background_sigma), mu, sigma)
 
 
 def _fit_gaussian(x: np.ndarray, y: np.ndarray, p: np.ndarray) -> tuple[float, float]:

@@ -90,6 +90,10 @@ class ElectronEventsFile:
         self._frames.write_direct(self._events, span, span)
         self._events[span] = [_EMPTY] * (span.stop - span.start)
 
+    def add_metadata(self, metadata: dict) -> None:
+        """More metadata (nested dicts become groups of `metadata/`, other values attributes), before close."""
+        _save_dict(metadata, self._file.require_group("metadata"))
+
     def record_arrivals(self, written: np.ndarray, sectors_arrived: np.ndarray, sectors: int, totals: dict) -> None:
         """Record per position what arrived: `written` (bool) and `sectors_arrived` (uint32 bit masks), both of
         the scan's positions in linear order; `sectors` per frame; `totals` (name -> int) as attributes."""

@@ -16,8 +16,8 @@ import numpy as np
 import zmq
 
 from detstream.v1 import wire_pb2
-from detstream.v1.wire_pb2 import (CREDIT, DUPLICATE, END_OF_SCAN, FRAME, HEARTBEAT, PARTIAL, RECEIPT, RESULT,
-                                    SECTOR, Header)
+from detstream.v1.wire_pb2 import (CALIBRATION, CREDIT, DUPLICATE, END_OF_SCAN, FRAME, HEARTBEAT, PARTIAL, RECEIPT,
+                                    RESULT, SAMPLE, SECTOR, Header)
 
 WIRE_VERSION = 1
 MAX_HEADER_BYTES = 4096
@@ -26,7 +26,8 @@ MAX_HEADER_BYTES = 4096
 NOBLOCK, POLLIN, POLLOUT, _SNDMORE = int(zmq.NOBLOCK), int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.SNDMORE)
 FRAME_BITS = 40  # a frame key is scan << 40 | frame: 10^12 frames per scan, 2^24 scans
 
-__all__ = ["CREDIT", "DUPLICATE", "END_OF_SCAN", "FRAME", "HEARTBEAT", "PARTIAL", "RECEIPT", "RESULT", "SECTOR", "Header",
+__all__ = ["CALIBRATION", "CREDIT", "DUPLICATE", "END_OF_SCAN", "FRAME", "HEARTBEAT", "PARTIAL", "RECEIPT", "RESULT",
+           "SAMPLE", "SECTOR", "Header",
            "WireError", "Geometry", "Message", "Outbox", "frame_key", "decode", "receive_parts", "Gaps", "FRAME_BITS",
            "pack_frames", "unpack_frames", "NOBLOCK", "POLLIN", "POLLOUT"]
 
@@ -97,7 +98,8 @@ class Message:
         return [np.frombuffer(p.buffer, dtype=self.header.dtype).reshape(shape) for p in self.parts]
 
 
-_PARTS = {SECTOR: 1, CREDIT: 0, HEARTBEAT: 0, RECEIPT: 0}
+_PARTS = {SECTOR: 1, CREDIT: 0, HEARTBEAT: 0, RECEIPT: 0, CALIBRATION: 1}
+MAX_CALIBRATION_BYTES = 65536
 _KINDS = frozenset(wire_pb2.Kind.values()) - {wire_pb2.KIND_UNSPECIFIED}  # Kind.values() builds a list per call
 
 
@@ -116,7 +118,7 @@ def decode(raw: Sequence[zmq.Frame], geometry: Geometry | None = None) -> Messag
         raise WireError("version", f"wire version {header.version}, this stage speaks {WIRE_VERSION}")
     kind = header.kind
     parts = raw[1:]
-    if geometry is not None and (kind == SECTOR or kind == FRAME):  # nearly every message: checked first
+    if geometry is not None and (kind == SECTOR or kind == FRAME or kind == SAMPLE):  # nearly every message: first
         _check_pixels(header, kind, parts, geometry)
         return Message(header, parts)
     if kind not in _KINDS:
@@ -126,6 +128,8 @@ def decode(raw: Sequence[zmq.Frame], geometry: Geometry | None = None) -> Messag
         raise _wrong_parts(kind, parts, expected_parts)
     if kind == RESULT and not parts:
         raise WireError("parts", "RESULT without a payload")
+    if kind == CALIBRATION and len(parts[0]) > MAX_CALIBRATION_BYTES:
+        raise WireError("size", f"CALIBRATION of {len(parts[0])} bytes exceeds {MAX_CALIBRATION_BYTES}")
     if kind == END_OF_SCAN:
         _check_lost_frames(header, parts, geometry)
     if geometry is not None and geometry.scans is not None and kind in (RESULT, END_OF_SCAN) \

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from stempy import _image
 
-from detstream.services.counting import Counter, Thresholds, calculate_thresholds
+from detstream.services.counting import Counter, Thresholds, calculate_thresholds, fit_thresholds
 
 SHAPE = (576, 576)
 SECTOR_EDGES = (144, 288, 432)
@@ -241,6 +241,24 @@ def test_thresholds_of_drawn_frames_match_stempy(with_dark):
         drawn = [d for d in draws if ours[d].xray == theirs.xray_threshold]
         assert drawn, "stempy's X-ray threshold is none of the four possible draws"
         assert_thresholds_equal(ours[drawn[0]], theirs)
+
+
+@pytest.mark.parametrize("with_dark", [True, False])
+def test_fit_statistics_are_stempys(with_dark):
+    """What the file records of a fit (metadata/electron_counting) is what stempy records of the same fit."""
+    dark, frames = sample_frames(5, n=1)
+    dark = dark if with_dark else None
+    theirs = stempy_thresholds(frames, dark, 2)
+    ours = fit_thresholds(np.repeat(frames, 2, axis=0), dark, 4.0, 10.0)
+    for name in ("number_of_samples", "min_sample", "max_sample", "number_of_bins"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.mean == theirs.mean and ours.x_ray_threshold == theirs.xray_threshold
+    assert ours.variance == pytest.approx(theirs.variance, rel=1e-12)
+    assert ours.std_dev == pytest.approx(theirs.std_dev, rel=1e-12)
+    assert ours.optimized_mean == pytest.approx(theirs.optimized_mean, rel=5e-5)
+    assert abs(ours.optimized_std_dev) == pytest.approx(abs(theirs.optimized_std_dev), rel=5e-5)
+    assert (ours.x_ray_threshold_n_sigma, ours.background_threshold_n_sigma) == (10.0, 4.0)
+    assert ours.metadata()["threshold_calculated"] is True
 
 
 def test_thresholds_accept_a_single_2d_frame():

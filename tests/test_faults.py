@@ -175,6 +175,8 @@ def test_the_file_marks_the_positions_that_did_not_arrive_whole(tmp_path):
         totals = dict(f["accounting"].attrs)
         names = dict(f["accounting/position_status"].attrs)
         events = f["electron_events/frames"][()]
+        counting = dict(f["metadata/electron_counting"].attrs)
+    assert counting == {"threshold_calculated": False, "background_threshold": 32, "x_ray_threshold": 50}
     assert status.size == 100 and names == {"COMPLETE": COMPLETE, "PARTIAL": PARTIAL, "MISSING": MISSING}
     assert np.count_nonzero(status == PARTIAL) == scan["partial"]
     assert np.count_nonzero(status == MISSING) == scan["lost"]

@@ -4,12 +4,14 @@ import json
 import subprocess
 
 import numpy as np
+import pytest
 import stempy.image
 import stempy.io
 
 from conftest import DETSTREAM, ROOT, manifest, no_stage_left
+from detstream.services.counting import Counter, fit_thresholds
 from detstream.services.session import Detector, Simulator as SimulatorSettings
-from detstream.services.simulator import Simulator
+from detstream.services.simulator import Simulator, dark_reference
 
 COUNTING = {"name": "electron-counting",
             "params": {"dark": "simulated", "backgroundThreshold": 32, "xrayThreshold": 50}}
@@ -117,15 +119,28 @@ def test_a_killed_stage_stops_the_session(tmp_path, write_manifest):
 
 
 def test_workers_fit_thresholds_on_sampled_frames(tmp_path, write_manifest):
-    doc = manifest("sampled", scan={"rows": 12, "cols": 12},
+    """Field case 03: fitted thresholds. Every worker fits one threshold set on the same frames (the scan's
+    first `samples`), the file records it where stempy does, and two runs of the manifest give the same file."""
+    doc = manifest("sampled", scan={"rows": 12, "cols": 12}, source={"replicas": 2}, workers={"replicas": 3},
                    plugin={"name": "electron-counting", "params": {"dark": "simulated", "samples": 20}})
-    result = run(write_manifest(doc), tmp_path)
-    assert result.returncode == 0, result.stderr
-    logs = [(tmp_path / ".detstream" / "sampled" / "logs" / f"worker-{i}.log").read_text() for i in range(2)]
-    assert all("calibrated on 20 frames: Thresholds(background=" in log for log in logs)
-    report = json.loads((tmp_path / "report.json").read_text())
-    counted = stempy.io.load_electron_counts(report["scans"][0]["file"])
+    files = []
+    for run_dir in (tmp_path / "a", tmp_path / "b"):
+        result = run(write_manifest(doc), run_dir)
+        assert result.returncode == 0, result.stderr
+        files.append(json.loads((run_dir / "report.json").read_text())["scans"][0]["file"])
+    counted = [stempy.io.load_electron_counts(f) for f in files]
+    recorded = counted[0].metadata["electron_counting"]
+    assert counted[1].metadata["electron_counting"] == recorded
     sim = Simulator(SimulatorSettings(seed=0), Detector())
+    dark = dark_reference(0, 576, 576, 100.0)
+    fit = fit_thresholds(np.stack([sim.frame(0, p) for p in range(20)]), dark)
+    assert recorded == pytest.approx(fit.metadata())
+    assert recorded["threshold_calculated"] and recorded["number_of_samples"] == 20
+    counter = Counter(dark, fit.thresholds, (576, 576))
+    for p in range(144):  # one threshold set explains every position, in both runs
+        expected = counter.count(sim.frame(0, p))
+        np.testing.assert_array_equal(np.sort(counted[0].data[p][0]), expected, err_msg=f"position {p}")
+        np.testing.assert_array_equal(np.sort(counted[1].data[p][0]), expected, err_msg=f"position {p}")
     truth = [sim.truth(0, p) for p in range(144)]
-    found = sum(len(np.intersect1d(counted.data[p][0], truth[p])) for p in range(144))
+    found = sum(len(np.intersect1d(counted[0].data[p][0], truth[p])) for p in range(144))
     assert found / sum(len(t) for t in truth) > 0.95  # nearly every simulated electron is found

@@ -50,7 +50,7 @@ TARGETS = ["aggregator", "distributor-frames", "distributor-work", "distributor-
 NATURAL = {wire_pb2.SECTOR: ["aggregator"], wire_pb2.FRAME: ["distributor-frames", "worker"],
            wire_pb2.RESULT: ["writer"], wire_pb2.END_OF_SCAN: ["aggregator", "distributor-frames", "writer"],
            wire_pb2.CREDIT: ["distributor-work"], wire_pb2.HEARTBEAT: ["distributor-work"],
-           wire_pb2.RECEIPT: ["distributor-receipts"]}
+           wire_pb2.RECEIPT: ["distributor-receipts"], wire_pb2.SAMPLE: ["worker"], wire_pb2.CALIBRATION: ["writer"]}
 PEERS = [b"peer-a", b"peer-b", b"\x00"]
 
 
@@ -60,7 +60,7 @@ def build(kind, scan, frame, sector, mutation, target, seed):
     h = Header(version=1, kind=kind, scan=scan, frame=frame, position=frame, sector=sector, scan_rows=4, scan_cols=4,
                sender=["source-0", "distributor-0", "worker-0", "x"][seed % 4])
     parts = []
-    if kind in (wire_pb2.SECTOR, wire_pb2.FRAME):
+    if kind in (wire_pb2.SECTOR, wire_pb2.FRAME, wire_pb2.SAMPLE):
         h.shape.extend([8, 4])
         h.dtype = "<u2"
         parts = [rng.integers(0, 12, 32, dtype=np.uint16).tobytes() for _ in range(1 if kind == wire_pb2.SECTOR else 2)]
@@ -75,6 +75,9 @@ def build(kind, scan, frame, sector, mutation, target, seed):
             lost = np.zeros(16, bool)
             lost[rng.choice(16, min(16, h.lost + seed % 3 // 2), replace=False)] = True
             parts = [np.packbits(lost).tobytes()]
+    elif kind == wire_pb2.CALIBRATION:  # a worker's, or JSON of the wrong shape, or not JSON at all
+        parts = [[b'{"electron_counting": {"background_threshold": 32.5, "threshold_calculated": true}}',
+                  b'{"electron_counting": [1, 2]}', b'[]', b'{"a": {"b": null}}', b'\xff{'][seed % 5]]
     elif kind in (wire_pb2.CREDIT, wire_pb2.RECEIPT):
         h.credit = int(rng.integers(0, 6)) if kind == wire_pb2.CREDIT else 0
         h.acked.extend(int(scan) << 40 | int(f) for f in rng.integers(0, 16, int(rng.integers(0, 4))))

@@ -8,6 +8,7 @@ Workers are slowed down so that the pipeline is backpressured and the killed sta
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -18,6 +19,9 @@ import stempy.io
 import zmq
 
 from conftest import manifest, wait_for
+from detstream.services.counting import Counter, fit_thresholds
+from detstream.services.session import Detector, Simulator as SimulatorSettings
+from detstream.services.simulator import Simulator, dark_reference
 from detstream.services.wire import END_OF_SCAN, RESULT, SECTOR, Header, Outbox
 from detstream.v1.control_pb2 import FINISHED
 
@@ -75,6 +79,31 @@ def test_a_restarted_pipeline_stage_resumes_the_session_with_exact_accounting(lo
     assert scans[2].written == ROWS * ROWS, "the session resumed: the scan after the restart is whole"
     assert "UNACCOUNTED" not in local.writer().log_path.read_text()
     assert restarted.log_path.read_text().count(" ready (control") == 2
+
+
+def test_a_restarted_worker_calibrates_again_on_the_same_sample_frames(local_session, monkeypatch):
+    """Fitted thresholds: a worker that comes back mid-session gets the session's sample frames from the
+    distributor again and fits the same thresholds; every position of every scan is counted with that one set."""
+    monkeypatch.setenv("DETSTREAM_FAILPOINTS", "worker:process-delay=0.01")
+    detector = {"rows": 128, "cols": 128, "sectors": 4}
+    doc = manifest("recal", scan={"rows": ROWS, "cols": ROWS, "count": 2}, workers={"replicas": 2}, detector=detector,
+                   source={"kind": "simulator", "rate": 400}, transport={**FAST, "highWaterMark": 8},
+                   plugin={"name": "electron-counting", "params": {"dark": "simulated", "samples": 10}})
+    local = local_session(doc)
+    wait_for(lambda: writer_status(local).frames_in >= 40, 60, "scan 0 under way")
+    restarted = restart(local, "worker-0")
+    wait_for(lambda: writer_status(local).state == FINISHED, 120, "the writer to close every scan")
+
+    fits = re.findall(r"calibrated on 10 sample frames \(0\.\.9\): (.*)", restarted.log_path.read_text())
+    assert len(fits) == 2 and fits[0] == fits[1], fits
+    sim = Simulator(SimulatorSettings(), Detector(**detector))
+    dark = dark_reference(0, 128, 128, 100.0)
+    counter = Counter(dark, fit_thresholds(np.stack([sim.frame(0, p) for p in range(10)]), dark).thresholds, (128, 128))
+    for s in writer_status(local).scans:
+        assert s.written == ROWS * ROWS, s
+        counted = stempy.io.load_electron_counts(s.file)
+        for p in range(ROWS * ROWS):
+            np.testing.assert_array_equal(np.sort(counted.data[p][0]), counter.count(sim.frame(s.scan, p)))
 
 
 def send_frames(out, scan: int, frames: int, rows: int, cols: int, every: float) -> None:

@@ -21,13 +21,19 @@ class Plugin:
     #: What `process` returns, and so what the writer does with it: "events" (uint32 pixel indices,
     #: written to the stempy HDF5 layout) or "frames" (the frame itself, counted and discarded).
     result: ClassVar[str] = "events"
-    #: Frames the worker collects and hands to `calibrate` before the first `process` call.
+    #: While > 0 the plugin is not calibrated yet: the worker holds frames and calls `calibrate` first.
     samples_wanted: int = 0
 
     @classmethod
     def check_params(cls, params: dict) -> list[tuple[str, str]]:
         """Problems with `params` as (parameter name, what is allowed); empty when valid."""
         return []
+
+    @classmethod
+    def samples(cls, params: dict) -> int:
+        """How many of a scan's first frames (frame numbers 0, 1, ...) every worker calibrates on; 0 for none.
+        The distributors send every worker a copy of the same frames, so all workers calibrate alike."""
+        return 0
 
     def __init__(self, params: dict, context: "PluginContext"):
         self.context = context
@@ -38,7 +44,13 @@ class Plugin:
         self.params = dict(params)
 
     def calibrate(self, samples: list[list[np.ndarray]]) -> None:
-        """Called once with `samples_wanted` frames (or fewer, if the stream has no more)."""
+        """Called once with the sample frames (each as its sectors), in frame-number order: all `samples(params)`
+        of them, or fewer if some never arrived."""
+
+    def calibration(self) -> dict:
+        """What the scan's file must record of how frames were processed, as nested dicts of numbers, strings
+        and booleans (written under the file's `metadata/` group); {} for nothing."""
+        return {}
 
     def process(self, sectors: list[np.ndarray], parts: Sequence[Any]) -> Sequence[Any]:
         """Handle one frame, given as its sector strips (numpy views) and their raw buffers;

@@ -3,9 +3,12 @@
 Parameters (all optional):
   dark                 "simulated" (the simulator's own dark reference; default for simulator
                        sources), "none" (default otherwise) or a path to a .npy dark reference
-  backgroundThreshold  fixed thresholds (give both); without them each worker derives them from
-  xrayThreshold        the first `samples` frames it receives, as stempy does from sampled frames
+  backgroundThreshold  fixed thresholds (give both); without them they are fitted, as stempy fits them,
+  xrayThreshold        from the session's first scan's first `samples` frames, the same frames for every
+                       worker, so one threshold set counts the whole session, run after run
   samples              frames sampled for the thresholds (default 40)
+The thresholds used (fixed or fitted, with the fit's statistics) are recorded in each scan's file as
+stempy records them, `metadata/electron_counting`.
   backgroundSigma      background threshold = fitted mean + n sigma (default 4)
   xraySigma            X-ray threshold = fitted mean + n sigma (default 10)
 """
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detstream.services.counting import Counter, Thresholds, calculate_thresholds
+from detstream.services.counting import Counter, ThresholdFit, Thresholds, fit_thresholds
 from detstream.services.plugins import Plugin, check_number
 from detstream.services.simulator import dark_reference
 
@@ -40,18 +43,22 @@ class ElectronCounting(Plugin):
             problems.append(("dark", f"must be 'simulated', 'none' or a path to a .npy file; got {dark!r}"))
         return problems
 
+    @classmethod
+    def samples(cls, params):
+        return 0 if "backgroundThreshold" in params else int(params.get("samples", 40))
+
     def configure(self, params):
         super().configure(params)
         spec = self.context.spec
         default_dark = "simulated" if spec.source.kind == "simulator" else "none"
         self.dark = self.load_dark(params.get("dark", default_dark))
+        self.fit: ThresholdFit | None = None
         if "backgroundThreshold" in params:
             self.thresholds = Thresholds(float(params["backgroundThreshold"]), float(params["xrayThreshold"]))
-            self.samples_wanted = 0
+            self.counter = Counter(self.dark, self.thresholds, self.context.frame_shape)
         else:
-            self.thresholds = getattr(self, "thresholds", None)
-            self.samples_wanted = 0 if self.thresholds else int(params.get("samples", 40))
-        self.counter = Counter(self.dark, self.thresholds, self.context.frame_shape) if self.thresholds else None
+            self.thresholds = self.counter = None
+        self.samples_wanted = self.samples(params)
 
     def load_dark(self, dark: str) -> np.ndarray | None:
         rows, cols = self.context.frame_shape
@@ -71,10 +78,18 @@ class ElectronCounting(Plugin):
     def calibrate(self, samples):
         frames = np.stack([np.hstack(sectors) for sectors in samples])
         p = self.params
-        self.thresholds = calculate_thresholds(frames, self.dark, float(p.get("backgroundSigma", 4.0)),
-                                               float(p.get("xraySigma", 10.0)))
+        self.fit = fit_thresholds(frames, self.dark, float(p.get("backgroundSigma", 4.0)), float(p.get("xraySigma", 10.0)))
+        self.thresholds = self.fit.thresholds
         self.counter = Counter(self.dark, self.thresholds, self.context.frame_shape)
         self.samples_wanted = 0
+
+    def calibration(self):
+        if self.fit is not None:
+            return {"electron_counting": self.fit.metadata()}
+        if self.thresholds is not None:
+            return {"electron_counting": {"threshold_calculated": False, "background_threshold": self.thresholds.background,
+                                          "x_ray_threshold": self.thresholds.xray}}
+        return {}
 
     def process(self, sectors, parts):
         return [self.counter.count_sectors(sectors)]

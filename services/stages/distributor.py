@@ -17,6 +17,11 @@ saw acknowledged, as a bitmap, which the writer reads against the frames it has.
 the aggregator never received and, after a restart of the aggregator or of this stage (a pod
 restarted by Kubernetes), what died with the previous process: frames it had passed on are
 written, the rest are lost, none is unaccounted. Frames of a scan finished here are refused late.
+
+For a plugin that calibrates, the lane's share of the session's sample frames (frame numbers below the
+plugin's `samples`, of the first scan this lane sees) is kept for the session and copied to every
+worker as SAMPLE, also to a worker that joins later: so every worker calibrates on the same frames.
+That costs `samples / lanes` frames of memory here.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ import zmq
 
 from detstream.services.accounting import ClosedScans
 from detstream.services.plan import lane_routing_id
+from detstream.services.plugins import plugin_class
 from detstream.services.stage import HOUSEKEEPING_S, POLL_MS, Stage
-from detstream.services.wire import (CREDIT, DUPLICATE, END_OF_SCAN, FRAME, HEARTBEAT, RECEIPT, Header,
+from detstream.services.wire import (CREDIT, DUPLICATE, END_OF_SCAN, FRAME, HEARTBEAT, RECEIPT, SAMPLE, Header,
                                      Message, Outbox, frame_key, pack_frames)
 
 
@@ -42,6 +48,7 @@ class Worker:
     full: bool = False                # its queue refused a frame: none more until it next speaks
     in_flight: dict[int, Message] = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
+    samples_sent: int = 0             # of the distributor's sample frames, in their order
 
     @property
     def listed(self) -> bool:
@@ -78,6 +85,10 @@ class DistributorStage(Stage):
         self.poller.register(self.writer.socket, zmq.POLLIN)
         self.poller.register(self.work.socket, zmq.POLLIN)
         self.reading_frames = False                  # whether the poller watches `frames`
+        self.samples_wanted = min(plugin_class(self.spec.plugin.name).samples(self.spec.plugin.params),
+                                  self.geometry.scan_frames)
+        self.samples: list[Message] = []              # this lane's sample frames, as SAMPLE messages
+        self.sample_scan: int | None = None
         self.last_check = time.monotonic()
 
     def step(self):
@@ -124,9 +135,34 @@ class DistributorStage(Stage):
             self.counters.frames_in += 1
             self.counters.bytes_in += self.geometry.frame_bytes
             scan.in_flight += 1
+            if h.frame < self.samples_wanted:
+                self.keep_sample(msg)
             self.dispatch(msg)
         else:
             self.refuse("kind", msg)
+
+    def keep_sample(self, msg: Message) -> None:
+        """A sample frame of the first scan seen: kept, and copied to every worker (no credit needed)."""
+        if self.sample_scan is None:
+            self.sample_scan = msg.header.scan
+        if msg.header.scan != self.sample_scan:
+            return
+        header = Header()
+        header.CopyFrom(msg.header)
+        header.kind = SAMPLE
+        self.samples.append(Message(header, msg.parts))  # the same buffers: no copy
+        for worker in list(self.workers.values()):
+            self.send_samples(worker)
+
+    def send_samples(self, worker: Worker) -> None:
+        """The samples this worker lacks, as far as its queue takes them (the rest when it next speaks)."""
+        while worker.samples_sent < len(self.samples):
+            sample = self.samples[worker.samples_sent]
+            try:
+                self.work.send(sample.header, sample.parts, peer=worker.peer, flags=zmq.NOBLOCK)
+            except zmq.ZMQError:  # full (zmq.Again) or gone: again when it next speaks, or declared dead
+                return
+            worker.samples_sent += 1
 
     def lane_scan(self, number: int) -> LaneScan:
         scan = self.scans.get(number)
@@ -145,6 +181,7 @@ class DistributorStage(Stage):
             self.log.info("worker %s joined", h.sender)
         worker.last_seen = time.monotonic()
         self.give_credit(worker, h.credit, room=True)  # it speaks, so it reads: its queue has room again
+        self.send_samples(worker)
 
     def give_credit(self, worker: Worker, credit: int, room: bool = False) -> None:
         listed = worker.listed

@@ -11,10 +11,19 @@ death.
 Credits are offered on each connection to a lane's distributor: at the start, and again when a
 restarted distributor comes back (its predecessor's credits died with it, and the frames held
 from it will return no credit).
+
+A plugin that calibrates (electron counting with fitted thresholds) does so on the session's sample
+frames: the first `samples` frames of the first scan, which every distributor copies to every worker
+(SAMPLE), so all workers calibrate on the same frames in the same order, run after run. Until then
+frames are held (and credit given back for them, so the samples can come) up to that many; if some
+sample never comes, the worker calibrates on those it has once the stream pauses. The samples are
+kept for the session, so new parameters (a new plugin instance) calibrate again on the same frames.
+What the plugin derived (`calibration()`) goes to the writer (CALIBRATION), for the scan's file.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections import deque
 
@@ -24,9 +33,9 @@ from zmq.utils.monitor import recv_monitor_message
 from detstream.services.faults import failpoint
 from detstream.services.plugins import PluginContext, plugin_class
 from detstream.services.stage import HOUSEKEEPING_S, POLL_MS, Stage
-from detstream.services.wire import CREDIT, FRAME, HEARTBEAT, POLLOUT, RESULT, Header, Message, Outbox
+from detstream.services.wire import CALIBRATION, CREDIT, FRAME, HEARTBEAT, POLLOUT, RESULT, SAMPLE, Header, Message, Outbox
 
-CALIBRATION_IDLE_S = 0.5  # calibrate on fewer samples when the stream pauses this long
+CALIBRATION_IDLE_S = 0.5  # calibrate on the samples there are when the stream pauses this long
 
 
 class WorkerStage(Stage):
@@ -49,11 +58,15 @@ class WorkerStage(Stage):
             self.poller.register(monitor, zmq.POLLIN)
         self.writer_events = 0                                # what the poller watches on the writer's socket
         self.last_sent = [0.0] * len(self.lanes)
-        self.held: list[Message] = []  # frames kept for calibration
+        self.held: list[Message] = []  # frames waiting for the calibration
+        self.samples: dict[int, list] = {}  # frame number -> the sample frame's sectors (kept for the session)
+        self.samples_expected = min(self.plugin_cls.samples(spec.plugin.params), spec.scan.frames)
+        self.calibration_sent = "{}"
         self.last_frame = self.last_check = time.monotonic()
         self.housekeeping_s = min(HOUSEKEEPING_S, spec.transport.heartbeat_s / 2)  # heartbeats, calibration, gauges
         self.outgoing: deque[tuple[Header, list]] = deque()   # results the writer's queue cannot take yet
         self.process_delay = failpoint(self.name, self.role, "process-delay")
+        self.report_calibration()  # fixed thresholds are known now
 
     def step(self):
         self.apply_updates()
@@ -89,10 +102,12 @@ class WorkerStage(Stage):
         self.tell(lane, Header(kind=CREDIT, credit=self.spec.workers.credits))
 
     def from_distributor(self, lane: int, msg: Message) -> None:
-        if msg.header.kind != FRAME:
-            self.refuse("kind", msg)
-        else:
+        if msg.header.kind == FRAME:
             self.frame(lane, msg)
+        elif msg.header.kind == SAMPLE:
+            self.sample(msg)
+        else:
+            self.refuse("kind", msg)
 
     def frame(self, lane: int, msg: Message) -> None:
         self.counters.frames_in += 1
@@ -100,11 +115,19 @@ class WorkerStage(Stage):
         self.last_frame = time.monotonic()
         if self.plugin.samples_wanted:
             self.held.append(msg)
-            self.tell(lane, Header(kind=CREDIT, credit=1))  # keep frames coming while these wait
-            if len(self.held) >= self.plugin.samples_wanted:
-                self.calibrate()
+            if len(self.held) < max(self.samples_expected, 1):
+                self.tell(lane, Header(kind=CREDIT, credit=1))  # keep frames (and so the samples) coming
             return
         self.process(msg)
+
+    def sample(self, msg: Message) -> None:
+        """A copy of one of the session's sample frames (the same for every worker)."""
+        self.last_frame = time.monotonic()
+        frame = msg.header.frame
+        if frame < self.samples_expected and frame not in self.samples:
+            self.samples[frame] = msg.sectors
+            if self.plugin.samples_wanted and len(self.samples) == self.samples_expected:
+                self.calibrate()
 
     def process(self, msg: Message) -> None:
         h = msg.header
@@ -128,19 +151,40 @@ class WorkerStage(Stage):
             except zmq.Again:
                 return
             self.outgoing.popleft()
-            self.counters.frames_out += 1
-            self.counters.bytes_out += sum(memoryview(p).nbytes for p in parts)
+            if header.kind == RESULT:
+                self.counters.frames_out += 1
+                self.counters.bytes_out += sum(memoryview(p).nbytes for p in parts)
 
     def calibrate(self) -> None:
+        """Calibrate the plugin on the samples there are (in frame order), then process the held frames."""
+        frames = sorted(self.samples)
+        if len(frames) < self.samples_expected:
+            missing = sorted(set(range(self.samples_expected)) - set(frames))
+            self.log.warning("calibrating on %d of %d sample frames: frames %s never came", len(frames),
+                             self.samples_expected, missing[:10])
+        if frames:
+            self.plugin.calibrate([self.samples[f] for f in frames])
+        else:  # no sample came at all (its lane lost them): this worker's own frames, as the last resort
+            self.log.error("no sample frame came: calibrating on the %d frames held here", len(self.held))
+            self.plugin.calibrate([msg.sectors for msg in self.held])
+        self.log.info("calibrated on %d sample frames (%s): %s", len(frames), f"{frames[0]}..{frames[-1]}"
+                      if frames else "none", self.plugin.calibration())
+        self.report_calibration()
         held, self.held = self.held, []
-        self.plugin.calibrate([msg.sectors for msg in held])
-        self.log.info("calibrated on %d frames: %s", len(held), getattr(self.plugin, "thresholds", ""))
         for msg in held:
             self.process(msg)
 
     def calibrate_if_idle(self, now: float) -> None:
-        if self.held and now - self.last_frame > CALIBRATION_IDLE_S:
+        if self.plugin.samples_wanted and self.held and now - self.last_frame > CALIBRATION_IDLE_S:
             self.calibrate()
+
+    def report_calibration(self) -> None:
+        """Send the writer what the plugin derived, when it changed (for the scan's file)."""
+        text = json.dumps(self.plugin.calibration(), sort_keys=True)
+        if text != self.calibration_sent:
+            self.outgoing.append((Header(kind=CALIBRATION), [text.encode()]))
+            self.calibration_sent = text
+            self.flush()
 
     def tell(self, lane: int, header: Header, droppable: bool = False) -> None:
         """Send to a lane's distributor without ever blocking past a Stop; a heartbeat that finds
@@ -173,3 +217,7 @@ class WorkerStage(Stage):
         while not self.updates.empty():
             self.plugin = self.updates.get()
             self.log.info("plugin parameters updated: %s", self.plugin.params)
+            if self.plugin.samples_wanted and len(self.samples) == self.samples_expected:
+                self.calibrate()  # on the session's samples, kept for this
+            else:
+                self.report_calibration()

@@ -21,10 +21,15 @@ when a lane's END_OF_SCAN arrives, the results it accounts for are here already.
 first result of a scan (a scan of which nothing arrived leaves no file), written as `NAME.partial`
 and renamed when complete; a write error (full disk) fails the stage with the reason and leaves
 no file behind.
+
+Workers send what their plugin derived from the session's sample frames (CALIBRATION: e.g. the fitted
+electron-counting thresholds); each scan's file records it under `metadata/` when it closes. All workers
+calibrate on the same samples, so they agree; if they ever did not, the writer says so in its log.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +43,8 @@ from detstream.services.faults import failpoint
 from detstream.services.plan import lane_routing_id
 from detstream.services.plugins import plugin_class
 from detstream.services.stage import HOUSEKEEPING_S, POLL_MS, Stage, StageError
-from detstream.services.wire import (END_OF_SCAN, NOBLOCK, PARTIAL, RECEIPT, RESULT, Header, Message, Outbox,
-                                     frame_key, unpack_frames)
+from detstream.services.wire import (CALIBRATION, END_OF_SCAN, NOBLOCK, PARTIAL, RECEIPT, RESULT, Header, Message,
+                                     Outbox, frame_key, unpack_frames)
 from detstream.v1.control_pb2 import ScanAccount
 
 DRAIN_QUIET_S = 1.0  # a draining writer finishes after this long without input and no open scan
@@ -104,6 +109,8 @@ class WriterStage(Stage):
         self.last_input = self.last_check = time.monotonic()
         self.lane_ended = False  # a lane's END_OF_SCAN came this turn: its scan may be complete
         self.streaming = False  # any input yet (a session may wait for its detector as long as it takes)
+        self.calibration: dict = {}  # the latest a worker sent (recorded in every scan's file)
+        self.calibrations: dict[str, str] = {}  # worker -> its latest, as JSON (to notice disagreement)
 
     def step(self):
         sock, flags = self.results.socket, 0
@@ -130,6 +137,9 @@ class WriterStage(Stage):
         self.last_input = time.monotonic()
         self.streaming = True
         h = msg.header
+        if h.kind == CALIBRATION:
+            self.take_calibration(msg)
+            return
         if h.kind not in (RESULT, END_OF_SCAN):
             self.refuse("kind", msg)
             return
@@ -185,6 +195,26 @@ class WriterStage(Stage):
         if reason:
             self.refuse(reason, msg, "a result this writer cannot take")
         return reason is None
+
+    def take_calibration(self, msg: Message) -> None:
+        """A worker's calibration: a JSON object of groups (dicts) of numbers, strings and booleans."""
+        try:
+            calibration = json.loads(msg.parts[0].bytes)
+            valid = isinstance(calibration, dict) and all(
+                isinstance(group, dict) and all(isinstance(v, (int, float, str, bool)) for v in group.values())
+                for group in calibration.values())
+        except ValueError:  # not JSON, not UTF-8
+            valid = False
+        if not valid:
+            self.refuse("result", msg, "a CALIBRATION that is not a JSON object of groups of plain values")
+            return
+        text = json.dumps(calibration, sort_keys=True)
+        others = {c for sender, c in self.calibrations.items() if sender != msg.header.sender}
+        if others and text not in others:
+            self.log.error("%s calibrated differently from other workers: %s (the files record the latest)",
+                           msg.header.sender, text)
+        self.calibrations[msg.header.sender] = text
+        self.calibration = calibration
 
     def end_of_lane(self, scan: WriterScan, msg: Message) -> None:
         """A lane's END_OF_SCAN: what it passed on, and the bitmap of the frames it names lost."""
@@ -275,6 +305,7 @@ class WriterStage(Stage):
         unaccounted = account.expected - account.written - account.lost
         if scan.file is not None:
             try:
+                scan.file.add_metadata(self.calibration)
                 scan.file.record_arrivals(scan.seen, scan.sectors, self.spec.detector.sectors, {
                     "expected": account.expected, "written": account.written, "partial": account.partial,
                     "lost": account.lost, "duplicates": account.duplicates, "unaccounted": unaccounted})

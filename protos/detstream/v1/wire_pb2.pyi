@@ -17,6 +17,8 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CREDIT: _ClassVar[Kind]
     HEARTBEAT: _ClassVar[Kind]
     RECEIPT: _ClassVar[Kind]
+    SAMPLE: _ClassVar[Kind]
+    CALIBRATION: _ClassVar[Kind]
 
 class Flag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -31,6 +33,8 @@ END_OF_SCAN: Kind
 CREDIT: Kind
 HEARTBEAT: Kind
 RECEIPT: Kind
+SAMPLE: Kind
+CALIBRATION: Kind
 FLAG_NONE: Flag
 PARTIAL: Flag
 DUPLICATE: Flag
