@@ -38,7 +38,10 @@ def _status_schema() -> dict:
                 "conditions": {"type": "array", "items": condition,
                                "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
                 "stages": {"type": "object", "additionalProperties": stage},
-                "scans": {"type": "array", "items": scan},
+                "scans": {"type": "array", "items": scan,
+                          "description": "The open scans and the last 16 closed ones (every scan: the writer's "
+                                         "SESSION-accounting.jsonl)."},
+                "scansClosed": dict(count),
                 "workerReplicas": {"type": "integer"},
                 "workers": {"type": "string", "description": "ready/desired workers"},
                 "workerSelector": {"type": "string"},

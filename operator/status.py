@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass, field
 
+from detstream.services.accounting import frames_so_far
 from detstream.v1.control_pb2 import FAILED, FINISHED
 
 # Container states that will not fix themselves: the session cannot run.
@@ -77,8 +78,10 @@ def phase(o: Observed) -> tuple[str, str]:
         return "Failed", "; ".join(failed + problems)
     if o.started and writer is not None and writer.state == FINISHED:
         bad = [a.scan for a in writer.scans if a.expected != a.written + a.lost]
-        if bad:
-            return "Failed", f"accounting does not close for scans {bad}"
+        if bad or writer.scans_unaccounted:
+            listed = f" (of the recent ones: {bad})" if bad else ""
+            return "Failed", (f"accounting does not close for {max(len(bad), writer.scans_unaccounted)} scans{listed}; "
+                              f"every scan is in the writer's SESSION-accounting.jsonl")
         return "Succeeded", ""
     if o.started:
         return "Streaming", ""
@@ -169,8 +172,9 @@ def status_patch(o: Observed, old_status: dict, generation: int, selector: str) 
         "workerReplicas": sum(1 for p in o.pods if p.role == "worker"),
         "workers": f"{ready.get('worker', 0)}/{o.desired.get('worker', 0)}",
         "workerSelector": selector,
-        "framesWritten": sum(s["written"] for s in scans),
-        "framesLost": sum(s["lost"] for s in scans),
+        "framesWritten": frames_so_far(writer)[0] if writer else 0,
+        "framesLost": frames_so_far(writer)[1] if writer else 0,
+        "scansClosed": writer.scans_closed if writer else 0,
     }
     if scans:
         out["scans"] = scans

@@ -3,6 +3,9 @@ the length of a session (scans are numbered in order and close roughly in order)
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 
 class ClosedScans:
     """A set of closed scan numbers kept as a floor (every scan below it is closed) plus the few
@@ -28,3 +31,26 @@ class ClosedScans:
     def next_open(self) -> int:
         """The lowest scan number not closed."""
         return self.floor
+
+
+def accounting_file(folder: Path, session: str) -> Path:
+    """Where the writer keeps a line per closed scan (JSON: scan, expected, written, partial, lost, duplicates,
+    unaccounted, complete, file): in its output folder, next to the scan files."""
+    return Path(folder) / f"{session}-accounting.jsonl"
+
+
+def read_accounting(path: Path) -> list[dict]:
+    """The closed scans an accounting file lists, in scan order; [] if there is none (or its folder is not one)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:  # no such file, or an output path that is not a folder (the session failed on it already)
+        return []
+    return sorted((json.loads(line) for line in lines if line.strip()), key=lambda s: s["scan"])
+
+
+def frames_so_far(writer_status) -> tuple[int, int]:
+    """(written, lost) over the whole session from a writer's StageStatus: its closed scans' totals plus its open
+    scans (the recent closed ones it lists are in the totals already)."""
+    total = writer_status.closed_total
+    open_scans = [s for s in writer_status.scans if not s.complete]
+    return (total.written + sum(s.written for s in open_scans), total.lost + sum(s.lost for s in open_scans))

@@ -16,6 +16,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from detstream.services.accounting import frames_so_far
 from detstream.v1.control_pb2 import StageState
 
 PLAIN_EVERY_S = 5.0
@@ -81,8 +82,7 @@ class Progress:
     def totals(self, stages) -> tuple[int, int, int, int]:
         """frames written, expected so far, in flight, lost (from the writer and distributors)."""
         writer = next((p.status for p in stages if p.stage.role == "writer" and p.status), None)
-        written = sum(s.written for s in writer.scans) if writer else 0
-        lost = sum(s.lost for s in writer.scans) if writer else 0
+        written, lost = frames_so_far(writer) if writer else (0, 0)
         in_flight = sum(p.status.in_flight for p in stages if p.status and p.stage.role == "distributor")
         expected = self.session.spec.scan.frames * self.session.spec.scan.count
         return written, expected, in_flight, lost
@@ -145,13 +145,15 @@ class Summary:
 
     @classmethod
     def of(cls, session, writer_status, duration: float, failure: str | None, stages=(),
-           incidents=()) -> Summary:
-        scans = []
+           incidents=(), closed: list[dict] = ()) -> Summary:
+        """`closed`: every closed scan, from the writer's accounting file (its status lists only the last few)."""
+        scans = list(closed)
         for s in (writer_status.scans if writer_status else []):
-            scans.append({"scan": s.scan, "expected": s.expected, "written": s.written, "partial": s.partial,
-                          "lost": s.lost, "duplicates": s.duplicates,
-                          "unaccounted": s.expected - s.written - s.lost, "complete": s.complete,
-                          "file": s.file})
+            if not s.complete:
+                scans.append({"scan": s.scan, "expected": s.expected, "written": s.written, "partial": s.partial,
+                              "lost": s.lost, "duplicates": s.duplicates,
+                              "unaccounted": s.expected - s.written - s.lost, "complete": s.complete,
+                              "file": s.file})
         written = sum(s["written"] for s in scans)
         duration = max(duration, 1e-9)
         accounted = (len(scans) == session.spec.scan.count

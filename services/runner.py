@@ -32,6 +32,7 @@ from rich.markup import escape
 
 from detstream.services.control import StageClient
 from detstream.services.plan import START_ORDER, LocalNetwork, Plan, StagePlan, build_plan
+from detstream.services.accounting import accounting_file, read_accounting
 from detstream.services.progress import Progress, Summary
 from detstream.services.security import KEYS_ENV, Keys, generate as generate_keys
 from detstream.services.session import Session, read_manifest
@@ -294,7 +295,9 @@ def run_session(manifest: Path, output: Path, report: Path | None, quiet: bool =
         except KeyboardInterrupt:
             failure = "interrupted (Ctrl-C)"
     writer = next((p.status for p in local.stages if p.stage.role == "writer"), None)
-    summary = Summary.of(session, writer, time.monotonic() - t0, failure, stages=local.stages, incidents=incidents)
+    closed = read_accounting(accounting_file(output / session.spec.output.path, session.name))
+    summary = Summary.of(session, writer, time.monotonic() - t0, failure, stages=local.stages, incidents=incidents,
+                         closed=closed)
     progress.show(summary)
     if report:
         report.parent.mkdir(parents=True, exist_ok=True)

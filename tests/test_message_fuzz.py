@@ -137,7 +137,7 @@ def check_books(stages):
     assert all(0 <= w.credit <= d.spec.workers.credits for w in d.workers.values())
     w = stages["writer"]
     assert all(s.written == s.seen.sum() <= s.seen.size for s in w.scans.values())
-    assert all(a.written + a.lost <= a.expected for a in w.done.values())
+    assert all(a.written + a.lost <= a.expected for a in w.recent)
     a = stages["aggregator"]
     assert all(s.sent <= s.frames for s in a.scans.values())
 

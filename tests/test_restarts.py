@@ -84,18 +84,19 @@ def test_a_restarted_pipeline_stage_resumes_the_session_with_exact_accounting(lo
 def test_a_restarted_worker_calibrates_again_on_the_same_sample_frames(local_session, monkeypatch):
     """Fitted thresholds: a worker that comes back mid-session gets the session's sample frames from the
     distributor again and fits the same thresholds; every position of every scan is counted with that one set."""
-    monkeypatch.setenv("DETSTREAM_FAILPOINTS", "worker:process-delay=0.01")
+    # slow workers: the session outlasts the restart (~10 s of work left), however loaded the machine
+    monkeypatch.setenv("DETSTREAM_FAILPOINTS", "worker:process-delay=0.05")
     detector = {"rows": 128, "cols": 128, "sectors": 4}
-    doc = manifest("recal", scan={"rows": ROWS, "cols": ROWS, "count": 2}, workers={"replicas": 2}, detector=detector,
+    doc = manifest("recal", scan={"rows": ROWS, "cols": ROWS, "count": 3}, workers={"replicas": 2}, detector=detector,
                    source={"kind": "simulator", "rate": 400}, transport={**FAST, "highWaterMark": 8},
                    plugin={"name": "electron-counting", "params": {"dark": "simulated", "samples": 10}})
     local = local_session(doc)
     wait_for(lambda: writer_status(local).frames_in >= 40, 60, "scan 0 under way")
     restarted = restart(local, "worker-0")
+    fits = lambda: re.findall(r"calibrated on 10 sample frames \(0\.\.9\): (.*)", restarted.log_path.read_text())  # noqa: E731
+    wait_for(lambda: len(fits()) == 2, 60, "the restarted worker to calibrate")
+    assert fits()[0] == fits()[1], fits()
     wait_for(lambda: writer_status(local).state == FINISHED, 120, "the writer to close every scan")
-
-    fits = re.findall(r"calibrated on 10 sample frames \(0\.\.9\): (.*)", restarted.log_path.read_text())
-    assert len(fits) == 2 and fits[0] == fits[1], fits
     sim = Simulator(SimulatorSettings(), Detector(**detector))
     dark = dark_reference(0, 128, 128, 100.0)
     counter = Counter(dark, fit_thresholds(np.stack([sim.frame(0, p) for p in range(10)]), dark).thresholds, (128, 128))

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import zmq
 
-from detstream.services.accounting import ClosedScans
+from detstream.services.accounting import ClosedScans, accounting_file
 from detstream.services.electron_events import ElectronEventsFile
 from detstream.services.faults import failpoint
 from detstream.services.plan import lane_routing_id
@@ -54,6 +55,7 @@ DRAIN_QUIET_S = 1.0  # a draining writer finishes after this long without input 
 STALE_TIMEOUTS, STALE_MARGIN_S = 2, 10.0
 TURN = 256  # messages a turn takes at most (they are acknowledged at its end)
 RECEIPTS_KEPT = 65536  # receipts kept per lane while its distributor is away (more than it can have in flight)
+RECENT_SCANS = 16  # closed scans listed in the status (all of them are summed there, and in the accounting file)
 
 
 @dataclass
@@ -104,7 +106,10 @@ class WriterStage(Stage):
         self.pixels = self.spec.detector.rows * self.spec.detector.cols
         self.write_delay = failpoint(self.name, self.role, "write-delay")
         self.scans: dict[int, WriterScan] = {}
-        self.done: dict[int, ScanAccount] = {}
+        self.recent: deque[ScanAccount] = deque(maxlen=RECENT_SCANS)
+        self.closed_total = ScanAccount()  # summed over every closed scan
+        self.scans_unaccounted = 0
+        self.accounting = accounting_file(self.output, self.plan.session)  # a line per closed scan
         self.closed = ClosedScans()
         self.last_input = self.last_check = time.monotonic()
         self.lane_ended = False  # a lane's END_OF_SCAN came this turn: its scan may be complete
@@ -314,7 +319,7 @@ class WriterStage(Stage):
                 scan.file.abort()  # no file that looks complete is left behind
                 scan.file = None
                 raise StageError(f"cannot write scan {scan.number} to {scan.path}: {exc}") from None
-        self.done[scan.number] = account
+        self.record(account, unaccounted)
         del self.scans[scan.number]
         self.closed.add(scan.number)
         log = self.log.error if unaccounted else (self.log.warning if account.lost else self.log.info)
@@ -325,13 +330,35 @@ class WriterStage(Stage):
             raise StageError(f"scan {scan.number} closed with {account.lost} frames lost, {account.partial} partial"
                              f"{f', {unaccounted} unaccounted' if unaccounted else ''} "
                              f"(spec.transport.onLoss is fail)")
-        if len(self.done) >= self.spec.scan.count:
+        if len(self.closed) >= self.spec.scan.count:
             self.finish()
+
+    def record(self, account: ScanAccount, unaccounted: int) -> None:
+        """A closed scan: in the totals, among the recent ones, and a line of the accounting file."""
+        self.recent.append(account)
+        total = self.closed_total
+        total.expected += account.expected
+        total.written += account.written
+        total.partial += account.partial
+        total.lost += account.lost
+        total.duplicates += account.duplicates
+        self.scans_unaccounted += bool(unaccounted)
+        line = {"scan": account.scan, "expected": account.expected, "written": account.written,
+                "partial": account.partial, "lost": account.lost, "duplicates": account.duplicates,
+                "unaccounted": unaccounted, "complete": True, "file": account.file}
+        try:
+            with self.accounting.open("a") as out:
+                out.write(json.dumps(line) + "\n")
+        except OSError as exc:
+            raise StageError(f"cannot write the accounting to {self.accounting}: {exc}") from None
 
     def add_status(self, status):
         status.scans_total = self.spec.scan.count
-        status.scans.extend(self.done[n] for n in sorted(self.done))
+        status.scans.extend(self.recent)
         status.scans.extend(s.account(complete=False) for s in self.scans.values())
+        status.scans_closed = len(self.closed)
+        status.closed_total.CopyFrom(self.closed_total)
+        status.scans_unaccounted = self.scans_unaccounted
 
     def run(self) -> int:
         try:
