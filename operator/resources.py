@@ -13,6 +13,7 @@ import json
 
 from detstream.operator import keys
 from detstream.services.plan import CLUSTER_PORTS, DATA_PORTS, ClusterNetwork, Plan, build_plan
+from detstream.services.plugins import plugin_class
 from detstream.services.schema import to_manifest
 from detstream.services.session import Session
 
@@ -67,6 +68,8 @@ def container(session: Session, role: str, image: str, plan: Plan) -> dict:
     if role == "writer":
         args += ["--output", OUTPUT_DIR]
         mounts.append({"name": "output", "mountPath": OUTPUT_DIR})
+    elif role == "worker" and plugin_files(session):
+        mounts.append({"name": "output", "mountPath": OUTPUT_DIR, "readOnly": True})  # e.g. a dark reference
     env_keys = []
     if keys.needs_keys(session):
         mounts.append({"name": "keys", "mountPath": keys.KEYS_DIR, "readOnly": True})
@@ -98,10 +101,12 @@ def pod_template(session: Session, role: str, image: str, plan: Plan) -> dict:
     volumes = [{"name": "plan", "configMap": {"name": f"{session.name}-plan"}}, {"name": "tmp", "emptyDir": {}}]
     if keys.needs_keys(session):
         volumes.append(keys.keys_volume(session, plan, role))
+    claim = session.spec.output.volume_claim
     if role == "writer":
-        claim = session.spec.output.volume_claim
         volumes.append({"name": "output", **({"persistentVolumeClaim": {"claimName": claim}} if claim
                                              else {"emptyDir": {}})})
+    elif role == "worker" and plugin_files(session):
+        volumes.append({"name": "output", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
     spec = {"containers": [container(session, role, image, plan)], "volumes": volumes,
             "automountServiceAccountToken": False, "enableServiceLinks": False,
             "terminationGracePeriodSeconds": 30,
@@ -152,14 +157,28 @@ def services(session: Session, plan: Plan) -> list[dict]:
 OPERATOR_POD = {"app.kubernetes.io/name": "detstream", "app.kubernetes.io/component": "operator"}
 
 
+def plugin_files(session: Session) -> dict[str, str]:
+    """The files the plugin reads in every worker (parameter name -> path)."""
+    return plugin_class(session.spec.plugin.name).files(session.spec.plugin.params)
+
+
 def cluster_problems(session: Session) -> list[str]:
     """What only matters on Kubernetes (the local runner ignores these fields)."""
     k8s = session.spec.kubernetes
+    problems = []
     if session.spec.source.kind == "external" and k8s.network_policy and not k8s.external_source_ranges:
-        return ["spec.kubernetes.externalSourceRanges: required for an external source behind the session's "
-                "NetworkPolicy: the CIDR ranges of the acquisition machines (e.g. [192.0.2.0/24]; "
-                "[0.0.0.0/0] allows any), or set spec.kubernetes.networkPolicy: false"]
-    return []
+        problems.append("spec.kubernetes.externalSourceRanges: required for an external source behind the session's "
+                        "NetworkPolicy: the CIDR ranges of the acquisition machines (e.g. [192.0.2.0/24]; "
+                        "[0.0.0.0/0] allows any), or set spec.kubernetes.networkPolicy: false")
+    for name, path in plugin_files(session).items():
+        where = f"spec.plugin.params.{name}: {path} is a file, and worker pods see files only on the output volume"
+        if not session.spec.output.volume_claim:
+            problems.append(f"{where}: set spec.output.volumeClaim to a claim that holds it (the workers mount it "
+                            f"read-only at {OUTPUT_DIR}) and give the file's path there, e.g. {OUTPUT_DIR}/dark.npy")
+        elif not path.startswith(OUTPUT_DIR + "/"):
+            problems.append(f"{where} (spec.output.volumeClaim, mounted at {OUTPUT_DIR}): give the file's path "
+                            f"there, e.g. {OUTPUT_DIR}/{path.rsplit('/', 1)[-1]}")
+    return problems
 
 
 def network_policy(session: Session) -> dict:

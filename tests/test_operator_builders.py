@@ -175,6 +175,34 @@ def test_external_source_behind_a_policy_needs_its_ranges():
                                                   kubernetes={"networkPolicy": False}))
 
 
+def pod_spec(children, role):
+    return next(o for o in children if o["kind"] in ("Deployment", "StatefulSet")
+                and o["metadata"]["name"].endswith(f"-{role}"))["spec"]["template"]["spec"]
+
+
+def test_a_dark_reference_file_reaches_the_workers_on_the_output_claim_or_is_refused():
+    """Field case 13: a measured dark reference (a file) on Kubernetes."""
+    counting = lambda dark: {"name": "electron-counting", "params": {"dark": dark}}  # noqa: E731
+    with_claim = session(plugin=counting("/data/darks/dark_scan0099.npy"), output={"volumeClaim": "scans"})
+    assert resources.cluster_problems(with_claim) == []
+    children = resources.children(with_claim, "img")
+    for obj in children:
+        kubernetes_validate.validate(obj, K8S, strict=True)
+    worker = pod_spec(children, "worker")
+    assert {"name": "output", "persistentVolumeClaim": {"claimName": "scans", "readOnly": True}} in worker["volumes"]
+    assert {"name": "output", "mountPath": "/data", "readOnly": True} in worker["containers"][0]["volumeMounts"]
+    writer = pod_spec(children, "writer")
+    assert {"name": "output", "mountPath": "/data"} in writer["containers"][0]["volumeMounts"]
+
+    (problem,) = resources.cluster_problems(session(plugin=counting("/home/me/dark.npy")))
+    assert problem.startswith("spec.plugin.params.dark: /home/me/dark.npy is a file") and "spec.output.volumeClaim" in problem
+    (problem,) = resources.cluster_problems(session(plugin=counting("dark.npy"), output={"volumeClaim": "scans"}))
+    assert "give the file's path there, e.g. /data/dark.npy" in problem
+    for dark in ("none", "simulated"):  # nothing to mount
+        plain = resources.children(session(plugin=counting(dark)), "img")
+        assert all(v["name"] != "output" for v in pod_spec(plain, "worker")["volumes"])
+
+
 def test_a_finished_session_keeps_only_a_writer_holding_results_in_an_emptydir():
     def replicas(s):
         return {o["metadata"]["name"]: o["spec"]["replicas"] for o in resources.finished(s, "img")

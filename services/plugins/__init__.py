@@ -30,6 +30,12 @@ class Plugin:
         return []
 
     @classmethod
+    def files(cls, params: dict) -> dict[str, str]:
+        """The files these parameters make the plugin read in every worker, as {parameter name: path}. On
+        Kubernetes the operator mounts the output volume claim read-only in the workers for them."""
+        return {}
+
+    @classmethod
     def samples(cls, params: dict) -> int:
         """How many of a scan's first frames (frame numbers 0, 1, ...) every worker calibrates on; 0 for none.
         The distributors send every worker a copy of the same frames, so all workers calibrate alike."""

@@ -2,7 +2,8 @@
 
 Parameters (all optional):
   dark                 "simulated" (the simulator's own dark reference; default for simulator
-                       sources), "none" (default otherwise) or a path to a .npy dark reference
+                       sources), "none" (default otherwise) or a path to a .npy dark reference (on
+                       Kubernetes: a file on the output volume claim, which workers mount read-only)
   backgroundThreshold  fixed thresholds (give both); without them they are fitted, as stempy fits them,
   xrayThreshold        from the session's first scan's first `samples` frames, the same frames for every
                        worker, so one threshold set counts the whole session, run after run
@@ -42,6 +43,11 @@ class ElectronCounting(Plugin):
         if not isinstance(dark, str):
             problems.append(("dark", f"must be 'simulated', 'none' or a path to a .npy file; got {dark!r}"))
         return problems
+
+    @classmethod
+    def files(cls, params):
+        dark = params.get("dark", "none")
+        return {} if dark in ("none", "simulated") else {"dark": dark}
 
     @classmethod
     def samples(cls, params):
