@@ -9,6 +9,7 @@ so the manifest a user writes locally and the one the API server checks can neve
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -58,6 +59,16 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
+_CARRIED = "a finite number that fits in 64 bits (what JSON and the Kubernetes API carry)"
+
+
+def _carried(value: Any) -> bool:
+    """Kubernetes stores integers as int64 and JSON has no NaN or infinity: refuse what it cannot hold."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return True
+    return -2**63 <= value < 2**63 if isinstance(value, int) else math.isfinite(value)
+
+
 def _parse_value(tp: Any, meta: dict, value: Any, path: str, errors: list[FieldError]) -> Any:
     tp, _ = _unwrap_optional(tp)
     if value is None:
@@ -83,6 +94,9 @@ def _parse_value(tp: Any, meta: dict, value: Any, path: str, errors: list[FieldE
         value = float(value)
     if tp in _TYPE_NAMES and (not isinstance(value, tp) or (tp is not bool and isinstance(value, bool))):
         errors.append(FieldError(path, f"must be {_TYPE_NAMES[tp]}, got {value!r}"))
+        return None
+    if not _carried(value):
+        errors.append(FieldError(path, f"must be {_CARRIED}; got {value!r}"))
         return None
     if meta.get("enum") and value not in meta["enum"]:
         errors.append(FieldError(path, f"must be one of {', '.join(meta['enum'])}; got {value!r}"))

@@ -202,6 +202,11 @@ def check_spec(spec: SessionSpec, errors: list[FieldError]) -> None:
     if spec.source.replicas > spec.detector.sectors:
         errors.append(FieldError("spec.source.replicas", f"must be <= detector.sectors "
                                  f"({spec.detector.sectors}): each source sends whole sectors"))
+    if spec.source.kind == "simulator":  # electron events are drawn with their 3x3 neighbourhood inside
+        for axis in ("rows", "cols"):
+            if getattr(spec.detector, axis) < 3:
+                errors.append(FieldError(f"spec.detector.{axis}", f"must be >= 3 with the simulator source (an "
+                                         f"electron event spreads over 3x3 pixels); got {getattr(spec.detector, axis)}"))
     if spec.source.kind == "replay" and not spec.source.path:
         errors.append(FieldError("spec.source.path", "is required when source.kind is replay"))
 

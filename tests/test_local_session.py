@@ -129,3 +129,13 @@ def test_workers_fit_thresholds_on_sampled_frames(tmp_path, write_manifest):
     truth = [sim.truth(0, p) for p in range(144)]
     found = sum(len(np.intersect1d(counted.data[p][0], truth[p])) for p in range(144))
     assert found / sum(len(t) for t in truth) > 0.95  # nearly every simulated electron is found
+
+
+def test_a_detector_of_as_many_sectors_as_the_schema_allows_streams(tmp_path, write_manifest):
+    """spec.detector.sectors at its maximum (64): every frame is reassembled and written (field case 01)."""
+    doc = manifest("sectors", scan={"rows": 2, "cols": 2}, detector={"rows": 16, "cols": 128, "sectors": 64},
+                   workers={"replicas": 1}, plugin={"name": "noop"})
+    result = run(write_manifest(doc), tmp_path)
+    assert result.returncode == 0, result.stderr
+    (scan,) = json.loads((tmp_path / "report.json").read_text())["scans"]
+    assert (scan["written"], scan["partial"], scan["lost"]) == (4, 0, 0)

@@ -1,11 +1,17 @@
 """The session model: defaults, validation messages with field paths, the plan, the schema."""
 
+import dataclasses
+import json
+
 import pytest
 
 from conftest import manifest
 from detstream.services.plan import ClusterNetwork, LocalNetwork, Plan, build_plan
 from detstream.services.schema import SpecError, openapi
-from detstream.services.session import SessionSpec, load_session, read_manifest
+from detstream.services.session import (Detector, Scan, SessionSpec, Source, Transport, Workers, load_session,
+                                        read_manifest)
+from detstream.services.wire import FRAME, FRAME_BITS, Geometry, Header, frame_key
+from detstream.operator.resources import cluster_plan, plan_configmap
 from conftest import ROOT
 
 
@@ -33,6 +39,12 @@ BAD = [
     ({"source": {"replicas": 8}}, "spec.source.replicas", "<= detector.sectors"),
     ({"lanes": 0}, "spec.lanes", "must be >= 1"),
     ({"transport": {"workerTimeoutS": "soon"}}, "spec.transport.workerTimeoutS", "must be a number"),
+    # What JSON and the Kubernetes API (int64) cannot carry is refused here too.
+    ({"transport": {"workerTimeoutS": float("inf")}}, "spec.transport.workerTimeoutS", "finite number"),
+    ({"source": {"rate": float("nan")}}, "spec.source.rate", "finite number"),
+    ({"source": {"simulator": {"seed": 2**64}}}, "spec.source.simulator.seed", "fits in 64 bits"),
+    # The simulator draws each electron event with its 3x3 neighbourhood inside the frame.
+    ({"detector": {"rows": 2, "cols": 8, "sectors": 1}}, "spec.detector.rows", ">= 3 with the simulator"),
 ]
 
 
@@ -98,3 +110,32 @@ def test_readme_reference_is_generated_from_the_model():
     readme = (ROOT / "README.md").read_text()
     assert readme_with_reference(readme) == readme, "run `make crd` to regenerate the README's reference"
     assert "`spec.transport.workerTimeoutS`" in readme
+
+
+def limits(cls) -> dict:
+    """The largest value the schema allows for each bounded field of a section."""
+    return {f.name: f.metadata["maximum"] for f in dataclasses.fields(cls) if f.metadata.get("maximum") is not None}
+
+
+def test_every_schema_limit_is_carried_by_the_wire_the_plan_and_the_cluster():
+    """A session at every maximum the schema allows: each header field holds its largest value, a pixel
+    index fits the file's uint32, and the plan fits its ConfigMap (1 MiB)."""
+    detector, scan, workers = limits(Detector), limits(Scan), limits(Workers)
+    sectors = detector["sectors"]
+    doc = manifest("a" * 40, scan={"rows": scan["rows"], "cols": scan["cols"], "count": scan["count"]},
+                   detector={"rows": detector["rows"], "cols": sectors * 1024, "sectors": sectors},
+                   lanes=limits(SessionSpec)["lanes"], source={"replicas": limits(Source)["replicas"]},
+                   workers={"replicas": workers["replicas"], "credits": workers["credits"]},
+                   transport={"highWaterMark": limits(Transport)["high_water_mark"]})
+    session = load_session(doc)
+    spec = session.spec
+    frames = spec.scan.frames
+    header = Header(kind=FRAME, scan=spec.scan.count - 1, frame=frames - 1, position=frames - 1,
+                    sector=sectors - 1, sector_mask=(1 << sectors) - 1, shape=[detector["rows"], 1024],
+                    scan_rows=spec.scan.rows, scan_cols=spec.scan.cols, expected=frames, sent=frames,
+                    lost=frames, credit=spec.workers.credits, acked=[frame_key(spec.scan.count - 1, frames - 1)])
+    assert Header.FromString(header.SerializeToString()) == header
+    assert spec.scan.count <= Geometry.of(spec).max_scan and frames < 1 << FRAME_BITS
+    assert detector["rows"] * detector["cols"] <= 1 << 32  # pixel indices in the file are uint32
+    plan = cluster_plan(session)
+    assert len(json.dumps(plan_configmap(session, plan))) < 1 << 20
