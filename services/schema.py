@@ -178,13 +178,18 @@ def openapi(cls: type) -> dict:
     return out
 
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Kubernetes' rules for the strings that end up in object names and labels (apimachinery's validation).
+DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+DNS_1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 
 
-def check_dns_label(value: str, path: str, errors: list[FieldError], max_len: int = 40) -> None:
-    if not _DNS_LABEL.match(value or "") or len(value) > max_len:
-        errors.append(FieldError(path, f"must be a DNS label (lower-case letters, digits, '-'), "
-                                       f"at most {max_len} characters; got {value!r}"))
+def is_label_key(key: str) -> bool:
+    """A label key: an optional DNS subdomain prefix (<= 253) and '/', then a name of 1 to 63 characters."""
+    prefix, _, name = key.rpartition("/")
+    return (not prefix or (len(prefix) <= 253 and DNS_1123_SUBDOMAIN.fullmatch(prefix) is not None)) \
+        and len(name) <= 63 and LABEL_NAME.fullmatch(name) is not None
 
 
 def markdown_reference(cls: type, path: str = "spec") -> str:

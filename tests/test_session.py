@@ -45,6 +45,11 @@ BAD = [
     ({"source": {"simulator": {"seed": 2**64}}}, "spec.source.simulator.seed", "fits in 64 bits"),
     # The simulator draws each electron event with its 3x3 neighbourhood inside the frame.
     ({"detector": {"rows": 2, "cols": 8, "sectors": 1}}, "spec.detector.rows", ">= 3 with the simulator"),
+    # Strings that end up in Kubernetes objects: refused here as the API server would refuse them there.
+    ({"kubernetes": {"nodeSelector": {"gpu": 1}}}, "spec.kubernetes.nodeSelector.gpu", "quote numbers"),
+    ({"kubernetes": {"nodeSelector": {"-zone": "a"}}}, "spec.kubernetes.nodeSelector.-zone", "label key"),
+    ({"output": {"volumeClaim": "My_Scans"}}, "spec.output.volumeClaim", "PersistentVolumeClaim's name"),
+    ({"kubernetes": {"externalSourceRanges": ["lab-net"]}}, "spec.kubernetes.externalSourceRanges", "CIDR"),
 ]
 
 
@@ -139,3 +144,16 @@ def test_every_schema_limit_is_carried_by_the_wire_the_plan_and_the_cluster():
     assert detector["rows"] * detector["cols"] <= 1 << 32  # pixel indices in the file are uint32
     plan = cluster_plan(session)
     assert len(json.dumps(plan_configmap(session, plan))) < 1 << 20
+
+
+@pytest.mark.parametrize("name", ["4dstem-au", "a" * 41, "demo-", "Demo", "demo.1"])
+def test_a_name_kubernetes_cannot_derive_objects_from_is_refused(name):
+    """Field case 12: the Services NAME-ROLE-INDEX must be DNS-1035 labels, the pods' labels <= 63 characters."""
+    with pytest.raises(SpecError) as err:
+        load_session(manifest(name))
+    (error,) = err.value.errors
+    assert error.path == "metadata.name" and "start with a letter" in error.message and "at most 40" in error.message
+
+
+def test_the_longest_name_allowed_is_taken():
+    assert load_session(manifest("a" + "-9" * 19 + "z")).name == "a" + "-9" * 19 + "z"
