@@ -31,6 +31,7 @@ import grpc
 from rich.markup import escape
 
 from detstream.services.control import StageClient
+from detstream.services.output import existing_results, folder_problem
 from detstream.services.plan import START_ORDER, LocalNetwork, Plan, StagePlan, build_plan
 from detstream.services.progress import Progress, Summary
 from detstream.services.security import KEYS_ENV, Keys, generate as generate_keys
@@ -260,8 +261,33 @@ class LocalSession:
             p.reap(deadline)
 
 
+def preflight(session: Session, output: Path, report: Path | None) -> list[str]:
+    """What is wrong with the paths of the command line, found before anything starts."""
+    results = output / session.spec.output.path
+    problem = folder_problem(results)
+    if problem:
+        within = f" (spec.output.path {session.spec.output.path})" if session.spec.output.path else ""
+        return [f"--output {output}{within}: {problem}; give a folder this user can write"]
+    problems = []
+    existing = existing_results(results, session.name, session.spec.scan.count)
+    if existing:
+        names = ", ".join(p.name for p in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        problems.append(f"--output {output}: {names} in {results} would be overwritten (an earlier run of session "
+                        f"{session.name}); give another --output folder, or move the files away")
+    if report is not None:
+        problem = f"{report} is a folder" if report.is_dir() else folder_problem(report.parent)
+        if problem:
+            problems.append(f"--report {report}: {problem}; give a file in a folder this user can write")
+    return problems
+
+
 def run_session(manifest: Path, output: Path, report: Path | None, quiet: bool = False) -> int:
     session = read_manifest(manifest)
+    problems = preflight(session, output, report)
+    for problem in problems:
+        print(f"detstream run: {problem}", file=sys.stderr)
+    if problems:
+        return 2
     local = LocalSession(session, output)
     progress = Progress(session, quiet=quiet)
     failure = None
@@ -297,6 +323,9 @@ def run_session(manifest: Path, output: Path, report: Path | None, quiet: bool =
     summary = Summary.of(session, writer, time.monotonic() - t0, failure, stages=local.stages, incidents=incidents)
     progress.show(summary)
     if report:
-        report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(summary.to_json())
+        try:
+            report.write_text(summary.to_json())
+        except OSError as exc:  # checked before the start, so only a disk filled since then
+            print(f"detstream run: --report {report}: cannot be written: {exc.strerror}", file=sys.stderr)
+            return 1
     return summary.exit_code

@@ -1,6 +1,7 @@
 """Whole sessions as real processes on 127.0.0.1, through `detstream run` as a user runs them."""
 
 import json
+import signal
 import subprocess
 
 import numpy as np
@@ -139,3 +140,45 @@ def test_a_detector_of_as_many_sectors_as_the_schema_allows_streams(tmp_path, wr
     assert result.returncode == 0, result.stderr
     (scan,) = json.loads((tmp_path / "report.json").read_text())["scans"]
     assert (scan["written"], scan["partial"], scan["lost"]) == (4, 0, 0)
+
+
+SMALL_COUNTING = dict(scan={"rows": 4, "cols": 4}, detector={"rows": 64, "cols": 64, "sectors": 2}, plugin=COUNTING)
+
+
+def test_a_second_run_into_the_same_folder_overwrites_nothing(tmp_path, write_manifest):
+    """Field case 15: the second run is refused before it starts, naming the file and the fix."""
+    first = run(write_manifest(manifest("again", **SMALL_COUNTING)), tmp_path)
+    assert first.returncode == 0, first.stderr
+    scan_file = tmp_path / "again-scan0000.h5"
+    before = scan_file.read_bytes()
+    logs = sorted((tmp_path / ".detstream").rglob("*.log"))
+    stamps = [p.stat().st_mtime_ns for p in logs]
+    doc = manifest("again", **{**SMALL_COUNTING, "scan": {"rows": 4, "cols": 4, "count": 2},
+                               "source": {"simulator": {"seed": 9}}})
+    second = run(write_manifest(doc, "second.yaml"), tmp_path)
+    assert second.returncode == 2
+    assert second.stderr.splitlines() == [
+        f"detstream run: --output {tmp_path}: again-scan0000.h5 in {tmp_path} would be overwritten (an earlier run "
+        f"of session again); give another --output folder, or move the files away"]
+    assert scan_file.read_bytes() == before and not (tmp_path / "again-scan0001.h5").exists()
+    assert [p.stat().st_mtime_ns for p in logs] == stamps  # nothing started
+
+
+def test_an_interrupted_run_names_no_file_that_is_not_there(tmp_path, write_manifest):
+    """Ctrl-C while the first scan streams: its unfinished file is removed, and neither the summary nor the
+    report names it."""
+    doc = manifest("cut", **{**SMALL_COUNTING, "scan": {"rows": 32, "cols": 32}, "source": {"rate": 50}})
+    proc = subprocess.Popen(DETSTREAM + ["run", str(write_manifest(doc)), "--output", str(tmp_path), "--report",
+                                         str(tmp_path / "report.json")], stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "cut-scan0000.h5.partial"
+    for _ in range(600):
+        if partial.exists():
+            break
+        subprocess.run(["sleep", "0.1"])
+    assert partial.exists(), "the writer never started the scan's file"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "interrupted (Ctrl-C)" in err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [s["file"] for s in report["scans"]] == [""]
+    assert not list(tmp_path.glob("cut-scan0000.h5*")) and "cut-scan0000.h5" not in err

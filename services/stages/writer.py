@@ -35,6 +35,7 @@ import zmq
 from detstream.services.accounting import ClosedScans
 from detstream.services.electron_events import ElectronEventsFile
 from detstream.services.faults import failpoint
+from detstream.services.output import folder_problem, scan_file
 from detstream.services.plan import lane_routing_id
 from detstream.services.plugins import plugin_class
 from detstream.services.stage import HOUSEKEEPING_S, POLL_MS, Stage, StageError
@@ -70,7 +71,7 @@ class WriterScan:
         lost = int(np.count_nonzero(self.lost & ~self.seen))
         return ScanAccount(scan=self.number, expected=self.rows * self.cols, written=self.written,
                            partial=self.partial, lost=lost, duplicates=self.duplicates, complete=complete,
-                           file=self.path)
+                           file=self.path if complete else "")  # an open scan's file is not there yet
 
 
 class WriterStage(Stage):
@@ -81,13 +82,9 @@ class WriterStage(Stage):
         self.output = Path(output or ".") / self.spec.output.path
 
     def setup(self):
-        probe = self.output / ".detstream-write-test"
-        try:
-            self.output.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            raise StageError(f"output folder {self.output} is not writable: {exc.strerror}") from None
+        problem = folder_problem(self.output)
+        if problem:
+            raise StageError(f"output folder: {problem}")
         self.kind = plugin_class(self.spec.plugin.name).result
         results = self.socket(zmq.ROUTER, bind="results")
         results.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a receipt to a full or absent peer waits
@@ -221,7 +218,10 @@ class WriterStage(Stage):
         return WriterScan(number, rows, cols, np.zeros(rows * cols, bool), np.zeros(rows * cols, bool))
 
     def write(self, scan: WriterScan, position: int, events: np.ndarray) -> None:
-        path = self.output / f"{self.plan.session}-scan{scan.number:04d}.h5"
+        path = scan_file(self.output, self.plan.session, scan.number)
+        if scan.file is None and path.exists():
+            raise StageError(f"{path} exists already (an earlier run): results are never overwritten; give another "
+                             f"output folder (spec.output.path) or move the file away")
         try:
             if scan.file is None:
                 scan.path = str(path)
