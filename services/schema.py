@@ -9,6 +9,7 @@ so the manifest a user writes locally and the one the API server checks can neve
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -59,6 +60,12 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
+def did_you_mean(word: Any, allowed) -> str:
+    """' (did you mean X?)' with the allowed name closest to a misspelled one, or '' when none is close."""
+    close = difflib.get_close_matches(str(word), [str(a) for a in allowed], n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 _CARRIED = "a finite number that fits in 64 bits (what JSON and the Kubernetes API carry)"
 
 
@@ -99,7 +106,8 @@ def _parse_value(tp: Any, meta: dict, value: Any, path: str, errors: list[FieldE
         errors.append(FieldError(path, f"must be {_CARRIED}; got {value!r}"))
         return None
     if meta.get("enum") and value not in meta["enum"]:
-        errors.append(FieldError(path, f"must be one of {', '.join(meta['enum'])}; got {value!r}"))
+        errors.append(FieldError(path, f"must be one of {', '.join(meta['enum'])}; got {value!r}"
+                                       f"{did_you_mean(value, meta['enum'])}"))
     if meta.get("minimum") is not None and value < meta["minimum"]:
         errors.append(FieldError(path, f"must be >= {meta['minimum']:g}, got {value!r}"))
     if meta.get("maximum") is not None and value > meta["maximum"]:
@@ -120,7 +128,8 @@ def parse(cls: type, data: Any, path: str, errors: list[FieldError] | None = Non
     fields = {camel(f.name): f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            errors.append(FieldError(f"{path}.{key}", f"unknown field; allowed: {', '.join(fields)}"))
+            errors.append(FieldError(f"{path}.{key}", f"unknown field{did_you_mean(key, fields)}; "
+                                                       f"allowed: {', '.join(fields)}"))
     values = {}
     for key, f in fields.items():
         if key in data:

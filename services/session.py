@@ -16,12 +16,13 @@ import ipaddress
 import yaml
 
 from detstream.services.schema import (DNS_1035_LABEL, DNS_1123_SUBDOMAIN, LABEL_VALUE, FieldError, SpecError,
-                                       is_label_key, parse, spec_field)
+                                       did_you_mean, is_label_key, parse, spec_field)
 
 API_GROUP = "detstream.io"
 API_VERSION = "v1alpha1"
 KIND = "StreamingSession"
 DTYPES = ("uint8", "uint16", "uint32", "float32")
+TOP_LEVEL = ("apiVersion", "kind", "metadata", "spec", "status")
 
 
 @dataclass(frozen=True)
@@ -274,12 +275,16 @@ def load_session(manifest: Any) -> Session:
         errors.append(FieldError("apiVersion", f"must be {expected_api}; got {manifest.get('apiVersion')!r}"))
     if manifest.get("kind") != KIND:
         errors.append(FieldError("kind", f"must be {KIND}; got {manifest.get('kind')!r}"))
+    for key in manifest:
+        if key not in TOP_LEVEL:
+            errors.append(FieldError(str(key), f"unknown field{did_you_mean(key, TOP_LEVEL)}; allowed: "
+                                               f"{', '.join(TOP_LEVEL)}"))
     metadata = manifest.get("metadata") or {}
     name = metadata.get("name", "") if isinstance(metadata, dict) else ""
     check_name(name, errors)
     if "spec" not in manifest:
         errors.append(FieldError("spec", "is required"))
-    spec = parse(SessionSpec, manifest.get("spec"), "spec", errors)
+    spec = parse(SessionSpec, manifest["spec"], "spec", errors) if "spec" in manifest else None
     if spec is not None:
         check_spec(spec, errors)
         check_kubernetes(spec, errors)

@@ -32,7 +32,13 @@ BAD = [
     ({"plugin": {"name": "electron-counting", "params": {"samples": 0}}}, "spec.plugin.params.samples", ">= 1"),
     ({"plugin": {"name": "electron-counting", "params": {"backgroundThreshold": 5}}},
      "spec.plugin.params.xrayThreshold", "need both"),
-    ({"workers": {"replicas": 2, "credit": 3}}, "spec.workers.credit", "unknown field"),
+    ({"workers": {"replicas": 2, "credit": 3}}, "spec.workers.credit", "unknown field (did you mean credits?); "
+                                                                       "allowed: replicas, credits"),
+    ({"transport": {"high_water_mark": 3}}, "spec.transport.high_water_mark", "(did you mean highWaterMark?)"),
+    ({"transport": {"onFull": "Drop"}}, "spec.transport.onFull", "got 'Drop' (did you mean drop?)"),
+    ({"plugin": {"name": "electron-count"}}, "spec.plugin.name", "'electron-count' (did you mean electron-counting?)"),
+    ({"plugin": {"name": "electron-counting", "params": {"xrayThreshhold": 9}}}, "spec.plugin.params.xrayThreshhold",
+     "unknown parameter (did you mean xrayThreshold?)"),
     ({"detector": {"sectors": 5}}, "spec.detector.sectors", "must divide"),
     ({"detector": {"dtype": "int7"}}, "spec.detector.dtype", "must be one of"),
     ({"source": {"kind": "replay"}}, "spec.source.path", "required when source.kind is replay"),
@@ -157,3 +163,13 @@ def test_a_name_kubernetes_cannot_derive_objects_from_is_refused(name):
 
 def test_the_longest_name_allowed_is_taken():
     assert load_session(manifest("a" + "-9" * 19 + "z")).name == "a" + "-9" * 19 + "z"
+
+
+def test_a_misspelled_top_level_key_is_named_with_the_closest_one():
+    doc = manifest()
+    doc["sepc"] = doc.pop("spec")
+    with pytest.raises(SpecError) as err:
+        load_session(doc)
+    assert [str(e) for e in err.value.errors] == [
+        "sepc: unknown field (did you mean spec?); allowed: apiVersion, kind, metadata, spec, status",
+        "spec: is required"]

@@ -12,6 +12,8 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
+from detstream.services.schema import did_you_mean
+
 ENTRY_POINT_GROUP = "detstream.plugins"
 
 
@@ -57,7 +59,8 @@ class PluginContext:
 def plugin_class(name: str) -> type[Plugin]:
     found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
     if name not in found:
-        raise LookupError(f"unknown plugin {name!r}; installed: {', '.join(sorted(found)) or 'none'} "
+        raise LookupError(f"unknown plugin {name!r}{did_you_mean(name, found)}; installed: "
+                          f"{', '.join(sorted(found)) or 'none'} "
                           f"(plugins register under the {ENTRY_POINT_GROUP!r} entry point)")
     return found[name].load()
 
