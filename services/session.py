@@ -250,8 +250,9 @@ def check_kubernetes(spec: SessionSpec, errors: list[FieldError]) -> None:
                                      f"192.0.2.0/24; got {cidr!r}"))
 
 
-def check_plugin(section: Any, errors: list[FieldError]) -> None:
-    """The plugin exists and takes these parameters (checked even when other fields are wrong)."""
+def check_plugin(section: Any, dtype: str | None, errors: list[FieldError]) -> None:
+    """The plugin exists, takes these parameters and handles this pixel type (checked even when other fields
+    are wrong; `dtype` None when the detector's is unknown)."""
     from detstream.services.plugins import plugin_class
 
     plugin = parse(Plugin, section, "spec.plugin", [])
@@ -263,6 +264,9 @@ def check_plugin(section: Any, errors: list[FieldError]) -> None:
         errors.append(FieldError("spec.plugin.name", str(exc)))
         return
     errors.extend(FieldError(f"spec.plugin.params.{key}", message) for key, message in cls.check_params(plugin.params))
+    if dtype is not None and dtype not in cls.dtypes:
+        errors.append(FieldError("spec.detector.dtype", f"{plugin.name} handles {', '.join(cls.dtypes)} frames; got "
+                                 f"{dtype}: convert the frames, or use another plugin"))
 
 
 def load_session(manifest: Any) -> Session:
@@ -289,7 +293,8 @@ def load_session(manifest: Any) -> Session:
         check_spec(spec, errors)
         check_kubernetes(spec, errors)
     raw_spec = manifest.get("spec")
-    check_plugin(raw_spec.get("plugin") if isinstance(raw_spec, dict) else None, errors)
+    check_plugin(raw_spec.get("plugin") if isinstance(raw_spec, dict) else None,
+                 spec.detector.dtype if spec is not None else None, errors)
     if errors:
         raise SpecError(errors)
     return Session(name=name, namespace=metadata.get("namespace", "default"), spec=spec, manifest=manifest)

@@ -182,3 +182,20 @@ def test_an_interrupted_run_names_no_file_that_is_not_there(tmp_path, write_mani
     report = json.loads((tmp_path / "report.json").read_text())
     assert [s["file"] for s in report["scans"]] == [""]
     assert not list(tmp_path.glob("cut-scan0000.h5*")) and "cut-scan0000.h5" not in err
+
+
+def test_uint32_frames_count_without_wrapping(tmp_path, write_manifest):
+    """Field case 02: a pixel at 65536 + 40 (an X-ray, far above the threshold) is no electron."""
+    frames = np.zeros((4, 16, 16), np.uint32)
+    frames[0, 8, 8] = 65536 + 40
+    frames[1, 4, 4] = 40
+    np.save(tmp_path / "frames.npy", frames)
+    doc = manifest("wide", scan={"rows": 2, "cols": 2}, detector={"rows": 16, "cols": 16, "sectors": 1,
+                                                                  "dtype": "uint32"},
+                   source={"kind": "replay", "path": str(tmp_path / "frames.npy")}, workers={"replicas": 1},
+                   plugin={"name": "electron-counting", "params": {"dark": "none", "backgroundThreshold": 32,
+                                                                   "xrayThreshold": 50}})
+    result = run(write_manifest(doc), tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    counted = stempy.io.load_electron_counts(str(tmp_path / "out" / "wide-scan0000.h5"))
+    assert [counted.data[p][0].tolist() for p in range(4)] == [[], [4 * 16 + 4], [], []]

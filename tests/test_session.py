@@ -51,6 +51,9 @@ BAD = [
     ({"source": {"simulator": {"seed": 2**64}}}, "spec.source.simulator.seed", "fits in 64 bits"),
     # The simulator draws each electron event with its 3x3 neighbourhood inside the frame.
     ({"detector": {"rows": 2, "cols": 8, "sectors": 1}}, "spec.detector.rows", ">= 3 with the simulator"),
+    # Field case 02: the counting plugin cannot count float frames right (stempy wraps them).
+    ({"detector": {"dtype": "float32"}}, "spec.detector.dtype", "electron-counting handles uint8, uint16, uint32 "
+                                                                "frames; got float32"),
     # Strings that end up in Kubernetes objects: refused here as the API server would refuse them there.
     ({"kubernetes": {"nodeSelector": {"gpu": 1}}}, "spec.kubernetes.nodeSelector.gpu", "quote numbers"),
     ({"kubernetes": {"nodeSelector": {"-zone": "a"}}}, "spec.kubernetes.nodeSelector.-zone", "label key"),
@@ -173,3 +176,7 @@ def test_a_misspelled_top_level_key_is_named_with_the_closest_one():
     assert [str(e) for e in err.value.errors] == [
         "sepc: unknown field (did you mean spec?); allowed: apiVersion, kind, metadata, spec, status",
         "spec: is required"]
+
+
+def test_float_frames_are_valid_for_a_plugin_that_takes_them():
+    assert load_session(manifest(detector={"dtype": "float32"}, plugin={"name": "noop"})).spec.detector.dtype == "float32"

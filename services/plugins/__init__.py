@@ -23,6 +23,8 @@ class Plugin:
     #: What `process` returns, and so what the writer does with it: "events" (uint32 pixel indices,
     #: written to the stempy HDF5 layout) or "frames" (the frame itself, counted and discarded).
     result: ClassVar[str] = "events"
+    #: The pixel types (spec.detector.dtype) the plugin handles right; others are refused by validation.
+    dtypes: ClassVar[tuple[str, ...]] = ("uint8", "uint16", "uint32", "float32")
     #: Frames the worker collects and hands to `calibrate` before the first `process` call.
     samples_wanted: int = 0
 

@@ -26,6 +26,7 @@ KNOWN = ("dark", "backgroundThreshold", "xrayThreshold", "samples", "backgroundS
 
 class ElectronCounting(Plugin):
     result = "events"
+    dtypes = ("uint8", "uint16", "uint32")  # float frames: stempy casts them to uint16, wrapping; not here
 
     @classmethod
     def check_params(cls, params):
