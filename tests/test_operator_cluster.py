@@ -187,7 +187,15 @@ def test_what_validate_accepts_the_api_server_takes_and_the_reverse(cluster):
     digit = dataclasses.replace(session, name="4dstem-au")
     result = kubectl.run("create", "--dry-run=server", "-f", "-", check=False,
                          input=yaml.safe_dump_all(resources.services(digit, resources.cluster_plan(digit))))
-    assert result.returncode != 0 and "must start with an alphabetic character" in result.stderr
+    assert result.returncode != 0 and 'Service "4dstem-au-aggregator" is invalid' in result.stderr
+    assert "regex used for validation is '[a-z]([-a-z0-9]*[a-z0-9])?'" in result.stderr  # DNS-1035, as validate
+    apply(kubectl, manifest("4dstem-au"))  # the API server takes the session itself; the operator refuses it
+
+    def refused():
+        status = get(kubectl, "sess", "4dstem-au").get("status") or {}
+        return status.get("phase") == "Failed" and status["message"]
+    assert wait_until(refused, what="phase Failed").startswith("invalid spec: metadata.name: must start with a letter")
+    assert not [c for c in children(kubectl, "4dstem-au") if c["kind"] != "Pod"]
 
 
 def test_secure_sessions_get_their_keys_secret_once(cluster):
