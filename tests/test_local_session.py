@@ -1,6 +1,7 @@
 """Whole sessions as real processes on 127.0.0.1, through `detstream run` as a user runs them."""
 
 import json
+import os
 import signal
 import subprocess
 
@@ -199,3 +200,28 @@ def test_uint32_frames_count_without_wrapping(tmp_path, write_manifest):
     assert result.returncode == 0, result.stderr
     counted = stempy.io.load_electron_counts(str(tmp_path / "out" / "wide-scan0000.h5"))
     assert [counted.data[p][0].tolist() for p in range(4)] == [[], [4 * 16 + 4], [], []]
+
+
+def test_a_worker_killed_while_the_session_starts_is_survived(tmp_path, write_manifest):
+    """A worker loses no data (its frames would go to the others): lost before streaming, as at any other
+    moment, the session goes on with the rest and reports it."""
+    doc = manifest("early", **SMALL_COUNTING)
+    env = {**os.environ, "DETSTREAM_FAILPOINTS": "distributor-0:setup-delay=4"}  # the session is still starting
+    proc = subprocess.Popen(DETSTREAM + ["run", str(write_manifest(doc)), "--output", str(tmp_path), "--report",
+                                         str(tmp_path / "report.json")], stderr=subprocess.PIPE, text=True, env=env)
+    log = tmp_path / ".detstream" / "early" / "logs" / "worker-1.log"
+    for _ in range(300):
+        if log.exists() and "ready" in log.read_text():
+            break
+        subprocess.run(["sleep", "0.1"])
+    assert "ready" in log.read_text(), "worker-1 never came up"
+    assert not (tmp_path / ".detstream" / "early" / "logs" / "distributor-0.log").read_text().count("ready")
+    plan = tmp_path / ".detstream" / "early" / "plan.json"
+    (victim,) = subprocess.run(["pgrep", "-f", f"stage worker --plan {plan} --index 1"], capture_output=True,
+                               text=True).stdout.split()
+    subprocess.run(["kill", "-9", victim], check=True)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [(s["written"], s["lost"]) for s in report["scans"]] == [(16, 0)]
+    assert [i.split(":")[0] for i in report["incidents"]] == ["worker-1 exited with code -9"]
