@@ -132,6 +132,10 @@ def run_external_source(args, cls) -> int:
         print(f"detstream stage source: --connect {wrong[0]}: give the address as tcp://HOST:PORT (PORT 1 to "
               f"65535), as the session's status.ingest lists it", file=sys.stderr)
         return 2
+    if args.replay and not Path(args.replay).is_file():
+        print(f"detstream stage source: --replay {args.replay}: no such file; give a .npy or HDF5 file of frames",
+              file=sys.stderr)
+        return 2
     session = read_manifest(args.manifest)
     lanes = session.spec.lanes
     if len(args.connect) != lanes:

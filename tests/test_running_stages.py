@@ -128,6 +128,15 @@ def test_an_outside_source_address_without_scheme_gets_a_usage_message(write_man
         "as the session's status.ingest lists it")
 
 
+def test_an_outside_source_replaying_a_missing_file_gets_a_usage_message(write_manifest, tmp_path):
+    path = write_manifest(manifest("joined", source={"kind": "external"}))
+    result = subprocess.run(DETSTREAM + ["stage", "source", "--manifest", str(path), "--connect", "tcp://127.0.0.1:1",
+                                         "--replay", str(tmp_path / "absent.npy")], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"detstream stage source: --replay {tmp_path / 'absent.npy'}: no such file; give a .npy or HDF5 file of frames"]
+
+
 def test_an_outside_source_needs_one_address_per_lane(write_manifest):
     path = write_manifest(manifest("joined", lanes=2, source={"kind": "external"}))
     result = subprocess.run(DETSTREAM + ["stage", "source", "--manifest", str(path), "--connect", "tcp://127.0.0.1:1"],
