@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## create .venv and install detstream with its test tools
 
-run: install ## run the example session locally, output in out/
-	$(BIN)/detstream run examples/4dstem-local.yaml --output out/ --report out/report.json
+OUT ?= out
+run: install ## run the example session locally, results in out/ (make run OUT=DIR: elsewhere; never overwritten)
+	$(BIN)/detstream run examples/4dstem-local.yaml --output $(OUT)/ --report $(OUT)/report.json
 
 test: install tools ## run the whole test suite (installs the tools and builds the API server it needs first)
 	@[ "$${DETSTREAM_SKIP_CLUSTER:-0}" = 1 ] || bash tests/cluster/build.sh

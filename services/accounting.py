@@ -3,8 +3,6 @@ the length of a session (scans are numbered in order and close roughly in order)
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 
 class ClosedScans:
@@ -31,21 +29,6 @@ class ClosedScans:
     def next_open(self) -> int:
         """The lowest scan number not closed."""
         return self.floor
-
-
-def accounting_file(folder: Path, session: str) -> Path:
-    """Where the writer keeps a line per closed scan (JSON: scan, expected, written, partial, lost, duplicates,
-    unaccounted, complete, file): in its output folder, next to the scan files."""
-    return Path(folder) / f"{session}-accounting.jsonl"
-
-
-def read_accounting(path: Path) -> list[dict]:
-    """The closed scans an accounting file lists, in scan order; [] if there is none (or its folder is not one)."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError:  # no such file, or an output path that is not a folder (the session failed on it already)
-        return []
-    return sorted((json.loads(line) for line in lines if line.strip()), key=lambda s: s["scan"])
 
 
 def frames_so_far(writer_status) -> tuple[int, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -114,6 +115,9 @@ def run_stage(args) -> int:
     return cls(plan, stage_index(args.index), bind_host=args.bind, **extra).run()
 
 
+INGEST_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d{1,5}")
+
+
 def run_external_source(args, cls) -> int:
     """A source on an acquisition machine, joining a running session through its ingest addresses."""
     from detstream.services.plan import LocalNetwork, build_plan
@@ -122,6 +126,15 @@ def run_external_source(args, cls) -> int:
 
     if args.role != "source" or args.manifest is None:
         print("detstream stage: --connect is for `stage source --manifest SESSION.yaml`", file=sys.stderr)
+        return 2
+    wrong = [a for a in args.connect if not INGEST_ADDRESS.fullmatch(a) or not 0 < int(a.rsplit(":", 1)[1]) < 65536]
+    if wrong:
+        print(f"detstream stage source: --connect {wrong[0]}: give the address as tcp://HOST:PORT (PORT 1 to "
+              f"65535), as the session's status.ingest lists it", file=sys.stderr)
+        return 2
+    if args.replay and not Path(args.replay).is_file():
+        print(f"detstream stage source: --replay {args.replay}: no such file; give a .npy or HDF5 file of frames",
+              file=sys.stderr)
         return 2
     session = read_manifest(args.manifest)
     lanes = session.spec.lanes

@@ -11,6 +11,9 @@ What stempy.image.electron_count_frame and electron_count with the threaded sect
 (stempy.image.electron_count with a non-threaded reader differs in step 1: it subtracts the float dark and then
 truncates, trunc(frame - dark); the two agree when the dark reference holds whole numbers.)
 
+Frames of other integer types: uint8 counts exactly as uint16; a uint32 pixel above 65535 (which stempy would
+wrap, and might count as an electron) is out of range, as over any X-ray threshold (thresholds live in uint16).
+
 Implementation: subtract into a padded buffer; pixel w = (frame - dark - lo) mod 2**16 is in range iff
 w <= span, with lo..hi the integer range kept by the thresholds; the padding holds 0xFFFF, "out of range".
 Two ways to find the maxima, the same events (chosen per frame by the fraction of pixels in range):
@@ -83,6 +86,11 @@ def _dark_u16(dark: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
     return np.trunc(np.where(ok, d, 0)).astype(np.int64).astype(np.uint16)
 
 
+def _saturated(frames: np.ndarray) -> np.ndarray:
+    """uint32 frames clipped to uint16 (what is above is above any X-ray threshold); others unchanged."""
+    return np.minimum(frames, 0xFFFF).astype(np.uint16) if frames.dtype.itemsize > 2 else frames
+
+
 def calculate_thresholds(
     frames: np.ndarray, dark: np.ndarray | None, background_sigma: float = 4.0, xray_sigma: float = 10.0
 ) -> Thresholds:
@@ -105,7 +113,7 @@ def fit_thresholds(
     bit-identical (same sample order, same summation order).
     Like stempy, raises ValueError when wrapped samples blow the histogram range up, RuntimeError if the fit fails.
     """
-    frames = np.asarray(frames)
+    frames = _saturated(np.asarray(frames))
     if frames.ndim == 2:
         frames = frames[np.newaxis]
     d16 = _dark_u16(dark, frames.shape[1:])
@@ -202,7 +210,7 @@ class Counter:
         """2-D uint16 frame -> ascending uint32 linear pixel indices (row * cols + col) of electron events."""
         if frame.shape != self.frame_shape:
             raise ValueError(f"frame shape {frame.shape} != {self.frame_shape}")
-        np.subtract(frame, self._offset, out=self._inner)
+        self._subtract(frame, self._offset, self._inner)
         return self._events()
 
     def count_sectors(self, sectors: Sequence[np.ndarray]) -> np.ndarray:
@@ -217,8 +225,14 @@ class Counter:
             views = [(self._offset[:, a:b].copy(), self._inner[:, a:b]) for a, b in zip(edges[:-1], edges[1:])]
             self._strips[shapes] = views
         for sector, (offset, out) in zip(sectors, views):
-            np.subtract(sector, offset, out=out)
+            self._subtract(sector, offset, out)
         return self._events()
+
+    def _subtract(self, pixels: np.ndarray, offset: np.ndarray, out: np.ndarray) -> None:
+        """out = (pixels - offset) mod 2**16; a uint32 pixel above 65535 is put out of range, not wrapped."""
+        np.subtract(pixels, offset, out=out)
+        if pixels.dtype.itemsize > 2:
+            np.copyto(out, self._span + 1, where=pixels > 0xFFFF)
 
     def _events(self) -> np.ndarray:
         rows, cols = self.frame_shape

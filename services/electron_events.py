@@ -9,7 +9,7 @@ Layout, as stempy's SparseArray.write_to_hdf5 (format version 3, one frame per s
 and, written by `record_arrivals` (detstream's own; stempy ignores it), what arrived at each scan position:
   accounting/position_status      uint8 (scan rows, scan cols): COMPLETE, PARTIAL (some sectors zero-filled) or
                                   MISSING (no frame written: lost); mask with `position_status == COMPLETE`
-  accounting/sectors_arrived      uint32 (scan rows, scan cols): bit i set when sector i of the frame arrived
+  accounting/sectors_arrived      uint64 (scan rows, scan cols): bit i set when sector i of the frame arrived
                                   (0 where MISSING); attrs: the scan's totals (expected, written, partial, lost ...)
 
 The file is written as `path + '.partial'` and renamed to `path` on close, so a file at `path` is always complete.
@@ -95,15 +95,15 @@ class ElectronEventsFile:
         _save_dict(metadata, self._file.require_group("metadata"))
 
     def record_arrivals(self, written: np.ndarray, sectors_arrived: np.ndarray, sectors: int, totals: dict) -> None:
-        """Record per position what arrived: `written` (bool) and `sectors_arrived` (uint32 bit masks), both of
+        """Record per position what arrived: `written` (bool) and `sectors_arrived` (uint64 bit masks), both of
         the scan's positions in linear order; `sectors` per frame; `totals` (name -> int) as attributes."""
         shape = self.scan_shape
-        complete = np.uint32((1 << sectors) - 1)
+        complete = np.uint64((1 << sectors) - 1)
         status = np.where(~written, MISSING, np.where(sectors_arrived == complete, COMPLETE, PARTIAL)).astype(np.uint8)
         group = self._file.require_group("accounting")
         dataset = group.create_dataset("position_status", data=status.reshape(shape))
         dataset.attrs.update({"COMPLETE": COMPLETE, "PARTIAL": PARTIAL, "MISSING": MISSING})
-        group.create_dataset("sectors_arrived", data=np.where(written, sectors_arrived, 0).astype(np.uint32).reshape(shape))
+        group.create_dataset("sectors_arrived", data=np.where(written, sectors_arrived, 0).astype(np.uint64).reshape(shape))
         group.attrs.update({"sectors": sectors, **totals})
 
     def close(self) -> Path:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 
+from detstream.services.schema import did_you_mean
+
 VARIABLE = "DETSTREAM_FAILPOINTS"
 POINTS = ("setup-delay", "process-delay", "write-delay")
 
@@ -25,7 +27,7 @@ def parse(text: str) -> dict[tuple[str, str], float]:
             target, rest = entry.split(":", 1)
             point, value = rest.split("=", 1)
             if point not in POINTS:
-                raise ValueError(f"unknown failpoint {point!r}; known: {', '.join(POINTS)}")
+                raise ValueError(f"unknown failpoint {point!r}{did_you_mean(point, POINTS)}; known: {', '.join(POINTS)}")
             points[target.strip(), point.strip()] = float(value)
         except ValueError as exc:
             raise ValueError(f"{VARIABLE}: bad entry {entry!r} (want STAGE:POINT=SECONDS): {exc}") from None

@@ -5,8 +5,8 @@ stage's WatchStatus for the progress display, and when the writer has closed eve
 them all. A stage that dies, a start-up that times out, or Ctrl-C stops everything that runs;
 stage processes also die with the launcher itself (PR_SET_PDEATHSIG), so none is left behind.
 
-Once streaming, the pool stages may be lost without failing the session: a worker that exits
-(its distributor re-sends its frames to the others; all workers gone fails the session), and a
+A worker may be lost at any moment without failing the session, starting up included (its distributor
+re-sends its frames to the others; all workers gone fails the session); once streaming, so may a
 source that exits (its lanes close its scans by timeout and report the frames lost, then go on
 with the next scan, or fail by `transport.onLoss`). Each such loss is reported (`incidents`).
 An aggregator, distributor or writer that exits fails the session at once, naming it.
@@ -31,15 +31,17 @@ import grpc
 from rich.markup import escape
 
 from detstream.services.control import StageClient
+from detstream.services.output import accounting_file, existing_results, folder_problem, read_accounting
 from detstream.services.plan import START_ORDER, LocalNetwork, Plan, StagePlan, build_plan
-from detstream.services.accounting import accounting_file, read_accounting
 from detstream.services.progress import Progress, Summary
 from detstream.services.security import KEYS_ENV, Keys, generate as generate_keys
 from detstream.services.session import Session, read_manifest
 from detstream.v1.control_pb2 import FAILED, FINISHED
 
 STOP_GRACE_S = 5.0
-POOL_ROLES = ("worker", "source")   # roles whose loss the session survives once streaming
+SPARE_ROLES = ("worker",)           # roles whose loss loses no data: survived at any moment, while one is left
+POOL_ROLES = ("worker", "source")   # roles whose loss the session survives once streaming (a source's frames
+                                    # are reported lost)
 HUNG_S = 10.0                       # a stage whose status stream is silent this long is hung (at least)
 
 
@@ -168,6 +170,7 @@ class LocalSession:
         self.plan: Plan = build_plan(session, LocalNetwork(free_ports()))
         self.stages: list[StageProcess] = []
         self.keys: Keys | None = None
+        self.incidents: list[str] = []  # the stages lost on the way, and why
 
     def launch(self) -> None:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -198,7 +201,7 @@ class LocalSession:
                            self.keys.channel_credentials() if mtls else None)
 
     def check_alive(self, streaming: bool = False) -> list[str]:
-        """Raise RunFailed if the session cannot go on; return the pool stages newly lost."""
+        """Raise RunFailed if the session cannot go on; return the stages newly lost (also in `incidents`)."""
         lost = []
         for p in self.stages:
             if p.lost:
@@ -211,10 +214,11 @@ class LocalSession:
                 reason = p.hung(max(HUNG_S, 2 * self.session.spec.transport.worker_timeout_s))
             if reason is None:
                 continue
-            if not (streaming and p.stage.role in POOL_ROLES):
+            if p.stage.role not in SPARE_ROLES and not (streaming and p.stage.role in POOL_ROLES):
                 raise RunFailed(reason)
             p.lost = reason
             lost.append(reason)
+            self.incidents.append(reason)
         workers = [p for p in self.stages if p.stage.role == "worker"]
         if workers and all(p.lost for p in workers):
             raise RunFailed("every worker is gone: " + "; ".join(p.lost for p in workers))
@@ -226,7 +230,7 @@ class LocalSession:
         waiting = list(self.stages)
         while waiting:
             self.check_alive()
-            waiting = [p for p in waiting if not p.client.healthy()]
+            waiting = [p for p in waiting if not p.lost and not p.client.healthy()]
             if waiting and time.monotonic() > deadline:
                 names = ", ".join(p.stage.name for p in waiting)
                 raise RunFailed(f"not healthy after {timeout:g} s (spec.transport.startupTimeoutS): {names}")
@@ -236,11 +240,13 @@ class LocalSession:
     def start(self) -> None:
         for role in START_ORDER:
             for p in self.stages:
-                if p.stage.role == role:
+                if p.stage.role == role and not p.lost:
                     try:
                         p.client.start()
                     except grpc.RpcError as exc:
                         self.check_alive()
+                        if p.lost:
+                            continue
                         raise RunFailed(f"{p.stage.name} refused Start: {exc.code().name}: {exc.details()}") from None
                     p.watch()
 
@@ -261,12 +267,41 @@ class LocalSession:
             p.reap(deadline)
 
 
+def preflight(session: Session, output: Path, report: Path | None) -> list[str]:
+    """What is wrong with the paths of the command line, found before anything starts."""
+    results = output / session.spec.output.path
+    problem = folder_problem(results)
+    if problem:
+        within = f" (spec.output.path {session.spec.output.path})" if session.spec.output.path else ""
+        return [f"--output {output}{within}: {problem}; give a folder this user can write"]
+    problems = []
+    existing = existing_results(results, session.name, session.spec.scan.count)
+    if existing:
+        names = ", ".join(p.name for p in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        problems.append(f"--output {output}: {names} in {results} would be overwritten (an earlier run of session "
+                        f"{session.name}); give another --output folder, or move the files away")
+    if report is not None:
+        problem = f"{report} is a folder" if report.is_dir() else folder_problem(report.parent)
+        if problem:
+            problems.append(f"--report {report}: {problem}; give a file in a folder this user can write")
+    return problems
+
+
+def going_on(progress: Progress, lost: list[str]) -> None:
+    for reason in lost:
+        progress.say(f"[yellow]detstream: {escape(reason)}; the session goes on without it[/]")
+
+
 def run_session(manifest: Path, output: Path, report: Path | None, quiet: bool = False) -> int:
     session = read_manifest(manifest)
+    problems = preflight(session, output, report)
+    for problem in problems:
+        print(f"detstream run: {problem}", file=sys.stderr)
+    if problems:
+        return 2
     local = LocalSession(session, output)
     progress = Progress(session, quiet=quiet)
     failure = None
-    incidents: list[str] = []
     t0 = time.monotonic()
     with ExitStack() as stack:
         stack.callback(local.stop)
@@ -281,12 +316,11 @@ def run_session(manifest: Path, output: Path, report: Path | None, quiet: bool =
                 progress.say(f"waiting for {session.spec.source.replicas} external source(s): "
                              f"detstream stage source --manifest {manifest} "
                              + " ".join(f"--connect {e}" for e in ingest))
+            going_on(progress, local.incidents)  # lost while starting
             t0 = time.monotonic()
             with progress.live():
                 while not local.finished():
-                    for reason in local.check_alive(streaming=True):
-                        incidents.append(reason)
-                        progress.say(f"[yellow]detstream: {escape(reason)}; the session goes on without it[/]")
+                    going_on(progress, local.check_alive(streaming=True))
                     progress.update(local.stages)
                     time.sleep(0.25)
             local.writer().status = local.writer().client.status()
@@ -296,10 +330,13 @@ def run_session(manifest: Path, output: Path, report: Path | None, quiet: bool =
             failure = "interrupted (Ctrl-C)"
     writer = next((p.status for p in local.stages if p.stage.role == "writer"), None)
     closed = read_accounting(accounting_file(output / session.spec.output.path, session.name))
-    summary = Summary.of(session, writer, time.monotonic() - t0, failure, stages=local.stages, incidents=incidents,
-                         closed=closed)
+    summary = Summary.of(session, writer, time.monotonic() - t0, failure, stages=local.stages,
+                         incidents=local.incidents, closed=closed)
     progress.show(summary)
     if report:
-        report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(summary.to_json())
+        try:
+            report.write_text(summary.to_json())
+        except OSError as exc:  # checked before the start, so only a disk filled since then
+            print(f"detstream run: --report {report}: cannot be written: {exc.strerror}", file=sys.stderr)
+            return 1
     return summary.exit_code

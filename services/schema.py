@@ -9,6 +9,8 @@ so the manifest a user writes locally and the one the API server checks can neve
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import re
 import types
 import typing
@@ -58,6 +60,22 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
+def did_you_mean(word: Any, allowed) -> str:
+    """' (did you mean X?)' with the allowed name closest to a misspelled one, or '' when none is close."""
+    close = difflib.get_close_matches(str(word), [str(a) for a in allowed], n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+_CARRIED = "a finite number that fits in 64 bits (what JSON and the Kubernetes API carry)"
+
+
+def _carried(value: Any) -> bool:
+    """Kubernetes stores integers as int64 and JSON has no NaN or infinity: refuse what it cannot hold."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return True
+    return -2**63 <= value < 2**63 if isinstance(value, int) else math.isfinite(value)
+
+
 def _parse_value(tp: Any, meta: dict, value: Any, path: str, errors: list[FieldError]) -> Any:
     tp, _ = _unwrap_optional(tp)
     if value is None:
@@ -84,8 +102,12 @@ def _parse_value(tp: Any, meta: dict, value: Any, path: str, errors: list[FieldE
     if tp in _TYPE_NAMES and (not isinstance(value, tp) or (tp is not bool and isinstance(value, bool))):
         errors.append(FieldError(path, f"must be {_TYPE_NAMES[tp]}, got {value!r}"))
         return None
+    if not _carried(value):
+        errors.append(FieldError(path, f"must be {_CARRIED}; got {value!r}"))
+        return None
     if meta.get("enum") and value not in meta["enum"]:
-        errors.append(FieldError(path, f"must be one of {', '.join(meta['enum'])}; got {value!r}"))
+        errors.append(FieldError(path, f"must be one of {', '.join(meta['enum'])}; got {value!r}"
+                                       f"{did_you_mean(value, meta['enum'])}"))
     if meta.get("minimum") is not None and value < meta["minimum"]:
         errors.append(FieldError(path, f"must be >= {meta['minimum']:g}, got {value!r}"))
     if meta.get("maximum") is not None and value > meta["maximum"]:
@@ -106,7 +128,8 @@ def parse(cls: type, data: Any, path: str, errors: list[FieldError] | None = Non
     fields = {camel(f.name): f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            errors.append(FieldError(f"{path}.{key}", f"unknown field; allowed: {', '.join(fields)}"))
+            errors.append(FieldError(f"{path}.{key}", f"unknown field{did_you_mean(key, fields)}; "
+                                                       f"allowed: {', '.join(fields)}"))
     values = {}
     for key, f in fields.items():
         if key in data:
@@ -164,13 +187,18 @@ def openapi(cls: type) -> dict:
     return out
 
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Kubernetes' rules for the strings that end up in object names and labels (apimachinery's validation).
+DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+DNS_1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 
 
-def check_dns_label(value: str, path: str, errors: list[FieldError], max_len: int = 40) -> None:
-    if not _DNS_LABEL.match(value or "") or len(value) > max_len:
-        errors.append(FieldError(path, f"must be a DNS label (lower-case letters, digits, '-'), "
-                                       f"at most {max_len} characters; got {value!r}"))
+def is_label_key(key: str) -> bool:
+    """A label key: an optional DNS subdomain prefix (<= 253) and '/', then a name of 1 to 63 characters."""
+    prefix, _, name = key.rpartition("/")
+    return (not prefix or (len(prefix) <= 253 and DNS_1123_SUBDOMAIN.fullmatch(prefix) is not None)) \
+        and len(name) <= 63 and LABEL_NAME.fullmatch(name) is not None
 
 
 def markdown_reference(cls: type, path: str = "spec") -> str:

@@ -11,14 +11,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ipaddress
+
 import yaml
 
-from detstream.services.schema import FieldError, SpecError, check_dns_label, parse, spec_field
+from detstream.services.schema import (DNS_1035_LABEL, DNS_1123_SUBDOMAIN, LABEL_VALUE, FieldError, SpecError,
+                                       did_you_mean, is_label_key, parse, spec_field)
 
 API_GROUP = "detstream.io"
 API_VERSION = "v1alpha1"
 KIND = "StreamingSession"
 DTYPES = ("uint8", "uint16", "uint32", "float32")
+TOP_LEVEL = ("apiVersion", "kind", "metadata", "spec", "status")
 
 
 @dataclass(frozen=True)
@@ -202,12 +206,53 @@ def check_spec(spec: SessionSpec, errors: list[FieldError]) -> None:
     if spec.source.replicas > spec.detector.sectors:
         errors.append(FieldError("spec.source.replicas", f"must be <= detector.sectors "
                                  f"({spec.detector.sectors}): each source sends whole sectors"))
+    if spec.source.kind == "simulator":  # electron events are drawn with their 3x3 neighbourhood inside
+        for axis in ("rows", "cols"):
+            if getattr(spec.detector, axis) < 3:
+                errors.append(FieldError(f"spec.detector.{axis}", f"must be >= 3 with the simulator source (an "
+                                         f"electron event spreads over 3x3 pixels); got {getattr(spec.detector, axis)}"))
     if spec.source.kind == "replay" and not spec.source.path:
         errors.append(FieldError("spec.source.path", "is required when source.kind is replay"))
 
 
-def check_plugin(section: Any, errors: list[FieldError]) -> None:
-    """The plugin exists and takes these parameters (checked even when other fields are wrong)."""
+# The longest object name made from a session's name is its StatefulSet `NAME-distributor`, whose pods carry the
+# label controller-revision-hash=NAME-distributor-HASH (HASH up to 10 characters), at most 63 characters.
+NAME_MAX = 63 - len("-distributor-") - 10
+
+
+def check_name(name: Any, errors: list[FieldError]) -> None:
+    """metadata.name names Services (`NAME-ROLE-INDEX`, DNS-1035 labels) and the pods' labels."""
+    if not isinstance(name, str) or not DNS_1035_LABEL.fullmatch(name) or len(name) > NAME_MAX:
+        errors.append(FieldError("metadata.name", f"must start with a letter, hold only lower-case letters, digits "
+                                 f"and '-', end with a letter or digit and have at most {NAME_MAX} characters (it "
+                                 f"names the session's Kubernetes Services, e.g. NAME-aggregator-0); got {name!r}"))
+
+
+def check_kubernetes(spec: SessionSpec, errors: list[FieldError]) -> None:
+    """The strings the operator puts into Kubernetes objects are ones the API server takes."""
+    k8s = spec.kubernetes
+    for key, value in k8s.node_selector.items():
+        if not isinstance(key, str) or not is_label_key(key):
+            errors.append(FieldError(f"spec.kubernetes.nodeSelector.{key}", "must be a label key: [prefix/]name, "
+                                     "the name of 1 to 63 letters, digits, '-', '_', '.'"))
+        elif not isinstance(value, str) or len(value) > 63 or not LABEL_VALUE.fullmatch(value):
+            errors.append(FieldError(f"spec.kubernetes.nodeSelector.{key}", f"must be a label value: a string of "
+                                     f"at most 63 letters, digits, '-', '_', '.' (quote numbers); got {value!r}"))
+    claim = spec.output.volume_claim
+    if claim and (len(claim) > 253 or not DNS_1123_SUBDOMAIN.fullmatch(claim)):
+        errors.append(FieldError("spec.output.volumeClaim", f"must be a PersistentVolumeClaim's name (lower-case "
+                                 f"letters, digits, '-', '.', at most 253 characters); got {claim!r}"))
+    for cidr in k8s.external_source_ranges:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            errors.append(FieldError("spec.kubernetes.externalSourceRanges", f"must be CIDR ranges such as "
+                                     f"192.0.2.0/24; got {cidr!r}"))
+
+
+def check_plugin(section: Any, dtype: str | None, errors: list[FieldError]) -> None:
+    """The plugin exists, takes these parameters and handles this pixel type (checked even when other fields
+    are wrong; `dtype` None when the detector's is unknown)."""
     from detstream.services.plugins import plugin_class
 
     plugin = parse(Plugin, section, "spec.plugin", [])
@@ -219,6 +264,9 @@ def check_plugin(section: Any, errors: list[FieldError]) -> None:
         errors.append(FieldError("spec.plugin.name", str(exc)))
         return
     errors.extend(FieldError(f"spec.plugin.params.{key}", message) for key, message in cls.check_params(plugin.params))
+    if dtype is not None and dtype not in cls.dtypes:
+        errors.append(FieldError("spec.detector.dtype", f"{plugin.name} handles {', '.join(cls.dtypes)} frames; got "
+                                 f"{dtype}: convert the frames, or use another plugin"))
 
 
 def load_session(manifest: Any) -> Session:
@@ -231,16 +279,22 @@ def load_session(manifest: Any) -> Session:
         errors.append(FieldError("apiVersion", f"must be {expected_api}; got {manifest.get('apiVersion')!r}"))
     if manifest.get("kind") != KIND:
         errors.append(FieldError("kind", f"must be {KIND}; got {manifest.get('kind')!r}"))
+    for key in manifest:
+        if key not in TOP_LEVEL:
+            errors.append(FieldError(str(key), f"unknown field{did_you_mean(key, TOP_LEVEL)}; allowed: "
+                                               f"{', '.join(TOP_LEVEL)}"))
     metadata = manifest.get("metadata") or {}
     name = metadata.get("name", "") if isinstance(metadata, dict) else ""
-    check_dns_label(name, "metadata.name", errors)
+    check_name(name, errors)
     if "spec" not in manifest:
         errors.append(FieldError("spec", "is required"))
-    spec = parse(SessionSpec, manifest.get("spec"), "spec", errors)
+    spec = parse(SessionSpec, manifest["spec"], "spec", errors) if "spec" in manifest else None
     if spec is not None:
         check_spec(spec, errors)
+        check_kubernetes(spec, errors)
     raw_spec = manifest.get("spec")
-    check_plugin(raw_spec.get("plugin") if isinstance(raw_spec, dict) else None, errors)
+    check_plugin(raw_spec.get("plugin") if isinstance(raw_spec, dict) else None,
+                 spec.detector.dtype if spec is not None else None, errors)
     if errors:
         raise SpecError(errors)
     return Session(name=name, namespace=metadata.get("namespace", "default"), spec=spec, manifest=manifest)

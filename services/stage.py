@@ -74,7 +74,7 @@ class Stage:
 
     # -- sockets -------------------------------------------------------------------------------
     def socket(self, kind: int, *, bind: str | None = None, connect: list = (), server: str = "",
-               connections: dict | None = None, routing_id: bytes = b"") -> zmq.Socket:
+               connections: dict | None = None, routing_id: bytes = b"", context: zmq.Context | None = None) -> zmq.Socket:
         """A socket with bounded queues on both sides and no lingering at close. `connect` lists
         peers as (role, index, port) of the plan, or as endpoint strings (a source outside the
         session; `server` then names the stage it reaches, for its CURVE key). ZeroMQ retries
@@ -82,9 +82,10 @@ class Stage:
         handshakes (garbage, or a client without the session's key) are counted as rejected.
         With `connections`, a socket there that reports each connection made (the first, and every
         one after a peer restarted) is put in it under this socket. `routing_id` names this socket
-        to a ROUTER it connects to, so that the ROUTER can address it."""
+        to a ROUTER it connects to, so that the ROUTER can address it. `context` is another ZeroMQ
+        context than the stage's (one whose termination tells when its sockets' queues have left)."""
         hwm = self.spec.transport.high_water_mark
-        sock = self.ctx.socket(kind)
+        sock = (context or self.ctx).socket(kind)
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.RCVHWM, hwm)
         sock.setsockopt(zmq.LINGER, 0)

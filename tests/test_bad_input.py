@@ -220,16 +220,6 @@ def test_a_replay_file_that_is_not_an_array_fails_with_the_reason(tmp_path, writ
     assert result.returncode == 1 and "is not a readable .npy file" in result.stderr, result.stderr
 
 
-def test_an_output_folder_that_cannot_be_written_fails_before_streaming(tmp_path, write_manifest):
-    (tmp_path / "blocker").write_text("a file where the output folder should be")
-    doc = manifest("noout", scan={"rows": 2, "cols": 2}, detector=SMALL, plugin=COUNTING,
-                   output={"path": "blocker/results"})
-    result = run(doc, tmp_path, write_manifest, output=tmp_path)
-    assert result.returncode == 1
-    assert "writer-0" in result.stderr and "output folder" in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
-
-
 def mount_tmpfs(path, options):
     path.mkdir()
     result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
@@ -238,16 +228,37 @@ def mount_tmpfs(path, options):
         pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}): needs root and mount permission")
 
 
-def test_a_read_only_output_folder_fails_before_streaming(tmp_path, write_manifest):
+PATHS = [  # (--output, --report, spec.output.path, the one line expected)
+    ("blocker/out", "r.json", "", "--output {t}/blocker/out: {t}/blocker is a file, not a folder; give a folder"),
+    (".", "r.json", "blocker/results", "--output {t} (spec.output.path blocker/results): {t}/blocker is a file"),
+    ("ro", "r.json", "", "--output {t}/ro: {t}/ro is not writable: Read-only file system; give a folder"),
+    ("ro/sub", "r.json", "", "--output {t}/ro/sub: {t}/ro/sub is not writable: Read-only file system"),
+    ("out", "blocker/r.json", "", "--report {t}/blocker/r.json: {t}/blocker is a file, not a folder; give a file"),
+    ("out", "ro/r.json", "", "--report {t}/ro/r.json: {t}/ro is not writable: Read-only file system"),
+    ("out", "out", "", "--report {t}/out: {t}/out is a folder; give a file"),
+]
+
+
+@pytest.mark.parametrize("output, report, output_path, message", PATHS, ids=[p[3].split(":")[0] + " " + p[0] + " "
+                                                                              + p[1] + " " + p[2] for p in PATHS])
+def test_a_path_that_cannot_be_written_is_refused_before_anything_starts(tmp_path, write_manifest, output, report,
+                                                                          output_path, message):
+    """Every path of the command line is checked first: exit 2, one line naming the option, nothing started."""
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    (tmp_path / "out").mkdir()
     mount_tmpfs(tmp_path / "ro", "ro,size=1m")
+    doc = manifest("paths", scan={"rows": 2, "cols": 2}, detector=SMALL, plugin=COUNTING,
+                   output={"path": output_path})
     try:
-        doc = manifest("rofs", scan={"rows": 2, "cols": 2}, detector=SMALL, plugin=COUNTING,
-                       output={"path": "ro"})
-        result = run(doc, tmp_path, write_manifest, output=tmp_path)
+        cmd = DETSTREAM + ["run", str(write_manifest(doc)), "--output", str(tmp_path / output),
+                           "--report", str(tmp_path / report)]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     finally:
         subprocess.run(["umount", str(tmp_path / "ro")])
-    assert result.returncode == 1
-    assert "output folder" in result.stderr and "not writable" in result.stderr, result.stderr
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("detstream run: " + message.format(t=tmp_path)), line
+    assert not list(tmp_path.rglob(".detstream")) and not no_stage_left(str(tmp_path))
 
 
 def test_a_full_disk_fails_the_session_with_the_reason_and_leaves_no_file(tmp_path, write_manifest):
@@ -270,3 +281,16 @@ def test_a_full_disk_fails_the_session_with_the_reason_and_leaves_no_file(tmp_pa
     assert left == [], left   # neither a .partial nor a file that looks complete
     report = json.loads((tmp_path / "r.json").read_text())
     assert not report["ok"]
+
+
+def test_the_writer_never_overwrites_an_earlier_result(tmp_path, local_session):
+    """Launched without `detstream run`'s check (as the operator launches it, on a volume holding an earlier
+    run's files), the writer fails rather than replace a scan file."""
+    earlier = tmp_path / "guard-scan0000.h5"
+    earlier.write_bytes(b"an earlier acquisition")
+    local = local_session(manifest("guard", scan={"rows": 2, "cols": 2}, detector=SMALL, plugin=COUNTING))
+    writer = local.writer()
+    wait_for(lambda: writer.proc.poll() is not None, what="the writer to fail")
+    assert writer.proc.returncode == 1
+    assert f"{earlier} exists already (an earlier run): results are never overwritten" in writer.log_tail()
+    assert earlier.read_bytes() == b"an earlier acquisition"

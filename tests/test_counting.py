@@ -304,3 +304,37 @@ def test_stempy_threaded_reader_counting_matches(tmp_path):
     for position, frame in enumerate(frames):
         np.testing.assert_array_equal(counter.count(frame), array.data[position, 0])
         np.testing.assert_array_equal(counter.count_sectors(sectors(frame)), array.data[position, 0])
+
+
+def test_uint8_frames_count_as_the_same_uint16_frames(scene):
+    dark, dark16, v, _ = scene
+    frame = frame_from(np.clip(v, 0, 255 - 120), dark16).clip(0, 255).astype(np.uint8)
+    counter = Counter(dark, Thresholds(30.0, 100.0), SHAPE)
+    expected = stempy_count(frame.astype(np.uint16), dark, counter.thresholds)
+    assert len(expected) > 100
+    np.testing.assert_array_equal(counter.count_sectors(sectors(frame)), expected)
+
+
+def test_a_uint32_pixel_above_65535_is_no_event_and_leaves_its_neighbours_alone(scene):
+    """Field case 02: 65536 + 40 wrapped to 40 and counted as an electron. Above 65535 is above any X-ray
+    threshold: the pixel is dropped, and the frame otherwise counts as the same frame of uint16 pixels."""
+    dark, dark16, v, _ = scene
+    frame = frame_from(v, dark16).astype(np.uint32)
+    bright = [(200, 200), (210, 143), (210, 144), (0, 0)]  # inside, on both sides of a sector edge, a corner
+    for row, col in bright:
+        frame[row, col] = 65536 + 40 + int(dark16[row, col])
+    frame[200, 201] = 60 + int(dark16[200, 201])  # an electron beside the hit: it counts
+    clipped = frame.clip(0, 65535).astype(np.uint16)
+    counter = Counter(dark, Thresholds(30.0, 400.0), SHAPE)
+    expected = stempy_count(clipped, dark, counter.thresholds)
+    assert not {idx(r, c) for r, c in bright} & set(expected.tolist()) and idx(200, 201) in expected
+    np.testing.assert_array_equal(counter.count(frame), expected)
+    np.testing.assert_array_equal(counter.count_sectors(sectors(frame)), expected)
+
+
+def test_thresholds_of_uint32_frames_are_those_of_the_frames_clipped_to_uint16():
+    rng = np.random.default_rng(5)
+    frames = rng.normal(120, 5, (4, 64, 64)).astype(np.uint32)
+    frames[:, 10, 10] = 70000  # a saturating hit per frame: wrapped, it would land in the noise
+    clipped = frames.clip(0, 65535).astype(np.uint16)
+    assert calculate_thresholds(frames, None) == calculate_thresholds(clipped, None)

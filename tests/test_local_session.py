@@ -1,6 +1,8 @@
 """Whole sessions as real processes on 127.0.0.1, through `detstream run` as a user runs them."""
 
 import json
+import os
+import signal
 import subprocess
 
 import numpy as np
@@ -144,3 +146,98 @@ def test_workers_fit_thresholds_on_sampled_frames(tmp_path, write_manifest):
     truth = [sim.truth(0, p) for p in range(144)]
     found = sum(len(np.intersect1d(counted[0].data[p][0], truth[p])) for p in range(144))
     assert found / sum(len(t) for t in truth) > 0.95  # nearly every simulated electron is found
+
+
+def test_a_detector_of_as_many_sectors_as_the_schema_allows_streams(tmp_path, write_manifest):
+    """spec.detector.sectors at its maximum (64): every frame is reassembled and written (field case 01)."""
+    doc = manifest("sectors", scan={"rows": 2, "cols": 2}, detector={"rows": 16, "cols": 128, "sectors": 64},
+                   workers={"replicas": 1}, plugin={"name": "noop"})
+    result = run(write_manifest(doc), tmp_path)
+    assert result.returncode == 0, result.stderr
+    (scan,) = json.loads((tmp_path / "report.json").read_text())["scans"]
+    assert (scan["written"], scan["partial"], scan["lost"]) == (4, 0, 0)
+
+
+SMALL_COUNTING = dict(scan={"rows": 4, "cols": 4}, detector={"rows": 64, "cols": 64, "sectors": 2}, plugin=COUNTING)
+
+
+def test_a_second_run_into_the_same_folder_overwrites_nothing(tmp_path, write_manifest):
+    """Field case 15: the second run is refused before it starts, naming the file and the fix."""
+    first = run(write_manifest(manifest("again", **SMALL_COUNTING)), tmp_path)
+    assert first.returncode == 0, first.stderr
+    scan_file = tmp_path / "again-scan0000.h5"
+    before = scan_file.read_bytes()
+    logs = sorted((tmp_path / ".detstream").rglob("*.log"))
+    stamps = [p.stat().st_mtime_ns for p in logs]
+    doc = manifest("again", **{**SMALL_COUNTING, "scan": {"rows": 4, "cols": 4, "count": 2},
+                               "source": {"simulator": {"seed": 9}}})
+    second = run(write_manifest(doc, "second.yaml"), tmp_path)
+    assert second.returncode == 2
+    assert second.stderr.splitlines() == [
+        f"detstream run: --output {tmp_path}: again-scan0000.h5, again-accounting.jsonl in {tmp_path} would be "
+        f"overwritten (an earlier run "
+        f"of session again); give another --output folder, or move the files away"]
+    assert scan_file.read_bytes() == before and not (tmp_path / "again-scan0001.h5").exists()
+    assert [p.stat().st_mtime_ns for p in logs] == stamps  # nothing started
+
+
+def test_an_interrupted_run_names_no_file_that_is_not_there(tmp_path, write_manifest):
+    """Ctrl-C while the first scan streams: its unfinished file is removed, and neither the summary nor the
+    report names it."""
+    doc = manifest("cut", **{**SMALL_COUNTING, "scan": {"rows": 32, "cols": 32}, "source": {"rate": 50}})
+    proc = subprocess.Popen(DETSTREAM + ["run", str(write_manifest(doc)), "--output", str(tmp_path), "--report",
+                                         str(tmp_path / "report.json")], stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "cut-scan0000.h5.partial"
+    for _ in range(600):
+        if partial.exists():
+            break
+        subprocess.run(["sleep", "0.1"])
+    assert partial.exists(), "the writer never started the scan's file"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "interrupted (Ctrl-C)" in err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [s["file"] for s in report["scans"]] == [""]
+    assert not list(tmp_path.glob("cut-scan0000.h5*")) and "cut-scan0000.h5" not in err
+
+
+def test_uint32_frames_count_without_wrapping(tmp_path, write_manifest):
+    """Field case 02: a pixel at 65536 + 40 (an X-ray, far above the threshold) is no electron."""
+    frames = np.zeros((4, 16, 16), np.uint32)
+    frames[0, 8, 8] = 65536 + 40
+    frames[1, 4, 4] = 40
+    np.save(tmp_path / "frames.npy", frames)
+    doc = manifest("wide", scan={"rows": 2, "cols": 2}, detector={"rows": 16, "cols": 16, "sectors": 1,
+                                                                  "dtype": "uint32"},
+                   source={"kind": "replay", "path": str(tmp_path / "frames.npy")}, workers={"replicas": 1},
+                   plugin={"name": "electron-counting", "params": {"dark": "none", "backgroundThreshold": 32,
+                                                                   "xrayThreshold": 50}})
+    result = run(write_manifest(doc), tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    counted = stempy.io.load_electron_counts(str(tmp_path / "out" / "wide-scan0000.h5"))
+    assert [counted.data[p][0].tolist() for p in range(4)] == [[], [4 * 16 + 4], [], []]
+
+
+def test_a_worker_killed_while_the_session_starts_is_survived(tmp_path, write_manifest):
+    """A worker loses no data (its frames would go to the others): lost before streaming, as at any other
+    moment, the session goes on with the rest and reports it."""
+    doc = manifest("early", **SMALL_COUNTING)
+    env = {**os.environ, "DETSTREAM_FAILPOINTS": "distributor-0:setup-delay=4"}  # the session is still starting
+    proc = subprocess.Popen(DETSTREAM + ["run", str(write_manifest(doc)), "--output", str(tmp_path), "--report",
+                                         str(tmp_path / "report.json")], stderr=subprocess.PIPE, text=True, env=env)
+    log = tmp_path / ".detstream" / "early" / "logs" / "worker-1.log"
+    for _ in range(300):
+        if log.exists() and "ready" in log.read_text():
+            break
+        subprocess.run(["sleep", "0.1"])
+    assert "ready" in log.read_text(), "worker-1 never came up"
+    assert not (tmp_path / ".detstream" / "early" / "logs" / "distributor-0.log").read_text().count("ready")
+    plan = tmp_path / ".detstream" / "early" / "plan.json"
+    (victim,) = subprocess.run(["pgrep", "-f", f"stage worker --plan {plan} --index 1"], capture_output=True,
+                               text=True).stdout.split()
+    subprocess.run(["kill", "-9", victim], check=True)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [(s["written"], s["lost"]) for s in report["scans"]] == [(16, 0)]
+    assert [i.split(":")[0] for i in report["incidents"]] == ["worker-1 exited with code -9"]

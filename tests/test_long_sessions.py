@@ -12,7 +12,7 @@ import zmq
 
 from conftest import manifest
 from detstream.operator.status import Observed, PodView, status_patch
-from detstream.services.accounting import accounting_file, read_accounting
+from detstream.services.output import accounting_file, read_accounting
 from detstream.services.plan import LocalNetwork, build_plan
 from detstream.services.runner import free_ports
 from detstream.services.session import load_session

@@ -12,6 +12,7 @@ from conftest import ROOT, manifest
 from detstream.operator import resources
 from detstream.operator.crd import crd
 from detstream.operator.status import Observed, PodView, phase, pod_view, startup_overdue, status_patch
+from detstream.services.schema import DNS_1035_LABEL, DNS_1123_SUBDOMAIN, LABEL_VALUE
 from detstream.services.session import load_session
 from detstream.v1.control_pb2 import CONFIGURED, FAILED, FINISHED, RUNNING, ScanAccount, StageStatus
 
@@ -210,3 +211,20 @@ def test_a_finished_session_keeps_only_a_writer_holding_results_in_an_emptydir()
     kept = replicas(session())
     assert kept.pop("s1-writer") == 1 and not any(kept.values())
     assert not any(replicas(session(output={"volumeClaim": "scans"})).values())
+
+
+def test_every_derived_name_and_label_is_one_the_api_server_takes():
+    """The longest session name allowed, with two-digit indices: Services are DNS-1035 labels, every label
+    value (and each StatefulSet pod's controller-revision-hash, NAME-ROLE-HASH) at most 63 characters."""
+    s = load_session(manifest("a" * 40, lanes=12, source={"replicas": 4}))
+    objects = resources.children(s, "img")
+    for obj in objects:
+        name = obj["metadata"]["name"]
+        assert len(name) <= 253 and DNS_1123_SUBDOMAIN.fullmatch(name), name
+        if obj["kind"] == "Service":
+            assert len(name) <= 63 and DNS_1035_LABEL.fullmatch(name), name
+        if obj["kind"] == "StatefulSet":
+            assert len(f"{name}-{'f' * 10}") <= 63, name
+            assert len(f"{name}-{obj['spec']['replicas'] - 1}") <= 63, name  # statefulset.kubernetes.io/pod-name
+        for value in obj["metadata"].get("labels", {}).values():
+            assert len(value) <= 63 and LABEL_VALUE.fullmatch(value), value

@@ -2,6 +2,7 @@
 user drives it. There is no scheduler or kubelet here, so stage pods stay Pending: these tests
 cover what the operator makes of sessions; tests/test_e2e_cluster.py runs the pods."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -13,6 +14,9 @@ import yaml
 from cluster.fixtures import control_plane, kubectl  # noqa: F401
 from conftest import DETSTREAM, ROOT, Background, manifest
 from conftest import wait_for as wait_until
+from detstream.operator import resources
+from detstream.services.schema import SpecError
+from detstream.services.session import load_session
 
 NS = "optest"
 CHILD_KINDS = "configmaps,services,statefulsets,deployments"
@@ -166,6 +170,32 @@ def test_invalid_specs_are_refused(cluster):
     assert "spec.detector.sectors: must divide detector.cols (576)" in spec_valid["message"]
     assert spec_valid["observedGeneration"] == get(kubectl, "sess", "guarded")["metadata"]["generation"]
     assert get(kubectl, "statefulset", "guarded-writer")["spec"]["template"] == template  # last valid spec runs
+
+
+def test_what_validate_accepts_the_api_server_takes_and_the_reverse(cluster):
+    """Every child of the longest valid name (and of every Kubernetes-only string) is taken by the API server
+    (server-side dry run); a name `detstream validate` refuses (field case 12) is refused there too."""
+    kubectl, _ = cluster
+    doc = manifest("a" * 40, lanes=12, source={"kind": "external", "replicas": 4}, output={"volumeClaim": "scans.v1"},
+                   kubernetes={"nodeSelector": {"example.org/gpu": "a100", "zone": "1"}, "ingestServiceType": "NodePort",
+                               "externalSourceRanges": ["192.0.2.7/24", "2001:db8::/32"]})
+    doc["metadata"]["namespace"] = NS
+    session = load_session(doc)
+    kubectl("create", "--dry-run=server", "-f", "-", input=yaml.safe_dump_all(resources.children(session, "img")))
+    with pytest.raises(SpecError):
+        load_session({**doc, "metadata": {"name": "4dstem-au", "namespace": NS}})
+    digit = dataclasses.replace(session, name="4dstem-au")
+    result = kubectl.run("create", "--dry-run=server", "-f", "-", check=False,
+                         input=yaml.safe_dump_all(resources.services(digit, resources.cluster_plan(digit))))
+    assert result.returncode != 0 and 'Service "4dstem-au-aggregator" is invalid' in result.stderr
+    assert "regex used for validation is '[a-z]([-a-z0-9]*[a-z0-9])?'" in result.stderr  # DNS-1035, as validate
+    apply(kubectl, manifest("4dstem-au"))  # the API server takes the session itself; the operator refuses it
+
+    def refused():
+        status = get(kubectl, "sess", "4dstem-au").get("status") or {}
+        return status.get("phase") == "Failed" and status["message"]
+    assert wait_until(refused, what="phase Failed").startswith("invalid spec: metadata.name: must start with a letter")
+    assert not [c for c in children(kubectl, "4dstem-au") if c["kind"] != "Pod"]
 
 
 def test_secure_sessions_get_their_keys_secret_once(cluster):

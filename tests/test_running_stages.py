@@ -7,12 +7,14 @@ import urllib.request
 
 import grpc
 import numpy as np
+import pytest
 import stempy.io
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import DETSTREAM, manifest, wait_for
+from detstream.services.runner import free_ports
 from detstream.services.wire import END_OF_SCAN, SECTOR, Header, Outbox
 
 
@@ -102,6 +104,37 @@ def test_an_outside_source_joins_through_the_ingest_addresses(local_session, wri
     wait_for(lambda: local.finished())
     (account,) = local.writer().client.status().scans
     assert (account.expected, account.written, account.partial, account.lost) == (36, 36, 0, 0)
+
+
+@pytest.mark.parametrize("rows", [1, 8])  # 8 sectors stay queued; 256 fill the queue and the sender waits
+def test_an_outside_source_whose_data_reached_no_session_fails_naming_the_address(write_manifest, rows):
+    """Field case 06: nothing listens at the address; the sender must not report success."""
+    path = write_manifest(manifest("nowhere", scan={"rows": rows, "cols": 2}, source={"kind": "external"}))
+    address = f"tcp://127.0.0.1:{next(free_ports())}"
+    result = subprocess.run(DETSTREAM + ["stage", "source", "--manifest", str(path), "--connect", address],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert f"sent to {address} (lane 0) did not reach a session: nothing answered there" in result.stderr
+    if rows == 1:
+        assert "8 sector message(s) sent" in result.stderr
+
+
+def test_an_outside_source_address_without_scheme_gets_a_usage_message(write_manifest):
+    path = write_manifest(manifest("joined", source={"kind": "external"}))
+    result = subprocess.run(DETSTREAM + ["stage", "source", "--manifest", str(path), "--connect", "127.0.0.1:7200"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "detstream stage source: --connect 127.0.0.1:7200: give the address as tcp://HOST:PORT (PORT 1 to 65535), "
+        "as the session's status.ingest lists it")
+
+
+def test_an_outside_source_replaying_a_missing_file_gets_a_usage_message(write_manifest, tmp_path):
+    path = write_manifest(manifest("joined", source={"kind": "external"}))
+    result = subprocess.run(DETSTREAM + ["stage", "source", "--manifest", str(path), "--connect", "tcp://127.0.0.1:1",
+                                         "--replay", str(tmp_path / "absent.npy")], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"detstream stage source: --replay {tmp_path / 'absent.npy'}: no such file; give a .npy or HDF5 file of frames"]
 
 
 def test_an_outside_source_needs_one_address_per_lane(write_manifest):

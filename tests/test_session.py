@@ -1,11 +1,17 @@
 """The session model: defaults, validation messages with field paths, the plan, the schema."""
 
+import dataclasses
+import json
+
 import pytest
 
 from conftest import manifest
 from detstream.services.plan import ClusterNetwork, LocalNetwork, Plan, build_plan
 from detstream.services.schema import SpecError, openapi
-from detstream.services.session import SessionSpec, load_session, read_manifest
+from detstream.services.session import (Detector, Scan, SessionSpec, Source, Transport, Workers, load_session,
+                                        read_manifest)
+from detstream.services.wire import FRAME, FRAME_BITS, Geometry, Header, frame_key
+from detstream.operator.resources import cluster_plan, plan_configmap
 from conftest import ROOT
 
 
@@ -26,13 +32,33 @@ BAD = [
     ({"plugin": {"name": "electron-counting", "params": {"samples": 0}}}, "spec.plugin.params.samples", ">= 1"),
     ({"plugin": {"name": "electron-counting", "params": {"backgroundThreshold": 5}}},
      "spec.plugin.params.xrayThreshold", "need both"),
-    ({"workers": {"replicas": 2, "credit": 3}}, "spec.workers.credit", "unknown field"),
+    ({"workers": {"replicas": 2, "credit": 3}}, "spec.workers.credit", "unknown field (did you mean credits?); "
+                                                                       "allowed: replicas, credits"),
+    ({"transport": {"high_water_mark": 3}}, "spec.transport.high_water_mark", "(did you mean highWaterMark?)"),
+    ({"transport": {"onFull": "Drop"}}, "spec.transport.onFull", "got 'Drop' (did you mean drop?)"),
+    ({"plugin": {"name": "electron-count"}}, "spec.plugin.name", "'electron-count' (did you mean electron-counting?)"),
+    ({"plugin": {"name": "electron-counting", "params": {"xrayThreshhold": 9}}}, "spec.plugin.params.xrayThreshhold",
+     "unknown parameter (did you mean xrayThreshold?)"),
     ({"detector": {"sectors": 5}}, "spec.detector.sectors", "must divide"),
     ({"detector": {"dtype": "int7"}}, "spec.detector.dtype", "must be one of"),
     ({"source": {"kind": "replay"}}, "spec.source.path", "required when source.kind is replay"),
     ({"source": {"replicas": 8}}, "spec.source.replicas", "<= detector.sectors"),
     ({"lanes": 0}, "spec.lanes", "must be >= 1"),
     ({"transport": {"workerTimeoutS": "soon"}}, "spec.transport.workerTimeoutS", "must be a number"),
+    # What JSON and the Kubernetes API (int64) cannot carry is refused here too.
+    ({"transport": {"workerTimeoutS": float("inf")}}, "spec.transport.workerTimeoutS", "finite number"),
+    ({"source": {"rate": float("nan")}}, "spec.source.rate", "finite number"),
+    ({"source": {"simulator": {"seed": 2**64}}}, "spec.source.simulator.seed", "fits in 64 bits"),
+    # The simulator draws each electron event with its 3x3 neighbourhood inside the frame.
+    ({"detector": {"rows": 2, "cols": 8, "sectors": 1}}, "spec.detector.rows", ">= 3 with the simulator"),
+    # Field case 02: the counting plugin cannot count float frames right (stempy wraps them).
+    ({"detector": {"dtype": "float32"}}, "spec.detector.dtype", "electron-counting handles uint8, uint16, uint32 "
+                                                                "frames; got float32"),
+    # Strings that end up in Kubernetes objects: refused here as the API server would refuse them there.
+    ({"kubernetes": {"nodeSelector": {"gpu": 1}}}, "spec.kubernetes.nodeSelector.gpu", "quote numbers"),
+    ({"kubernetes": {"nodeSelector": {"-zone": "a"}}}, "spec.kubernetes.nodeSelector.-zone", "label key"),
+    ({"output": {"volumeClaim": "My_Scans"}}, "spec.output.volumeClaim", "PersistentVolumeClaim's name"),
+    ({"kubernetes": {"externalSourceRanges": ["lab-net"]}}, "spec.kubernetes.externalSourceRanges", "CIDR"),
 ]
 
 
@@ -98,3 +124,59 @@ def test_readme_reference_is_generated_from_the_model():
     readme = (ROOT / "README.md").read_text()
     assert readme_with_reference(readme) == readme, "run `make crd` to regenerate the README's reference"
     assert "`spec.transport.workerTimeoutS`" in readme
+
+
+def limits(cls) -> dict:
+    """The largest value the schema allows for each bounded field of a section."""
+    return {f.name: f.metadata["maximum"] for f in dataclasses.fields(cls) if f.metadata.get("maximum") is not None}
+
+
+def test_every_schema_limit_is_carried_by_the_wire_the_plan_and_the_cluster():
+    """A session at every maximum the schema allows: each header field holds its largest value, a pixel
+    index fits the file's uint32, and the plan fits its ConfigMap (1 MiB)."""
+    detector, scan, workers = limits(Detector), limits(Scan), limits(Workers)
+    sectors = detector["sectors"]
+    doc = manifest("a" * 40, scan={"rows": scan["rows"], "cols": scan["cols"], "count": scan["count"]},
+                   detector={"rows": detector["rows"], "cols": sectors * 1024, "sectors": sectors},
+                   lanes=limits(SessionSpec)["lanes"], source={"replicas": limits(Source)["replicas"]},
+                   workers={"replicas": workers["replicas"], "credits": workers["credits"]},
+                   transport={"highWaterMark": limits(Transport)["high_water_mark"]})
+    session = load_session(doc)
+    spec = session.spec
+    frames = spec.scan.frames
+    header = Header(kind=FRAME, scan=spec.scan.count - 1, frame=frames - 1, position=frames - 1,
+                    sector=sectors - 1, sector_mask=(1 << sectors) - 1, shape=[detector["rows"], 1024],
+                    scan_rows=spec.scan.rows, scan_cols=spec.scan.cols, expected=frames, sent=frames,
+                    lost=frames, credit=spec.workers.credits, acked=[frame_key(spec.scan.count - 1, frames - 1)])
+    assert Header.FromString(header.SerializeToString()) == header
+    assert spec.scan.count <= Geometry.of(spec).max_scan and frames < 1 << FRAME_BITS
+    assert detector["rows"] * detector["cols"] <= 1 << 32  # pixel indices in the file are uint32
+    plan = cluster_plan(session)
+    assert len(json.dumps(plan_configmap(session, plan))) < 1 << 20
+
+
+@pytest.mark.parametrize("name", ["4dstem-au", "a" * 41, "demo-", "Demo", "demo.1"])
+def test_a_name_kubernetes_cannot_derive_objects_from_is_refused(name):
+    """Field case 12: the Services NAME-ROLE-INDEX must be DNS-1035 labels, the pods' labels <= 63 characters."""
+    with pytest.raises(SpecError) as err:
+        load_session(manifest(name))
+    (error,) = err.value.errors
+    assert error.path == "metadata.name" and "start with a letter" in error.message and "at most 40" in error.message
+
+
+def test_the_longest_name_allowed_is_taken():
+    assert load_session(manifest("a" + "-9" * 19 + "z")).name == "a" + "-9" * 19 + "z"
+
+
+def test_a_misspelled_top_level_key_is_named_with_the_closest_one():
+    doc = manifest()
+    doc["sepc"] = doc.pop("spec")
+    with pytest.raises(SpecError) as err:
+        load_session(doc)
+    assert [str(e) for e in err.value.errors] == [
+        "sepc: unknown field (did you mean spec?); allowed: apiVersion, kind, metadata, spec, status",
+        "spec: is required"]
+
+
+def test_float_frames_are_valid_for_a_plugin_that_takes_them():
+    assert load_session(manifest(detector={"dtype": "float32"}, plugin={"name": "noop"})).spec.detector.dtype == "float32"

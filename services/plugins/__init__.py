@@ -12,6 +12,8 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
+from detstream.services.schema import did_you_mean
+
 ENTRY_POINT_GROUP = "detstream.plugins"
 
 
@@ -21,6 +23,8 @@ class Plugin:
     #: What `process` returns, and so what the writer does with it: "events" (uint32 pixel indices,
     #: written to the stempy HDF5 layout) or "frames" (the frame itself, counted and discarded).
     result: ClassVar[str] = "events"
+    #: The pixel types (spec.detector.dtype) the plugin handles right; others are refused by validation.
+    dtypes: ClassVar[tuple[str, ...]] = ("uint8", "uint16", "uint32", "float32")
     #: While > 0 the plugin is not calibrated yet: the worker holds frames and calls `calibrate` first.
     samples_wanted: int = 0
 
@@ -75,7 +79,8 @@ class PluginContext:
 def plugin_class(name: str) -> type[Plugin]:
     found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
     if name not in found:
-        raise LookupError(f"unknown plugin {name!r}; installed: {', '.join(sorted(found)) or 'none'} "
+        raise LookupError(f"unknown plugin {name!r}{did_you_mean(name, found)}; installed: "
+                          f"{', '.join(sorted(found)) or 'none'} "
                           f"(plugins register under the {ENTRY_POINT_GROUP!r} entry point)")
     return found[name].load()
 

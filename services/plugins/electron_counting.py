@@ -22,6 +22,7 @@ import numpy as np
 
 from detstream.services.counting import Counter, ThresholdFit, Thresholds, fit_thresholds
 from detstream.services.plugins import Plugin, check_number
+from detstream.services.schema import did_you_mean
 from detstream.services.simulator import dark_reference
 
 KNOWN = ("dark", "backgroundThreshold", "xrayThreshold", "samples", "backgroundSigma", "xraySigma")
@@ -29,10 +30,12 @@ KNOWN = ("dark", "backgroundThreshold", "xrayThreshold", "samples", "backgroundS
 
 class ElectronCounting(Plugin):
     result = "events"
+    dtypes = ("uint8", "uint16", "uint32")  # float frames: stempy casts them to uint16, wrapping; not here
 
     @classmethod
     def check_params(cls, params):
-        problems = [(key, f"unknown parameter; allowed: {', '.join(KNOWN)}") for key in params if key not in KNOWN]
+        problems = [(key, f"unknown parameter{did_you_mean(key, KNOWN)}; allowed: {', '.join(KNOWN)}")
+                    for key in params if key not in KNOWN]
         for key in ("backgroundThreshold", "xrayThreshold", "backgroundSigma", "xraySigma"):
             check_number(params, key, 0, problems)
         check_number(params, "samples", 1, problems, integer=True)

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from detstream.services.security import EXTERNAL
 from detstream.services.simulator import Simulator
@@ -93,8 +94,14 @@ class SourceStage(Stage):
         else:
             self.frames = Simulator(spec.source.simulator, spec.detector)
         lanes = self.connect or [("aggregator", lane, "ingest") for lane in range(spec.lanes)]
-        self.lanes = [Outbox(self.socket(zmq.PUSH, connect=[peer], server=f"aggregator-{lane}"), self.name)
+        # An outside source's lanes live in their own context, with a monitor of their handshakes: see deliver().
+        self.links: dict[zmq.Socket, zmq.Socket] | None = {} if self.connect else None
+        self.lane_ctx = zmq.Context() if self.connect else None
+        self.lanes = [Outbox(self.socket(zmq.PUSH, connect=[peer], server=f"aggregator-{lane}",
+                                         connections=self.links, context=self.lane_ctx), self.name)
                       for lane, peer in enumerate(lanes)]
+        self.reached = [False] * len(self.lanes)
+        self.lane_sent = [0] * len(self.lanes)  # sector messages per lane, all scans
         self.work = self.sectors()
 
     def sectors(self) -> Iterator[None]:
@@ -135,6 +142,7 @@ class SourceStage(Stage):
                     elif not self.send(self.lanes[lane], header, [pixels]):
                         return
                     sent[lane] += 1
+                    self.lane_sent[lane] += 1
                     self.counters.frames_out += 1
                     self.counters.bytes_out += pixels.nbytes
                 yield
@@ -155,18 +163,50 @@ class SourceStage(Stage):
             return True
         except zmq.Again:
             pass
+        lane, waiting = self.lanes.index(outbox), time.monotonic() + FLUSH_S
         while not self.stopping.is_set():
             if outbox.socket.poll(SEND_RETRY_MS, zmq.POLLOUT):
                 outbox.send(header, parts, flags=zmq.NOBLOCK)
                 return True
+            if self.connect and time.monotonic() > waiting and not self.answered(lane, 0):
+                raise StageError(self.undelivered([lane], "nothing answered there"))
         return False
+
+    def answered(self, lane: int, timeout_s: float) -> bool:
+        """Whether a lane's address has answered (a ZeroMQ handshake), waiting up to `timeout_s` for it."""
+        monitor = self.links[self.lanes[lane].socket]
+        deadline = time.monotonic() + timeout_s
+        while not self.reached[lane]:
+            if not monitor.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                break
+            self.reached[lane] = recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        return self.reached[lane]
+
+    def undelivered(self, lanes: list[int], why: str) -> str:
+        return "; ".join(f"{self.lane_sent[lane]} sector message(s) sent to {self.connect[lane]} (lane {lane}) did "
+                         f"not reach a session: {why} within {FLUSH_S:g} s (check the address against the "
+                         f"session's status.ingest, and that the session is running)" for lane in lanes)
+
+    def deliver(self) -> None:
+        """An outside source has no launcher to account for its data: it succeeds only when every lane's
+        address answered and the queued messages left within FLUSH_S; else it fails naming them."""
+        deadline = time.monotonic() + FLUSH_S
+        silent = [lane for lane in range(len(self.lanes)) if not self.answered(lane, deadline - time.monotonic())]
+        for outbox in self.lanes:
+            outbox.socket.close(linger=0 if silent else max(0, int((deadline - time.monotonic()) * 1000)))
+        for monitor in self.links.values():
+            monitor.close(linger=0)
+        self.lane_ctx.term()  # returns once every queued message has left, or at the linger's end (dropped)
+        if silent:
+            raise StageError(self.undelivered(silent, "nothing answered there"))
+        if time.monotonic() >= deadline:
+            raise StageError(self.undelivered(list(range(len(self.lanes))), "the last messages did not leave"))
 
     def step(self):
         if next(self.work, StopIteration) is StopIteration:
             self.work = iter(())
             self.finish()
             if self.connect:  # an outside source has no launcher to stop it: deliver what is queued, then exit
-                for outbox in self.lanes:
-                    outbox.socket.close(linger=int(FLUSH_S * 1000))
+                self.deliver()
                 self.stopping.set()
             self.stopping.wait(0.1)

@@ -38,9 +38,10 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from detstream.services.accounting import ClosedScans, accounting_file
+from detstream.services.accounting import ClosedScans
 from detstream.services.electron_events import ElectronEventsFile
 from detstream.services.faults import failpoint
+from detstream.services.output import accounting_file, folder_problem, never_overwrite, scan_file
 from detstream.services.plan import lane_routing_id
 from detstream.services.plugins import plugin_class
 from detstream.services.stage import HOUSEKEEPING_S, POLL_MS, Stage, StageError
@@ -65,7 +66,7 @@ class WriterScan:
     cols: int
     seen: np.ndarray                 # per frame: written
     lost: np.ndarray                 # per frame: named lost by a lane (or missing from a stale scan)
-    sectors: np.ndarray              # per frame: bit mask of the sectors that arrived (uint32), if written
+    sectors: np.ndarray              # per frame: bit mask of the sectors that arrived (uint64), if written
     file: ElectronEventsFile | None = None
     path: str = ""
     written: int = 0
@@ -78,7 +79,7 @@ class WriterScan:
         lost = int(np.count_nonzero(self.lost & ~self.seen))
         return ScanAccount(scan=self.number, expected=self.rows * self.cols, written=self.written,
                            partial=self.partial, lost=lost, duplicates=self.duplicates, complete=complete,
-                           file=self.path)
+                           file=self.path if complete else "")  # an open scan's file is not there yet
 
 
 class WriterStage(Stage):
@@ -89,13 +90,9 @@ class WriterStage(Stage):
         self.output = Path(output or ".") / self.spec.output.path
 
     def setup(self):
-        probe = self.output / ".detstream-write-test"
-        try:
-            self.output.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            raise StageError(f"output folder {self.output} is not writable: {exc.strerror}") from None
+        problem = folder_problem(self.output)
+        if problem:
+            raise StageError(f"output folder: {problem}")
         self.kind = plugin_class(self.spec.plugin.name).result
         results = self.socket(zmq.ROUTER, bind="results")
         results.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a receipt to a full or absent peer waits
@@ -110,6 +107,8 @@ class WriterStage(Stage):
         self.closed_total = ScanAccount()  # summed over every closed scan
         self.scans_unaccounted = 0
         self.accounting = accounting_file(self.output, self.plan.session)  # a line per closed scan
+        if self.accounting.exists():
+            raise StageError(never_overwrite(self.accounting))
         self.closed = ClosedScans()
         self.last_input = self.last_check = time.monotonic()
         self.lane_ended = False  # a lane's END_OF_SCAN came this turn: its scan may be complete
@@ -256,10 +255,12 @@ class WriterStage(Stage):
     @staticmethod
     def new_scan(number: int, rows: int, cols: int) -> WriterScan:
         return WriterScan(number, rows, cols, np.zeros(rows * cols, bool), np.zeros(rows * cols, bool),
-                          np.zeros(rows * cols, np.uint32))
+                          np.zeros(rows * cols, np.uint64))
 
     def write(self, scan: WriterScan, position: int, events: np.ndarray) -> None:
-        path = self.output / f"{self.plan.session}-scan{scan.number:04d}.h5"
+        path = scan_file(self.output, self.plan.session, scan.number)
+        if scan.file is None and path.exists():
+            raise StageError(never_overwrite(path))
         try:
             if scan.file is None:
                 scan.path = str(path)
