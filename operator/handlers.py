@@ -42,6 +42,8 @@ OBSERVE_INTERVAL_S = 2.0
 RESYNC_INTERVAL_S = 60.0
 
 RECONCILES = Counter("detstream_operator_reconciles", "Reconciles of StreamingSessions, by result.", ["result"])
+for _result in ("applied", "invalid", "error"):
+    RECONCILES.labels(_result)  # exported at 0 from the start, so that the first of each is an increase
 RECONCILE_SECONDS = Histogram("detstream_operator_reconcile_seconds", "Time one reconcile takes.")
 
 _cluster: Cluster | None = None

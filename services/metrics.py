@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from detstream.services.wire import REJECT_REASONS
+
 LABELS = ("session", "stage", "replica")
 OUTCOMES = ("written", "partial", "lost", "duplicate", "dropped")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
@@ -28,7 +30,7 @@ class Counters:
     bytes_in: int = 0
     bytes_out: int = 0
     sequence_gaps: int = 0
-    rejected: Tally = field(default_factory=Tally)   # reason -> messages
+    rejected: Tally = field(default_factory=lambda: Tally(dict.fromkeys(REJECT_REASONS, 0)))  # reason -> messages
     outcomes: Tally = field(default_factory=Tally)   # written/partial/lost/duplicate -> frames
     queue_depth: int = 0
     in_flight: int = 0
