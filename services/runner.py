@@ -9,7 +9,9 @@ Once streaming, the pool stages may be lost without failing the session: a worke
 (its distributor re-sends its frames to the others; all workers gone fails the session), and a
 source that exits (its lanes close its scans by timeout and report the frames lost, then go on
 with the next scan, or fail by `transport.onLoss`). Each such loss is reported (`incidents`).
-An aggregator, distributor or writer that exits fails the session at once, naming it.
+An aggregator, distributor or writer that exits fails the session at once, naming it. A stage
+in state failed is not stopped: it exits by itself once it has served its failed state to
+monitoring for $DETSTREAM_FAILED_LINGER_S seconds (see services/stage.py).
 The peak resident memory (VmHWM) of every stage process is sampled and reported.
 """
 
@@ -35,6 +37,7 @@ from detstream.services.plan import START_ORDER, LocalNetwork, Plan, StagePlan, 
 from detstream.services.progress import Progress, Summary
 from detstream.services.security import KEYS_ENV, Keys, generate as generate_keys
 from detstream.services.session import Session, read_manifest
+from detstream.services.stage import FAILED_LINGER_ENV, failed_linger_s
 from detstream.v1.control_pb2 import FAILED, FINISHED
 
 STOP_GRACE_S = 5.0
@@ -137,6 +140,10 @@ class StageProcess:
         self.log_file.flush()
         text = self.log_path.read_text(errors="replace").strip().splitlines()
         return " | ".join(text[-lines:]) or "(no output)"
+
+    def failed(self) -> bool:
+        """Alive in state failed: serving its metrics for a while before it exits by itself."""
+        return self.proc.poll() is None and self.status is not None and self.status.state == FAILED
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -250,12 +257,18 @@ class LocalSession:
         status = self.writer().status
         return status is not None and status.state == FINISHED
 
+    def lingering(self) -> list[StageProcess]:
+        """The failed stages still serving their metrics (they exit by themselves)."""
+        return [p for p in self.stages if p.failed()]
+
     def stop(self) -> None:
         for p in self.stages:
             p.sample()
+        lingering = self.lingering()
         for p in self.stages:
-            p.stop()
-        deadline = time.monotonic() + STOP_GRACE_S
+            if p not in lingering:
+                p.stop()
+        deadline = time.monotonic() + STOP_GRACE_S + (failed_linger_s() if lingering else 0.0)
         for p in self.stages:
             p.reap(deadline)
 
@@ -291,6 +304,10 @@ def run_session(manifest: Path, output: Path, report: Path | None, quiet: bool =
             local.writer().status = local.writer().client.status()
         except RunFailed as exc:
             failure = str(exc)
+            lingering = ", ".join(p.stage.name for p in local.lingering())
+            if lingering:
+                progress.say(f"waiting up to {failed_linger_s():g} s for {lingering} to exit: a failed stage "
+                             f"serves its metrics for that long so that monitoring sees it ({FAILED_LINGER_ENV})")
         except KeyboardInterrupt:
             failure = "interrupted (Ctrl-C)"
     writer = next((p.status for p in local.stages if p.stage.role == "writer"), None)
