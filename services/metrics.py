@@ -38,6 +38,7 @@ class Counters:
     workers: int = 0
     workers_lost: int = 0
     resent: int = 0
+    backpressure_s: float = 0.0   # a distributor's time with frames waiting and no worker credit
     dropped: int = 0
     scan_progress: float = 0.0
     state: int = 0
@@ -70,6 +71,8 @@ class StageCollector:
         yield self._family(C, "detstream_workers_lost", "Workers declared dead.", c.workers_lost)
         yield self._family(C, "detstream_frames_resent", "Frames re-sent after their worker was declared dead.",
                            c.resent)
+        yield self._family(C, "detstream_backpressure_seconds", "Seconds a distributor held frames back "
+                                                                "because no worker had credit.", c.backpressure_s)
         yield self._family(G, "detstream_queue_depth", "Frames waiting inside the stage.", c.queue_depth)
         yield self._family(G, "detstream_in_flight_frames", "Frames handed on and not yet acknowledged.",
                            c.in_flight)
