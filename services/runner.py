@@ -176,6 +176,12 @@ class LocalSession:
         self.keys: Keys | None = None
 
     def launch(self) -> None:
+        """Start the stage processes and connect to them."""
+        self.spawn()
+        self.connect()
+
+    def spawn(self) -> None:
+        """Start the stage processes (no gRPC yet: see connect)."""
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         plan_path = self.run_dir / "plan.json"
         plan_path.write_text(self.plan.to_json())
@@ -188,7 +194,10 @@ class LocalSession:
             self.keys = Keys(keys)
         for stage in self.plan.stages:
             self.stages.append(StageProcess(stage, self.argv(stage), self.run_dir / "logs" / f"{stage.name}.log", env))
-        # gRPC must not be live in this process while it forks: its fork handler aborts the child.
+
+    def connect(self) -> None:
+        """Open the control clients of the launched stages: only once every process of this
+        launcher is started (gRPC must not be live while it forks: its fork handler aborts the child)."""
         for p in self.stages:
             p.client = self.client(p.stage)
 
