@@ -19,7 +19,10 @@ from detstream.services.wire import REJECT_REASONS
 
 LABELS = ("session", "stage", "replica")
 OUTCOMES = ("written", "partial", "lost", "duplicate", "dropped")
-LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+# Ten buckets a decade (the R10 series, steps of ~26 %) from 0.5 ms to 5 s: a quantile read from them is
+# within a bucket's width of the truth, so a 20 ms delay reads as 20-25 ms (not 20-50 ms).
+R10 = (1.0, 1.25, 1.6, 2.0, 2.5, 3.15, 4.0, 5.0, 6.3, 8.0)
+LATENCY_BUCKETS = tuple(b for e in range(-4, 1) for b in (round(m * 10.0 ** e, 6) for m in R10) if 0.0005 <= b <= 5.0)
 
 
 @dataclass
