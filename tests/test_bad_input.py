@@ -270,3 +270,11 @@ def test_a_full_disk_fails_the_session_with_the_reason_and_leaves_no_file(tmp_pa
     assert left == [], left   # neither a .partial nor a file that looks complete
     report = json.loads((tmp_path / "r.json").read_text())
     assert not report["ok"]
+
+
+def test_a_bad_failed_linger_setting_is_named_without_a_traceback(tmp_path, write_manifest, monkeypatch):
+    monkeypatch.setenv("DETSTREAM_FAILED_LINGER_S", "half a minute")
+    result = run(manifest("linger"), tmp_path, write_manifest)
+    assert result.returncode == 1
+    assert "DETSTREAM_FAILED_LINGER_S='half a minute': want a number of seconds >= 0" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
