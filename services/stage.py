@@ -3,9 +3,11 @@
 A stage's main thread owns its ZeroMQ sockets and runs `step()` in a loop; the gRPC threads only
 set events or queue parameter updates for the main thread. Lifecycle:
 configured -> running -> draining -> finished (or failed). SIGTERM and the Stop call end the
-loop; the process then closes its sockets and exits 0 (1 if the stage failed). A failed stage
-first keeps serving its metrics and status for $DETSTREAM_FAILED_LINGER_S seconds (30 by default;
-SIGTERM or Stop end it sooner), so that Prometheus scrapes the failed state before the process goes.
+loop; the process then closes its sockets and exits 0 (1 if the stage failed). A stage that fails
+once started first keeps serving its metrics and status for $DETSTREAM_FAILED_LINGER_S seconds (30
+by default; SIGTERM or Stop end it sooner), so that Prometheus scrapes the failed state before the
+process goes. One that cannot even start exits at once: its pod crash-loops, which Kubernetes and
+the operator report ("pod NAME: CrashLoopBackOff: its last words").
 """
 
 from __future__ import annotations
@@ -265,7 +267,7 @@ class Stage:
             if self.zap is not None:
                 self.zap.stop()
             self.ctx.destroy(linger=0)
-            if self.state == FAILED:
+            if self.state == FAILED and self.started.is_set():
                 self.linger()
             server.stop(grace=1.0)
         if self.state != FAILED:
