@@ -261,7 +261,10 @@ def environment(**values):
         yield
     finally:
         for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
 
 
 def export_operator_status(session, writer_status) -> dict:
