@@ -41,7 +41,9 @@ def _status_schema() -> dict:
                 "scans": {"type": "array", "items": scan,
                           "description": "The open scans and the last 16 closed ones (every scan: the writer's "
                                          "SESSION-accounting.jsonl)."},
-                "scansClosed": dict(count),
+                "closed": {"type": "object", "description": "Every closed scan, summed.",
+                           "properties": {k: dict(count) for k in ("scans", "expected", "written", "partial", "lost",
+                                                                   "duplicates")}},
                 "workerReplicas": {"type": "integer"},
                 "workers": {"type": "string", "description": "ready/desired workers"},
                 "workerSelector": {"type": "string"},

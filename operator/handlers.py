@@ -26,7 +26,7 @@ import kopf
 from kubernetes.dynamic.exceptions import ForbiddenError
 from prometheus_client import Counter, Histogram
 
-from detstream.operator import keys, resources, stages
+from detstream.operator import keys, metrics, resources, stages
 from detstream.operator.cluster import Cluster
 from detstream.operator.crd import PLURAL
 from detstream.operator.status import (Observed, age_s, ingest_addresses, now, phase, pod_view, reason_of,
@@ -42,6 +42,8 @@ OBSERVE_INTERVAL_S = 2.0
 RESYNC_INTERVAL_S = 60.0
 
 RECONCILES = Counter("detstream_operator_reconciles", "Reconciles of StreamingSessions, by result.", ["result"])
+for _result in ("applied", "invalid", "error"):
+    RECONCILES.labels(_result)  # exported at 0 from the start, so that the first of each is an increase
 RECONCILE_SECONDS = Histogram("detstream_operator_reconcile_seconds", "Time one reconcile takes.")
 
 _cluster: Cluster | None = None
@@ -187,6 +189,7 @@ def tell(body, logger, reason: str, message: str, warning: bool = False) -> None
 @kopf.timer(*RESOURCE, interval=OBSERVE_INTERVAL_S, initial_delay=1.0)
 def observe(body, meta, status, patch, logger, **_):
     if status.get("phase") == "Succeeded":
+        metrics.export(meta["namespace"], meta["name"], status)  # (also after an operator restart)
         return  # the stages are scaled to zero (see resources.finished); the result stays as it is
     session, errors = session_of(body)
     if session is None:
@@ -226,10 +229,12 @@ def observe(body, meta, status, patch, logger, **_):
         for obj in resources.finished(session, default_image()):
             cluster().apply(obj, body)  # scale the stages to zero (not an emptyDir's writer); the record stays
     patch.status.update(new)
+    metrics.export(meta["namespace"], meta["name"], new)
 
 
 @kopf.on.delete(*RESOURCE)
-def drain(body, status, patch, logger, runtime, **_):
+def drain(body, meta, status, patch, logger, runtime, **_):
+    metrics.forget(meta["namespace"], meta["name"])
     session, _errors = session_of(body)
     if session is None or status.get("phase") in ("Succeeded", "Pending", None) or not status.get("startedAt"):
         return  # nothing streamed, no file is open: nothing to drain (a stage never started would not drain)

@@ -174,8 +174,11 @@ def status_patch(o: Observed, old_status: dict, generation: int, selector: str) 
         "workerSelector": selector,
         "framesWritten": frames_so_far(writer)[0] if writer else 0,
         "framesLost": frames_so_far(writer)[1] if writer else 0,
-        "scansClosed": writer.scans_closed if writer else 0,
     }
+    if writer is not None:
+        total = writer.closed_total  # every closed scan, summed (status.scans lists only the last few)
+        out["closed"] = {"scans": writer.scans_closed, "expected": total.expected, "written": total.written,
+                         "partial": total.partial, "lost": total.lost, "duplicates": total.duplicates}
     if scans:
         out["scans"] = scans
     if writer is not None and writer.elapsed_s > 0 and o.started:

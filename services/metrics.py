@@ -15,9 +15,14 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from detstream.services.wire import REJECT_REASONS
+
 LABELS = ("session", "stage", "replica")
 OUTCOMES = ("written", "partial", "lost", "duplicate", "dropped")
-LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+# Ten buckets a decade (the R10 series, steps of ~26 %) from 0.5 ms to 5 s: a quantile read from them is
+# within a bucket's width of the truth, so a 20 ms delay reads as 20-25 ms (not 20-50 ms).
+R10 = (1.0, 1.25, 1.6, 2.0, 2.5, 3.15, 4.0, 5.0, 6.3, 8.0)
+LATENCY_BUCKETS = tuple(b for e in range(-4, 1) for b in (round(m * 10.0 ** e, 6) for m in R10) if 0.0005 <= b <= 5.0)
 
 
 @dataclass
@@ -28,7 +33,7 @@ class Counters:
     bytes_in: int = 0
     bytes_out: int = 0
     sequence_gaps: int = 0
-    rejected: Tally = field(default_factory=Tally)   # reason -> messages
+    rejected: Tally = field(default_factory=lambda: Tally(dict.fromkeys(REJECT_REASONS, 0)))  # reason -> messages
     outcomes: Tally = field(default_factory=Tally)   # written/partial/lost/duplicate -> frames
     queue_depth: int = 0
     in_flight: int = 0
@@ -36,6 +41,7 @@ class Counters:
     workers: int = 0
     workers_lost: int = 0
     resent: int = 0
+    backpressure_s: float = 0.0   # a distributor's time with frames waiting and no worker credit
     dropped: int = 0
     scan_progress: float = 0.0
     state: int = 0
@@ -68,6 +74,8 @@ class StageCollector:
         yield self._family(C, "detstream_workers_lost", "Workers declared dead.", c.workers_lost)
         yield self._family(C, "detstream_frames_resent", "Frames re-sent after their worker was declared dead.",
                            c.resent)
+        yield self._family(C, "detstream_backpressure_seconds", "Seconds a distributor held frames back "
+                                                                "because no worker had credit.", c.backpressure_s)
         yield self._family(G, "detstream_queue_depth", "Frames waiting inside the stage.", c.queue_depth)
         yield self._family(G, "detstream_in_flight_frames", "Frames handed on and not yet acknowledged.",
                            c.in_flight)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -20,6 +21,10 @@ from detstream.services.accounting import frames_so_far
 from detstream.v1.control_pb2 import StageState
 
 PLAIN_EVERY_S = 5.0
+RATE_WINDOW_S = 2.0  # rates are averaged over this much of a stage's time (4 status intervals)
+# Sources send sectors, which aggregators receive and send on as frames: the columns say so.
+COLUMNS = ("stage", "state", "in\n(aggregator: sectors)", "out\n(source: sectors)", "out/s\n(source: sectors)",
+           "GB/s out", "in flight", "rejected")
 
 
 def console() -> Console:
@@ -28,19 +33,39 @@ def console() -> Console:
     return out if out.is_terminal else Console(stderr=True, soft_wrap=True, width=240)
 
 
-@dataclass
 class Rate:
-    t: float = 0.0
-    frames: int = 0
-    bytes: int = 0
-    fps: float = 0.0
-    gbps: float = 0.0
+    """A stage's send rate over the last RATE_WINDOW_S of its own clock, from its status samples.
 
-    def update(self, t: float, frames: int, nbytes: int) -> None:
-        if self.t and t > self.t:
-            self.fps = (frames - self.frames) / (t - self.t)
-            self.gbps = (nbytes - self.bytes) / (t - self.t) / 1e9
-        self.t, self.frames, self.bytes = t, frames, nbytes
+    Stages send their status every 0.5 s and the launcher looks every 0.25 s: dividing by the
+    launcher's interval would read every other look as 0 and the next as twice the rate. So
+    the rate is the change of the stage's counters over the change of its own elapsed time,
+    across the samples of a window a few status intervals long: steady.
+    """
+
+    def __init__(self):
+        self.samples: deque[tuple[float, int, int]] = deque()  # (elapsed_s, frames_out, bytes_out)
+
+    def add(self, elapsed_s: float, frames: int, nbytes: int) -> None:
+        """A status sample; one the stage sent already (same elapsed time) is ignored."""
+        if self.samples and elapsed_s <= self.samples[-1][0]:
+            return
+        self.samples.append((elapsed_s, frames, nbytes))
+        while len(self.samples) > 2 and elapsed_s - self.samples[1][0] >= RATE_WINDOW_S:
+            self.samples.popleft()
+
+    def _per_second(self, column: int) -> float:
+        if len(self.samples) < 2:
+            return 0.0
+        first, last = self.samples[0], self.samples[-1]
+        return (last[column] - first[column]) / (last[0] - first[0])
+
+    @property
+    def fps(self) -> float:
+        return self._per_second(1)
+
+    @property
+    def gbps(self) -> float:
+        return self._per_second(2) / 1e9
 
 
 class Progress:
@@ -72,7 +97,8 @@ class Progress:
         now = time.monotonic()
         for p in stages:
             if p.status is not None:
-                self.rates.setdefault(p.stage.name, Rate()).update(now, p.status.frames_out, p.status.bytes_out)
+                self.rates.setdefault(p.stage.name, Rate()).add(p.status.elapsed_s, p.status.frames_out,
+                                                                p.status.bytes_out)
         if self._live is not None:
             self._live.update(self.table(stages))
         elif not self.quiet and now - self._last_plain > PLAIN_EVERY_S:
@@ -96,7 +122,7 @@ class Progress:
 
     def table(self, stages) -> Table:
         table = Table(title=f"detstream session {self.session.name}", caption=self.line(stages))
-        for column in ("stage", "state", "frames in", "frames out", "frames/s", "GB/s", "in flight", "rejected"):
+        for column in COLUMNS:
             table.add_column(column, justify="left" if column in ("stage", "state") else "right")
         for p in stages:
             s, r = p.status, self.rates.get(p.stage.name, Rate())

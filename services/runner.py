@@ -9,7 +9,9 @@ A worker may be lost at any moment without failing the session, starting up incl
 re-sends its frames to the others; all workers gone fails the session); once streaming, so may a
 source that exits (its lanes close its scans by timeout and report the frames lost, then go on
 with the next scan, or fail by `transport.onLoss`). Each such loss is reported (`incidents`).
-An aggregator, distributor or writer that exits fails the session at once, naming it.
+An aggregator, distributor or writer that exits fails the session at once, naming it. A stage
+in state failed is not stopped: it exits by itself once it has served its failed state to
+monitoring for $DETSTREAM_FAILED_LINGER_S seconds (see services/stage.py).
 The peak resident memory (VmHWM) of every stage process is sampled and reported.
 """
 
@@ -36,6 +38,7 @@ from detstream.services.plan import START_ORDER, LocalNetwork, Plan, StagePlan, 
 from detstream.services.progress import Progress, Summary
 from detstream.services.security import KEYS_ENV, Keys, generate as generate_keys
 from detstream.services.session import Session, read_manifest
+from detstream.services.stage import FAILED_LINGER_ENV, failed_linger_s
 from detstream.v1.control_pb2 import FAILED, FINISHED
 
 STOP_GRACE_S = 5.0
@@ -141,6 +144,10 @@ class StageProcess:
         text = self.log_path.read_text(errors="replace").strip().splitlines()
         return " | ".join(text[-lines:]) or "(no output)"
 
+    def failed(self) -> bool:
+        """Alive in state failed: serving its metrics for a while before it exits by itself."""
+        return self.proc.poll() is None and self.status is not None and self.status.state == FAILED
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             if self.client is None:
@@ -173,6 +180,12 @@ class LocalSession:
         self.incidents: list[str] = []  # the stages lost on the way, and why
 
     def launch(self) -> None:
+        """Start the stage processes and connect to them."""
+        self.spawn()
+        self.connect()
+
+    def spawn(self) -> None:
+        """Start the stage processes (no gRPC yet: see connect)."""
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         plan_path = self.run_dir / "plan.json"
         plan_path.write_text(self.plan.to_json())
@@ -185,7 +198,10 @@ class LocalSession:
             self.keys = Keys(keys)
         for stage in self.plan.stages:
             self.stages.append(StageProcess(stage, self.argv(stage), self.run_dir / "logs" / f"{stage.name}.log", env))
-        # gRPC must not be live in this process while it forks: its fork handler aborts the child.
+
+    def connect(self) -> None:
+        """Open the control clients of the launched stages: only once every process of this
+        launcher is started (gRPC must not be live while it forks: its fork handler aborts the child)."""
         for p in self.stages:
             p.client = self.client(p.stage)
 
@@ -257,12 +273,18 @@ class LocalSession:
         status = self.writer().status
         return status is not None and status.state == FINISHED
 
+    def lingering(self) -> list[StageProcess]:
+        """The failed stages still serving their metrics (they exit by themselves)."""
+        return [p for p in self.stages if p.failed()]
+
     def stop(self) -> None:
         for p in self.stages:
             p.sample()
+        lingering = self.lingering()
         for p in self.stages:
-            p.stop()
-        deadline = time.monotonic() + STOP_GRACE_S
+            if p not in lingering:
+                p.stop()
+        deadline = time.monotonic() + STOP_GRACE_S + (failed_linger_s() if lingering else 0.0)
         for p in self.stages:
             p.reap(deadline)
 
@@ -326,6 +348,10 @@ def run_session(manifest: Path, output: Path, report: Path | None, quiet: bool =
             local.writer().status = local.writer().client.status()
         except RunFailed as exc:
             failure = str(exc)
+            lingering = ", ".join(p.stage.name for p in local.lingering())
+            if lingering:
+                progress.say(f"waiting up to {failed_linger_s():g} s for {lingering} to exit: a failed stage "
+                             f"serves its metrics for that long so that monitoring sees it ({FAILED_LINGER_ENV})")
         except KeyboardInterrupt:
             failure = "interrupted (Ctrl-C)"
     writer = next((p.status for p in local.stages if p.stage.role == "writer"), None)

@@ -3,7 +3,11 @@
 A stage's main thread owns its ZeroMQ sockets and runs `step()` in a loop; the gRPC threads only
 set events or queue parameter updates for the main thread. Lifecycle:
 configured -> running -> draining -> finished (or failed). SIGTERM and the Stop call end the
-loop; the process then closes its sockets and exits 0 (1 if the stage failed).
+loop; the process then closes its sockets and exits 0 (1 if the stage failed). A stage that fails
+once started first keeps serving its metrics and status for $DETSTREAM_FAILED_LINGER_S seconds (30
+by default; SIGTERM or Stop end it sooner), so that Prometheus scrapes the failed state before the
+process goes. One that cannot even start exits at once: its pod crash-loops, which Kubernetes and
+the operator report ("pod NAME: CrashLoopBackOff: its last words").
 """
 
 from __future__ import annotations
@@ -33,12 +37,26 @@ HOUSEKEEPING_S = 0.1  # how often a stage checks its timeouts and refreshes its 
 HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 REJECT_LOG_EVERY = 1000  # log the first message of each rejection reason, then every Nth
+FAILED_LINGER_ENV = "DETSTREAM_FAILED_LINGER_S"
+FAILED_LINGER_S = 30.0  # longer than a scrape interval (the chart's PodMonitor scrapes every 15 s)
 
 log = logging.getLogger("detstream.stage")
 
 
 class StageError(Exception):
     """A failure with a clear cause (bad file, bad setting): reported without a traceback."""
+
+
+def failed_linger_s() -> float:
+    """Seconds a failed stage keeps serving its metrics before it exits ($DETSTREAM_FAILED_LINGER_S)."""
+    text = os.environ.get(FAILED_LINGER_ENV, str(FAILED_LINGER_S))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise SystemExit(f"{FAILED_LINGER_ENV}={text!r}: want a number of seconds >= 0 (0: exit at once)")
+    return seconds
 
 
 class Stage:
@@ -71,6 +89,7 @@ class Stage:
         self.monitors: list[zmq.Socket] = []
         self.reject_lock = threading.Lock()
         self.zap: ZapHandler | None = None
+        self.linger_s = failed_linger_s()
 
     # -- sockets -------------------------------------------------------------------------------
     def socket(self, kind: int, *, bind: str | None = None, connect: list = (), server: str = "",
@@ -249,11 +268,21 @@ class Stage:
             if self.zap is not None:
                 self.zap.stop()
             self.ctx.destroy(linger=0)
+            if self.state == FAILED and self.started.is_set():
+                self.linger()
             server.stop(grace=1.0)
         if self.state != FAILED:
             self.set_state(FINISHED)
         self.log.info("stopped")
         return 0 if self.state != FAILED else 1
+
+    def linger(self) -> None:
+        """Keep serving metrics and status (the failed state) for a while, unless told to stop: a
+        stage that exited at once would never be scraped in state failed."""
+        if self.linger_s and not self.stopping.is_set():
+            self.log.info("serving metrics for %g s more, so that monitoring sees the failure (%s)",
+                          self.linger_s, FAILED_LINGER_ENV)
+            self.stopping.wait(self.linger_s)
 
     def load_keys(self) -> Keys | None:
         """The session's keys, when its security settings need them ($DETSTREAM_KEYS)."""

@@ -27,13 +27,26 @@ NOBLOCK, POLLIN, POLLOUT, _SNDMORE = int(zmq.NOBLOCK), int(zmq.POLLIN), int(zmq.
 FRAME_BITS = 40  # a frame key is scan << 40 | frame: 10^12 frames per scan, 2^24 scans
 
 __all__ = ["CALIBRATION", "CREDIT", "DUPLICATE", "END_OF_SCAN", "FRAME", "HEARTBEAT", "PARTIAL", "RECEIPT", "RESULT",
-           "SAMPLE", "SECTOR", "Header",
-           "WireError", "Geometry", "Message", "Outbox", "frame_key", "decode", "receive_parts", "Gaps", "FRAME_BITS",
-           "pack_frames", "unpack_frames", "NOBLOCK", "POLLIN", "POLLOUT"]
+           "SAMPLE", "SECTOR", "Header", "WireError", "REJECT_REASONS", "Geometry", "Message", "Outbox", "frame_key", "decode",
+           "receive_parts", "Gaps", "FRAME_BITS", "pack_frames", "unpack_frames", "NOBLOCK", "POLLIN", "POLLOUT"]
+
+
+# Every reason a stage rejects a message for: the values of the `reason` label of
+# detstream_rejected_messages_total. Each series is exported from the start at 0, so that the first
+# rejection is an increase that rate() sees.
+REJECT_REASONS = (
+    # decode(): the message breaks the contract
+    "empty", "header", "version", "kind", "parts", "range", "geometry", "size",
+    # well-formed, but the stage cannot take it (Stage.refuse)
+    "late", "misrouted", "duplicate-sector", "result", "lost",
+    # not a data message: a failed ZeroMQ handshake (without CURVE / with a wrong key), a bad
+    # request to the metrics endpoint, a refused control call
+    "handshake", "auth", "http", "control",
+)
 
 
 class WireError(ValueError):
-    """A message that breaks the contract; `reason` is a short label for the metric."""
+    """A message that breaks the contract; `reason` (one of REJECT_REASONS) labels the metric."""
 
     def __init__(self, reason: str, detail: str):
         self.reason = reason

@@ -15,6 +15,9 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# A failed stage exits at once in tests (the default, 30 s, lets Prometheus scrape it); the tests
+# of that linger set the variable themselves.
+os.environ.setdefault("DETSTREAM_FAILED_LINGER_S", "0")
 DETSTREAM = [sys.executable, "-m", "detstream.services.cli"]
 
 

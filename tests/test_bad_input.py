@@ -294,3 +294,11 @@ def test_the_writer_never_overwrites_an_earlier_result(tmp_path, local_session):
     assert writer.proc.returncode == 1
     assert f"{earlier} exists already (an earlier run): results are never overwritten" in writer.log_tail()
     assert earlier.read_bytes() == b"an earlier acquisition"
+
+
+def test_a_bad_failed_linger_setting_is_named_without_a_traceback(tmp_path, write_manifest, monkeypatch):
+    monkeypatch.setenv("DETSTREAM_FAILED_LINGER_S", "half a minute")
+    result = run(manifest("linger"), tmp_path, write_manifest)
+    assert result.returncode == 1
+    assert "DETSTREAM_FAILED_LINGER_S='half a minute': want a number of seconds >= 0" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

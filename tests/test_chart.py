@@ -135,6 +135,8 @@ def test_all_features_on(tmp_path):
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     assert svc["spec"]["selector"].items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
     assert sm["spec"]["endpoints"][0]["port"] == svc["spec"]["ports"][0]["name"] == "metrics"
+    # the operator's per-session gauges keep the session's namespace (detstream_session_frames)
+    assert sm["spec"]["endpoints"][0]["honorLabels"] is True
     assert svc["spec"]["ports"][0]["port"] == 9090
 
 

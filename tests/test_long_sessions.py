@@ -63,8 +63,9 @@ def test_status_stays_small_and_every_scan_is_accounted(tmp_path):
                         stages={"long-writer-0": status}, started=True)
     patch = status_patch(observed, {}, 1, "x")
     assert len(json.dumps(patch)) < 16384  # bytes: far below etcd's 1.5 MiB
-    assert (patch["phase"], patch["scansClosed"], patch["framesWritten"], patch["framesLost"]) == \
-        ("Succeeded", SCANS, SCANS // 2, SCANS // 2)
+    assert (patch["phase"], patch["framesWritten"], patch["framesLost"]) == ("Succeeded", SCANS // 2, SCANS // 2)
+    assert patch["closed"] == {"scans": SCANS, "expected": SCANS, "written": SCANS // 2, "partial": 0,
+                               "lost": SCANS // 2, "duplicates": 0}
 
     every = read_accounting(accounting_file(tmp_path, "long"))
     assert [s["scan"] for s in every] == list(range(SCANS))

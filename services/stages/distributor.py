@@ -37,8 +37,8 @@ from detstream.services.accounting import ClosedScans
 from detstream.services.plan import lane_routing_id
 from detstream.services.plugins import plugin_class
 from detstream.services.stage import HOUSEKEEPING_S, POLL_MS, Stage
-from detstream.services.wire import (CREDIT, DUPLICATE, END_OF_SCAN, FRAME, HEARTBEAT, RECEIPT, SAMPLE, Header,
-                                     Message, Outbox, frame_key, pack_frames)
+from detstream.services.wire import (CREDIT, DUPLICATE, END_OF_SCAN, FRAME, HEARTBEAT, POLLIN, RECEIPT, SAMPLE,
+                                     Header, Message, Outbox, frame_key, pack_frames)
 
 
 @dataclass
@@ -99,6 +99,7 @@ class DistributorStage(Stage):
         # One message from each socket that has one, per turn: a poll per message costs less than
         # draining a socket to its refused read. Receipts free credits, worker messages offer them,
         # so both come before frames.
+        held_since = self.held_back()
         for sock, _ in self.poller.poll(POLL_MS):
             if sock is self.writer.socket:
                 _, msg = self.receive(sock)
@@ -115,10 +116,19 @@ class DistributorStage(Stage):
         while self.resend and self.ready:
             self.dispatch(self.resend.popleft())
         now = time.monotonic()
+        if held_since:
+            self.counters.backpressure_s += now - held_since
         if now - self.last_check > HOUSEKEEPING_S:
             self.last_check = now
             self.check_workers(now)
             self.update_gauges()
+
+    def held_back(self) -> float:
+        """When frames wait here for a worker's credit (queued from the aggregator, or to re-send)
+        and no worker has any: now, else 0. Only looked at while no worker has credit."""
+        if self.ready or not (self.resend or self.frames.get(zmq.EVENTS) & POLLIN):
+            return 0.0
+        return time.monotonic()
 
     def from_aggregator(self, msg: Message) -> None:
         h = msg.header

@@ -1,0 +1,55 @@
+"""The live table of `detstream run`: steady rates from the stages' own counters and clocks."""
+
+import time
+
+from rich.console import Console
+
+from conftest import manifest
+from detstream.services.progress import Progress, Rate
+from detstream.services.runner import LocalSession
+from detstream.services.session import load_session
+
+RATE = 40  # frames/s: slow, so that any machine keeps up
+
+
+def test_rate_from_status_samples_polled_twice_as_often():
+    # what the launcher sees: a status every 0.5 s of the stage's clock at 100 frames/s (4 sectors
+    # each, 1 kB a sector), looked at every 0.25 s, so each status is seen twice
+    rate = Rate()
+    shown = []
+    for look in range(40):
+        elapsed = (look // 2) * 0.5
+        rate.add(elapsed, int(400 * elapsed), int(400_000 * elapsed))
+        shown.append((rate.fps, rate.gbps))
+    assert shown[0] == (0.0, 0.0)
+    assert all(fps == 400 and abs(gbps - 0.0004) < 1e-12 for fps, gbps in shown[2:])
+
+
+def test_live_table_shows_a_steady_rate_near_the_source_rate(tmp_path):
+    doc = manifest("steady", scan={"rows": 20, "cols": 20}, source={"rate": RATE}, workers={"replicas": 2},
+                   plugin={"name": "noop"})
+    session = load_session(doc)
+    local = LocalSession(session, tmp_path)
+    progress = Progress(session, quiet=True)
+    shown = []
+    try:
+        local.launch()
+        local.wait_healthy()
+        local.start()
+        while not local.finished():   # as run_session does
+            local.check_alive(streaming=True)
+            progress.update(local.stages)
+            written = local.writer().status.scans[0].written if local.writer().status and \
+                local.writer().status.scans else 0
+            if 80 <= written <= 320:  # past the start, before the end
+                shown.append(sum(r.fps for name, r in progress.rates.items() if name.startswith("worker")))
+            time.sleep(0.25)
+        table = progress.table(local.stages)
+    finally:
+        local.stop()
+    assert len(shown) >= 10
+    assert all(RATE / 2 <= fps <= RATE * 1.5 for fps in shown), shown   # never 0, never twice the rate
+    console = Console(width=200, record=True)
+    console.print(table)
+    text = console.export_text()
+    assert "(source: sectors)" in text and "(aggregator: sectors)" in text
