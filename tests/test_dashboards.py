@@ -298,6 +298,7 @@ def live(tmp_path_factory):
     from prometheus_client import start_http_server
 
     import detstream.operator.handlers as operator_handlers
+    from detstream.services.output import accounting_file, read_accounting
     from detstream.services.progress import Summary
     from detstream.services.runner import LocalSession
     from detstream.services.session import load_session
@@ -374,7 +375,8 @@ def live(tmp_path_factory):
             failed_metrics = urllib.request.urlopen(writer_metrics, timeout=5).read().decode()
         except OSError as exc:
             failed_metrics = str(exc)
-        backlog_report = json.loads(Summary.of(backlog_session, final, 1.0, "failed").to_json())
+        closed = read_accounting(accounting_file(backlog.output / backlog_session.spec.output.path, BACKLOG))
+        backlog_report = json.loads(Summary.of(backlog_session, final, 1.0, "failed", closed=closed).to_json())
 
         # one malformed message and one connection that does not speak ZeroMQ, to dash's aggregator
         rejected_at = time.time()
