@@ -9,10 +9,11 @@ Kubernetes once (5-10 min, cached) and starts a fresh control plane (~10-20 s) f
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 import pytest
+
+from conftest import require
 
 from .controlplane import ControlPlane
 
@@ -33,11 +34,12 @@ def control_plane(tmp_path_factory) -> ControlPlane:
 
 
 class Kubectl:
-    """Runs the machine's `kubectl` against one control plane, never the developer's own KUBECONFIG."""
+    """Runs `kubectl` (the one `make tools` installs, else the machine's) against one control plane, never the
+    developer's own KUBECONFIG."""
 
     def __init__(self, cp: ControlPlane):
         self.cp = cp
-        self.exe = shutil.which("kubectl") or "kubectl"
+        self.exe = require("kubectl")  # a fresh machine has only .tools/bin's
         self.env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig)}
         self.cache = cp.workdir / "kubectl-cache"
 
