@@ -272,3 +272,23 @@ def test_without_peering_flags_the_operator_acts_and_a_missing_peering_object_is
             "(the chart does with peering.enabled=true), or run without --peering") in peered.log()
     assert "Traceback" not in peered.log()
 
+
+def test_a_namespace_with_a_resource_quota_accepts_the_sessions_pods(cluster):
+    # A quota on CPU and memory makes the API server refuse any pod that does not declare them.
+    kubectl, _ = cluster
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "stages"},
+             "spec": {"hard": {"requests.cpu": "1000", "requests.memory": "1000Gi", "limits.memory": "1000Gi"}}}
+    apply(kubectl, quota)
+    try:
+        wait_until(lambda: (get(kubectl, "resourcequota", "stages").get("status") or {}).get("hard"),
+                   what="the quota in force")
+        apply(kubectl, manifest("quota"))
+
+        def pods():
+            return [c for c in children(kubectl, "quota") if c["kind"] == "Pod"]
+        made = wait_until(lambda: len(pods()) == 6 and pods(), what="every stage pod admitted (2 workers)")
+        for pod in made:
+            (stage,) = pod["spec"]["containers"]
+            assert set(stage["resources"]["requests"]) == {"cpu", "memory"}, pod["metadata"]["name"]
+    finally:
+        kubectl("delete", "-n", NS, "resourcequota", "stages")
