@@ -15,6 +15,7 @@ from it will return no credit).
 
 from __future__ import annotations
 
+import json
 import time
 from collections import deque
 
@@ -167,6 +168,9 @@ class WorkerStage(Stage):
         if problems:
             raise ValueError("; ".join(f"{key}: {why}" for key, why in problems))
         self.updates.put(self.plugin_cls(params, PluginContext(self.spec)))
+
+    def add_status(self, status) -> None:
+        status.plugin_params_json = json.dumps(self.plugin.params, sort_keys=True)  # in effect, not just asked for
 
     def apply_updates(self) -> None:
         while not self.updates.empty():
