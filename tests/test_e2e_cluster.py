@@ -477,8 +477,8 @@ def test_a_parameter_change_reaches_the_running_workers_and_the_frames_after_it(
     before = worker_params(workers[0])
     assert before["backgroundThreshold"] == 32 and before["xrayThreshold"] == 50
     e2e.kubectl("patch", "-n", NS, "sess/retuned", "--type=merge", "-p", json.dumps(
-        {"spec": {"plugin": {"params": {"backgroundThreshold": 5000, "xrayThreshold": 6000}}}}))
-    wait_until(lambda: all(worker_params(w) == {**before, "backgroundThreshold": 5000, "xrayThreshold": 6000}
+        {"spec": {"plugin": {"params": {"backgroundThreshold": 30000, "xrayThreshold": 40000}}}}))
+    wait_until(lambda: all(worker_params(w) == {**before, "backgroundThreshold": 30000, "xrayThreshold": 40000}
                            for w in workers), 60, "both workers reporting the new thresholds")
     (source,) = e2e.pods("retuned", "source")
     boundary = int(metric(source, "detstream_frames_sent_total")) // 4  # sectors sent: every later frame is new
