@@ -457,12 +457,18 @@ def test_the_agent_refuses_what_a_kubelet_would(e2e):
     wait_until(lambda: not e2e.pods("honest"), 60, "the honest-* pods gone")
 
 
-def worker_params(pod) -> dict:
-    """The plugin parameters a worker pod says, over its own gRPC Status, it processes frames with."""
+def worker_params(pod) -> dict | None:
+    """The plugin parameters a worker pod says, over its own gRPC Status, it processes frames with
+    (None while it does not answer)."""
+    import grpc
+
     from detstream.services.control import StageClient
     client = StageClient(f"{pod['status']['podIP']}:7100", timeout=5)
     try:
         return json.loads(client.status().plugin_params_json or "null")
+    except grpc.RpcError as exc:
+        print(f"{pod['metadata']['name']} ({pod['status']['podIP']}): {exc.code()}", file=sys.stderr)
+        return None
     finally:
         client.close()
 
@@ -474,7 +480,7 @@ def test_a_parameter_change_reaches_the_running_workers_and_the_frames_after_it(
     e2e.wait_phase("retuned", "Streaming")
     wait_until(lambda: written(e2e, "retuned") >= 20, 120, "frames written with the first thresholds")
     workers = e2e.pods("retuned", "worker")
-    before = worker_params(workers[0])
+    before = wait_until(lambda: worker_params(workers[0]), 30, f"{workers[0]['metadata']['name']}'s Status")
     assert before["backgroundThreshold"] == 32 and before["xrayThreshold"] == 50
     e2e.kubectl("patch", "-n", NS, "sess/retuned", "--type=merge", "-p", json.dumps(
         {"spec": {"plugin": {"params": {"backgroundThreshold": 30000, "xrayThreshold": 40000}}}}))
