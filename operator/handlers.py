@@ -93,18 +93,27 @@ def default_image() -> str:
 
 def session_of(body) -> tuple[Session | None, list[str]]:
     """The session to run: this spec if valid, else the last valid one; plus the spec's problems."""
-    meta = body["metadata"]
-    doc = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND,
-           "metadata": {"name": meta["name"], "namespace": meta.get("namespace", "default")}}
     try:
-        session = load_session({**doc, "spec": dict(body["spec"])})
+        session = as_session(body, dict(body["spec"]))
         errors = resources.cluster_problems(session)
         if not errors:
             return session, []
     except SpecError as exc:
         errors = [str(e) for e in exc.errors]
-    last = (meta.get("annotations") or {}).get(LAST_VALID)
-    return (load_session({**doc, "spec": json.loads(last)}) if last else None), errors
+    return last_valid(body), errors
+
+
+def last_valid(body) -> Session | None:
+    """The session as the reconcile last applied it; once it has succeeded, as it ran (the
+    annotation is no longer updated then)."""
+    last = (body["metadata"].get("annotations") or {}).get(LAST_VALID)
+    return as_session(body, json.loads(last)) if last else None
+
+
+def as_session(body, spec: dict) -> Session:
+    meta = body["metadata"]
+    return load_session({"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "spec": spec,
+                         "metadata": {"name": meta["name"], "namespace": meta.get("namespace", "default")}})
 
 
 @kopf.on.startup()
@@ -128,7 +137,10 @@ def configure(settings: kopf.OperatorSettings, **_):
 def reconcile(body, meta, status, patch, logger, old=None, new=None, **_):
     t0 = time.perf_counter()
     try:
-        apply_session(body, meta, status, patch, logger, params_changed(old, new))
+        if status.get("phase") == "Succeeded":
+            keep_finished(body, meta, patch, logger, edited=old is not None and old != new)
+        else:
+            apply_session(body, meta, patch, logger, params_changed(old, new))
     except Exception:
         RECONCILES.labels("error").inc()  # kopf logs it and retries
         raise
@@ -136,7 +148,7 @@ def reconcile(body, meta, status, patch, logger, old=None, new=None, **_):
         RECONCILE_SECONDS.observe(time.perf_counter() - t0)
 
 
-def apply_session(body, meta, status, patch, logger, new_params: bool) -> None:
+def apply_session(body, meta, patch, logger, new_params: bool) -> None:
     session, errors = session_of(body)
     if errors:
         keeping = "keeping the last valid spec" if session else "nothing to run"
@@ -148,26 +160,42 @@ def apply_session(body, meta, status, patch, logger, new_params: bool) -> None:
         return
     if not errors:
         patch.metadata.setdefault("annotations", {})[LAST_VALID] = json.dumps(dict(body["spec"]), sort_keys=True)
-    if status.get("phase") != "Succeeded":
-        desired = resources.children(session, default_image())
-    else:
-        desired = resources.finished(session, default_image())
+    apply_children(body, session, resources.children(session, default_image()), logger)
+    if not errors and new_params:
+        push_params(body, session, logger)
+    patch.status["observedGeneration"] = meta.get("generation")  # applied (or refused for the last valid spec)
+    RECONCILES.labels("applied" if not errors else "invalid").inc()
+
+
+def keep_finished(body, meta, patch, logger, edited: bool) -> None:
+    """A succeeded session's children stay as they ran, whatever its spec says now: a changed pod
+    template would roll the idle writer, and an emptyDir's results would go with its old pod."""
+    session = last_valid(body)
+    apply_children(body, session, resources.finished(session, default_image()), logger)
+    if edited:
+        tell(body, logger, "SpecIgnored", "the session has succeeded: a spec change has no effect on it and "
+                                          "its results stay as they are (to run again, create a new session)",
+             warning=True)
+    patch.status["observedGeneration"] = meta.get("generation")
+    RECONCILES.labels("applied").inc()
+
+
+def apply_children(body, session: Session, desired: list[dict], logger) -> None:
+    """Apply the desired children (the keys Secret first) and remove the session's others."""
     ensure_keys(session, body)  # before the pods that mount it
     for obj in desired:
         cluster().apply(obj, body)
     gone = cluster().prune(session.namespace, session.name, {(o["kind"], o["metadata"]["name"]) for o in desired})
     if gone:
         tell(body, logger, "Pruned", f"removed {', '.join(gone)}")
-    if not errors and new_params:
-        push_params(body, session, logger)
-    RECONCILES.labels("applied" if not errors else "invalid").inc()
 
 
 def params_changed(old: dict | None, new: dict | None) -> bool:
-    """Whether an update changed the plugin parameters (also when the plugin section is new)."""
+    """Whether an update changed the plugin parameters (also when the plugin section is new).
+    `old` and `new` are the specs themselves: kopf passes the changed field (`field="spec"`)."""
     if old is None or new is None:
         return False
-    params = lambda body: ((body.get("spec") or {}).get("plugin") or {}).get("params") or {}  # noqa: E731
+    params = lambda spec: ((spec or {}).get("plugin") or {}).get("params") or {}  # noqa: E731
     return params(old) != params(new)
 
 
@@ -226,7 +254,7 @@ def observe(body, meta, status, patch, logger, **_):
         tell(body, logger, new["phase"], f"phase {status.get('phase')} -> {new['phase']}{f': {why}' if why else ''}",
              warning=new["phase"] == "Failed")
     if new["phase"] == "Succeeded":
-        for obj in resources.finished(session, default_image()):
+        for obj in resources.finished(last_valid(body) or session, default_image()):
             cluster().apply(obj, body)  # scale the stages to zero (not an emptyDir's writer); the record stays
     patch.status.update(new)
     metrics.export(meta["namespace"], meta["name"], new)

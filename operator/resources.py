@@ -89,7 +89,7 @@ def container(session: Session, role: str, image: str, plan: Plan) -> dict:
         "readinessProbe": {**probe, "failureThreshold": 3},
         # An exec probe costs a Python start (~0.25 CPU-s): liveness need not be as eager as readiness.
         "livenessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 6, "initialDelaySeconds": 10},
-        "resources": k8s.resources.get(role, {}),
+        "resources": getattr(k8s.resources, role),
         "volumeMounts": mounts,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,

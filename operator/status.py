@@ -144,7 +144,8 @@ def without_empty(fields: dict) -> dict:
 
 
 def status_patch(o: Observed, old_status: dict, generation: int, selector: str) -> dict:
-    """The whole `status` the operator writes for these observations."""
+    """The `status` the operator writes for these observations (not `observedGeneration`: the
+    reconcile writes it once it has applied that generation)."""
     current, why = phase(o)
     ready = ready_counts(o)
     writer = next((s for s in o.stages.values() if s.stage == "writer"), None)
@@ -166,7 +167,6 @@ def status_patch(o: Observed, old_status: dict, generation: int, selector: str) 
     ]
     out = {
         "phase": current,
-        "observedGeneration": generation,
         "conditions": conditions,
         "stages": {role: {"desired": n, "ready": ready.get(role, 0)} for role, n in o.desired.items()},
         "workerReplicas": sum(1 for p in o.pods if p.role == "worker"),

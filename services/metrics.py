@@ -83,8 +83,8 @@ class StageCollector:
         yield self._family(G, "detstream_workers", "Live workers known to a distributor.", c.workers)
         yield self._family(G, "detstream_scan_progress", "Fraction of the current scan written.",
                            c.scan_progress)
-        yield self._family(G, "detstream_stage_state", "Lifecycle state (1 configured, 2 running, "
-                                                       "3 draining, 4 finished, 5 failed).", c.state)
+        yield self._family(G, "detstream_stage_state", "Lifecycle state (0 starting, 1 configured, "
+                                                       "2 running, 3 draining, 4 finished, 5 failed).", c.state)
         yield self._family(G, "detstream_peak_rss_bytes", "Peak resident memory of the stage process.",
                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 

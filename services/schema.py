@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import re
 import types
@@ -175,9 +176,10 @@ def openapi(cls: type) -> dict:
                 schema[key] = meta[key]
         if meta.get("enum"):
             schema["enum"] = list(meta["enum"])
-        # An empty-string default says nothing, and Kubernetes 1.20 reads it as null and refuses it.
-        if f.default not in (dataclasses.MISSING, None, "") and not dataclasses.is_dataclass(tp):
-            schema["default"] = f.default
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        # An empty default says nothing, and Kubernetes 1.20 reads an empty string as null and refuses it.
+        if default not in (dataclasses.MISSING, None, "", {}, []) and not dataclasses.is_dataclass(tp):
+            schema["default"] = default
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and not optional:
             required.append(camel(f.name))
         props[camel(f.name)] = schema
@@ -213,7 +215,8 @@ def markdown_reference(cls: type, path: str = "spec") -> str:
             kind = " \\| ".join(prop["enum"]) if "enum" in prop else prop["type"]
             bounds = [f"{op} {prop[k]:g}" for k, op in (("minimum", ">="), ("maximum", "<=")) if k in prop]
             kind += f" ({', '.join(bounds)})" if bounds else ""
-            default = f"`{prop['default']}`" if prop.get("default", "") != "" else ""
+            value = prop.get("default", "")
+            default = f"`{value if isinstance(value, str) else json.dumps(value)}`" if value != "" else ""
             yield name, kind, default, prop["description"]
     lines = ["| field | type | default | meaning |", "|---|---|---|---|"]
     lines += [f"| `{n}` | {k} | {d} | {doc} |" for n, k, d, doc in rows(openapi(cls), path)]

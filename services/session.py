@@ -149,15 +149,36 @@ class Security:
                                                     "refused).", enum=("insecure", "mtls"))
 
 
+def requests(cpu: str, memory: str, memory_limit: str) -> Any:
+    """A role's default resources: CPU and memory requests (what the scheduler and a namespace's
+    ResourceQuota count) and a memory limit; no CPU limit, which would throttle a streaming stage."""
+    return lambda: {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory_limit}}
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Resource requests and limits of the stage pods, per role; a role given here replaces that
+    role's default whole."""
+    source: dict = spec_field(default_factory=requests("250m", "256Mi", "1Gi"), free_form=True,
+                              doc="Of each source pod (a simulator or replay process).")
+    aggregator: dict = spec_field(default_factory=requests("500m", "512Mi", "2Gi"), free_form=True,
+                                  doc="Of each aggregator pod (holds frames being reassembled).")
+    distributor: dict = spec_field(default_factory=requests("250m", "256Mi", "1Gi"), free_form=True,
+                                   doc="Of each distributor pod.")
+    worker: dict = spec_field(default_factory=requests("1", "512Mi", "2Gi"), free_form=True,
+                              doc="Of each worker pod (runs the plugin on its frames).")
+    writer: dict = spec_field(default_factory=requests("250m", "512Mi", "2Gi"), free_form=True,
+                              doc="Of the writer pod (holds each open scan until its file closes).")
+
+
 @dataclass(frozen=True)
 class Kubernetes:
     """Settings used only on Kubernetes; accepted and ignored by the local runner."""
     image: str = spec_field("", doc="Container image of the stages (default: the operator's own image).")
     image_pull_policy: str = spec_field("IfNotPresent", doc="Image pull policy of the stage pods.",
                                         enum=("Always", "IfNotPresent", "Never"))
-    resources: dict = spec_field(default_factory=dict, doc="Resource requests/limits per stage role "
-                                                           "(source, aggregator, distributor, worker, "
-                                                           "writer).", free_form=True)
+    resources: Resources = spec_field(default_factory=Resources, doc="Resource requests/limits of the stage "
+                                                                     "pods, per role.")
     node_selector: dict = spec_field(default_factory=dict, doc="Node selector of the stage pods.",
                                      free_form=True)
     drain_grace_s: float = spec_field(60.0, doc="Seconds a deleted session may take to drain (sources stop, "

@@ -455,3 +455,71 @@ def test_the_agent_refuses_what_a_kubelet_would(e2e):
     assert "/etc/detstream/plan.json" in last("mount")["message"]
     e2e.kubectl("delete", "deployment,configmap", "-n", NS, "-l", "detstream.io/session=honest")
     wait_until(lambda: not e2e.pods("honest"), 60, "the honest-* pods gone")
+
+
+def worker_params(pod) -> dict | None:
+    """The plugin parameters a worker pod says, over its own gRPC Status, it processes frames with
+    (None while it does not answer)."""
+    import grpc
+
+    from detstream.services.control import StageClient
+    client = StageClient(f"{pod['status']['podIP']}:7100", timeout=5)
+    try:
+        return json.loads(client.status().plugin_params_json or "null")
+    except grpc.RpcError as exc:
+        print(f"{pod['metadata']['name']} ({pod['status']['podIP']}): {exc.code()}", file=sys.stderr)
+        return None
+    finally:
+        client.close()
+
+
+def test_a_parameter_change_reaches_the_running_workers_and_the_frames_after_it(e2e):
+    # Thresholds no pixel reaches count nothing: every frame the source sends after the workers
+    # report them must be written without events; those written before the change have events.
+    folder = streaming_session(e2e, "retuned", 16, rate=12, workers=2)
+    e2e.wait_phase("retuned", "Streaming")
+    wait_until(lambda: written(e2e, "retuned") >= 20, 120, "frames written with the first thresholds")
+    workers = e2e.pods("retuned", "worker")
+    before = wait_until(lambda: worker_params(workers[0]), 30, f"{workers[0]['metadata']['name']}'s Status")
+    assert before["backgroundThreshold"] == 32 and before["xrayThreshold"] == 50
+    e2e.kubectl("patch", "-n", NS, "sess/retuned", "--type=merge", "-p", json.dumps(
+        {"spec": {"plugin": {"params": {"backgroundThreshold": 30000, "xrayThreshold": 40000}}}}))
+    wait_until(lambda: all(worker_params(w) == {**before, "backgroundThreshold": 30000, "xrayThreshold": 40000}
+                           for w in workers), 60, "both workers reporting the new thresholds")
+    (source,) = e2e.pods("retuned", "source")
+    boundary = int(metric(source, "detstream_frames_sent_total")) // 4  # sectors sent: every later frame is new
+    assert e2e.status("retuned")["phase"] == "Streaming" and boundary < 256, "the scan ended before the change"
+    assert any("plugin parameters pushed live to 2 worker(s)" in m for m in e2e.events("retuned"))
+    assert sorted(w["metadata"]["uid"] for w in e2e.pods("retuned", "worker")) == sorted(
+        w["metadata"]["uid"] for w in workers), "the workers were restarted"
+    status = e2e.wait_phase("retuned", "Succeeded")
+    check_accounting(status, 16, 16)
+    counted = stempy.io.load_electron_counts(str(folder / "retuned-scan0000.h5"))
+    events = [len(frames[0]) for frames in counted.data]
+    assert sum(1 for n in events[:boundary] if n) >= 20  # counted with the first thresholds
+    assert not any(events[boundary:]), f"frames {boundary}.. counted with the old thresholds"
+    e2e.delete("retuned")
+
+
+def test_editing_a_succeeded_session_keeps_its_results(e2e):
+    # The results are in the writer's emptyDir: a rolled writer pod would take them with it.
+    e2e.apply(manifest("kept", **copy.deepcopy(LIGHT)))
+    e2e.wait_phase("kept", "Succeeded")
+    (writer,) = e2e.pods("kept", "writer")
+    path = e2e.volume(writer, "output") / "kept-scan0000.h5"
+    template = e2e.get("statefulset", "kept-writer")["spec"]["template"]
+    e2e.kubectl("patch", "-n", NS, "sess/kept", "--type=merge", "-p", '{"spec": {"transport": {"highWaterMark": 64}}}')
+
+    def handled():
+        ignored = [m for m in e2e.events("kept") if "a spec change has no effect" in m]
+        replaced = [p for p in e2e.pods("kept", "writer") if p["metadata"]["uid"] != writer["metadata"]["uid"]]
+        return ignored or replaced or not path.exists()
+    wait_until(handled, 60, "the edit handled")
+    assert path.exists(), "the edit deleted the results"
+    assert [p["metadata"]["uid"] for p in e2e.pods("kept", "writer")] == [writer["metadata"]["uid"]]
+    assert e2e.get("statefulset", "kept-writer")["spec"]["template"] == template
+    session = e2e.get("sess", "kept")
+    assert session["status"]["phase"] == "Succeeded"
+    assert session["status"]["observedGeneration"] == session["metadata"]["generation"]  # the edit was seen
+    assert tuple(stempy.io.load_electron_counts(str(path)).scan_shape) == (8, 8)
+    e2e.delete("kept")

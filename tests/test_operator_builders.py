@@ -31,6 +31,24 @@ def test_committed_crd_is_fresh():
     kubernetes_validate.validate(yaml.safe_load(committed), K8S, strict=True)
 
 
+def test_every_stage_requests_the_crd_default_resources_unless_its_role_is_given():
+    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    defaults = {role: prop["default"] for role, prop in
+                schema["properties"]["spec"]["properties"]["kubernetes"]["properties"]["resources"]["properties"].items()}
+    assert set(defaults) == {"source", "aggregator", "distributor", "worker", "writer"}
+    mine = {"requests": {"cpu": "3", "memory": "4Gi"}}
+    for s, expected in ((session(), defaults), (session(kubernetes={"resources": {"worker": mine}}),
+                                                {**defaults, "worker": mine})):
+        workloads = [o for o in resources.children(s, "img") if o["kind"] in ("StatefulSet", "Deployment")]
+        assert len(workloads) == 5
+        for obj in workloads:
+            (stage,) = obj["spec"]["template"]["spec"]["containers"]
+            assert stage["resources"] == expected[obj["spec"]["template"]["metadata"]["labels"][
+                "app.kubernetes.io/component"]], obj["metadata"]["name"]
+    with pytest.raises(Exception, match=r"spec.kubernetes.resources.workers: unknown field"):
+        session(kubernetes={"resources": {"workers": mine}})
+
+
 def test_crd_has_short_name_columns_and_scale():
     version = crd()["spec"]["versions"][0]
     assert crd()["spec"]["names"]["shortNames"] == ["sess"]

@@ -268,10 +268,10 @@ def test_two_replicas_only_one_acts(cluster, tmp_path):
         {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "detstream"}}))
     # The higher priority first: a peer starts paused and acts only once it has read the peering
     # object, so the second one, seeing the first already there, never acts.
-    peers = [None, start_operator(kubectl.cp, tmp_path / "peer-1.log", "--priority", "11")]
+    peers = [None, start_operator(kubectl.cp, tmp_path / "peer-1.log", "--peering", "detstream", "--priority", "11")]
     try:
         wait_until(lambda: len(get(kubectl, "kopfpeering", "detstream").get("status") or {}) == 1, what="peer 1")
-        peers[0] = start_operator(kubectl.cp, tmp_path / "peer-0.log", "--priority", "10")
+        peers[0] = start_operator(kubectl.cp, tmp_path / "peer-0.log", "--peering", "detstream", "--priority", "10")
         wait_until(lambda: len(get(kubectl, "kopfpeering", "detstream").get("status") or {}) == 2, what="both peers")
         apply(kubectl, manifest("peered"))
         wait_until(lambda: converged(kubectl, "peered"), what="children")
@@ -282,3 +282,43 @@ def test_two_replicas_only_one_acts(cluster, tmp_path):
         for peer in filter(None, peers):
             peer.stop()
         operator.start()
+
+
+def test_without_peering_flags_the_operator_acts_and_a_missing_peering_object_is_named(cluster, tmp_path):
+    # As `detstream operator -n NS` is run by hand: no KopfPeering exists, and none is needed.
+    kubectl, operator = cluster
+    operator.stop()
+    plain = start_operator(kubectl.cp, tmp_path / "plain.log")
+    try:
+        apply(kubectl, manifest("unpeered"))
+        wait_until(lambda: converged(kubectl, "unpeered"), what="children made by an operator without flags")
+    finally:
+        plain.stop()
+        operator.start()
+    # Asked for a peering object that is not there, it says so and exits, instead of waiting for ever.
+    peered = start_operator(kubectl.cp, tmp_path / "peered.log", "--peering", "nowhere")
+    assert peered.proc.wait(60) == 2
+    assert (f"detstream operator: --peering nowhere: no KopfPeering 'nowhere' in namespace {NS}: create it "
+            "(the chart does with peering.enabled=true), or run without --peering") in peered.log()
+    assert "Traceback" not in peered.log()
+
+
+def test_a_namespace_with_a_resource_quota_accepts_the_sessions_pods(cluster):
+    # A quota on CPU and memory makes the API server refuse any pod that does not declare them.
+    kubectl, _ = cluster
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "stages"},
+             "spec": {"hard": {"requests.cpu": "1000", "requests.memory": "1000Gi", "limits.memory": "1000Gi"}}}
+    apply(kubectl, quota)
+    try:
+        wait_until(lambda: (get(kubectl, "resourcequota", "stages").get("status") or {}).get("hard"),
+                   what="the quota in force")
+        apply(kubectl, manifest("quota"))
+
+        def pods():
+            return [c for c in children(kubectl, "quota") if c["kind"] == "Pod"]
+        made = wait_until(lambda: len(pods()) == 6 and pods(), what="every stage pod admitted (2 workers)")
+        for pod in made:
+            (stage,) = pod["spec"]["containers"]
+            assert set(stage["resources"]["requests"]) == {"cpu", "memory"}, pod["metadata"]["name"]
+    finally:
+        kubectl("delete", "-n", NS, "resourcequota", "stages")

@@ -213,6 +213,9 @@ class WorkerStage(Stage):
             raise ValueError("; ".join(f"{key}: {why}" for key, why in problems))
         self.updates.put(self.plugin_cls(params, PluginContext(self.spec)))
 
+    def add_status(self, status) -> None:
+        status.plugin_params_json = json.dumps(self.plugin.params, sort_keys=True)  # in effect, not just asked for
+
     def apply_updates(self) -> None:
         while not self.updates.empty():
             self.plugin = self.updates.get()

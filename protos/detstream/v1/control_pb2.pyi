@@ -65,7 +65,7 @@ class ScanAccount(_message.Message):
     def __init__(self, scan: _Optional[int] = ..., expected: _Optional[int] = ..., written: _Optional[int] = ..., partial: _Optional[int] = ..., lost: _Optional[int] = ..., duplicates: _Optional[int] = ..., complete: _Optional[bool] = ..., file: _Optional[str] = ...) -> None: ...
 
 class StageStatus(_message.Message):
-    __slots__ = ("stage", "replica", "state", "message", "frames_in", "frames_out", "bytes_in", "bytes_out", "in_flight", "rejected", "scans", "scans_total", "elapsed_s", "dropped", "scans_closed", "closed_total", "scans_unaccounted")
+    __slots__ = ("stage", "replica", "state", "message", "frames_in", "frames_out", "bytes_in", "bytes_out", "in_flight", "rejected", "scans", "scans_total", "elapsed_s", "dropped", "plugin_params_json", "scans_closed", "closed_total", "scans_unaccounted")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class StageStatus(_message.Message):
     SCANS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    PLUGIN_PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
     SCANS_CLOSED_FIELD_NUMBER: _ClassVar[int]
     CLOSED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     SCANS_UNACCOUNTED_FIELD_NUMBER: _ClassVar[int]
@@ -97,7 +98,8 @@ class StageStatus(_message.Message):
     scans_total: int
     elapsed_s: float
     dropped: int
+    plugin_params_json: str
     scans_closed: int
     closed_total: ScanAccount
     scans_unaccounted: int
-    def __init__(self, stage: _Optional[str] = ..., replica: _Optional[int] = ..., state: _Optional[_Union[StageState, str]] = ..., message: _Optional[str] = ..., frames_in: _Optional[int] = ..., frames_out: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., in_flight: _Optional[int] = ..., rejected: _Optional[int] = ..., scans: _Optional[_Iterable[_Union[ScanAccount, _Mapping]]] = ..., scans_total: _Optional[int] = ..., elapsed_s: _Optional[float] = ..., dropped: _Optional[int] = ..., scans_closed: _Optional[int] = ..., closed_total: _Optional[_Union[ScanAccount, _Mapping]] = ..., scans_unaccounted: _Optional[int] = ...) -> None: ...
+    def __init__(self, stage: _Optional[str] = ..., replica: _Optional[int] = ..., state: _Optional[_Union[StageState, str]] = ..., message: _Optional[str] = ..., frames_in: _Optional[int] = ..., frames_out: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., in_flight: _Optional[int] = ..., rejected: _Optional[int] = ..., scans: _Optional[_Iterable[_Union[ScanAccount, _Mapping]]] = ..., scans_total: _Optional[int] = ..., elapsed_s: _Optional[float] = ..., dropped: _Optional[int] = ..., plugin_params_json: _Optional[str] = ..., scans_closed: _Optional[int] = ..., closed_total: _Optional[_Union[ScanAccount, _Mapping]] = ..., scans_unaccounted: _Optional[int] = ...) -> None: ...
