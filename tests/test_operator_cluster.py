@@ -205,7 +205,9 @@ def test_secure_sessions_get_their_keys_secret_once(cluster):
     secret = wait_until(lambda: get(kubectl, "secret", "secure-keys"), what="the keys Secret")
     (owner,) = secret["metadata"]["ownerReferences"]
     assert owner["uid"] == get(kubectl, "sess", "secure")["metadata"]["uid"]
-    template = get(kubectl, "statefulset", "secure-writer")["spec"]["template"]["spec"]
+    # the Secret comes first (the pods mount it), the workloads within the same reconcile
+    template = wait_until(lambda: get(kubectl, "statefulset", "secure-writer"),
+                          what="the writer's StatefulSet")["spec"]["template"]["spec"]
     volume = next(v for v in template["volumes"] if v["name"] == "keys")
     assert {"path": "tls/writer-0.key", "key": "tls_writer-0.key"} in volume["secret"]["items"]
     doc["spec"]["workers"]["replicas"] = 3
