@@ -416,6 +416,9 @@ def test_the_agent_refuses_what_a_kubelet_would(e2e):
             c["env"] = [e for e in c["env"] if e["name"] != name] + ([{"name": name, "value": value}] if value else [])
         return change
 
+    def metrics_port(c):  # declared where the stage does not listen: the probes ask the wrong port
+        next(p for p in c["ports"] if p["name"] == "metrics")["containerPort"] = 7999
+
     def mount_at(path):
         def change(c):
             next(m for m in c["volumeMounts"] if m["mountPath"] == "/etc/detstream")["mountPath"] = path
@@ -424,7 +427,7 @@ def test_the_agent_refuses_what_a_kubelet_would(e2e):
     cases = {"control": lambda c: None,
              "command": lambda c: c["args"].__setitem__(1, "wroker"),  # a typo in the role
              "env": env("POD_IP"),                                      # no downward-API pod IP
-             "port": env("DETSTREAM_CONTROL_PORT", "7999"),             # probes ask the wrong port
+             "port": metrics_port,
              "mount": mount_at("/etc/plan")}                            # the plan is not where args say
     docs = [plan]
     for case, change in cases.items():

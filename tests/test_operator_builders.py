@@ -57,7 +57,10 @@ def test_pods_are_restricted_and_bind_their_own_ip():
                                         "capabilities": {"drop": ["ALL"]}}
         env = {e["name"]: e for e in c["env"]}
         assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
-        assert c["readinessProbe"]["exec"]["command"] == ["detstream", "health"]
+        # probes cost the kubelet an HTTP request to the stage's metrics port, not a process
+        assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+        assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+        assert "metrics" in [p["name"] for p in c["ports"]]
 
 
 def test_external_source_exposes_ingest_with_the_chosen_service_type():

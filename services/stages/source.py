@@ -155,7 +155,7 @@ class SourceStage(Stage):
             return True
         except zmq.Again:
             pass
-        while not self.stopping.is_set():
+        while self.waiting():
             if outbox.socket.poll(SEND_RETRY_MS, zmq.POLLOUT):
                 outbox.send(header, parts, flags=zmq.NOBLOCK)
                 return True
