@@ -147,7 +147,10 @@ def services(session: Session, plan: Plan) -> list[dict]:
     return out
 
 
-OPERATOR_POD = {"app.kubernetes.io/name": "detstream", "app.kubernetes.io/component": "operator"}
+# The label a session's NetworkPolicy admits to the stages' control ports. The chart's operator pods
+# always carry it, whatever nameOverride makes of their app.kubernetes.io/name; an operator run
+# another way must run in a pod that carries it (see README, "On Kubernetes: the operator").
+OPERATOR_POD = {"detstream.io/operator": "true"}
 
 
 def cluster_problems(session: Session) -> list[str]:
