@@ -239,6 +239,15 @@ def test_every_object_is_valid_kubernetes(rendered):
             kubernetes_validate.validate(doc, version, strict=True)
 
 
+def test_probes_are_http_requests_not_processes(rendered):
+    """An exec probe starts a process (for `detstream`, a Python: ~0.2 CPU-s) every period."""
+    _, docs = rendered
+    for deploy in of_kind(docs, "Deployment"):
+        for container in deploy["spec"]["template"]["spec"]["containers"]:
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                assert "exec" not in container.get(probe, {}), (deploy["metadata"]["name"], probe)
+
+
 def test_the_charts_crds_are_valid_kubernetes():
     """crds/ is the team lead's (`make crd`); the chart only ships it, and checks it is valid."""
     crds = [doc for path in sorted((CHART / "crds").glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text())
