@@ -3,7 +3,8 @@
 Per session: a ConfigMap holding the plan; per indexed role (source, aggregator, distributor,
 writer) a StatefulSet with a headless Service, plus one Service per replica named as the plan
 addresses it (`SESSION-ROLE-INDEX`); the worker pool is a Deployment (scaled by the session's
-scale subresource). Pods bind to their own IP ($POD_IP) and are probed over gRPC health.
+scale subresource). Pods bind to their own IP ($POD_IP) and are probed over HTTP on their metrics
+port (/readyz, /healthz).
 """
 
 from __future__ import annotations
@@ -74,21 +75,18 @@ def container(session: Session, role: str, image: str, plan: Plan) -> dict:
     if keys.needs_keys(session):
         mounts.append({"name": "keys", "mountPath": keys.KEYS_DIR, "readOnly": True})
         env_keys = [{"name": "DETSTREAM_KEYS", "value": keys.KEYS_DIR}]
-    # With mutual TLS only the operator holds a client certificate, so the probe checks that the
-    # control port listens; the operator reads every stage's real state over mTLS before starting it.
-    check = ({"tcpSocket": {"port": CLUSTER_PORTS["control"]}} if session.spec.security.control_plane == "mtls"
-             else {"exec": {"command": ["detstream", "health"]}})
-    probe = {**check, "periodSeconds": 2, "timeoutSeconds": 5}
+    # HTTP on the metrics port (plain HTTP also under mutual TLS): one request per probe, no process
+    probe = {"periodSeconds": 2, "timeoutSeconds": 5}
+    check = lambda path: {"httpGet": {"path": path, "port": "metrics"}}  # noqa: E731
     field = lambda path: {"valueFrom": {"fieldRef": {"fieldPath": path}}}  # noqa: E731
     return {
         "name": "stage", "image": image, "imagePullPolicy": k8s.image_pull_policy, "args": args,
         "env": [{"name": "POD_NAME", **field("metadata.name")}, {"name": "POD_NAMESPACE", **field("metadata.namespace")},
-                {"name": "POD_IP", **field("status.podIP")},
-                {"name": "DETSTREAM_CONTROL_PORT", "value": str(CLUSTER_PORTS["control"])}, *env_keys],
+                {"name": "POD_IP", **field("status.podIP")}, *env_keys],
         "ports": [{"name": name, "containerPort": CLUSTER_PORTS[name], "protocol": "TCP"} for name in ports],
-        "readinessProbe": {**probe, "failureThreshold": 3},
-        # An exec probe costs a Python start (~0.25 CPU-s): liveness need not be as eager as readiness.
-        "livenessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 6, "initialDelaySeconds": 10},
+        "readinessProbe": {**check("/readyz"), **probe, "failureThreshold": 3},
+        # A hung stage is restarted after its loop stalled STALL_S and then 3 failed probes.
+        "livenessProbe": {**check("/healthz"), **probe, "periodSeconds": 5, "failureThreshold": 3},
         "resources": getattr(k8s.resources, role),
         "volumeMounts": mounts,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -154,7 +152,10 @@ def services(session: Session, plan: Plan) -> list[dict]:
     return out
 
 
-OPERATOR_POD = {"app.kubernetes.io/name": "detstream", "app.kubernetes.io/component": "operator"}
+# The label a session's NetworkPolicy admits to the stages' control ports. The chart's operator pods
+# always carry it, whatever nameOverride makes of their app.kubernetes.io/name; an operator run
+# another way must run in a pod that carries it (see README, "On Kubernetes: the operator").
+OPERATOR_POD = {"detstream.io/operator": "true"}
 
 
 def plugin_files(session: Session) -> dict[str, str]:

@@ -27,10 +27,6 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("validate", help="check a StreamingSession manifest and print its plan")
     check.add_argument("manifest", type=Path)
 
-    health = sub.add_parser("health", help="exit 0 if a stage's gRPC health service says SERVING (probes)")
-    health.add_argument("--address", default=f"{os.environ.get('POD_IP', '127.0.0.1')}:"
-                                            f"{os.environ.get('DETSTREAM_CONTROL_PORT', '7100')}")
-
     stage = sub.add_parser("stage", help="run one pipeline stage (the launchers call this)")
     stage.add_argument("role", choices=("source", "aggregator", "distributor", "worker", "writer"))
     stage.add_argument("--plan", type=Path, help="the session's plan.json (the launchers give it)")
@@ -61,9 +57,6 @@ def main(argv: list[str] | None = None) -> int:
             return run_session(args.manifest, args.output, args.report, quiet=args.quiet)
         if args.command == "validate":
             return validate(args.manifest)
-        if args.command == "health":
-            from detstream.services.control import StageClient
-            return 0 if StageClient(args.address, timeout=3).healthy() else 1
         return run_stage(args)
     except SpecError as exc:
         print(f"detstream: {args.manifest if hasattr(args, 'manifest') else 'plan'} is not a valid "

@@ -99,8 +99,10 @@ class StageMetrics:
         self.latency = Histogram("detstream_processing_seconds", "Time a worker spends on one frame.",
                                  LABELS, registry=self.registry, buckets=LATENCY_BUCKETS).labels(*labels)
 
-    def serve(self, host: str, port: int, on_bad_request=None) -> None:
-        """Serve /metrics on host:port; a request that is not HTTP (or not a GET) is answered with
+    def serve(self, host: str, port: int, on_bad_request=None, checks: dict | None = None) -> None:
+        """Serve /metrics on host:port, and each of `checks` (a path such as /healthz -> a function
+        returning (ok, why)) as a probe: 200 or 503, with `why` as the body. Probes cost the kubelet
+        one HTTP request, not a process. A request that is not HTTP (or not a GET) is answered with
         an error and reported to `on_bad_request(description)`."""
         from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -123,6 +125,11 @@ class StageMetrics:
                     on_bad_request(f"HTTP method {environ.get('REQUEST_METHOD')!r}")
                 start_response("405 Method Not Allowed", [("Content-Type", "text/plain")])
                 return [b"only GET\n"]
+            check = (checks or {}).get(environ.get("PATH_INFO"))
+            if check is not None:
+                ok, why = check()
+                start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+                return [f"{why}\n".encode()]
             return app(environ, start_response)
 
         httpd = make_server(host, port, only_get, ThreadingWSGIServer, handler_class=Handler)

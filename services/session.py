@@ -185,8 +185,9 @@ class Kubernetes:
                                                 "frames in flight finish, files close) before its pods go.",
                                       minimum=0)
     network_policy: bool = spec_field(True, doc="A NetworkPolicy lets only this session's own stages reach its "
-                                                "data ports, the operator its control ports, and monitoring "
-                                                "their metrics ports.")
+                                                "data ports, the operator (pods labelled detstream.io/operator: "
+                                                "\"true\", as the chart's are) its control ports, and "
+                                                "monitoring their metrics ports.")
     external_source_ranges: list[str] = spec_field(default_factory=list, doc="external sources: CIDR ranges "
                                                    "of the acquisition machines allowed to reach the ingest port "
                                                    "(required with a NetworkPolicy; 0.0.0.0/0 allows any).")

@@ -8,6 +8,10 @@ once started first keeps serving its metrics and status for $DETSTREAM_FAILED_LI
 by default; SIGTERM or Stop end it sooner), so that Prometheus scrapes the failed state before the
 process goes. One that cannot even start exits at once: its pod crash-loops, which Kubernetes and
 the operator report ("pod NAME: CrashLoopBackOff: its last words").
+
+Probes (served on the metrics port, see `probes`): /readyz answers 200 once the stage is set up (its
+sockets bound and connected) until it stops or fails, as its gRPC health service says SERVING;
+/healthz answers 200 while the main loop turns (and while the stage is being set up).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from detstream.services.plan import Plan
 from detstream.services.security import Keys, KeysMissing, ZapHandler
 from detstream.services.wire import Gaps, Geometry, Message, WireError, decode, receive_parts
 from detstream.v1.wire_pb2 import Kind
-from detstream.v1.control_pb2 import CONFIGURED, DRAINING, FAILED, FINISHED, RUNNING, StageStatus
+from detstream.v1.control_pb2 import CONFIGURED, DRAINING, FAILED, FINISHED, RUNNING, StageState, StageStatus
 
 POLL_MS = 100
 HOUSEKEEPING_S = 0.1  # how often a stage checks its timeouts and refreshes its gauges (not per message)
@@ -39,6 +43,11 @@ HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_F
 REJECT_LOG_EVERY = 1000  # log the first message of each rejection reason, then every Nth
 FAILED_LINGER_ENV = "DETSTREAM_FAILED_LINGER_S"
 FAILED_LINGER_S = 30.0  # longer than a scrape interval (the chart's PodMonitor scrapes every 15 s)
+
+# A main loop that has not turned for this long is hung: /healthz fails, and the kubelet restarts the
+# pod. One turn polls at most POLL_MS, then handles what arrived (a worker's batch, a writer's flush);
+# a wait for room downstream (backpressure) turns too (`waiting`).
+STALL_S = 30.0
 
 log = logging.getLogger("detstream.stage")
 
@@ -90,6 +99,8 @@ class Stage:
         self.reject_lock = threading.Lock()
         self.zap: ZapHandler | None = None
         self.linger_s = failed_linger_s()
+        self.serving = False   # set up, sockets bound and connected, not yet stopping
+        self.turned = 0.0      # when the main loop last turned (0: not looping yet)
 
     # -- sockets -------------------------------------------------------------------------------
     def socket(self, kind: int, *, bind: str | None = None, connect: list = (), server: str = "",
@@ -232,7 +243,7 @@ class Stage:
             self.log.error("failed: %s", exc)
             return 1
         self.metrics.serve(self.bind_host, self.me.ports["metrics"],
-                           on_bad_request=lambda what: self.reject(WireError("http", what)))
+                           on_bad_request=lambda what: self.reject(WireError("http", what)), checks=self.probes())
         credentials = self.keys.server_credentials(self.key_name) if self.spec.security.control_plane == "mtls" else None
         server, health = control.serve(self, self.bind_host, self.me.ports["control"], credentials)
         try:
@@ -246,8 +257,10 @@ class Stage:
             monitor = threading.Thread(target=self.watch_handshakes, name="handshakes", daemon=True)
             monitor.start()
             health.set("", health_pb2.HealthCheckResponse.SERVING)
+            self.serving = True
             self.log.info("ready (control %s, metrics %s)", self.me.ports["control"], self.me.ports["metrics"])
             while not self.stopping.is_set():
+                self.turned = time.monotonic()
                 if self.started.is_set():
                     self.step()
                 else:
@@ -261,6 +274,7 @@ class Stage:
             self.set_state(FAILED, f"{type(exc).__name__}: {exc}")
             return 1
         finally:
+            self.serving = False
             health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
             self.closing.set()
             if monitor is not None:
@@ -283,6 +297,23 @@ class Stage:
             self.log.info("serving metrics for %g s more, so that monitoring sees the failure (%s)",
                           self.linger_s, FAILED_LINGER_ENV)
             self.stopping.wait(self.linger_s)
+
+    def waiting(self) -> bool:
+        """One turn of a wait for room downstream (backpressure): the stage waits, it is not hung.
+        False once the stage is stopped."""
+        self.turned = time.monotonic()
+        return not self.stopping.is_set()
+
+    def probes(self) -> dict:
+        """The kubelet's probes: /readyz (the stage can take work) and /healthz (its loop turns)."""
+        def ready():
+            ok = self.serving and self.state != FAILED
+            return ok, StageState.Name(self.state).lower() if ok else (self.message or "not set up, or stopping")
+
+        def live():
+            idle = time.monotonic() - self.turned if self.turned else 0.0
+            return idle < STALL_S, f"main loop last turned {idle:.1f} s ago" if self.turned else "setting up"
+        return {"/readyz": ready, "/healthz": live}
 
     def load_keys(self) -> Keys | None:
         """The session's keys, when its security settings need them ($DETSTREAM_KEYS)."""

@@ -27,7 +27,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import ROOT, require
+from conftest import ROOT, manifest, require
 
 CHART = ROOT / "charts" / "detstream"
 RELEASE, NAMESPACE = "ds", "detstream"
@@ -108,6 +108,34 @@ def test_default_values_render_the_namespaced_operator(tmp_path):
     assert labels["helm.sh/chart"] == "detstream-0.1.0"
     selector = deploy["spec"]["selector"]["matchLabels"]
     assert selector.items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """Whether a label selector (matchLabels only, as the sessions' policies use) picks these labels."""
+    assert set(selector) == {"matchLabels"}, selector
+    return selector["matchLabels"].items() <= labels.items()
+
+
+@pytest.mark.parametrize("values", [{}, {"nameOverride": "daq"}, {"fullnameOverride": "beamline-operator"}],
+                         ids=["default", "nameOverride", "fullnameOverride"])
+def test_the_sessions_network_policy_lets_the_charts_operator_reach_the_control_ports(values, tmp_path):
+    """On a cluster that enforces NetworkPolicy, the operator can start a session only if the session's
+    policy admits its pod to the control port; other pods (another session's stages) are not admitted."""
+    from detstream.operator import resources
+    from detstream.services.plan import CLUSTER_PORTS
+    from detstream.services.session import load_session
+
+    (deploy,) = of_kind(render(values, tmp_path), "Deployment")
+    operator_pod = deploy["spec"]["template"]["metadata"]["labels"]
+    session = load_session({**manifest("s1"), "metadata": {"name": "s1", "namespace": "lab"}})
+    policy = next(o for o in resources.children(session, "img") if o["kind"] == "NetworkPolicy")
+    control = [{"port": CLUSTER_PORTS["control"], "protocol": "TCP"}]
+    admitted = [peer for rule in policy["spec"]["ingress"] if rule.get("ports") in (None, control)
+                for peer in rule["from"] if "podSelector" in peer]
+    assert any(selects(peer["podSelector"], operator_pod) and peer.get("namespaceSelector") == {}
+               for peer in admitted), (operator_pod, admitted)
+    other_session = resources.labels(load_session(manifest("s2")), "worker")
+    assert not any(selects(peer["podSelector"], other_session) for peer in admitted)
 
 
 def test_all_features_on(tmp_path):
@@ -209,6 +237,15 @@ def test_every_object_is_valid_kubernetes(rendered):
             continue
         for version in KUBERNETES_VERSIONS:
             kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_probes_are_http_requests_not_processes(rendered):
+    """An exec probe starts a process (for `detstream`, a Python: ~0.2 CPU-s) every period."""
+    _, docs = rendered
+    for deploy in of_kind(docs, "Deployment"):
+        for container in deploy["spec"]["template"]["spec"]["containers"]:
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                assert "exec" not in container.get(probe, {}), (deploy["metadata"]["name"], probe)
 
 
 def test_the_charts_crds_are_valid_kubernetes():

@@ -1,9 +1,11 @@
-"""End to end on a real control plane: `kubectl apply` -> the operator -> pods -> frames -> HDF5.
+"""End to end on a real control plane: `helm install`, `kubectl apply` -> the operator -> pods ->
+frames -> HDF5.
 
-tests/cluster/ runs a real kube-apiserver and kube-controller-manager (v1.20.2), the operator runs as
-`detstream operator`, and the test node agent (tests/node_agent/) stands in for the scheduler and
-the kubelet: it runs the pods the operator's StatefulSets and Deployments create as local
-processes, from the manifests as the API server holds them (command, env with downward-API fields,
+tests/cluster/ runs a real kube-apiserver and kube-controller-manager (v1.20.2); the chart is installed
+with `helm install`, and the test node agent (tests/node_agent/) stands in for the scheduler and the
+kubelet: it runs the chart's operator pod (with its ServiceAccount's token, so the API server
+authorizes it by the chart's RBAC) and the pods the operator's StatefulSets and Deployments create, as
+local processes, from the manifests as the API server holds them (command, env with downward-API fields,
 volumes, probes, restart policy), each with its own loopback IP, resolving Service names from their
 EndpointSlices. So a wrong command, a missing variable, a wrong port or a probe that never passes
 fails these tests (see test_the_agent_refuses_what_a_kubelet_would).
@@ -29,10 +31,11 @@ import pytest
 import stempy.io
 import yaml
 
-from cluster.fixtures import control_plane, kubectl  # noqa: F401
-from conftest import DETSTREAM, ROOT, Background, manifest, wait_for
+from cluster.fixtures import RBAC_DENIAL, control_plane, helm, kubectl  # noqa: F401
+from conftest import ROOT, Background, manifest, wait_for
 
 NS = "e2e"
+OPERATOR_NS = "e2e-system"  # the chart's release; its operator serves NS
 TESTS = Path(__file__).resolve().parent
 # Small and light: 128x128 frames in 4 sectors, counted with fixed thresholds; `rate` makes a scan
 # last long enough to act on it while it streams.
@@ -44,9 +47,17 @@ wait_until = functools.partial(wait_for, every=0.3)  # each poll runs kubectl: n
 
 
 class Env:
-    def __init__(self, kubectl, workdir, operator, agent):  # noqa: F811
-        self.kubectl, self.workdir, self.operator, self.agent = kubectl, workdir, operator, agent
+    def __init__(self, kubectl, workdir, agent):  # noqa: F811
+        self.kubectl, self.workdir, self.agent = kubectl, workdir, agent
         self.pods_dir = workdir / "node" / "pods"
+
+    def operator_log(self):
+        """The chart's operator pod's log, as the node keeps it (its container is named `operator`)."""
+        return "".join(p.read_text(errors="replace") for p in sorted((self.workdir / "node").glob("**/operator/*.log")))
+
+    def rbac_denials(self):
+        """What the chart's RBAC refused the operator so far (its ServiceAccount's token is its only identity)."""
+        return [line for line in self.operator_log().splitlines() if RBAC_DENIAL.search(line)]
 
     def get(self, what, name=None):
         out = self.kubectl.run("get", "-n", NS, what, *([name] if name else []), "-o", "json", check=False)
@@ -76,6 +87,7 @@ class Env:
         def reached():
             status = self.status(session)
             assert status.get("phase") != "Failed" or phase == "Failed", f"session failed: {status.get('message')}"
+            assert not self.rbac_denials(), "the chart's RBAC refused the operator:\n" + "\n".join(self.rbac_denials())
             return status.get("phase") == phase and status
         return wait_until(reached, timeout, f"{session} {phase}")
 
@@ -102,42 +114,54 @@ def e2e(cluster):
 
 
 def pod_namespaces_possible() -> bool:
-    """The node agent gives each pod its own /etc/hosts in a mount namespace: root, or unprivileged
-    user namespaces (some CI runners forbid them)."""
+    """The node agent gives each pod its own /etc/hosts and /run in a mount namespace: root, or
+    unprivileged user namespaces (some CI runners forbid them)."""
     from node_agent.container import in_pod_namespace
     try:
-        subprocess.run(["true"], preexec_fn=in_pod_namespace(Path("/etc/hosts")), check=True)
+        subprocess.run(["true"], preexec_fn=in_pod_namespace(Path("/etc/hosts"), Path("/run")), check=True)
         return True
     except (OSError, subprocess.SubprocessError):
         return False
 
 
 @pytest.fixture(scope="module")
-def cluster(kubectl, tmp_path_factory):  # noqa: F811
+def cluster(kubectl, helm, tmp_path_factory):  # noqa: F811
     if not pod_namespaces_possible():
         pytest.skip("the test node agent cannot make a mount namespace here (needs root or unprivileged "
                     "user namespaces)")
-    kubectl("apply", "-f", str(ROOT / "charts" / "detstream" / "crds"))
-    wait_until(lambda: kubectl.run("explain", "streamingsession.spec", check=False).returncode == 0, what="CRD")
+    from detstream.services.runner import free_ports
+
     kubectl("create", "namespace", NS)
     workdir = tmp_path_factory.mktemp("e2e")
     env = {**os.environ, "KUBECONFIG": str(kubectl.cp.kubeconfig)}
     agent = Background([sys.executable, "-m", "node_agent", "--kubeconfig", str(kubectl.cp.kubeconfig), "-n", NS,
-                     "--workdir", str(workdir / "node")], workdir / "node-agent.log", env=env, cwd=TESTS)
-    operator = Background(DETSTREAM + ["operator", "-n", NS, "--standalone", "--liveness-port", "0",
-                                    "--metrics-port", "0"], workdir / "operator.log", env=env)
+                        "-n", OPERATOR_NS, "--workdir", str(workdir / "node")], workdir / "node-agent.log", env=env,
+                       cwd=TESTS)
     wait_until(lambda: kubectl("get", "nodes", "-o", "name").strip(), what="the test node")
-    e = Env(kubectl, workdir, operator, agent)
+    ports = free_ports()  # the operator listens on every address of the machine: ports nothing else uses
+    helm("install", "detstream", str(ROOT / "charts" / "detstream"), "-n", OPERATOR_NS, "--create-namespace",
+         values={"watchNamespaces": [NS], "dashboards": {"enabled": False},
+                 "operator": {"livenessPort": next(ports)}, "metrics": {"port": next(ports)}})
+    e = Env(kubectl, workdir, agent)
     try:
+        wait_until(lambda: kubectl.run("explain", "streamingsession.spec", check=False).returncode == 0, what="CRD")
+        wait_until(lambda: operator_ready(kubectl), 120, "the chart's operator pod Ready")
         yield e
     finally:
         kubectl.run("delete", "namespace", NS, "--wait=false", check=False)
-        operator.stop()
+        helm("uninstall", "detstream", "-n", OPERATOR_NS, check=False)
         agent.stop()
         print(f"\nlogs: {workdir}", file=sys.stderr)
     assert agent.proc.returncode == 0, agent.log()[-3000:]
     assert not e.processes(), "the node agent left processes running"
     assert not kubectl("get", "nodes", "-o", "name").strip(), "the node agent left its Node"
+
+
+def operator_ready(kubectl):  # noqa: F811
+    pods = json.loads(kubectl("get", "pods", "-n", OPERATOR_NS, "-l", "app.kubernetes.io/component=operator",
+                              "-o", "json"))["items"]
+    return any(c["type"] == "Ready" and c["status"] == "True"
+               for p in pods for c in (p.get("status") or {}).get("conditions") or [])
 
 
 class PhaseWatch:
@@ -226,6 +250,8 @@ def test_example_session_streams_through_pods_to_a_stempy_file(e2e):
     print(f"\nexample: kubectl apply -> Succeeded in {took:.1f} s", file=sys.stderr)
     e2e.delete("demo")
     wait_until(lambda: not path.exists(), 10, "the emptyDir removed with its pod")
+    # the chart's operator did all this with the chart's RBAC, and was refused nothing
+    assert "Handler 'reconcile' succeeded" in e2e.operator_log() and not e2e.rbac_denials(), e2e.rbac_denials()
 
 
 def claim(e2e, name):
@@ -416,6 +442,9 @@ def test_the_agent_refuses_what_a_kubelet_would(e2e):
             c["env"] = [e for e in c["env"] if e["name"] != name] + ([{"name": name, "value": value}] if value else [])
         return change
 
+    def metrics_port(c):  # declared where the stage does not listen: the probes ask the wrong port
+        next(p for p in c["ports"] if p["name"] == "metrics")["containerPort"] = 7999
+
     def mount_at(path):
         def change(c):
             next(m for m in c["volumeMounts"] if m["mountPath"] == "/etc/detstream")["mountPath"] = path
@@ -424,7 +453,7 @@ def test_the_agent_refuses_what_a_kubelet_would(e2e):
     cases = {"control": lambda c: None,
              "command": lambda c: c["args"].__setitem__(1, "wroker"),  # a typo in the role
              "env": env("POD_IP"),                                      # no downward-API pod IP
-             "port": env("DETSTREAM_CONTROL_PORT", "7999"),             # probes ask the wrong port
+             "port": metrics_port,
              "mount": mount_at("/etc/plan")}                            # the plan is not where args say
     docs = [plan]
     for case, change in cases.items():

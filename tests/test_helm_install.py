@@ -5,6 +5,7 @@ There is no scheduler or kubelet: the operator Deployment's pod stays Pending (s
 matter). The operator under test runs instead as a local process, with the arguments of the installed
 Deployment and a kubeconfig that holds nothing but the token of the chart's ServiceAccount (1.20: the
 token controller writes it into a Secret), so the API server authorizes it exactly as the pod's.
+(tests/test_e2e_cluster.py runs the installed operator pod itself, on the test node agent.)
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import subprocess
 
 import pytest
 import yaml
 
-from cluster.fixtures import control_plane, kubectl  # noqa: F401
-from conftest import DETSTREAM, ROOT, Background, manifest, wait_for, which
+from cluster.fixtures import RBAC_DENIAL, control_plane, helm, kubectl  # noqa: F401
+from conftest import DETSTREAM, ROOT, Background, manifest, wait_for
 
 CHART = ROOT / "charts" / "detstream"
 CRDS = {"streamingsessions.detstream.io", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"}
@@ -31,37 +31,6 @@ pytestmark = pytest.mark.timeout(900)  # the first test may wait for the control
 
 def wait_until(predicate, what: str, timeout: float = 60.0):
     return wait_for(predicate, timeout, what)
-
-
-class Helm:
-    """The real `helm` (v4), against the test control plane only, with its own cache and config."""
-
-    def __init__(self, cp, home):
-        self.exe = which("helm")
-        self.cp = cp
-        self.env = {**os.environ, "HELM_CACHE_HOME": str(home / "cache"), "HELM_CONFIG_HOME": str(home / "config"),
-                    "HELM_DATA_HOME": str(home / "data")}
-        self.env.pop("KUBECONFIG", None)
-
-    def __call__(self, *args: str, values: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        cmd = [self.exe, *args, "--kubeconfig", str(self.cp.kubeconfig)]
-        if values is not None:
-            path = self.cp.workdir / "helm-values.yaml"
-            path.write_text(yaml.safe_dump(values))
-            cmd += ["-f", str(path)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=180)
-        if check:
-            assert out.returncode == 0, f"helm {' '.join(args)} failed:\n{out.stdout}{out.stderr}"
-        return out
-
-
-@pytest.fixture(scope="module")
-def helm(kubectl, tmp_path_factory):  # noqa: F811
-    if which("helm") is None:
-        if os.environ.get("CI"):
-            pytest.fail("helm is missing (run `make tools`); in CI every tool must be there")
-        pytest.skip("helm is not installed (`make tools` installs it)")
-    return Helm(kubectl.cp, tmp_path_factory.mktemp("helm"))
 
 
 def get_json(kubectl, *args):  # noqa: F811
@@ -157,7 +126,6 @@ MODES = {
     "cluster-wide": {"release": "cwop", "namespace": "rbac-cw", "sessions": "rbac-cw-sessions",
                      "values": {"rbac": {"clusterWide": True}, "peering": {"enabled": True}}},
 }
-RBAC_DENIAL = re.compile(r'forbidden: User "system:serviceaccount:|Not enough permissions')
 
 
 def service_account_token(kubectl, namespace: str, name: str) -> tuple[str, str]:  # noqa: F811

@@ -76,7 +76,10 @@ def test_pods_are_restricted_and_bind_their_own_ip():
                                         "capabilities": {"drop": ["ALL"]}}
         env = {e["name"]: e for e in c["env"]}
         assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
-        assert c["readinessProbe"]["exec"]["command"] == ["detstream", "health"]
+        # probes cost the kubelet an HTTP request to the stage's metrics port, not a process
+        assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+        assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+        assert "metrics" in [p["name"] for p in c["ports"]]
 
 
 def test_external_source_exposes_ingest_with_the_chosen_service_type():
@@ -182,7 +185,7 @@ def test_network_policy_admits_only_the_session_the_operator_and_declared_source
     rules = policy["spec"]["ingress"]
     assert rules[0] == {"from": [{"podSelector": {"matchLabels": {"detstream.io/session": "s1"}}}]}
     by_port = {r["ports"][0]["port"]: r["from"] for r in rules[1:]}
-    assert by_port[7100][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+    assert by_port[7100][0]["podSelector"]["matchLabels"] == {"detstream.io/operator": "true"}
     assert by_port[7200] == [{"ipBlock": {"cidr": "192.0.2.0/24"}}]
     assert 7201 not in by_port and 7203 not in by_port  # data ports: the session's own stages only
 

@@ -61,7 +61,7 @@ def test_the_operator_gets_the_launcher_certificate(made):
     assert b"BEGIN CERTIFICATE" in ca and b"BEGIN CERTIFICATE" in cert and b"PRIVATE KEY" in key
 
 
-def test_pods_mount_their_roles_keys_and_probe_the_port_under_mtls(made):
+def test_pods_mount_their_roles_keys_and_probe_over_http_under_mtls(made):
     from detstream.operator.resources import children
 
     session = made[0]
@@ -74,7 +74,7 @@ def test_pods_mount_their_roles_keys_and_probe_the_port_under_mtls(made):
         assert [i["path"] for i in volume["secret"]["items"]] == keys.role_files(session, cluster_plan(session), role)
         (c,) = pod["containers"]
         assert {"name": "DETSTREAM_KEYS", "value": keys.KEYS_DIR} in c["env"]
-        assert c["readinessProbe"]["tcpSocket"] == {"port": 7100}
+        assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}  # plain HTTP, not mTLS
 
 
 def test_plain_sessions_have_no_keys():

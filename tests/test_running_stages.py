@@ -1,8 +1,9 @@
 """A session driven from the test: an external sender withholds a sector; every stage's metrics
-endpoint and health service answer while it streams."""
+endpoint, health service and probes (/readyz, /healthz) answer while it streams."""
 
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 import grpc
@@ -15,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import DETSTREAM, manifest, wait_for
 from detstream.services.runner import free_ports
+from detstream.services.stage import STALL_S
 from detstream.services.wire import END_OF_SCAN, SECTOR, Header, Outbox
 
 
@@ -69,6 +71,80 @@ def test_metrics_and_health_answer_on_every_stage(local_session):
     wait_for(lambda: any(n == "detstream_frames_sent_total" and v > 0 for n, _, v in scrape(source.stage.ports["metrics"])))
     worker = next(p for p in local.stages if p.stage.role == "worker")
     assert any(n == "detstream_processing_seconds_count" and v > 0 for n, _, v in scrape(worker.stage.ports["metrics"]))
+
+
+def probe(port, path):
+    """What the kubelet's httpGet probe gets: (status code, body)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+            return reply.status, reply.read().decode().strip()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode().strip()
+
+
+def probes(p):
+    return probe(p.stage.ports["metrics"], "/readyz"), probe(p.stage.ports["metrics"], "/healthz")
+
+
+def test_probes_follow_the_lifecycle(tmp_path, monkeypatch):
+    """Not ready while setting up, ready from configured through finished, gone once stopped; live
+    throughout."""
+    from detstream.services.runner import LocalSession
+    from detstream.services.session import load_session
+
+    monkeypatch.setenv("DETSTREAM_FAILPOINTS", "writer-0:setup-delay=3")
+    local = LocalSession(load_session(manifest("probed", plugin={"name": "noop"})), tmp_path)
+    try:
+        local.launch()
+        writer = local.writer()
+
+        def answering():
+            try:
+                return probes(writer)
+            except urllib.error.URLError:
+                return None  # the metrics port is not open yet
+        assert wait_for(answering, 30, "the writer's metrics port") == ((503, "not set up, or stopping"),
+                                                                        (200, "setting up"))
+        local.wait_healthy()
+        for p in local.stages:
+            ready, (code, why) = probes(p)
+            assert ready == (200, "configured") and code == 200 and why.startswith("main loop last turned "), p.stage.name
+        local.start()
+        assert probes(writer)[0] == (200, "running")
+        wait_for(local.finished, 60, "the scan written")
+        assert probes(writer)[0] == (200, "finished") and probes(writer)[1][0] == 200
+    finally:
+        local.stop()
+    with pytest.raises(urllib.error.URLError):  # stopped: the kubelet finds nothing listening
+        probes(writer)
+
+
+def test_a_hung_stage_fails_liveness_and_a_stage_held_by_backpressure_does_not(tmp_path, monkeypatch):
+    """The only worker takes 60 s over its first frame (its loop is stuck); the frames behind it
+    fill the queues within seconds, so the aggregator and the source wait for room: alive, not hung
+    (checked once the worker has been stuck well past STALL_S, so have they been waiting)."""
+    from detstream.services.runner import LocalSession
+    from detstream.services.session import load_session
+
+    monkeypatch.setenv("DETSTREAM_FAILPOINTS", "worker:process-delay=60")
+    doc = manifest("stuck", scan={"rows": 64, "cols": 64}, workers={"replicas": 1}, plugin={"name": "noop"})
+    local = LocalSession(load_session(doc), tmp_path)
+    try:
+        local.launch()
+        local.wait_healthy()
+        local.start()
+        worker = next(p for p in local.stages if p.stage.role == "worker")
+        def stuck():
+            code, why = probe(worker.stage.ports["metrics"], "/healthz")
+            return float(why.split()[4]) >= STALL_S + 10 and code  # "main loop last turned 12.3 s ago"
+        assert wait_for(stuck, 60, "the worker stuck past STALL_S", every=1) == 503
+        for p in local.stages:
+            if p is not worker:
+                ready, (code, why) = probes(p)
+                assert ready == (200, "running") and code == 200, (p.stage.name, why)
+        assert probe(worker.stage.ports["metrics"], "/readyz") == (200, "running")  # set up, still there
+    finally:
+        local.stop()
 
 
 def scrape(port):

@@ -195,7 +195,7 @@ class AggregatorStage(Stage):
         except zmq.Again:
             pass
         t0 = time.monotonic()
-        while not self.stopping.is_set():
+        while self.waiting():
             if self.out.socket.poll(POLL_MS, zmq.POLLOUT):
                 self.out.send(header, parts, flags=zmq.NOBLOCK)
                 break

@@ -163,12 +163,12 @@ class SourceStage(Stage):
             return True
         except zmq.Again:
             pass
-        lane, waiting = self.lanes.index(outbox), time.monotonic() + FLUSH_S
-        while not self.stopping.is_set():
+        lane, give_up_at = self.lanes.index(outbox), time.monotonic() + FLUSH_S
+        while self.waiting():
             if outbox.socket.poll(SEND_RETRY_MS, zmq.POLLOUT):
                 outbox.send(header, parts, flags=zmq.NOBLOCK)
                 return True
-            if self.connect and time.monotonic() > waiting and not self.answered(lane, 0):
+            if self.connect and time.monotonic() > give_up_at and not self.answered(lane, 0):
                 raise StageError(self.undelivered([lane], "nothing answered there"))
         return False
 

@@ -195,7 +195,7 @@ class WorkerStage(Stage):
                 outbox.send(header, flags=zmq.NOBLOCK)  # the usual case: room in the queue, no poll
                 break
             except zmq.Again:
-                if droppable or self.stopping.is_set():
+                if droppable or not self.waiting():
                     return
                 outbox.socket.poll(POLL_MS, zmq.POLLOUT)
         self.last_sent[lane] = time.monotonic()

@@ -3,7 +3,8 @@
 tests/cluster/ starts a real kube-apiserver and kube-controller-manager but no scheduler and no
 kubelet, so pods stay Pending. This agent registers a Node, binds the watched namespaces' pending
 pods to it and runs each pod's containers as local processes, from the manifests as the API server
-holds them: command/args, environment (with downward-API fields), volumes, restart policy, probes.
+holds them: command/args, environment (with downward-API fields and the API server's address), volumes
+(the ServiceAccount token at its real path), restart policy, probes.
 It reports phase, readiness, restarts, exit codes and termination messages back, resolves
 Service names from EndpointSlices, and kills the processes when a pod is deleted. The image name is
 ignored: the image is this checkout's Dockerfile, with its installed program taken from the

@@ -23,6 +23,7 @@ import os
 import shutil
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 from .api import Api, ApiError, ns_path
@@ -117,6 +118,12 @@ class NodeAgent:
             except ApiError as exc:
                 if exc.status not in (404, 409):
                     raise
+
+    def api_service_env(self) -> dict[str, str]:
+        """KUBERNETES_SERVICE_HOST/PORT, as the kubelet gives every container: the API server's address
+        (on a cluster the `kubernetes` Service's ClusterIP, which kube-proxy routes there)."""
+        url = urllib.parse.urlsplit(self.api.server)
+        return {"KUBERNETES_SERVICE_HOST": url.hostname, "KUBERNETES_SERVICE_PORT": str(url.port or 443)}
 
     def allocate_ip(self) -> str:
         used = {rt.ip for rt in self.pods.values()}

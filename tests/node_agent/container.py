@@ -13,8 +13,12 @@
   `--plan PODDIR/volumes/plan/plan.json`); TMPDIR points at a volume mounted at /tmp. Nothing else
   is translated: a path the manifests do not mount stays as it is, and is not there.
 - The process runs in its own mount namespace where the pod's hosts file is bind-mounted over
-  /etc/hosts (the kubelet manages each pod's /etc/hosts too), in its own process group, and dies
-  with the agent (PR_SET_PDEATHSIG).
+  /etc/hosts (the kubelet manages each pod's /etc/hosts too) and the pod's own folder over /run
+  (= /var/run), holding the volumes mounted under it at their real paths: the ServiceAccount token
+  volume that ServiceAccount admission adds (/var/run/secrets/kubernetes.io/serviceaccount), which
+  client libraries read there. It runs in its own process group and dies with the agent
+  (PR_SET_PDEATHSIG).
+- KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT name the API server, as the kubelet's do.
 - restartPolicy with the kubelet's back-off (the first restart at once, then 10 s, 20 s, ... 300 s,
   shown as waiting CrashLoopBackOff), exit codes (128+signal), termination messages
   (FallbackToLogsOnError: the log's last 80 lines / 2048 bytes).
@@ -106,9 +110,11 @@ class Paths:
         return flag + eq + self.path(value) if eq and value.startswith("/") else text
 
 
-def in_pod_namespace(hosts_file: Path):
-    """preexec_fn: die with the agent; own mount namespace with the pod's hosts file on /etc/hosts."""
+def in_pod_namespace(hosts_file: Path, run_dir: Path):
+    """preexec_fn: die with the agent; own mount namespace with the pod's hosts file on /etc/hosts and
+    the pod's own /run (where the volumes mounted under /run and /var/run are: the ServiceAccount's)."""
     hosts = str(hosts_file).encode()
+    run = str(run_dir).encode(), os.path.realpath("/var/run").encode()
     uid, gid, root = os.getuid(), os.getgid(), os.geteuid() == 0
 
     def setup():
@@ -119,8 +125,11 @@ def in_pod_namespace(hosts_file: Path):
             for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
                 with open(f"/proc/self/{name}", "w") as f:
                     f.write(text)
-        if _mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) or _mount(hosts, b"/etc/hosts", None, MS_BIND, None):
-            raise OSError(ctypes.get_errno(), "mount (the pod's /etc/hosts)")
+        if _mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None):
+            raise OSError(ctypes.get_errno(), "mount (a private mount namespace)")
+        for source, target in ((hosts, b"/etc/hosts"), run):
+            if _mount(source, target, None, MS_BIND, None):
+                raise OSError(ctypes.get_errno(), f"mount (the pod's {target.decode()})")
     return setup
 
 
@@ -131,13 +140,13 @@ def exit_code(returncode: int) -> int:
 class Run:
     """One start of a container: its process and what the probes found."""
 
-    def __init__(self, argv: list[str], env: dict, cwd: str, log_path: Path, hosts_file: Path):
+    def __init__(self, argv: list[str], env: dict, cwd: str, log_path: Path, pod_namespace):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         with open(log_path, "ab") as out:
             self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=in_pod_namespace(hosts_file))
+                                         preexec_fn=pod_namespace)
         self.started_at = now()
         self.ended = threading.Event()      # set by the agent's loop when it sees the exit
         self.ready = False
@@ -181,7 +190,8 @@ class Container:
     # -- what to run -------------------------------------------------------------------------------
     def environment(self) -> dict:
         pod = self.pod
-        env = {**IMAGE["env"], "HOSTNAME": pod.hostname, "HOME": str(pod.root)}
+        # the kubelet's: where the API server is (kube-proxy would route the `kubernetes` Service there)
+        env = {**IMAGE["env"], "HOSTNAME": pod.hostname, "HOME": str(pod.root), **pod.agent.api_service_env()}
         for source in self.spec.get("envFrom") or []:
             ref = source.get("configMapRef") or source.get("secretRef")
             data = pod.key_source("configMap" if "configMapRef" in source else "secret", ref["name"],
@@ -286,7 +296,8 @@ class Container:
             self.restarts += 1
         started_at = now()
         try:
-            self.run = Run(argv, env, self.cwd(), pod.root / "logs" / self.name / f"{self.restarts}.log", pod.hosts)
+            self.run = Run(argv, env, self.cwd(), pod.root / "logs" / self.name / f"{self.restarts}.log",
+                           pod.namespace_setup())
         except (OSError, subprocess.SubprocessError) as exc:
             message = (f'exec: "{argv[0]}": executable file not found in $PATH' if isinstance(exc, FileNotFoundError)
                        else f"{argv[0]}: {exc}")
@@ -348,7 +359,7 @@ class Container:
                 argv = [self.pod.paths.arg(a) for a in spec["exec"]["command"]]
                 proc = subprocess.Popen(argv, env=env, cwd=self.cwd(), stdin=subprocess.DEVNULL,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                                        preexec_fn=in_pod_namespace(self.pod.hosts))
+                                        preexec_fn=self.pod.namespace_setup())
                 try:
                     out, _ = proc.communicate(timeout=timeout)
                 except subprocess.TimeoutExpired:

@@ -1,7 +1,8 @@
 """One pod on the test node: its folder, IP, volumes, hosts file, containers and reported status.
 
 Layout (like /var/lib/kubelet/pods/UID): `WORKDIR/pods/UID/volumes/NAME` (emptyDir, configMap,
-secret), `.../logs/CONTAINER/N.log` (N = restart count), `.../etc-hosts`. An emptyDir goes with
+secret), `.../logs/CONTAINER/N.log` (N = restart count), `.../etc-hosts`, `.../run` (the containers'
+/run: links to the volumes mounted under /run or /var/run, such as the ServiceAccount token's). An emptyDir goes with
 the pod, as on a cluster; its logs are kept (WORKDIR/logs/NS_NAME_UID/) for post-mortems. A
 persistentVolumeClaim must be Bound to a hostPath or local PersistentVolume, whose folder is used
 as is; other volume kinds are refused (FailedMount), and the pod then stays ContainerCreating, as
@@ -16,10 +17,11 @@ import time
 from pathlib import Path
 
 from .api import ApiError, ns_path
-from .container import ConfigError, Container, Paths
+from .container import ConfigError, Container, Paths, in_pod_namespace
 from .node import now
 
 REFRESH_S = 10.0  # how often configMap/secret volumes are brought up to date (the kubelet: ~1 min)
+RUN_PATHS = ("/var/run/", "/run/")  # mount paths under these are also found there (the pod's own /run)
 
 
 class VolumeError(Exception):
@@ -35,7 +37,8 @@ class PodRuntime:
         self.hostname = self.spec.get("hostname") or self.name
         self.root = agent.workdir / "pods" / self.uid
         self.hosts = self.root / "etc-hosts"
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.run_dir = self.root / "run"  # the containers' /run
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.hosts.write_text("")
         self.volumes: dict[str, Path] | None = None
         self.paths = Paths({})
@@ -127,7 +130,18 @@ class PodRuntime:
         for c in self.spec["containers"]:
             for m in c.get("volumeMounts") or []:
                 mounts[m["mountPath"]] = volumes[m["name"]] / m.get("subPath", "")
+        for path, here in mounts.items():  # at their real paths in the containers' /run
+            under_run = next((path[len(p):] for p in RUN_PATHS if path.startswith(p)), None)
+            if under_run:
+                link = self.run_dir / under_run
+                link.parent.mkdir(parents=True, exist_ok=True)
+                if not link.is_symlink():
+                    link.symlink_to(here)
         self.volumes, self.paths, self.refreshed = volumes, Paths(mounts), time.monotonic()
+
+    def namespace_setup(self):
+        """preexec_fn of the pod's processes: its /etc/hosts and /run (see container.py)."""
+        return in_pod_namespace(self.hosts, self.run_dir)
 
     def claimed(self, claim: str) -> Path:
         try:
