@@ -33,6 +33,7 @@ import yaml
 
 from cluster.fixtures import RBAC_DENIAL, control_plane, helm, kubectl  # noqa: F401
 from conftest import ROOT, Background, manifest, wait_for
+from detstream.services.output import read_accounting
 
 NS = "e2e"
 OPERATOR_NS = "e2e-system"  # the chart's release; its operator serves NS
@@ -419,7 +420,9 @@ def test_deleting_a_running_session_drains_it_and_removes_everything(e2e):
                        pod_log(e2e, "drained-writer-0"))
     expected, kept, _, lost = map(int, closed.groups())
     assert expected == 1024 == kept + lost and 30 <= kept < 1024
-    assert os.listdir(folder) == ["drained-scan0000.h5"]
+    assert sorted(os.listdir(folder)) == ["drained-accounting.jsonl", "drained-scan0000.h5"]
+    (account,) = read_accounting(folder / "drained-accounting.jsonl")
+    assert (account["written"], account["lost"], account["unaccounted"]) == (kept, lost, 0)
     check_file(folder / "drained-scan0000.h5", 32, kept)
     print(f"\ndrain: kubectl delete returned in {took:.1f} s; {kept} of 1024 frames written, {lost} lost",
           file=sys.stderr)
