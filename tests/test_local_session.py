@@ -10,7 +10,7 @@ import pytest
 import stempy.image
 import stempy.io
 
-from conftest import DETSTREAM, ROOT, manifest, no_stage_left
+from conftest import DETSTREAM, DETSTREAM_INTERRUPTIBLE, ROOT, manifest, no_stage_left
 from detstream.services.counting import Counter, fit_thresholds
 from detstream.services.session import Detector, Simulator as SimulatorSettings
 from detstream.services.simulator import Simulator, dark_reference
@@ -185,8 +185,9 @@ def test_an_interrupted_run_names_no_file_that_is_not_there(tmp_path, write_mani
     """Ctrl-C while the first scan streams: its unfinished file is removed, and neither the summary nor the
     report names it."""
     doc = manifest("cut", **{**SMALL_COUNTING, "scan": {"rows": 32, "cols": 32}, "source": {"rate": 50}})
-    proc = subprocess.Popen(DETSTREAM + ["run", str(write_manifest(doc)), "--output", str(tmp_path), "--report",
-                                         str(tmp_path / "report.json")], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(DETSTREAM_INTERRUPTIBLE + ["run", str(write_manifest(doc)), "--output", str(tmp_path),
+                                                       "--report", str(tmp_path / "report.json")],
+                            stderr=subprocess.PIPE, text=True)
     partial = tmp_path / "cut-scan0000.h5.partial"
     for _ in range(600):
         if partial.exists():
