@@ -156,7 +156,8 @@ def density_sweep(densities: list[float], repeats: int, n: int = 40) -> list[dic
         frame_s, theirs = pinned(lambda: best_of(repeats, lambda: [stim.electron_count_frame(
             f, darkreference=dark, background_threshold=thresholds.background,
             xray_threshold=thresholds.xray).data[0, 0] for f in frames]))
-        reader_s, read = pinned(lambda: best_of(repeats, lambda: stempy_reader_count(frames, dark, thresholds, (n // 20, 20))))
+        reader_s, read = pinned(lambda: best_of(
+            repeats, lambda: stempy_reader_count(frames, dark, thresholds, (n // 20, 20))))
         identical = all(np.array_equal(a, b) and np.array_equal(a, c) for a, b, c in zip(ours, theirs, read))
         stempy_fps = n / min(frame_s, reader_s)
         rows.append({"density": density, "events_per_frame": float(np.mean([len(e) for e in ours])),

@@ -103,7 +103,8 @@ class ElectronEventsFile:
         group = self._file.require_group("accounting")
         dataset = group.create_dataset("position_status", data=status.reshape(shape))
         dataset.attrs.update({"COMPLETE": COMPLETE, "PARTIAL": PARTIAL, "MISSING": MISSING})
-        group.create_dataset("sectors_arrived", data=np.where(written, sectors_arrived, 0).astype(np.uint64).reshape(shape))
+        arrived = np.where(written, sectors_arrived, 0).astype(np.uint64)
+        group.create_dataset("sectors_arrived", data=arrived.reshape(shape))
         group.attrs.update({"sectors": sectors, **totals})
 
     def close(self) -> Path:

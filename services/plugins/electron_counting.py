@@ -87,7 +87,8 @@ class ElectronCounting(Plugin):
     def calibrate(self, samples):
         frames = np.stack([np.hstack(sectors) for sectors in samples])
         p = self.params
-        self.fit = fit_thresholds(frames, self.dark, float(p.get("backgroundSigma", 4.0)), float(p.get("xraySigma", 10.0)))
+        self.fit = fit_thresholds(frames, self.dark, float(p.get("backgroundSigma", 4.0)),
+                                  float(p.get("xraySigma", 10.0)))
         self.thresholds = self.fit.thresholds
         self.counter = Counter(self.dark, self.thresholds, self.context.frame_shape)
         self.samples_wanted = 0
@@ -96,7 +97,8 @@ class ElectronCounting(Plugin):
         if self.fit is not None:
             return {"electron_counting": self.fit.metadata()}
         if self.thresholds is not None:
-            return {"electron_counting": {"threshold_calculated": False, "background_threshold": self.thresholds.background,
+            return {"electron_counting": {"threshold_calculated": False,
+                                          "background_threshold": self.thresholds.background,
                                           "x_ray_threshold": self.thresholds.xray}}
         return {}
 

@@ -175,7 +175,8 @@ class ControlPlane:
         # build.sh alone decides whether the cache can be trusted (binaries that run and report VERSION)
         if subprocess.run(["bash", str(HERE / "build.sh"), "--cached"], capture_output=True).returncode == 0:
             return
-        print(f"[controlplane] building Kubernetes {VERSION} (once; cached in {bin_dir()})", file=sys.stderr, flush=True)
+        print(f"[controlplane] building Kubernetes {VERSION} (once; cached in {bin_dir()})", file=sys.stderr,
+              flush=True)
         # Own process group, so that an interrupted build (Ctrl-C, pytest-timeout) takes `go build` down too.
         build = subprocess.Popen(["bash", str(HERE / "build.sh")], start_new_session=True)
         try:
