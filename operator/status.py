@@ -172,9 +172,8 @@ def status_patch(o: Observed, old_status: dict, generation: int, selector: str) 
         "workerReplicas": sum(1 for p in o.pods if p.role == "worker"),
         "workers": f"{ready.get('worker', 0)}/{o.desired.get('worker', 0)}",
         "workerSelector": selector,
-        "framesWritten": frames_so_far(writer)[0] if writer else 0,
-        "framesLost": frames_so_far(writer)[1] if writer else 0,
     }
+    out["framesWritten"], out["framesLost"] = frames_so_far(writer) if writer else (0, 0)
     if writer is not None:
         total = writer.closed_total  # every closed scan, summed (status.scans lists only the last few)
         out["closed"] = {"scans": writer.scans_closed, "expected": total.expected, "written": total.written,

@@ -37,3 +37,15 @@ def frames_so_far(writer_status) -> tuple[int, int]:
     total = writer_status.closed_total
     open_scans = [s for s in writer_status.scans if not s.complete]
     return (total.written + sum(s.written for s in open_scans), total.lost + sum(s.lost for s in open_scans))
+
+
+COUNTS = ("expected", "written", "partial", "lost", "duplicates", "unaccounted")
+
+
+def scan_record(account) -> dict:
+    """A ScanAccount as the report and the accounting file give it: scan, COUNTS (unaccounted = expected -
+    written - lost, 0 when every frame is accounted for), complete, file."""
+    return {"scan": account.scan, "expected": account.expected, "written": account.written,
+            "partial": account.partial, "lost": account.lost, "duplicates": account.duplicates,
+            "unaccounted": account.expected - account.written - account.lost, "complete": account.complete,
+            "file": account.file}

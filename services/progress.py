@@ -17,7 +17,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from detstream.services.accounting import frames_so_far
+from detstream.services.accounting import frames_so_far, scan_record
 from detstream.v1.control_pb2 import StageState
 
 PLAIN_EVERY_S = 5.0
@@ -176,10 +176,7 @@ class Summary:
         scans = list(closed)
         for s in (writer_status.scans if writer_status else []):
             if not s.complete:
-                scans.append({"scan": s.scan, "expected": s.expected, "written": s.written, "partial": s.partial,
-                              "lost": s.lost, "duplicates": s.duplicates,
-                              "unaccounted": s.expected - s.written - s.lost, "complete": s.complete,
-                              "file": s.file})
+                scans.append(scan_record(s))
         written = sum(s["written"] for s in scans)
         duration = max(duration, 1e-9)
         accounted = (len(scans) == session.spec.scan.count

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from detstream.services.accounting import ClosedScans
+from detstream.services.accounting import COUNTS, ClosedScans, scan_record
 from detstream.services.electron_events import ElectronEventsFile
 from detstream.services.faults import failpoint
 from detstream.services.output import accounting_file, folder_problem, never_overwrite, scan_file
@@ -308,19 +308,19 @@ class WriterStage(Stage):
 
     def close(self, scan: WriterScan) -> None:
         account = scan.account(complete=True)
-        unaccounted = account.expected - account.written - account.lost
+        record = scan_record(account)
+        unaccounted = record["unaccounted"]
         if scan.file is not None:
             try:
                 scan.file.add_metadata(self.calibration)
-                scan.file.record_arrivals(scan.seen, scan.sectors, self.spec.detector.sectors, {
-                    "expected": account.expected, "written": account.written, "partial": account.partial,
-                    "lost": account.lost, "duplicates": account.duplicates, "unaccounted": unaccounted})
+                scan.file.record_arrivals(scan.seen, scan.sectors, self.spec.detector.sectors,
+                                          {k: record[k] for k in COUNTS})
                 scan.file.close()
             except OSError as exc:
                 scan.file.abort()  # no file that looks complete is left behind
                 scan.file = None
                 raise StageError(f"cannot write scan {scan.number} to {scan.path}: {exc}") from None
-        self.record(account, unaccounted)
+        self.record(account, record)
         del self.scans[scan.number]
         self.closed.add(scan.number)
         log = self.log.error if unaccounted else (self.log.warning if account.lost else self.log.info)
@@ -334,7 +334,7 @@ class WriterStage(Stage):
         if len(self.closed) >= self.spec.scan.count:
             self.finish()
 
-    def record(self, account: ScanAccount, unaccounted: int) -> None:
+    def record(self, account: ScanAccount, record: dict) -> None:
         """A closed scan: in the totals, among the recent ones, and a line of the accounting file."""
         self.recent.append(account)
         total = self.closed_total
@@ -343,13 +343,10 @@ class WriterStage(Stage):
         total.partial += account.partial
         total.lost += account.lost
         total.duplicates += account.duplicates
-        self.scans_unaccounted += bool(unaccounted)
-        line = {"scan": account.scan, "expected": account.expected, "written": account.written,
-                "partial": account.partial, "lost": account.lost, "duplicates": account.duplicates,
-                "unaccounted": unaccounted, "complete": True, "file": account.file}
+        self.scans_unaccounted += bool(record["unaccounted"])
         try:
             with self.accounting.open("a") as out:
-                out.write(json.dumps(line) + "\n")
+                out.write(json.dumps(record) + "\n")
         except OSError as exc:
             raise StageError(f"cannot write the accounting to {self.accounting}: {exc}") from None
 
