@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 try:
-    from detstream.services.counting import Counter, calculate_thresholds
+    from detstream.services.plugins.counting import Counter, calculate_thresholds
 except ImportError:  # run as a file from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from services.counting import Counter, calculate_thresholds

@@ -80,7 +80,7 @@ def session_gbps(scan: int, curve: bool, workdir: Path) -> dict:
     manifest = workdir / f"{name}.yaml"
     manifest.write_text(yaml.safe_dump(doc))
     report = workdir / f"{name}.json"
-    result = subprocess.run([sys.executable, "-m", "detstream.services.cli", "run", str(manifest), "--output",
+    result = subprocess.run([sys.executable, "-m", "detstream.services.launcher.cli", "run", str(manifest), "--output",
                              str(workdir / name), "--report", str(report), "--quiet"], capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"the {name} session failed:\n{result.stderr}")

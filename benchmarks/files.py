@@ -39,10 +39,10 @@ import numpy as np
 
 from benchmarks.report import Report
 from benchmarks.sessions import COUNTING, THRESHOLDS, SessionRun, manifest
-from detstream.services.counting import Counter, Thresholds
-from detstream.services.electron_events import ElectronEventsFile
-from detstream.services.session import Detector, Simulator as SimulatorSettings
-from detstream.services.simulator import Simulator
+from detstream.services.plugins.counting import Counter, Thresholds
+from detstream.services.sinks.electron_events import ElectronEventsFile
+from detstream.services.model.session import Detector, Simulator as SimulatorSettings
+from detstream.services.sources.simulator import Simulator
 
 ROWS, COLS, SECTORS, WIDTH = 576, 576, 4, 144
 RECORD = np.dtype([("scan", "<u4"), ("frame", "<u4"), ("position", "<u4"), ("sector", "<u4"),

@@ -46,7 +46,7 @@ def session_doc(name: str) -> dict:
 
 def expected_children(doc: dict, namespace: str) -> set[tuple[str, str]]:
     from detstream.operator import resources
-    from detstream.services.session import load_session
+    from detstream.services.model.session import load_session
     d = dict(doc, metadata=dict(doc["metadata"], namespace=namespace))
     return {(c["kind"], c["metadata"]["name"]) for c in resources.children(load_session(d), "detstream:bench")
             if c["kind"] in KINDS}
@@ -54,7 +54,7 @@ def expected_children(doc: dict, namespace: str) -> set[tuple[str, str]]:
 
 def rendered_children(doc: dict, namespace: str) -> list[dict]:
     from detstream.operator import resources
-    from detstream.services.session import load_session
+    from detstream.services.model.session import load_session
     d = dict(doc, metadata=dict(doc["metadata"], namespace=namespace))
     return [c for c in resources.children(load_session(d), "detstream:bench") if c["kind"] in KINDS]
 
@@ -144,7 +144,7 @@ def main(argv=None) -> dict | None:
         kubectl("wait", "--for", "condition=established", "--timeout=60s", "crd/streamingsessions.detstream.io")
         cluster = Cluster(cp.kubeconfig)
         log = open(Path(tmp) / "operator.log", "wb")
-        operator = spawn([sys.executable, "-m", "detstream.services.cli", "operator", "--standalone", "-n", "bench",
+        operator = spawn([sys.executable, "-m", "detstream.services.launcher.cli", "operator", "--standalone", "-n", "bench",
                           "--liveness-port", "0", "--metrics-port", "0"], env=env, stdout=log,
                          stderr=subprocess.STDOUT)
         try:

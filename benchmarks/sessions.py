@@ -14,8 +14,8 @@ from pathlib import Path
 
 from benchmarks.processes import cpu_seconds, memory
 from benchmarks.report import ROOT
-from detstream.services.runner import LocalSession
-from detstream.services.session import load_session
+from detstream.services.launcher.runner import LocalSession
+from detstream.services.model.session import load_session
 from detstream.v1.control_pb2 import FAILED, FINISHED
 
 POLL_S = 0.1  # the writer answers each poll: 40 Hz cost it ~0.02 core, as much as a fifth of its work

@@ -32,8 +32,8 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import processes
-from detstream.services.runner import LocalSession, RunFailed
-from detstream.services.session import load_session
+from detstream.services.launcher.runner import LocalSession, RunFailed
+from detstream.services.model.session import load_session
 
 RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
 

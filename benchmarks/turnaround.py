@@ -29,11 +29,11 @@ import zmq
 
 from benchmarks.report import Report
 from benchmarks.sessions import COUNTING, THRESHOLDS, SessionRun, manifest
-from detstream.services.counting import Counter, Thresholds
-from detstream.services.electron_events import ElectronEventsFile
-from detstream.services.session import Detector, Simulator as SimulatorSettings
-from detstream.services.simulator import Simulator
-from detstream.services.wire import END_OF_SCAN, SECTOR, Header, Outbox
+from detstream.services.plugins.counting import Counter, Thresholds
+from detstream.services.sinks.electron_events import ElectronEventsFile
+from detstream.services.model.session import Detector, Simulator as SimulatorSettings
+from detstream.services.sources.simulator import Simulator
+from detstream.services.dataplane.wire import END_OF_SCAN, SECTOR, Header, Outbox
 
 
 

@@ -15,9 +15,9 @@ import base64
 import tempfile
 from pathlib import Path
 
-from detstream.services.plan import Plan
-from detstream.services.security import EXTERNAL, generate
-from detstream.services.session import Session
+from detstream.services.model.plan import Plan
+from detstream.services.dataplane.security import EXTERNAL, generate
+from detstream.services.model.session import Session
 
 KEYS_DIR = "/etc/detstream-keys"
 LAUNCHER = "launcher"

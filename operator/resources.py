@@ -13,10 +13,10 @@ import hashlib
 import json
 
 from detstream.operator import keys
-from detstream.services.plan import CLUSTER_PORTS, DATA_PORTS, ClusterNetwork, Plan, build_plan
+from detstream.services.model.plan import CLUSTER_PORTS, DATA_PORTS, ClusterNetwork, Plan, build_plan
 from detstream.services.plugins import plugin_class
-from detstream.services.schema import to_manifest
-from detstream.services.session import Session
+from detstream.services.model.schema import to_manifest
+from detstream.services.model.session import Session
 
 PLAN_DIR = "/etc/detstream"
 OUTPUT_DIR = "/data"

@@ -13,8 +13,8 @@ from typing import Callable
 import grpc
 
 from detstream.operator.status import PodView
-from detstream.services.control import StageClient
-from detstream.services.plan import CLUSTER_PORTS, START_ORDER
+from detstream.services.runtime.control import StageClient
+from detstream.services.model.plan import CLUSTER_PORTS, START_ORDER
 from detstream.v1.control_pb2 import CONFIGURED
 
 DEADLINE_S = 1.0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass, field
 
-from detstream.services.accounting import frames_so_far
+from detstream.services.dataplane.accounting import frames_so_far
 from detstream.v1.control_pb2 import FAILED, FINISHED
 
 # Container states that will not fix themselves: the session cannot run.

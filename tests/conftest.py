@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # A failed stage exits at once in tests (the default, 30 s, lets Prometheus scrape it); the tests
 # of that linger set the variable themselves.
 os.environ.setdefault("DETSTREAM_FAILED_LINGER_S", "0")
-DETSTREAM = [sys.executable, "-m", "detstream.services.cli"]
+DETSTREAM = [sys.executable, "-m", "detstream.services.launcher.cli"]
 # The same, with SIGINT (Ctrl-C) handled even when this test run was started with it ignored, as a shell
 # starts a background job: an ignored signal stays ignored across exec, and Python then never raises
 # KeyboardInterrupt.
@@ -44,7 +44,7 @@ def write_manifest(tmp_path):
 
 def no_stage_left(marker: str) -> list[str]:
     """Command lines of stage processes whose arguments contain `marker` (should be none)."""
-    out = subprocess.run(["pgrep", "-af", f"detstream.services.cli stage .*{marker}"], capture_output=True,
+    out = subprocess.run(["pgrep", "-af", f"detstream.services.launcher.cli stage .*{marker}"], capture_output=True,
                          text=True).stdout
     return [line for line in out.splitlines() if "pgrep" not in line]
 
@@ -67,8 +67,8 @@ def which(tool: str) -> str | None:
 @pytest.fixture
 def local_session(tmp_path):
     """Start sessions in-process (real stage processes on 127.0.0.1); all stopped at the end."""
-    from detstream.services.runner import LocalSession
-    from detstream.services.session import load_session
+    from detstream.services.launcher.runner import LocalSession
+    from detstream.services.model.session import load_session
 
     sessions = []
 

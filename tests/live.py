@@ -18,8 +18,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import DETSTREAM, no_stage_left, wait_for  # noqa: F401 (wait_for is re-exported)
-from detstream.services.control import StageClient
-from detstream.services.plan import Plan
+from detstream.services.runtime.control import StageClient
+from detstream.services.model.plan import Plan
 
 
 class Live:

@@ -122,8 +122,8 @@ def test_the_sessions_network_policy_lets_the_charts_operator_reach_the_control_
     """On a cluster that enforces NetworkPolicy, the operator can start a session only if the session's
     policy admits its pod to the control port; other pods (another session's stages) are not admitted."""
     from detstream.operator import resources
-    from detstream.services.plan import CLUSTER_PORTS
-    from detstream.services.session import load_session
+    from detstream.services.model.plan import CLUSTER_PORTS
+    from detstream.services.model.session import load_session
 
     (deploy,) = of_kind(render(values, tmp_path), "Deployment")
     operator_pod = deploy["spec"]["template"]["metadata"]["labels"]

@@ -1,4 +1,4 @@
-"""detstream.services.counting against stempy itself (stempy.image.electron_count_frame, stempy's calculate_thresholds)."""
+"""detstream.services.plugins.counting against stempy itself (stempy.image.electron_count_frame, stempy's calculate_thresholds)."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from stempy import _image
 
-from detstream.services.counting import Counter, Thresholds, calculate_thresholds, fit_thresholds
+from detstream.services.plugins.counting import Counter, Thresholds, calculate_thresholds, fit_thresholds
 
 SHAPE = (576, 576)
 SECTOR_EDGES = (144, 288, 432)

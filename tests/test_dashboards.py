@@ -271,7 +271,7 @@ def export_operator_status(session, writer_status) -> dict:
     """What the operator's observe() writes for this writer status, and exports from it."""
     from detstream.operator import metrics as operator_metrics
     from detstream.operator.status import Observed, status_patch
-    from detstream.services.plan import replicas
+    from detstream.services.model.plan import replicas
 
     observed = Observed(desired=replicas(session), stages={f"{BACKLOG}-writer-0": writer_status}, started=True)
     status = status_patch(observed, {}, 1, "")
@@ -298,10 +298,10 @@ def live(tmp_path_factory):
     from prometheus_client import start_http_server
 
     import detstream.operator.handlers as operator_handlers
-    from detstream.services.output import accounting_file, read_accounting
-    from detstream.services.progress import Summary
-    from detstream.services.runner import LocalSession
-    from detstream.services.session import load_session
+    from detstream.services.sinks.output import accounting_file, read_accounting
+    from detstream.services.launcher.progress import Summary
+    from detstream.services.launcher.runner import LocalSession
+    from detstream.services.model.session import load_session
 
     tmp = tmp_path_factory.mktemp("prometheus")
     fast = {"heartbeatS": 0.1, "workerTimeoutS": 2.0, "frameTimeoutS": 0.5, "endOfScanTimeoutS": 1.5}
@@ -612,7 +612,7 @@ def test_the_lost_count_reaches_prometheus_exactly(live):
 
 
 def test_every_labelled_counter_exports_every_label_value_from_the_start(live):
-    from detstream.services.wire import REJECT_REASONS
+    from detstream.services.dataplane.wire import REJECT_REASONS
     for stage in ("source", "aggregator", "distributor", "worker", "writer"):
         reasons = {s["metric"]["reason"] for s in live.prom.result(
             f'detstream_rejected_messages_total{{session="{DASH}", stage="{stage}"}}')}
@@ -623,7 +623,7 @@ def test_every_labelled_counter_exports_every_label_value_from_the_start(live):
 
 def test_every_rejection_reason_in_the_code_is_listed():
     """Each reason a stage passes to WireError/refuse is one REJECT_REASONS exports from the start."""
-    from detstream.services.wire import REJECT_REASONS
+    from detstream.services.dataplane.wire import REJECT_REASONS
     code = "\n".join(p.read_text() for p in (ROOT / "services").rglob("*.py"))
     used = set(re.findall(r'(?:WireError|refuse)\(\s*"([\w-]+)"', code))
     used |= set(re.findall(r'reason = "([\w-]+)"', code))

@@ -8,7 +8,7 @@ import yaml
 from conftest import ROOT
 from detstream.operator.crd import PHASES
 from detstream.operator.status import Observed, status_patch
-from detstream.services.metrics import Counters, StageMetrics
+from detstream.services.runtime.metrics import Counters, StageMetrics
 from detstream.v1.control_pb2 import StageState
 
 README = (ROOT / "README.md").read_text()

@@ -33,7 +33,7 @@ import yaml
 
 from cluster.fixtures import RBAC_DENIAL, control_plane, helm, kubectl  # noqa: F401
 from conftest import ROOT, Background, manifest, wait_for
-from detstream.services.output import read_accounting
+from detstream.services.sinks.output import read_accounting
 
 NS = "e2e"
 OPERATOR_NS = "e2e-system"  # the chart's release; its operator serves NS
@@ -130,7 +130,7 @@ def cluster(kubectl, helm, tmp_path_factory):  # noqa: F811
     if not pod_namespaces_possible():
         pytest.skip("the test node agent cannot make a mount namespace here (needs root or unprivileged "
                     "user namespaces)")
-    from detstream.services.runner import free_ports
+    from detstream.services.launcher.runner import free_ports
 
     kubectl("create", "namespace", NS)
     workdir = tmp_path_factory.mktemp("e2e")
@@ -240,8 +240,8 @@ def test_example_session_streams_through_pods_to_a_stempy_file(e2e):
     assert sum(1 for frames in counted.data if len(frames[0])) == scan["written"]
     if scan["partial"] == 0:  # a partial frame is zero-filled: only whole frames count as stempy does
         from test_local_session import stempy_events
-        from detstream.services.session import Detector, Simulator as SimulatorSettings
-        from detstream.services.simulator import Simulator
+        from detstream.services.model.session import Detector, Simulator as SimulatorSettings
+        from detstream.services.sources.simulator import Simulator
         sim = Simulator(SimulatorSettings(seed=7), Detector())
         for position in range(0, 1024, 97):
             np.testing.assert_array_equal(np.sort(counted.data[position][0]),
@@ -432,7 +432,7 @@ def test_the_agent_refuses_what_a_kubelet_would(e2e):
     """The operator's own worker Deployment, applied as it builds it and with one thing broken each:
     only the unbroken one becomes Ready. This is what makes the tests above worth something."""
     from detstream.operator import resources
-    from detstream.services.session import load_session
+    from detstream.services.model.session import load_session
 
     session = load_session({**manifest("honest", **copy.deepcopy(LIGHT)), "metadata": {"name": "honest",
                                                                                         "namespace": NS}})
@@ -494,7 +494,7 @@ def worker_params(pod) -> dict | None:
     (None while it does not answer)."""
     import grpc
 
-    from detstream.services.control import StageClient
+    from detstream.services.runtime.control import StageClient
     client = StageClient(f"{pod['status']['podIP']}:7100", timeout=5)
     try:
         return json.loads(client.status().plugin_params_json or "null")

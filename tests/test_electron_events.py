@@ -1,10 +1,10 @@
-"""detstream.services.electron_events: files written here, read back with stempy's own loader."""
+"""detstream.services.sinks.electron_events: files written here, read back with stempy's own loader."""
 
 import numpy as np
 import pytest
 import stempy.io as stio
 
-from detstream.services.electron_events import ElectronEventsFile
+from detstream.services.sinks.electron_events import ElectronEventsFile
 
 
 def random_scan(seed, scan_shape, frame_shape, empty=()):

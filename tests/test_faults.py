@@ -15,11 +15,11 @@ import stempy.io
 import zmq
 
 from conftest import DETSTREAM, manifest
-from detstream.services.counting import Counter, Thresholds
-from detstream.services.electron_events import COMPLETE, MISSING, PARTIAL
-from detstream.services.session import Detector, Simulator as SimulatorSettings
-from detstream.services.simulator import Simulator
-from detstream.services.wire import END_OF_SCAN, SECTOR, Header, Outbox
+from detstream.services.plugins.counting import Counter, Thresholds
+from detstream.services.sinks.electron_events import COMPLETE, MISSING, PARTIAL
+from detstream.services.model.session import Detector, Simulator as SimulatorSettings
+from detstream.services.sources.simulator import Simulator
+from detstream.services.dataplane.wire import END_OF_SCAN, SECTOR, Header, Outbox
 from live import Live, wait_for
 
 SMALL = {"rows": 128, "cols": 128, "sectors": 4}
@@ -31,7 +31,7 @@ FAST = {"heartbeatS": 0.1, "workerTimeoutS": 1.0, "frameTimeoutS": 0.5, "endOfSc
 
 def truth_events(scan, positions):
     """What the counting plugin must find in each frame of the simulator (seed 0, SMALL detector)."""
-    from detstream.services.simulator import Simulator, dark_reference
+    from detstream.services.sources.simulator import Simulator, dark_reference
     detector = Detector(**SMALL)
     sim = Simulator(SimulatorSettings(), detector)
     counter = Counter(dark_reference(0, 128, 128, 100.0), Thresholds(32, 50), (128, 128))

@@ -146,7 +146,7 @@ def test_the_builders_wheel_has_every_package_and_the_command(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     (wheel,) = (tmp_path / "wheels").glob("detstream-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("detstream/services/cli.py", "detstream/services/stages/worker.py",
+    for module in ("detstream/services/launcher/cli.py", "detstream/services/stages/worker.py",
                    "detstream/services/plugins/electron_counting.py", "detstream/v1/control_pb2_grpc.py",
                    "detstream/v1/wire_pb2.py"):
         assert module in names, module
@@ -154,4 +154,4 @@ def test_the_builders_wheel_has_every_package_and_the_command(tmp_path):
     assert not any("__pycache__" in n or n.startswith("tests/") for n in names)
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
-    assert "detstream = detstream.services.cli:main" in text
+    assert "detstream = detstream.services.launcher.cli:main" in text

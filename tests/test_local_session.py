@@ -11,9 +11,9 @@ import stempy.image
 import stempy.io
 
 from conftest import DETSTREAM, DETSTREAM_INTERRUPTIBLE, ROOT, manifest, no_stage_left
-from detstream.services.counting import Counter, fit_thresholds
-from detstream.services.session import Detector, Simulator as SimulatorSettings
-from detstream.services.simulator import Simulator, dark_reference
+from detstream.services.plugins.counting import Counter, fit_thresholds
+from detstream.services.model.session import Detector, Simulator as SimulatorSettings
+from detstream.services.sources.simulator import Simulator, dark_reference
 
 COUNTING = {"name": "electron-counting",
             "params": {"dark": "simulated", "backgroundThreshold": 32, "xrayThreshold": 50}}

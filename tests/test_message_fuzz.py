@@ -12,11 +12,11 @@ import zmq
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import manifest
-from detstream.services.plan import LocalNetwork, build_plan
-from detstream.services.runner import free_ports
-from detstream.services.session import load_session
+from detstream.services.model.plan import LocalNetwork, build_plan
+from detstream.services.launcher.runner import free_ports
+from detstream.services.model.session import load_session
 from detstream.services.stages import aggregator, distributor, worker, writer
-from detstream.services.wire import WireError, decode
+from detstream.services.dataplane.wire import WireError, decode
 from detstream.v1 import wire_pb2
 from detstream.v1.wire_pb2 import Header
 

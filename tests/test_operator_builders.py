@@ -12,8 +12,8 @@ from conftest import ROOT, manifest
 from detstream.operator import resources
 from detstream.operator.crd import crd
 from detstream.operator.status import Observed, PodView, phase, pod_view, startup_overdue, status_patch
-from detstream.services.schema import DNS_1035_LABEL, DNS_1123_SUBDOMAIN, LABEL_VALUE
-from detstream.services.session import load_session
+from detstream.services.model.schema import DNS_1035_LABEL, DNS_1123_SUBDOMAIN, LABEL_VALUE
+from detstream.services.model.session import load_session
 from detstream.v1.control_pb2 import CONFIGURED, FAILED, FINISHED, RUNNING, ScanAccount, StageStatus
 
 K8S = kubernetes_validate.latest_version()

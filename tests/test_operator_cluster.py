@@ -15,8 +15,8 @@ from cluster.fixtures import control_plane, kubectl  # noqa: F401
 from conftest import DETSTREAM, ROOT, Background, manifest
 from conftest import wait_for as wait_until
 from detstream.operator import resources
-from detstream.services.schema import SpecError
-from detstream.services.session import load_session
+from detstream.services.model.schema import SpecError
+from detstream.services.model.session import load_session
 
 NS = "optest"
 CHILD_KINDS = "configmaps,services,statefulsets,deployments"

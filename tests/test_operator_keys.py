@@ -8,8 +8,8 @@ import pytest
 from conftest import manifest
 from detstream.operator import keys
 from detstream.operator.resources import cluster_plan, labels
-from detstream.services.security import Keys, KeysMissing
-from detstream.services.session import load_session
+from detstream.services.dataplane.security import Keys, KeysMissing
+from detstream.services.model.session import load_session
 
 SECURE = {"dataPlane": "curve", "controlPlane": "mtls"}
 

@@ -5,9 +5,9 @@ import time
 from rich.console import Console
 
 from conftest import manifest
-from detstream.services.progress import Progress, Rate
-from detstream.services.runner import LocalSession
-from detstream.services.session import load_session
+from detstream.services.launcher.progress import Progress, Rate
+from detstream.services.launcher.runner import LocalSession
+from detstream.services.model.session import load_session
 
 RATE = 40  # frames/s: slow, so that any machine keeps up
 

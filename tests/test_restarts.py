@@ -19,10 +19,10 @@ import stempy.io
 import zmq
 
 from conftest import manifest, wait_for
-from detstream.services.counting import Counter, fit_thresholds
-from detstream.services.session import Detector, Simulator as SimulatorSettings
-from detstream.services.simulator import Simulator, dark_reference
-from detstream.services.wire import END_OF_SCAN, RESULT, SECTOR, Header, Outbox
+from detstream.services.plugins.counting import Counter, fit_thresholds
+from detstream.services.model.session import Detector, Simulator as SimulatorSettings
+from detstream.services.sources.simulator import Simulator, dark_reference
+from detstream.services.dataplane.wire import END_OF_SCAN, RESULT, SECTOR, Header, Outbox
 from detstream.v1.control_pb2 import FINISHED
 
 ROWS = 12

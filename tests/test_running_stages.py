@@ -15,9 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import DETSTREAM, manifest, wait_for
-from detstream.services.runner import free_ports
-from detstream.services.stage import STALL_S
-from detstream.services.wire import END_OF_SCAN, SECTOR, Header, Outbox
+from detstream.services.launcher.runner import free_ports
+from detstream.services.runtime.stage import STALL_S
+from detstream.services.dataplane.wire import END_OF_SCAN, SECTOR, Header, Outbox
 
 
 def test_a_withheld_sector_gives_a_partial_frame_zero_filled(local_session):
@@ -89,8 +89,8 @@ def probes(p):
 def test_probes_follow_the_lifecycle(tmp_path, monkeypatch):
     """Not ready while setting up, ready from configured through finished, gone once stopped; live
     throughout."""
-    from detstream.services.runner import LocalSession
-    from detstream.services.session import load_session
+    from detstream.services.launcher.runner import LocalSession
+    from detstream.services.model.session import load_session
 
     monkeypatch.setenv("DETSTREAM_FAILPOINTS", "writer-0:setup-delay=3")
     local = LocalSession(load_session(manifest("probed", plugin={"name": "noop"})), tmp_path)
@@ -123,8 +123,8 @@ def test_a_hung_stage_fails_liveness_and_a_stage_held_by_backpressure_does_not(t
     """The only worker takes 60 s over its first frame (its loop is stuck); the frames behind it
     fill the queues within seconds, so the aggregator and the source wait for room: alive, not hung
     (checked once the worker has been stuck well past STALL_S, so have they been waiting)."""
-    from detstream.services.runner import LocalSession
-    from detstream.services.session import load_session
+    from detstream.services.launcher.runner import LocalSession
+    from detstream.services.model.session import load_session
 
     monkeypatch.setenv("DETSTREAM_FAILPOINTS", "worker:process-delay=60")
     doc = manifest("stuck", scan={"rows": 64, "cols": 64}, workers={"replicas": 1}, plugin={"name": "noop"})

@@ -6,11 +6,11 @@ import json
 import pytest
 
 from conftest import manifest
-from detstream.services.plan import ClusterNetwork, LocalNetwork, Plan, build_plan
-from detstream.services.schema import SpecError, openapi
-from detstream.services.session import (Detector, Scan, SessionSpec, Source, Transport, Workers, load_session,
+from detstream.services.model.plan import ClusterNetwork, LocalNetwork, Plan, build_plan
+from detstream.services.model.schema import SpecError, openapi
+from detstream.services.model.session import (Detector, Scan, SessionSpec, Source, Transport, Workers, load_session,
                                         read_manifest)
-from detstream.services.wire import FRAME, FRAME_BITS, Geometry, Header, frame_key
+from detstream.services.dataplane.wire import FRAME, FRAME_BITS, Geometry, Header, frame_key
 from detstream.operator.resources import cluster_plan, plan_configmap
 from conftest import ROOT
 

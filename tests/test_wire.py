@@ -5,7 +5,7 @@ import pytest
 import zmq
 from hypothesis import given, settings, strategies as st
 
-from detstream.services.wire import (END_OF_SCAN, FRAME, SECTOR, Geometry, Header, WireError, decode, frame_key,
+from detstream.services.dataplane.wire import (END_OF_SCAN, FRAME, SECTOR, Geometry, Header, WireError, decode, frame_key,
                                      Gaps, pack_frames, unpack_frames)
 
 G = Geometry(rows=8, cols=8, sectors=2, dtype="<u2", scan_frames=16)

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
-from detstream.services.schema import did_you_mean
+from detstream.services.model.schema import did_you_mean
 
 ENTRY_POINT_GROUP = "detstream.plugins"
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from detstream.services.counting import Counter, ThresholdFit, Thresholds, fit_thresholds
+from detstream.services.plugins.counting import Counter, ThresholdFit, Thresholds, fit_thresholds
 from detstream.services.plugins import Plugin, check_number
-from detstream.services.schema import did_you_mean
-from detstream.services.simulator import dark_reference
+from detstream.services.model.schema import did_you_mean
+from detstream.services.sources.simulator import dark_reference
 
 KNOWN = ("dark", "backgroundThreshold", "xrayThreshold", "samples", "backgroundSigma", "xraySigma")
 

@@ -38,9 +38,9 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from detstream.services.accounting import ClosedScans
-from detstream.services.stage import HOUSEKEEPING_S, POLL_MS, Stage
-from detstream.services.wire import END_OF_SCAN, FRAME, PARTIAL, SECTOR, Header, Message, Outbox
+from detstream.services.dataplane.accounting import ClosedScans
+from detstream.services.runtime.stage import HOUSEKEEPING_S, POLL_MS, Stage
+from detstream.services.dataplane.wire import END_OF_SCAN, FRAME, PARTIAL, SECTOR, Header, Message, Outbox
 
 MAX_PENDING_PER_HWM = 8   # frames waiting for sectors from other sources, per unit of transport.highWaterMark
 PACE_S = 0.001            # the pause per message while that many are waiting

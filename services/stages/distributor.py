@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from detstream.services.accounting import ClosedScans
-from detstream.services.plan import lane_routing_id
+from detstream.services.dataplane.accounting import ClosedScans
+from detstream.services.model.plan import lane_routing_id
 from detstream.services.plugins import plugin_class
-from detstream.services.stage import HOUSEKEEPING_S, POLL_MS, Stage
-from detstream.services.wire import (CREDIT, DUPLICATE, END_OF_SCAN, FRAME, HEARTBEAT, POLLIN, RECEIPT, SAMPLE,
+from detstream.services.runtime.stage import HOUSEKEEPING_S, POLL_MS, Stage
+from detstream.services.dataplane.wire import (CREDIT, DUPLICATE, END_OF_SCAN, FRAME, HEARTBEAT, POLLIN, RECEIPT, SAMPLE,
                                      Header, Message, Outbox, frame_key, pack_frames)
 
 

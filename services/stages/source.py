@@ -17,10 +17,10 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from detstream.services.security import EXTERNAL
-from detstream.services.simulator import Simulator
-from detstream.services.stage import Stage, StageError
-from detstream.services.wire import END_OF_SCAN, SECTOR, Header, Outbox
+from detstream.services.dataplane.security import EXTERNAL
+from detstream.services.sources.simulator import Simulator
+from detstream.services.runtime.stage import Stage, StageError
+from detstream.services.dataplane.wire import END_OF_SCAN, SECTOR, Header, Outbox
 
 SEND_RETRY_MS = 100
 FLUSH_S = 10.0  # an outside source exits once its queued messages are delivered, or after this long

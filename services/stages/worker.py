@@ -30,10 +30,10 @@ from collections import deque
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from detstream.services.faults import failpoint
+from detstream.services.runtime.faults import failpoint
 from detstream.services.plugins import PluginContext, plugin_class
-from detstream.services.stage import HOUSEKEEPING_S, POLL_MS, Stage
-from detstream.services.wire import (CALIBRATION, CREDIT, FRAME, HEARTBEAT, POLLOUT, RESULT, SAMPLE, Header,
+from detstream.services.runtime.stage import HOUSEKEEPING_S, POLL_MS, Stage
+from detstream.services.dataplane.wire import (CALIBRATION, CREDIT, FRAME, HEARTBEAT, POLLOUT, RESULT, SAMPLE, Header,
                                      Message, Outbox)
 
 CALIBRATION_IDLE_S = 0.5  # calibrate on the samples there are when the stream pauses this long

@@ -38,14 +38,14 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from detstream.services.accounting import COUNTS, ClosedScans, scan_record
-from detstream.services.electron_events import ElectronEventsFile
-from detstream.services.faults import failpoint
-from detstream.services.output import accounting_file, folder_problem, never_overwrite, scan_file
-from detstream.services.plan import lane_routing_id
+from detstream.services.dataplane.accounting import COUNTS, ClosedScans, scan_record
+from detstream.services.sinks.electron_events import ElectronEventsFile
+from detstream.services.runtime.faults import failpoint
+from detstream.services.sinks.output import accounting_file, folder_problem, never_overwrite, scan_file
+from detstream.services.model.plan import lane_routing_id
 from detstream.services.plugins import plugin_class
-from detstream.services.stage import HOUSEKEEPING_S, POLL_MS, Stage, StageError
-from detstream.services.wire import (CALIBRATION, END_OF_SCAN, NOBLOCK, PARTIAL, RECEIPT, RESULT, Header, Message,
+from detstream.services.runtime.stage import HOUSEKEEPING_S, POLL_MS, Stage, StageError
+from detstream.services.dataplane.wire import (CALIBRATION, END_OF_SCAN, NOBLOCK, PARTIAL, RECEIPT, RESULT, Header, Message,
                                      Outbox, frame_key, unpack_frames)
 from detstream.v1.control_pb2 import ScanAccount
 

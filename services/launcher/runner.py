@@ -11,7 +11,7 @@ source that exits (its lanes close its scans by timeout and report the frames lo
 with the next scan, or fail by `transport.onLoss`). Each such loss is reported (`incidents`).
 An aggregator, distributor or writer that exits fails the session at once, naming it. A stage
 in state failed is not stopped: it exits by itself once it has served its failed state to
-monitoring for $DETSTREAM_FAILED_LINGER_S seconds (see services/stage.py).
+monitoring for $DETSTREAM_FAILED_LINGER_S seconds (see services/runtime/stage.py).
 The peak resident memory (VmHWM) of every stage process is sampled and reported.
 """
 
@@ -32,13 +32,13 @@ from pathlib import Path
 import grpc
 from rich.markup import escape
 
-from detstream.services.control import StageClient
-from detstream.services.output import accounting_file, existing_results, folder_problem, read_accounting
-from detstream.services.plan import START_ORDER, LocalNetwork, Plan, StagePlan, build_plan
-from detstream.services.progress import Progress, Summary
-from detstream.services.security import KEYS_ENV, Keys, generate as generate_keys
-from detstream.services.session import Session, read_manifest
-from detstream.services.stage import FAILED_LINGER_ENV, failed_linger_s
+from detstream.services.runtime.control import StageClient
+from detstream.services.sinks.output import accounting_file, existing_results, folder_problem, read_accounting
+from detstream.services.model.plan import START_ORDER, LocalNetwork, Plan, StagePlan, build_plan
+from detstream.services.launcher.progress import Progress, Summary
+from detstream.services.dataplane.security import KEYS_ENV, Keys, generate as generate_keys
+from detstream.services.model.session import Session, read_manifest
+from detstream.services.runtime.stage import FAILED_LINGER_ENV, failed_linger_s
 from detstream.v1.control_pb2 import FAILED, FINISHED
 
 STOP_GRACE_S = 5.0
@@ -207,7 +207,7 @@ class LocalSession:
 
     def argv(self, stage: StagePlan) -> list[str]:
         """The command that runs one stage of this session."""
-        return [sys.executable, "-m", "detstream.services.cli", "stage", stage.role, "--plan",
+        return [sys.executable, "-m", "detstream.services.launcher.cli", "stage", stage.role, "--plan",
                 str(self.run_dir / "plan.json"), "--index", str(stage.index), "--output", str(self.output)]
 
     def client(self, stage: StagePlan, timeout: float = 5.0) -> StageClient:

@@ -15,7 +15,7 @@ import ipaddress
 
 import yaml
 
-from detstream.services.schema import (DNS_1035_LABEL, DNS_1123_SUBDOMAIN, LABEL_VALUE, FieldError, SpecError,
+from detstream.services.model.schema import (DNS_1035_LABEL, DNS_1123_SUBDOMAIN, LABEL_VALUE, FieldError, SpecError,
                                        did_you_mean, is_label_key, parse, spec_field)
 
 API_GROUP = "detstream.io"

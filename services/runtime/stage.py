@@ -27,12 +27,12 @@ from typing import ClassVar
 import zmq
 from grpc_health.v1 import health_pb2
 
-from detstream.services import control
-from detstream.services.faults import failpoint
-from detstream.services.metrics import Counters, StageMetrics
-from detstream.services.plan import Plan
-from detstream.services.security import Keys, KeysMissing, ZapHandler
-from detstream.services.wire import Gaps, Geometry, Message, WireError, decode, receive_parts
+from detstream.services.runtime import control
+from detstream.services.runtime.faults import failpoint
+from detstream.services.runtime.metrics import Counters, StageMetrics
+from detstream.services.model.plan import Plan
+from detstream.services.dataplane.security import Keys, KeysMissing, ZapHandler
+from detstream.services.dataplane.wire import Gaps, Geometry, Message, WireError, decode, receive_parts
 from detstream.v1.wire_pb2 import Kind
 from detstream.v1.control_pb2 import CONFIGURED, DRAINING, FAILED, FINISHED, RUNNING, StageState, StageStatus
 
@@ -92,7 +92,7 @@ class Stage:
         self.t_start = 0.0
         self.t_end = 0.0   # when it finished or failed: its elapsed time stops there
         self.log = logging.getLogger(f"detstream.{self.name}")
-        self.key_name = self.me.name       # whose keys this stage holds (see services/security.py)
+        self.key_name = self.me.name       # whose keys this stage holds (see services/dataplane/security.py)
         self.curve = self.spec.security.data_plane == "curve"
         self.keys: Keys | None = None
         self.monitors: list[zmq.Socket] = []

@@ -19,7 +19,7 @@ from detstream.v1 import control_pb2, control_pb2_grpc
 from detstream.v1.control_pb2 import CONFIGURED, FAILED, FINISHED, RUNNING
 
 if TYPE_CHECKING:
-    from detstream.services.stage import Stage
+    from detstream.services.runtime.stage import Stage
 
 WATCH_INTERVAL_S = 0.5
 # A stage that comes up late is found within a second: gRPC's default reconnect backoff grows to 2 minutes.
@@ -28,7 +28,7 @@ RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_ba
 
 
 def _refused(stage: Stage, what: str) -> None:
-    from detstream.services.wire import WireError
+    from detstream.services.dataplane.wire import WireError
     stage.reject(WireError("control", what))
 
 

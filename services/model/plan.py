@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
 
-from detstream.services.schema import parse, to_manifest
-from detstream.services.session import Session, SessionSpec
+from detstream.services.model.schema import parse, to_manifest
+from detstream.services.model.session import Session, SessionSpec
 
 ROLES = ("source", "aggregator", "distributor", "worker", "writer")
 START_ORDER = ("writer", "worker", "distributor", "aggregator", "source")  # consumers before producers

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from detstream.services.schema import did_you_mean
+from detstream.services.model.schema import did_you_mean
 
 VARIABLE = "DETSTREAM_FAILPOINTS"
 POINTS = ("setup-delay", "process-delay", "write-delay")

@@ -10,8 +10,8 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from detstream.services.schema import SpecError
-from detstream.services.session import load_session
+from detstream.services.model.schema import SpecError
+from detstream.services.model.session import load_session
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "run"):
             return args.run(args)
         if args.command == "run":
-            from detstream.services.runner import run_session
+            from detstream.services.launcher.runner import run_session
             return run_session(args.manifest, args.output, args.report, quiet=args.quiet)
         if args.command == "validate":
             return validate(args.manifest)
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def validate(path: Path) -> int:
-    from detstream.services.plan import LocalNetwork, build_plan
-    from detstream.services.session import read_manifest
+    from detstream.services.model.plan import LocalNetwork, build_plan
+    from detstream.services.model.session import read_manifest
 
     session = read_manifest(path)
     plan = build_plan(session, LocalNetwork(iter(range(20000, 30000))))
@@ -87,7 +87,7 @@ def stage_index(explicit: int | None) -> int:
 
 
 def run_stage(args) -> int:
-    from detstream.services.plan import Plan
+    from detstream.services.model.plan import Plan
     from detstream.services.stages import stage_class
 
     logging.basicConfig(level=args.log_level.upper(),
@@ -113,9 +113,9 @@ INGEST_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d{1,5}")
 
 def run_external_source(args, cls) -> int:
     """A source on an acquisition machine, joining a running session through its ingest addresses."""
-    from detstream.services.plan import LocalNetwork, build_plan
-    from detstream.services.runner import free_ports
-    from detstream.services.session import read_manifest
+    from detstream.services.model.plan import LocalNetwork, build_plan
+    from detstream.services.launcher.runner import free_ports
+    from detstream.services.model.session import read_manifest
 
     if args.role != "source" or args.manifest is None:
         print("detstream stage: --connect is for `stage source --manifest SESSION.yaml`", file=sys.stderr)

@@ -17,7 +17,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from detstream.services.accounting import frames_so_far, scan_record
+from detstream.services.dataplane.accounting import frames_so_far, scan_record
 from detstream.v1.control_pb2 import StageState
 
 PLAIN_EVERY_S = 5.0

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from detstream.services.wire import REJECT_REASONS
+from detstream.services.dataplane.wire import REJECT_REASONS
 
 LABELS = ("session", "stage", "replica")
 OUTCOMES = ("written", "partial", "lost", "duplicate", "dropped")
