@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from detstream.services.dataplane.accounting import ClosedScans
 from detstream.services.runtime.stage import HOUSEKEEPING_S, POLL_MS, Stage
@@ -66,10 +65,8 @@ class AggregatorStage(Stage):
         self.lane = self.me.index
         self.ingest = self.socket(zmq.PULL, bind="ingest")
         self.ingest.setsockopt(zmq.RCVTIMEO, POLL_MS)
-        connections: dict[zmq.Socket, zmq.Socket] = {}
         self.out = Outbox(self.socket(zmq.PUSH, connect=[("distributor", self.lane, "frames")],
-                                      connections=connections), self.name)
-        self.connected = connections[self.out.socket]   # a connection made to the distributor (restarted?)
+                                      on_connect=self.resend_ends), self.name)
         self.ends: deque[Header] = deque(maxlen=ENDS_KEPT)  # the last scans' ends, sent again to a new distributor
         self.sources = self.spec.source.replicas
         self.lanes = self.spec.lanes
@@ -112,7 +109,6 @@ class AggregatorStage(Stage):
         if now - self.last_sweep > HOUSEKEEPING_S:
             self.last_sweep = now
             self.sweep(now)
-            self.resend_ends_if_reconnected()
             self.counters.queue_depth = len(self.pending)
 
     def handle(self, msg: Message) -> None:
@@ -224,15 +220,13 @@ class AggregatorStage(Stage):
             self.open_scan(Header(scan=upcoming))
             self.close(upcoming, f"never started: no input for {timeout:g} s")
 
-    def resend_ends_if_reconnected(self) -> None:
+    def resend_ends(self) -> None:
         """On each connection to the distributor (the first one, or to a restarted distributor), send
         the last scans' ends again: a distributor that died may have held them."""
-        while self.connected.poll(0):
-            recv_monitor_message(self.connected)
-            for end in self.ends:
-                self.send(end)  # (stamped anew)
-            if self.ends:
-                self.log.info("distributor (re)connected: sent the ends of scans %s again", [e.scan for e in self.ends])
+        for end in self.ends:
+            self.send(end)  # (stamped anew)
+        if self.ends:
+            self.log.info("distributor (re)connected: sent the ends of scans %s again", [e.scan for e in self.ends])
 
     def drain_now(self) -> None:
         """Drained and nothing more queued: close every open scan; no further scan starts."""

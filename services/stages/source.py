@@ -10,12 +10,12 @@ END_OF_SCAN says how much was sent, so the rest is reported lost) and sends no f
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from detstream.services.dataplane.security import EXTERNAL
 from detstream.services.sources.simulator import Simulator
@@ -23,6 +23,7 @@ from detstream.services.runtime.stage import Stage, StageError
 from detstream.services.dataplane.wire import END_OF_SCAN, SECTOR, Header, Outbox
 
 SEND_RETRY_MS = 100
+ANSWER_POLL_S = 0.01  # how often a wait for a lane's answer looks
 FLUSH_S = 10.0  # an outside source exits once its queued messages are delivered, or after this long
 
 
@@ -94,13 +95,13 @@ class SourceStage(Stage):
         else:
             self.frames = Simulator(spec.source.simulator, spec.detector)
         lanes = self.connect or [("aggregator", lane, "ingest") for lane in range(spec.lanes)]
-        # An outside source's lanes live in their own context, with a monitor of their handshakes: see deliver().
-        self.links: dict[zmq.Socket, zmq.Socket] | None = {} if self.connect else None
+        # An outside source's lanes live in their own context, and it notes when each answers: see deliver().
         self.lane_ctx = zmq.Context() if self.connect else None
-        self.lanes = [Outbox(self.socket(zmq.PUSH, connect=[peer], server=f"aggregator-{lane}",
-                                         connections=self.links, context=self.lane_ctx), self.name)
+        self.reached = [False] * len(lanes)
+        self.lanes = [Outbox(self.socket(zmq.PUSH, connect=[peer], server=f"aggregator-{lane}", context=self.lane_ctx,
+                                         on_connect=partial(self.reached.__setitem__, lane, True) if self.connect
+                                         else None), self.name)
                       for lane, peer in enumerate(lanes)]
-        self.reached = [False] * len(self.lanes)
         self.lane_sent = [0] * len(self.lanes)  # sector messages per lane, all scans
         self.work = self.sectors()
 
@@ -174,12 +175,11 @@ class SourceStage(Stage):
 
     def answered(self, lane: int, timeout_s: float) -> bool:
         """Whether a lane's address has answered (a ZeroMQ handshake), waiting up to `timeout_s` for it."""
-        monitor = self.links[self.lanes[lane].socket]
         deadline = time.monotonic() + timeout_s
-        while not self.reached[lane]:
-            if not monitor.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-                break
-            self.reached[lane] = recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        self.check_connections()
+        while not self.reached[lane] and time.monotonic() < deadline:
+            time.sleep(ANSWER_POLL_S)
+            self.check_connections()
         return self.reached[lane]
 
     def undelivered(self, lanes: list[int], why: str) -> str:
@@ -194,7 +194,7 @@ class SourceStage(Stage):
         silent = [lane for lane in range(len(self.lanes)) if not self.answered(lane, deadline - time.monotonic())]
         for outbox in self.lanes:
             outbox.socket.close(linger=0 if silent else max(0, int((deadline - time.monotonic()) * 1000)))
-        for monitor in self.links.values():
+        for monitor in self.connection_monitors:
             monitor.close(linger=0)
         self.lane_ctx.term()  # returns once every queued message has left, or at the linger's end (dropped)
         if silent:
