@@ -11,6 +11,8 @@ frame but its result. With no credit anywhere the distributor stops reading from
 so backpressure reaches the sources instead of memory growing. A worker silent past the worker
 timeout (no heartbeat) is declared dead and its in-flight frames go to others (the writer drops
 the duplicates a late worker may still produce).
+The credits, the frames in flight and the lane's scans are `CreditLedger` in `dataplane/credits.py`;
+this module holds the sockets, the clock and the samples.
 
 The lane's end of scan names its lost frames exactly: every frame of the lane this distributor never
 saw acknowledged, as a bitmap, which the writer reads against the frames it has. That covers what

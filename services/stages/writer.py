@@ -13,6 +13,7 @@ Kubernetes); its aggregator sends it again to the new one. As a last resort, a s
 STALE_TIMEOUTS x (end-of-scan + worker timeout) + STALE_MARGIN_S closes anyway, its missing frames
 counted lost and the lanes that never ended it named; a scan of which nothing came at all, below
 an open one (or, once streaming, with no input for as long), is opened for that.
+These rules are `WriterScans` in `dataplane/accounting.py`; this module holds the sockets and the files.
 
 Workers send results on a DEALER to this ROUTER; every result (new, duplicate or late) is
 acknowledged with a RECEIPT to the distributor of its lane (on the DEALER that distributor connects
