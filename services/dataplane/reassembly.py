@@ -78,11 +78,9 @@ class Reassembly:
 
     def end(self, number: int, sender: str, rows: int, cols: int, now: float) -> Refusal | None:
         """A source's END_OF_SCAN: the scan closes once every source has ended it."""
-        scan = self.scans.get(number)
-        if scan is None or (rows or self.rows) * (cols or self.cols) != self.frames:
-            scan = self.admit(number, rows, cols, now)
-            if type(scan) is tuple:
-                return scan
+        scan = self.admit(number, rows, cols, now)
+        if type(scan) is tuple:
+            return scan
         scan.last_input = self.last_activity = now
         scan.ended(sender, True)
         if len(scan.ends) >= self.sources:
@@ -90,7 +88,7 @@ class Reassembly:
         return None
 
     def admit(self, number: int, rows: int, cols: int, now: float) -> Scan | Refusal:
-        """A message of a scan not open, or of another size: the scan (opened), or why it is refused."""
+        """The scan of a message: open already, or opened now; or why the message is refused."""
         if number not in self.scans and number in self.book.closed:
             self.last_activity = now  # a source is there (replaying old scans): keep the next one open
             return "late", "the scan is closed"
