@@ -261,8 +261,8 @@ class WriterStage(Stage):
                 scan.file.abort()  # no file that looks complete is left behind
                 scan.file = None
                 raise StageError(f"cannot write scan {scan.number} to {scan.path}: {exc}") from None
-        self.accounts.close(scan, account, unaccounted)
         self.record(record)
+        self.accounts.close(scan, account, unaccounted)
         log = self.log.error if unaccounted else (self.log.warning if account.lost else self.log.info)
         log("scan %d closed: %d expected, %d written (%d partial), %d lost, %d duplicates dropped%s",
             scan.number, account.expected, account.written, account.partial, account.lost,
