@@ -14,7 +14,7 @@ END_TIMEOUT, STALE = 5.0, 30.0
 
 
 def writer(lanes=2, count=4):
-    return WriterScans(lanes, ROWS, COLS, count, END_TIMEOUT, STALE)
+    return WriterScans(lanes, ROWS, COLS, count, END_TIMEOUT, STALE, recent=16)
 
 
 def lane_end(scan, sent, lost=()):

@@ -11,8 +11,6 @@ import numpy as np
 from detstream.services.dataplane.scans import ScanBook, WrittenScan
 from detstream.v1.control_pb2 import ScanAccount
 
-RECENT_SCANS = 16  # closed scans listed in the status (all of them are summed there, and in the accounting file)
-
 
 def frames_so_far(writer_status) -> tuple[int, int]:
     """(written, lost) over the whole session from a writer's StageStatus: its closed scans' totals plus its open
@@ -50,16 +48,18 @@ class WriterScans:
     that, for `end_timeout` s after its last input; a scan some lane never ended closes once it has
     been silent for `stale_timeout` s, every frame not written lost. The first scan not closed, of
     which nothing came, is opened (so that it closes when stale) when a later scan is open, or, once
-    anything came, when nothing has come for the stale timeout. `count` scans make the session.
+    anything came, when nothing has come for the stale timeout. `count` scans make the session; the
+    status lists the last `recent` scans closed (and sums them all).
     """
 
-    def __init__(self, lanes: int, rows: int, cols: int, count: int, end_timeout: float, stale_timeout: float):
+    def __init__(self, lanes: int, rows: int, cols: int, count: int, end_timeout: float, stale_timeout: float,
+                 recent: int):
         self.lanes, self.rows, self.cols, self.count = lanes, rows, cols, count
         self.end_timeout, self.stale_timeout = end_timeout, stale_timeout
         self.book = ScanBook(WrittenScan)
         self.scans: dict[int, WrittenScan] = self.book.open  # type: ignore[assignment]
         self.closed = self.book.closed
-        self.recent: deque[ScanAccount] = deque(maxlen=RECENT_SCANS)
+        self.recent: deque[ScanAccount] = deque(maxlen=recent)
         self.closed_total = ScanAccount()  # summed over every closed scan
         self.scans_unaccounted = 0
 

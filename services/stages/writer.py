@@ -55,6 +55,7 @@ DRAIN_QUIET_S = 1.0  # a draining writer finishes after this long without input 
 STALE_TIMEOUTS, STALE_MARGIN_S = 2, 10.0
 TURN = 256  # messages a turn takes at most (they are acknowledged at its end)
 RECEIPTS_KEPT = 65536  # receipts kept per lane while its distributor is away (more than it can have in flight)
+RECENT_SCANS = 16  # closed scans listed in the status (all of them are summed there, and in the accounting file)
 
 
 class WriterStage(Stage):
@@ -81,7 +82,7 @@ class WriterStage(Stage):
         self.accounts = WriterScans(self.spec.lanes, self.spec.scan.rows, self.spec.scan.cols, self.spec.scan.count,
                                     transport.end_of_scan_timeout_s,
                                     STALE_TIMEOUTS * (transport.end_of_scan_timeout_s + transport.worker_timeout_s)
-                                    + STALE_MARGIN_S)
+                                    + STALE_MARGIN_S, RECENT_SCANS)
         self.scans = self.accounts.scans
         self.accounting = accounting_file(self.output, self.plan.session)  # a line per closed scan
         if self.accounting.exists():
