@@ -133,13 +133,13 @@ def deliver(stages, target, raw, peer):
 
 def check_books(stages):
     d = stages["distributor"]
-    assert all(s.in_flight >= 0 and s.done <= s.acked.size for s in d.scans.values())
-    assert all(0 <= w.credit <= d.spec.workers.credits for w in d.workers.values())
+    assert all(s.in_flight >= 0 and s.count <= s.done.size for s in d.ledger.scans.values())
+    assert all(0 <= w.credit <= d.spec.workers.credits for w in d.ledger.workers.values())
     w = stages["writer"]
-    assert all(s.written == s.seen.sum() <= s.seen.size for s in w.scans.values())
-    assert all(a.written + a.lost <= a.expected for a in w.recent)
-    a = stages["aggregator"]
-    assert all(s.sent <= s.frames for s in a.scans.values())
+    assert all(s.count == s.done.sum() <= s.done.size for s in w.accounts.scans.values())
+    assert all(a.written + a.lost <= a.expected for a in w.accounts.recent)
+    a = stages["aggregator"].reassembly
+    assert all(s.count <= a.lane_frames for s in a.scans.values())
 
 
 @settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))

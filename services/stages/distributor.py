@@ -11,6 +11,8 @@ frame but its result. With no credit anywhere the distributor stops reading from
 so backpressure reaches the sources instead of memory growing. A worker silent past the worker
 timeout (no heartbeat) is declared dead and its in-flight frames go to others (the writer drops
 the duplicates a late worker may still produce).
+The credits, the frames in flight and the lane's scans are `CreditLedger` in `dataplane/credits.py`;
+this module holds the sockets, the clock and the samples.
 
 The lane's end of scan names its lost frames exactly: every frame of the lane this distributor never
 saw acknowledged, as a bitmap, which the writer reads against the frames it has. That covers what
@@ -27,41 +29,16 @@ That costs `samples / lanes` frames of memory here.
 from __future__ import annotations
 
 import time
-from collections import deque
-from dataclasses import dataclass, field
-
 import numpy as np
 import zmq
 
-from detstream.services.dataplane.accounting import ClosedScans
+from detstream.services.dataplane.credits import CreditLedger, Worker
+from detstream.services.dataplane.scans import Scan
 from detstream.services.model.plan import lane_routing_id
 from detstream.services.plugins import plugin_class
 from detstream.services.runtime.stage import HOUSEKEEPING_S, POLL_MS, Stage
-from detstream.services.dataplane.wire import (CREDIT, DUPLICATE, END_OF_SCAN, FRAME, HEARTBEAT, POLLIN, RECEIPT, SAMPLE,
-                                     Header, Message, Outbox, frame_key, pack_frames)
-
-
-@dataclass
-class Worker:
-    peer: bytes
-    credit: int = 0
-    full: bool = False                # its queue refused a frame: none more until it next speaks
-    in_flight: dict[int, Message] = field(default_factory=dict)
-    last_seen: float = field(default_factory=time.monotonic)
-    samples_sent: int = 0             # of the distributor's sample frames, in their order
-
-    @property
-    def listed(self) -> bool:
-        """Whether it is among the distributor's ready peers."""
-        return self.credit > 0 and not self.full
-
-
-@dataclass
-class LaneScan:
-    acked: np.ndarray                 # per frame of the scan: acknowledged already (a re-sent frame counts once)
-    done: int = 0                     # frames acknowledged (each counted once)
-    in_flight: int = 0
-    end: Header | None = None         # the aggregator's END_OF_SCAN, once it came
+from detstream.services.dataplane.wire import (CREDIT, END_OF_SCAN, FRAME, HEARTBEAT, POLLIN, RECEIPT, SAMPLE, Header,
+                                               Message, Outbox, pack_frames)
 
 
 class DistributorStage(Stage):
@@ -74,13 +51,9 @@ class DistributorStage(Stage):
         self.work = Outbox(work, self.name)
         self.writer = Outbox(self.socket(zmq.DEALER, connect=[("writer", 0, "results")],
                                          routing_id=lane_routing_id(self.me.index)), self.name)
-        self.workers: dict[bytes, Worker] = {}
-        self.holder: dict[int, Worker] = {}     # frame key -> the worker it is in flight with
-        self.ready: deque[bytes] = deque()     # peers with credit, round-robin
-        self.resend: deque[Message] = deque()  # frames of dead workers, sent before new ones
-        self.scans: dict[int, LaneScan] = {}
-        self.closed = ClosedScans()
-        self.lane_frames = np.arange(self.geometry.scan_frames) % self.spec.lanes == self.me.index
+        self.ledger = CreditLedger(self.me.index, self.spec.lanes, self.spec.scan.rows, self.spec.scan.cols,
+                                   self.spec.workers.credits)
+        self.workers, self.ready, self.resend = self.ledger.workers, self.ledger.ready, self.ledger.resend
         self.poller = zmq.Poller()   # in this order: zmq.Poller answers in the order of registration
         self.poller.register(self.writer.socket, zmq.POLLIN)
         self.poller.register(self.work.socket, zmq.POLLIN)
@@ -132,19 +105,17 @@ class DistributorStage(Stage):
 
     def from_aggregator(self, msg: Message) -> None:
         h = msg.header
-        if h.scan in self.closed:
+        if h.scan in self.ledger.closed:
             self.refuse("late", msg, "the scan is finished in this lane")
         elif h.kind == END_OF_SCAN:
-            self.lane_scan(h.scan).end = h
+            self.ledger.end(h)
             self.finish_scans()
         elif h.kind == FRAME:
-            scan = self.lane_scan(h.scan)
-            if scan.acked[h.frame] or frame_key(h.scan, h.frame) in self.holder:
+            if not self.ledger.take(h):
                 self.refuse("late", msg, "frame done or in flight already")
                 return
             self.counters.frames_in += 1
             self.counters.bytes_in += self.geometry.frame_bytes
-            scan.in_flight += 1
             if h.frame < self.samples_wanted:
                 self.keep_sample(msg)
             self.dispatch(msg)
@@ -174,33 +145,15 @@ class DistributorStage(Stage):
                 return
             worker.samples_sent += 1
 
-    def lane_scan(self, number: int) -> LaneScan:
-        scan = self.scans.get(number)
-        if scan is None:
-            scan = self.scans[number] = LaneScan(np.zeros(self.geometry.scan_frames, bool))
-        return scan
-
     def from_worker(self, peer: bytes, msg: Message) -> None:
         h = msg.header
         if h.kind not in (CREDIT, HEARTBEAT):
             self.refuse("kind", msg)
             return
-        worker = self.workers.get(peer)
-        if worker is None:
-            worker = self.workers[peer] = Worker(peer)
+        worker, new = self.ledger.heard(peer, h.credit, time.monotonic())
+        if new:
             self.log.info("worker %s joined", h.sender)
-        worker.last_seen = time.monotonic()
-        self.give_credit(worker, h.credit, room=True)  # it speaks, so it reads: its queue has room again
         self.send_samples(worker)
-
-    def give_credit(self, worker: Worker, credit: int, room: bool = False) -> None:
-        listed = worker.listed
-        if room:
-            worker.full = False
-        # never more than a worker may hold: a confused or hostile peer cannot hoard frames
-        worker.credit = min(worker.credit + credit, self.spec.workers.credits)
-        if worker.listed and not listed:
-            self.ready.append(worker.peer)
 
     def from_writer(self, msg: Message) -> None:
         """The writer's RECEIPT: it has the results of these frames. Each is done, and its credit
@@ -209,84 +162,55 @@ class DistributorStage(Stage):
             self.refuse("kind", msg)
             return
         for key in msg.header.acked:
-            self.acknowledge(key)
+            self.ledger.acknowledge(key)
         self.finish_scans()
 
-    def acknowledge(self, key: int) -> None:
-        worker = self.holder.pop(key, None)
-        if worker is None:
-            return  # not in flight here: done already, or a dead worker's frame waiting to be re-sent
-        msg = worker.in_flight.pop(key)
-        if worker.peer in self.workers:
-            self.give_credit(worker, 1)
-        scan = self.scans.get(msg.header.scan)
-        if scan is None or scan.acked[msg.header.frame]:
-            return  # acknowledged already (the result of an earlier copy)
-        scan.acked[msg.header.frame] = True
-        scan.done += 1
-        scan.in_flight -= 1
-
     def dispatch(self, msg: Message) -> None:
-        while self.ready:
-            peer = self.ready[0]
-            worker = self.workers.get(peer)
-            if worker is None or worker.credit <= 0:
-                self.ready.popleft()
-                continue
+        """Send a frame to the next worker with credit, or keep it first in line."""
+        ledger = self.ledger
+        while (worker := ledger.next_ready()) is not None:
             try:
-                self.work.send(msg.header, msg.parts, peer=peer, flags=zmq.NOBLOCK)
+                self.work.send(msg.header, msg.parts, peer=worker.peer, flags=zmq.NOBLOCK)
             except zmq.Again:  # its queue is full (more credits than the high-water mark lets through)
-                worker.full = True
-                self.ready.popleft()
+                ledger.refused_full(worker)
                 continue
             except zmq.ZMQError as exc:  # gone (EHOSTUNREACH): dead
                 self.declare_dead(worker, f"send failed: {exc}")
                 continue
-            worker.credit -= 1
-            key = frame_key(msg.header.scan, msg.header.frame)
-            worker.in_flight[key] = msg
-            self.holder[key] = worker
-            self.ready.rotate(-1) if worker.credit else self.ready.popleft()
+            ledger.sent(worker, msg)
             self.counters.frames_out += 1
             self.counters.bytes_out += self.geometry.frame_bytes
             return
-        self.resend.appendleft(msg)  # nobody can take it now; first in line when credit comes
+        ledger.wait(msg)
 
     def check_workers(self, now: float) -> None:
         timeout = self.spec.transport.worker_timeout_s
-        for worker in [w for w in self.workers.values() if now - w.last_seen > timeout]:
+        for worker in self.ledger.silent(now, timeout):
             self.declare_dead(worker, f"silent for {now - worker.last_seen:.1f} s")
 
     def declare_dead(self, worker: Worker, why: str) -> None:
-        del self.workers[worker.peer]
+        resent = self.ledger.dead(worker)
         self.work.forget(worker.peer)
         self.counters.workers_lost += 1
-        self.counters.resent += len(worker.in_flight)
-        for key, msg in worker.in_flight.items():
-            del self.holder[key]
-            msg.header.flags |= DUPLICATE
-            self.resend.append(msg)
-        self.log.warning("worker declared dead (%s); re-sending its %d frames", why, len(worker.in_flight))
+        self.counters.resent += resent
+        self.log.warning("worker declared dead (%s); re-sending its %d frames", why, resent)
 
     def finish_scans(self) -> None:
-        for number, scan in list(self.scans.items()):
-            if scan.end is not None and scan.in_flight == 0:
-                self.finish_scan(number, scan)
+        for scan, lost in self.ledger.finished():
+            self.finish_scan(scan, lost)
 
-    def finish_scan(self, number: int, scan: LaneScan) -> None:
-        end = scan.end
-        lost = self.lane_frames & ~scan.acked
+    def finish_scan(self, scan: Scan, lost: np.ndarray) -> None:
+        """Tell the writer the lane is done with the scan: frames acknowledged, and the lost ones as a bitmap."""
+        end = scan.last_end
         count = int(np.count_nonzero(lost))
-        self.writer.send(Header(kind=END_OF_SCAN, scan=number, expected=end.expected, sent=scan.done,
+        self.writer.send(Header(kind=END_OF_SCAN, scan=scan.number, expected=end.expected, sent=scan.count,
                                 partial=end.partial, lost=count, scan_rows=end.scan_rows, scan_cols=end.scan_cols),
                          [pack_frames(lost)] if count else ())
-        del self.scans[number]
-        self.closed.add(number)
         if count > end.lost:  # not the aggregator's: frames that died with a restarted stage (or on the way)
             self.log.warning("scan %d: %d frames the aggregator passed on were not acknowledged here (this stage "
                              "or the aggregator restarted mid-scan?): the writer counts those it lacks as lost",
-                             number, count - end.lost)
-        self.log.info("scan %d done in this lane: %d frames, %d lost", number, scan.done, count)
+                             scan.number, count - end.lost)
+        self.log.info("scan %d done in this lane: %d frames, %d lost", scan.number, scan.count, count)
 
     def update_gauges(self) -> None:
         c = self.counters
