@@ -39,7 +39,7 @@ import numpy as np
 import zmq
 
 from detstream.services.dataplane.accounting import COUNTS, ClosedScans, scan_record
-from detstream.services.sinks.electron_events import ElectronEventsFile
+from detstream.services.sinks import ResultSink, sink_class
 from detstream.services.runtime.faults import failpoint
 from detstream.services.sinks.output import accounting_file, folder_problem, never_overwrite, scan_file
 from detstream.services.model.plan import lane_routing_id
@@ -67,7 +67,7 @@ class WriterScan:
     seen: np.ndarray                 # per frame: written
     lost: np.ndarray                 # per frame: named lost by a lane (or missing from a stale scan)
     sectors: np.ndarray              # per frame: bit mask of the sectors that arrived (uint64), if written
-    file: ElectronEventsFile | None = None
+    file: ResultSink | None = None
     path: str = ""
     written: int = 0
     partial: int = 0
@@ -94,13 +94,14 @@ class WriterStage(Stage):
         if problem:
             raise StageError(f"output folder: {problem}")
         self.kind = plugin_class(self.spec.plugin.name).result
+        self.sink = sink_class(self.kind)  # None: results of this kind are counted, not kept
         results = self.socket(zmq.ROUTER, bind="results")
         results.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a receipt to a full or absent peer waits
         results.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a restarted distributor takes its routing id over
         results.setsockopt(zmq.RCVTIMEO, POLL_MS)      # a turn waits this long for input, without a poll
         self.results = Outbox(results, self.name)
         self.receipts: dict[int, list[int]] = {}      # lane -> keys of the results received this turn
-        self.pixels = self.spec.detector.rows * self.spec.detector.cols
+        self.frame_shape = (self.spec.detector.rows, self.spec.detector.cols)
         self.write_delay = failpoint(self.name, self.role, "write-delay")
         self.scans: dict[int, WriterScan] = {}
         self.recent: deque[ScanAccount] = deque(maxlen=RECENT_SCANS)
@@ -179,23 +180,20 @@ class WriterStage(Stage):
         self.counters.outcomes["written"] += 1
         if h.flags & PARTIAL:
             self.counters.outcomes["partial"] += 1
-        if self.kind == "events":
-            self.write(scan, h.position, np.frombuffer(msg.parts[0].buffer, dtype=np.uint32))
+        if self.sink is not None:
+            self.write(scan, h.position, [part.buffer for part in msg.parts])
 
     def valid_result(self, msg: Message) -> bool:
-        """A RESULT this writer can take: the session's result kind, a position in the scan, and for
-        events one part of uint32 pixel indices inside the frame (anything else is counted and dropped)."""
+        """A RESULT this writer can take: the session's result kind, a position in the scan, and parts its
+        sink takes (anything else is counted and dropped)."""
         h = msg.header
         reason = None
         if h.result != self.kind:
             reason = "result"
         elif h.position >= self.spec.scan.frames or h.frame >= self.spec.scan.frames:
             reason = "range"
-        elif self.kind == "events":
-            if len(msg.parts) != 1 or len(msg.parts[0]) % 4:
-                reason = "size"
-            elif len(msg.parts[0]) and int(np.frombuffer(msg.parts[0].buffer, np.uint32).max()) >= self.pixels:
-                reason = "range"
+        elif self.sink is not None:
+            reason = self.sink.refusal([part.buffer for part in msg.parts], self.frame_shape)
         if reason:
             self.refuse(reason, msg, "a result this writer cannot take")
         return reason is None
@@ -257,19 +255,18 @@ class WriterStage(Stage):
         return WriterScan(number, rows, cols, np.zeros(rows * cols, bool), np.zeros(rows * cols, bool),
                           np.zeros(rows * cols, np.uint64))
 
-    def write(self, scan: WriterScan, position: int, events: np.ndarray) -> None:
+    def write(self, scan: WriterScan, position: int, parts: list[memoryview]) -> None:
         path = scan_file(self.output, self.plan.session, scan.number)
-        if scan.file is None and path.exists():
-            raise StageError(never_overwrite(path))
         try:
             if scan.file is None:
+                scan.file = self.sink(path, (scan.rows, scan.cols), self.frame_shape,
+                                      metadata={"session": self.plan.session, "scan": scan.number,
+                                                "plugin": self.spec.plugin.name,
+                                                "plugin_params": str(self.spec.plugin.params)})
                 scan.path = str(path)
-                scan.file = ElectronEventsFile(path, (scan.rows, scan.cols),
-                                               (self.spec.detector.rows, self.spec.detector.cols),
-                                               metadata={"session": self.plan.session, "scan": scan.number,
-                                                         "plugin": self.spec.plugin.name,
-                                                         "plugin_params": str(self.spec.plugin.params)})
-            scan.file.write(position, events)
+            scan.file.write_result(position, parts)
+        except FileExistsError as exc:  # results are never overwritten
+            raise StageError(str(exc)) from None
         except OSError as exc:
             raise StageError(f"cannot write scan {scan.number} to {path}: {exc}") from None
 
