@@ -6,7 +6,7 @@ it takes (a plugin's `result`, e.g. "events"; see services/sinks/README.md, "Add
     [project.entry-points."detstream.sinks"]
     events = "detstream.services.sinks.electron_events:ElectronEventsFile"
 
-The writer opens one sink per scan (at the scan's first result), gives it every result once
+The writer opens one sink per scan (`open`, at the scan's first result), gives it every result once
 (`write_result`), then at the scan's close its metadata (`add_metadata`), what arrived where
 (`record_arrivals`) and `close`; or `abort` when the scan cannot be finished. A result kind with no
 sink ("frames", from the noop plugin) is counted and not kept.
@@ -19,11 +19,14 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import numpy as np
 
 from detstream.services.sinks.output import never_overwrite
+
+if TYPE_CHECKING:
+    from detstream.services.model.session import SessionSpec
 
 ENTRY_POINT_GROUP = "detstream.sinks"
 
@@ -33,7 +36,7 @@ class ResultSink:
 
     `scan_shape` (rows, cols) of scan positions, `frame_shape` (rows, cols) of detector pixels; `metadata`
     nested dicts of plain values the file records. Raises FileExistsError (saying why, and the fix) when
-    `path` exists, OSError when it cannot be written.
+    `path` exists, OSError when it cannot be written. A subclass calls this constructor first.
     """
 
     #: The result kind (a plugin's `result`) this sink writes.
@@ -46,7 +49,13 @@ class ResultSink:
             raise FileExistsError(never_overwrite(self.path))
 
     @classmethod
-    def refusal(cls, parts: Sequence[Any], frame_shape: tuple[int, int]) -> str | None:
+    def open(cls, path: Path, spec: SessionSpec, scan_shape: tuple[int, int], metadata: dict) -> ResultSink:
+        """The writer's way in: the sink of one scan of `scan_shape` positions of a session of `spec`
+        (a sink that needs more of the spec than the frame's shape, e.g. the pixel type, overrides this)."""
+        return cls(path, scan_shape, (spec.detector.rows, spec.detector.cols), metadata)
+
+    @classmethod
+    def refusal(cls, parts: Sequence[Any], spec: SessionSpec) -> str | None:
         """Why a result's payload parts (buffers) cannot be written: a reason counted by the writer's
         refused-message metric ("size", "range"), or None when they can."""
         return None

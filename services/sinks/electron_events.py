@@ -23,8 +23,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from typing import Any, Sequence
-
 import h5py
 import numpy as np
 
@@ -77,15 +75,16 @@ class ElectronEventsFile(ResultSink):
             raise
 
     @classmethod
-    def refusal(cls, parts: Sequence[Any], frame_shape: tuple[int, int]) -> str | None:
+    def refusal(cls, parts, spec):
         """One part of whole uint32s ("size"), each a pixel of the frame ("range")."""
         if len(parts) != 1 or memoryview(parts[0]).nbytes % 4:
             return "size"
-        if memoryview(parts[0]).nbytes and int(np.frombuffer(parts[0], np.uint32).max()) >= frame_shape[0] * frame_shape[1]:
+        pixels = spec.detector.rows * spec.detector.cols
+        if memoryview(parts[0]).nbytes and int(np.frombuffer(parts[0], np.uint32).max()) >= pixels:
             return "range"
         return None
 
-    def write_result(self, position: int, parts: Sequence[Any]) -> None:
+    def write_result(self, position, parts):
         self.write(position, np.frombuffer(parts[0], dtype=np.uint32))
 
     def write(self, position: int, events: np.ndarray) -> None:

@@ -101,7 +101,6 @@ class WriterStage(Stage):
         results.setsockopt(zmq.RCVTIMEO, POLL_MS)      # a turn waits this long for input, without a poll
         self.results = Outbox(results, self.name)
         self.receipts: dict[int, list[int]] = {}      # lane -> keys of the results received this turn
-        self.frame_shape = (self.spec.detector.rows, self.spec.detector.cols)
         self.write_delay = failpoint(self.name, self.role, "write-delay")
         self.scans: dict[int, WriterScan] = {}
         self.recent: deque[ScanAccount] = deque(maxlen=RECENT_SCANS)
@@ -193,7 +192,7 @@ class WriterStage(Stage):
         elif h.position >= self.spec.scan.frames or h.frame >= self.spec.scan.frames:
             reason = "range"
         elif self.sink is not None:
-            reason = self.sink.refusal([part.buffer for part in msg.parts], self.frame_shape)
+            reason = self.sink.refusal([part.buffer for part in msg.parts], self.spec)
         if reason:
             self.refuse(reason, msg, "a result this writer cannot take")
         return reason is None
@@ -259,10 +258,9 @@ class WriterStage(Stage):
         path = scan_file(self.output, self.plan.session, scan.number)
         try:
             if scan.file is None:
-                scan.file = self.sink(path, (scan.rows, scan.cols), self.frame_shape,
-                                      metadata={"session": self.plan.session, "scan": scan.number,
-                                                "plugin": self.spec.plugin.name,
-                                                "plugin_params": str(self.spec.plugin.params)})
+                scan.file = self.sink.open(path, self.spec, (scan.rows, scan.cols),
+                                           {"session": self.plan.session, "scan": scan.number,
+                                            "plugin": self.spec.plugin.name, "plugin_params": str(self.spec.plugin.params)})
                 scan.path = str(path)
             scan.file.write_result(position, parts)
         except FileExistsError as exc:  # results are never overwritten
