@@ -16,7 +16,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 
 @dataclass(frozen=True)
@@ -36,14 +36,21 @@ class SpecError(ValueError):
         super().__init__("\n".join(str(e) for e in errors))
 
 
-def spec_field(default: Any = dataclasses.MISSING, *, doc: str, minimum: float | None = None,
-               maximum: float | None = None, enum: tuple[str, ...] | None = None,
+def spec_field(default: Any = dataclasses.MISSING, *, doc: str | Callable[[], str], minimum: float | None = None,
+               maximum: float | None = None, enum: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
                free_form: bool = False, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A spec field: `doc` is what `kubectl explain` shows; bounds and enums are enforced."""
+    """A spec field: `doc` is what `kubectl explain` shows; bounds and enums are enforced. `doc` and `enum`
+    may be functions, called when needed: the values a registry (e.g. of source kinds) holds."""
     meta = {"doc": doc, "minimum": minimum, "maximum": maximum, "enum": enum, "free_form": free_form}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def _meta(meta: Any, key: str) -> Any:
+    """A field's `doc` or `enum`, called if given as a function."""
+    value = meta.get(key)
+    return value() if callable(value) else value
 
 
 def camel(name: str) -> str:
@@ -106,9 +113,9 @@ def _parse_value(tp: Any, meta: dict, value: Any, path: str, errors: list[FieldE
     if not _carried(value):
         errors.append(FieldError(path, f"must be {_CARRIED}; got {value!r}"))
         return None
-    if meta.get("enum") and value not in meta["enum"]:
-        errors.append(FieldError(path, f"must be one of {', '.join(meta['enum'])}; got {value!r}"
-                                       f"{did_you_mean(value, meta['enum'])}"))
+    enum = _meta(meta, "enum")
+    if enum and value not in enum:
+        errors.append(FieldError(path, f"must be one of {', '.join(enum)}; got {value!r}{did_you_mean(value, enum)}"))
     if meta.get("minimum") is not None and value < meta["minimum"]:
         errors.append(FieldError(path, f"must be >= {meta['minimum']:g}, got {value!r}"))
     if meta.get("maximum") is not None and value > meta["maximum"]:
@@ -170,12 +177,12 @@ def openapi(cls: type) -> dict:
             schema = {"type": "array", "items": {"type": "string"}}
         else:
             schema = {"type": _OPENAPI_TYPES[tp]}
-        schema["description"] = meta["doc"]
+        schema["description"] = _meta(meta, "doc")
         for key in ("minimum", "maximum"):
             if meta.get(key) is not None:
                 schema[key] = meta[key]
         if meta.get("enum"):
-            schema["enum"] = list(meta["enum"])
+            schema["enum"] = list(_meta(meta, "enum"))
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         # An empty default says nothing, and Kubernetes 1.20 reads an empty string as null and refuses it.
         if default not in (dataclasses.MISSING, None, "", {}, []) and not dataclasses.is_dataclass(tp):

@@ -25,6 +25,12 @@ DTYPES = ("uint8", "uint16", "uint32", "float32")
 TOP_LEVEL = ("apiVersion", "kind", "metadata", "spec", "status")
 
 
+def _sources():
+    """The registry of source kinds (imported when needed: the model sits below the sources)."""
+    from detstream.services import sources
+    return sources
+
+
 @dataclass(frozen=True)
 class Detector:
     """Geometry of the detector's frames and how they leave it."""
@@ -72,10 +78,7 @@ class Simulator:
 @dataclass(frozen=True)
 class Source:
     """Where frames come from."""
-    kind: str = spec_field("simulator", doc="simulator: the built-in 4D Camera simulator; replay: frames "
-                                            "from a .npy file or an HDF5 dataset; external: detector-side "
-                                            "senders connect in (`detstream stage source --connect`).",
-                           enum=("simulator", "replay", "external"))
+    kind: str = spec_field("simulator", doc=lambda: _sources().kinds_doc(), enum=lambda: _sources().source_kinds())
     replicas: int = spec_field(1, doc="Source processes; sectors are split among them as the 4D Camera "
                                       "splits them among its receivers.", minimum=1, maximum=64)
     rate: float = spec_field(0.0, doc="Frames per second per scan; 0 sends as fast as the pipeline takes them.",
@@ -228,13 +231,7 @@ def check_spec(spec: SessionSpec, errors: list[FieldError]) -> None:
     if spec.source.replicas > spec.detector.sectors:
         errors.append(FieldError("spec.source.replicas", f"must be <= detector.sectors "
                                  f"({spec.detector.sectors}): each source sends whole sectors"))
-    if spec.source.kind == "simulator":  # electron events are drawn with their 3x3 neighbourhood inside
-        for axis in ("rows", "cols"):
-            if getattr(spec.detector, axis) < 3:
-                errors.append(FieldError(f"spec.detector.{axis}", f"must be >= 3 with the simulator source (an "
-                                         f"electron event spreads over 3x3 pixels); got {getattr(spec.detector, axis)}"))
-    if spec.source.kind == "replay" and not spec.source.path:
-        errors.append(FieldError("spec.source.path", "is required when source.kind is replay"))
+    errors.extend(_sources().source_class(spec.source.kind).check(spec))  # the kind's own settings
 
 
 # The longest object name made from a session's name is its StatefulSet `NAME-distributor`, whose pods carry the

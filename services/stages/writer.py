@@ -39,7 +39,7 @@ import zmq
 
 from detstream.services.dataplane.accounting import COUNTS, WriterScans, scan_account, scan_record
 from detstream.services.dataplane.scans import WrittenScan
-from detstream.services.sinks.electron_events import ElectronEventsFile
+from detstream.services.sinks import sink_class
 from detstream.services.runtime.faults import failpoint
 from detstream.services.sinks.output import accounting_file, folder_problem, never_overwrite, scan_file
 from detstream.services.model.plan import lane_routing_id
@@ -70,13 +70,13 @@ class WriterStage(Stage):
         if problem:
             raise StageError(f"output folder: {problem}")
         self.kind = plugin_class(self.spec.plugin.name).result
+        self.sink = sink_class(self.kind)  # None: results of this kind are counted, not kept
         results = self.socket(zmq.ROUTER, bind="results")
         results.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a receipt to a full or absent peer waits
         results.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a restarted distributor takes its routing id over
         results.setsockopt(zmq.RCVTIMEO, POLL_MS)      # a turn waits this long for input, without a poll
         self.results = Outbox(results, self.name)
         self.receipts: dict[int, list[int]] = {}      # lane -> keys of the results received this turn
-        self.pixels = self.spec.detector.rows * self.spec.detector.cols
         self.write_delay = failpoint(self.name, self.role, "write-delay")
         transport = self.spec.transport
         self.accounts = WriterScans(self.spec.lanes, self.spec.scan.rows, self.spec.scan.cols, self.spec.scan.count,
@@ -152,23 +152,20 @@ class WriterStage(Stage):
         self.counters.outcomes["written"] += 1
         if h.flags & PARTIAL:
             self.counters.outcomes["partial"] += 1
-        if self.kind == "events":
-            self.write(scan, h.position, np.frombuffer(msg.parts[0].buffer, dtype=np.uint32))
+        if self.sink is not None:
+            self.write(scan, h.position, [part.buffer for part in msg.parts])
 
     def valid_result(self, msg: Message) -> bool:
-        """A RESULT this writer can take: the session's result kind, a position in the scan, and for
-        events one part of uint32 pixel indices inside the frame (anything else is counted and dropped)."""
+        """A RESULT this writer can take: the session's result kind, a position in the scan, and parts its
+        sink takes (anything else is counted and dropped)."""
         h = msg.header
         reason = None
         if h.result != self.kind:
             reason = "result"
         elif h.position >= self.spec.scan.frames or h.frame >= self.spec.scan.frames:
             reason = "range"
-        elif self.kind == "events":
-            if len(msg.parts) != 1 or len(msg.parts[0]) % 4:
-                reason = "size"
-            elif len(msg.parts[0]) and int(np.frombuffer(msg.parts[0].buffer, np.uint32).max()) >= self.pixels:
-                reason = "range"
+        elif self.sink is not None:
+            reason = self.sink.refusal([part.buffer for part in msg.parts], self.spec)
         if reason:
             self.refuse(reason, msg, "a result this writer cannot take")
         return reason is None
@@ -214,19 +211,17 @@ class WriterStage(Stage):
                 continue
             del self.receipts[lane]
 
-    def write(self, scan: WrittenScan, position: int, events: np.ndarray) -> None:
+    def write(self, scan: WrittenScan, position: int, parts: list[memoryview]) -> None:
         path = scan_file(self.output, self.plan.session, scan.number)
-        if scan.file is None and path.exists():
-            raise StageError(never_overwrite(path))
         try:
             if scan.file is None:
+                scan.file = self.sink.open(path, self.spec, (scan.rows, scan.cols),
+                                           {"session": self.plan.session, "scan": scan.number,
+                                            "plugin": self.spec.plugin.name, "plugin_params": str(self.spec.plugin.params)})
                 scan.path = str(path)
-                scan.file = ElectronEventsFile(path, (scan.rows, scan.cols),
-                                               (self.spec.detector.rows, self.spec.detector.cols),
-                                               metadata={"session": self.plan.session, "scan": scan.number,
-                                                         "plugin": self.spec.plugin.name,
-                                                         "plugin_params": str(self.spec.plugin.params)})
-            scan.file.write(position, events)
+            scan.file.write_result(position, parts)
+        except FileExistsError as exc:  # results are never overwritten
+            raise StageError(str(exc)) from None
         except OSError as exc:
             raise StageError(f"cannot write scan {scan.number} to {path}: {exc}") from None
 
