@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import DETSTREAM, no_stage_left, wait_for  # noqa: F401 (wait_for is re-exported)
+from helpers import DETSTREAM, no_stage_left, wait_for
 from detstream.services.runtime.control import StageClient
 from detstream.services.model.plan import Plan
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, manifest, require
+from helpers import ROOT, manifest, require
 
 CHART = ROOT / "charts" / "detstream"
 DASHBOARDS = sorted((CHART / "dashboards").glob("*.json"))

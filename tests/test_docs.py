@@ -5,7 +5,7 @@ import re
 
 import yaml
 
-from conftest import ROOT
+from helpers import ROOT
 from detstream.operator.crd import PHASES
 from detstream.operator.status import Observed, status_patch
 from detstream.services.runtime.metrics import Counters, StageMetrics

@@ -14,13 +14,13 @@ import pytest
 import stempy.io
 import zmq
 
-from conftest import DETSTREAM, manifest
+from helpers import DETSTREAM, manifest, wait_for
 from detstream.services.plugins.counting import Counter, Thresholds
 from detstream.services.sinks.electron_events import COMPLETE, MISSING, PARTIAL
 from detstream.services.model.session import Detector, Simulator as SimulatorSettings
 from detstream.services.sources.simulator import Simulator
 from detstream.services.dataplane.wire import END_OF_SCAN, SECTOR, Header, Outbox
-from live import Live, wait_for
+from live import Live
 
 SMALL = {"rows": 128, "cols": 128, "sectors": 4}
 COUNTING = {"name": "electron-counting", "params": {"dark": "simulated", "backgroundThreshold": 32,

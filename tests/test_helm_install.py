@@ -18,8 +18,8 @@ import subprocess
 import pytest
 import yaml
 
-from cluster.fixtures import RBAC_DENIAL, control_plane, helm, kubectl  # noqa: F401
-from conftest import DETSTREAM, ROOT, Background, manifest, wait_for
+from cluster.fixtures import RBAC_DENIAL
+from helpers import DETSTREAM, ROOT, Background, manifest, wait_for
 
 CHART = ROOT / "charts" / "detstream"
 CRDS = {"streamingsessions.detstream.io", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"}
@@ -33,7 +33,7 @@ def wait_until(predicate, what: str, timeout: float = 60.0):
     return wait_for(predicate, timeout, what)
 
 
-def get_json(kubectl, *args):  # noqa: F811
+def get_json(kubectl, *args):
     out = kubectl.run("get", *args, "-o", "json", check=False)
     return json.loads(out.stdout) if out.returncode == 0 else None
 
@@ -41,7 +41,7 @@ def get_json(kubectl, *args):  # noqa: F811
 _listable: list[str] = []
 
 
-def release_objects(kubectl, release: str) -> set[tuple[str, str, str, bool]]:  # noqa: F811
+def release_objects(kubectl, release: str) -> set[tuple[str, str, str, bool]]:
     """Every object, namespaced or cluster-scoped, labelled as the release's: (kind, namespace, name,
     made by a controller rather than by Helm)."""
     if not _listable:
@@ -64,13 +64,13 @@ def manifest_objects(helm, release: str, namespace: str) -> set[tuple[str, str, 
              d["metadata"]["name"]) for d in docs}
 
 
-def operator_container(kubectl, namespace: str, name: str) -> dict:  # noqa: F811
+def operator_container(kubectl, namespace: str, name: str) -> dict:
     return get_json(kubectl, "deployment", name, "-n", namespace)["spec"]["template"]["spec"]["containers"][0]
 
 
 # ------------------------------------------------------------------------------ install/upgrade/uninstall
 
-def test_install_upgrade_uninstall_leave_only_the_crds(kubectl, helm):  # noqa: F811
+def test_install_upgrade_uninstall_leave_only_the_crds(kubectl, helm):
     release, ns, other = "life", "helm-life", "helm-life-b"
     kubectl("create", "namespace", other)  # a second watched namespace, for the upgrade
     assert release_objects(kubectl, release) == set()
@@ -128,7 +128,7 @@ MODES = {
 }
 
 
-def service_account_token(kubectl, namespace: str, name: str) -> tuple[str, str]:  # noqa: F811
+def service_account_token(kubectl, namespace: str, name: str) -> tuple[str, str]:
     secret = wait_until(lambda: (get_json(kubectl, "serviceaccount", name, "-n", namespace) or {}).get("secrets"),
                         "the ServiceAccount's token Secret")[0]["name"]
     data = wait_until(lambda: (get_json(kubectl, "secret", secret, "-n", namespace) or {}).get("data", {}).get("token"),
@@ -155,20 +155,20 @@ def start_local_operator(container: dict, kubeconfig, namespace: str, log_path) 
     return Background(DETSTREAM + container["args"] + ["--liveness-port", "0", "--metrics-port", "0"], log_path, env)
 
 
-def can_i(kubectl, token: str, verb: str, resource: str, namespace: str | None) -> str:  # noqa: F811
+def can_i(kubectl, token: str, verb: str, resource: str, namespace: str | None) -> str:
     resource, _, sub = resource.partition("/")  # kubectl reads TYPE/NAME: a subresource is a flag
     scope = (["-n", namespace] if namespace else []) + ([f"--subresource={sub}"] if sub else [])
     return kubectl.run("auth", "can-i", verb, resource, *scope, token=token, check=False).stdout.strip()
 
 
-def children(kubectl, namespace: str, session: str) -> set[tuple[str, str]]:  # noqa: F811
+def children(kubectl, namespace: str, session: str) -> set[tuple[str, str]]:
     items = get_json(kubectl, "configmaps,services,statefulsets,deployments,networkpolicies", "-n", namespace,
                      "-l", f"detstream.io/session={session}")["items"]
     return {(i["kind"], i["metadata"]["name"]) for i in items}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_the_chart_rbac_is_enough_for_the_operator_and_no_more(mode, kubectl, helm, tmp_path):  # noqa: F811
+def test_the_chart_rbac_is_enough_for_the_operator_and_no_more(mode, kubectl, helm, tmp_path):
     m = MODES[mode]
     release, ns, sessions = m["release"], m["namespace"], m["sessions"]
     fullname = f"{release}-detstream"

@@ -17,7 +17,7 @@ import zipfile
 
 import yaml
 
-from conftest import ROOT, require
+from helpers import ROOT, require
 
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"

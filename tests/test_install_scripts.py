@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, require
+from helpers import ROOT, require
 
 BUILD = ROOT / "tests" / "cluster" / "build.sh"
 

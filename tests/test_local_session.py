@@ -10,7 +10,7 @@ import pytest
 import stempy.image
 import stempy.io
 
-from conftest import DETSTREAM, DETSTREAM_INTERRUPTIBLE, ROOT, manifest, no_stage_left
+from helpers import DETSTREAM, DETSTREAM_INTERRUPTIBLE, ROOT, manifest, no_stage_left
 from detstream.services.plugins.counting import Counter, fit_thresholds
 from detstream.services.model.session import Detector, Simulator as SimulatorSettings
 from detstream.services.sources.simulator import Simulator, dark_reference

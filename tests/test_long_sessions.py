@@ -10,7 +10,7 @@ import time
 import numpy as np
 import zmq
 
-from conftest import manifest
+from helpers import manifest
 from detstream.operator.status import Observed, PodView, status_patch
 from detstream.services.sinks.output import accounting_file, read_accounting
 from detstream.services.model.plan import LocalNetwork, build_plan

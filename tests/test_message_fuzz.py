@@ -11,7 +11,7 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import manifest
+from helpers import manifest
 from detstream.services.model.plan import LocalNetwork, build_plan
 from detstream.services.launcher.runner import free_ports
 from detstream.services.model.session import load_session

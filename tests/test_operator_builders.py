@@ -8,7 +8,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import ROOT, manifest
+from helpers import ROOT, manifest
 from detstream.operator import resources
 from detstream.operator.crd import crd
 from detstream.operator.status import Observed, PodView, phase, pod_view, startup_overdue, status_patch

@@ -5,7 +5,7 @@ import base64
 import kubernetes_validate
 import pytest
 
-from conftest import manifest
+from helpers import manifest
 from detstream.operator import keys
 from detstream.operator.resources import cluster_plan, labels
 from detstream.services.dataplane.security import Keys, KeysMissing

@@ -4,7 +4,7 @@ import time
 
 from rich.console import Console
 
-from conftest import manifest
+from helpers import manifest
 from detstream.services.launcher.progress import Progress, Rate
 from detstream.services.launcher.runner import LocalSession
 from detstream.services.model.session import load_session

@@ -18,7 +18,7 @@ import pytest
 import stempy.io
 import zmq
 
-from conftest import manifest, wait_for
+from helpers import manifest, wait_for
 from detstream.services.plugins.counting import Counter, fit_thresholds
 from detstream.services.model.session import Detector, Simulator as SimulatorSettings
 from detstream.services.sources.simulator import Simulator, dark_reference

@@ -14,7 +14,7 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import DETSTREAM, manifest, wait_for
+from helpers import DETSTREAM, manifest, wait_for
 from detstream.services.launcher.runner import free_ports
 from detstream.services.runtime.stage import STALL_S
 from detstream.services.dataplane.wire import END_OF_SCAN, SECTOR, Header, Outbox

@@ -5,14 +5,14 @@ import json
 
 import pytest
 
-from conftest import manifest
+from helpers import manifest
 from detstream.services.model.plan import ClusterNetwork, LocalNetwork, Plan, build_plan
 from detstream.services.model.schema import SpecError, openapi
 from detstream.services.model.session import (Detector, Scan, SessionSpec, Source, Transport, Workers, load_session,
                                         read_manifest)
 from detstream.services.dataplane.wire import FRAME, FRAME_BITS, Geometry, Header, frame_key
 from detstream.operator.resources import cluster_plan, plan_configmap
-from conftest import ROOT
+from helpers import ROOT
 
 
 def test_example_manifest_is_valid_and_has_defaults():

@@ -15,7 +15,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import require
+from helpers import require
 
 from .controlplane import ControlPlane
 
