@@ -29,8 +29,17 @@ from prometheus_client import Counter, Histogram
 from detstream.operator import keys, metrics, resources, stages
 from detstream.operator.cluster import Cluster
 from detstream.operator.crd import PLURAL
-from detstream.operator.status import (Observed, age_s, ingest_addresses, now, phase, pod_view, reason_of,
-                                       startup_overdue, status_patch)
+from detstream.operator.status import (
+    Observed,
+    age_s,
+    ingest_addresses,
+    now,
+    phase,
+    pod_view,
+    reason_of,
+    startup_overdue,
+    status_patch,
+)
 from detstream.services.model.plan import CLUSTER_PORTS, replicas
 from detstream.services.model.schema import SpecError
 from detstream.services.model.session import API_GROUP, API_VERSION, KIND, Session, load_session

@@ -6,15 +6,15 @@ costs at most one deadline per resync, never a blocked operator.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 import grpc
 
 from detstream.operator.status import PodView
-from detstream.services.runtime.control import StageClient
 from detstream.services.model.plan import CLUSTER_PORTS, START_ORDER
+from detstream.services.runtime.control import StageClient
 from detstream.v1.control_pb2 import CONFIGURED
 
 DEADLINE_S = 1.0

@@ -21,7 +21,8 @@ DETSTREAM = [sys.executable, "-m", "detstream.services.launcher.cli"]
 # The same, with SIGINT (Ctrl-C) handled even when this test run was started with it ignored, as a shell
 # starts a background job: an ignored signal stays ignored across exec, and Python then never raises
 # KeyboardInterrupt.
-DETSTREAM_INTERRUPTIBLE = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+DETSTREAM_INTERRUPTIBLE = [sys.executable, "-c", "import os, signal, sys; "
+                           "signal.signal(signal.SIGINT, signal.SIG_DFL); "
                            "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])", *DETSTREAM[1:]]
 
 

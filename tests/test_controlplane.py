@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 
 import pytest
 
@@ -108,6 +107,7 @@ def test_custom_resource_definition_with_status(kubectl):
     # status is a subresource: writable through /status, and ignored in a write to the main resource
     kubectl("patch", "widget", "w", "-n", "crd", "--subresource=status", "--type=merge",
             "-p", '{"status": {"phase": "Ready"}}')
-    kubectl("patch", "widget", "w", "-n", "crd", "--type=merge", "-p", '{"spec": {"size": 4}, "status": {"phase": "X"}}')
+    kubectl("patch", "widget", "w", "-n", "crd", "--type=merge",
+            "-p", '{"spec": {"size": 4}, "status": {"phase": "X"}}')
     widget = json.loads(kubectl("get", "widget", "w", "-n", "crd", "-o", "json"))
     assert widget["spec"]["size"] == 4 and widget["status"]["phase"] == "Ready"

@@ -31,9 +31,10 @@ import pytest
 import stempy.io
 import yaml
 
+from detstream.services.sinks.output import read_accounting
+
 from cluster.fixtures import RBAC_DENIAL
 from helpers import ROOT, Background, manifest, wait_for
-from detstream.services.sinks.output import read_accounting
 
 NS = "e2e"
 OPERATOR_NS = "e2e-system"  # the chart's release; its operator serves NS
@@ -240,7 +241,9 @@ def test_example_session_streams_through_pods_to_a_stempy_file(e2e):
     assert sum(1 for frames in counted.data if len(frames[0])) == scan["written"]
     if scan["partial"] == 0:  # a partial frame is zero-filled: only whole frames count as stempy does
         from test_local_session import stempy_events
-        from detstream.services.model.session import Detector, Simulator as SimulatorSettings
+
+        from detstream.services.model.session import Detector
+        from detstream.services.model.session import Simulator as SimulatorSettings
         from detstream.services.sources.simulator import Simulator
         sim = Simulator(SimulatorSettings(seed=7), Detector())
         for position in range(0, 1024, 97):

@@ -11,11 +11,12 @@ import time
 import pytest
 import yaml
 
-from helpers import DETSTREAM, ROOT, Background, manifest
-from helpers import wait_for as wait_until
 from detstream.operator import resources
 from detstream.services.model.schema import SpecError
 from detstream.services.model.session import load_session
+
+from helpers import DETSTREAM, ROOT, Background, manifest
+from helpers import wait_for as wait_until
 
 NS = "optest"
 CHILD_KINDS = "configmaps,services,statefulsets,deployments"
@@ -176,7 +177,8 @@ def test_what_validate_accepts_the_api_server_takes_and_the_reverse(cluster):
     (server-side dry run); a name `detstream validate` refuses (field case 12) is refused there too."""
     kubectl, _ = cluster
     doc = manifest("a" * 40, lanes=12, source={"kind": "external", "replicas": 4}, output={"volumeClaim": "scans.v1"},
-                   kubernetes={"nodeSelector": {"example.org/gpu": "a100", "zone": "1"}, "ingestServiceType": "NodePort",
+                   kubernetes={"nodeSelector": {"example.org/gpu": "a100", "zone": "1"},
+                               "ingestServiceType": "NodePort",
                                "externalSourceRanges": ["192.0.2.7/24", "2001:db8::/32"]})
     doc["metadata"]["namespace"] = NS
     session = load_session(doc)

@@ -133,7 +133,7 @@ class Progress:
                           f"{r.fps:,.0f}", f"{r.gbps:.2f}", f"{s.in_flight}", f"{s.rejected}")
         return table
 
-    def show(self, summary: "Summary") -> None:
+    def show(self, summary: Summary) -> None:
         table = Table(title=f"session {summary.session}: " + ("OK" if summary.ok else "FAILED"))
         for column in ("scan", "expected", "written", "partial", "lost", "duplicates", "unaccounted", "file"):
             table.add_column(column, justify="left" if column == "file" else "right")

@@ -32,13 +32,14 @@ from pathlib import Path
 import grpc
 from rich.markup import escape
 
-from detstream.services.runtime.control import StageClient
-from detstream.services.sinks.output import accounting_file, existing_results, folder_problem, read_accounting
-from detstream.services.model.plan import START_ORDER, LocalNetwork, Plan, StagePlan, build_plan
+from detstream.services.dataplane.security import KEYS_ENV, Keys
+from detstream.services.dataplane.security import generate as generate_keys
 from detstream.services.launcher.progress import Progress, Summary
-from detstream.services.dataplane.security import KEYS_ENV, Keys, generate as generate_keys
+from detstream.services.model.plan import START_ORDER, LocalNetwork, Plan, StagePlan, build_plan
 from detstream.services.model.session import Session, read_manifest
+from detstream.services.runtime.control import StageClient
 from detstream.services.runtime.stage import FAILED_LINGER_ENV, failed_linger_s
+from detstream.services.sinks.output import accounting_file, existing_results, folder_problem, read_accounting
 from detstream.v1.control_pb2 import FAILED, FINISHED
 
 STOP_GRACE_S = 5.0
@@ -299,7 +300,8 @@ def preflight(session: Session, output: Path, report: Path | None) -> list[str]:
     problems = []
     existing = existing_results(results, session.name, session.spec.scan.count)
     if existing:
-        names = ", ".join(p.name for p in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+        names = ", ".join(p.name for p in existing[:3]) + more
         problems.append(f"--output {output}: {names} in {results} would be overwritten (an earlier run of session "
                         f"{session.name}); give another --output folder, or move the files away")
     if report is not None:

@@ -7,16 +7,24 @@ ignored by the local runner.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ipaddress
-
 import yaml
 
-from detstream.services.model.schema import (DNS_1035_LABEL, DNS_1123_SUBDOMAIN, LABEL_VALUE, FieldError, SpecError,
-                                       did_you_mean, is_label_key, parse, spec_field)
+from detstream.services.model.schema import (
+    DNS_1035_LABEL,
+    DNS_1123_SUBDOMAIN,
+    LABEL_VALUE,
+    FieldError,
+    SpecError,
+    did_you_mean,
+    is_label_key,
+    parse,
+    spec_field,
+)
 
 API_GROUP = "detstream.io"
 API_VERSION = "v1alpha1"
@@ -232,7 +240,8 @@ def check_spec(spec: SessionSpec, errors: list[FieldError]) -> None:
         for axis in ("rows", "cols"):
             if getattr(spec.detector, axis) < 3:
                 errors.append(FieldError(f"spec.detector.{axis}", f"must be >= 3 with the simulator source (an "
-                                         f"electron event spreads over 3x3 pixels); got {getattr(spec.detector, axis)}"))
+                                         f"electron event spreads over 3x3 pixels); "
+                                         f"got {getattr(spec.detector, axis)}"))
     if spec.source.kind == "replay" and not spec.source.path:
         errors.append(FieldError("spec.source.path", "is required when source.kind is replay"))
 

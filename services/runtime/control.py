@@ -8,8 +8,8 @@ FAILED_PRECONDITION, bad parameters INVALID_ARGUMENT: a caller can never crash a
 from __future__ import annotations
 
 import json
-import time
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Protocol
