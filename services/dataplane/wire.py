@@ -226,7 +226,7 @@ class Outbox:
     def __init__(self, socket: zmq.Socket, sender: str):
         self.socket = socket
         self.sender = sender
-        self._seq: dict[bytes, int] = {}
+        self._seq: dict[bytes | None, int] = {}  # per ROUTER peer; None for a socket with one peer
 
     def send(self, header: Header, parts: Sequence = (), peer: bytes | None = None, flags: int = 0) -> None:
         seq = self._seq.get(peer, 0) + 1

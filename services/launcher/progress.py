@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -171,7 +172,7 @@ class Summary:
 
     @classmethod
     def of(cls, session, writer_status, duration: float, failure: str | None, stages=(),
-           incidents=(), closed: list[dict] = ()) -> Summary:
+           incidents=(), closed: Sequence[dict] = ()) -> Summary:
         """`closed`: every closed scan, from the writer's accounting file (its status lists only the last few)."""
         scans = list(closed)
         for s in (writer_status.scans if writer_status else []):

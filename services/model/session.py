@@ -328,6 +328,7 @@ def load_session(manifest: Any) -> Session:
                  spec.detector.dtype if spec is not None else None, errors)
     if errors:
         raise SpecError(errors)
+    assert spec is not None  # a missing or unparsable spec is in `errors`
     return Session(name=name, namespace=metadata.get("namespace", "default"), spec=spec, manifest=manifest)
 
 
