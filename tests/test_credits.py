@@ -1,7 +1,8 @@
 """The distributor's credit ledger (services/dataplane/credits.py), driven directly: no sockets, no clock."""
 
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from detstream.services.dataplane.credits import CreditLedger
 from detstream.services.dataplane.wire import DUPLICATE, END_OF_SCAN, FRAME, Header, Message, frame_key

@@ -13,7 +13,6 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import DETSTREAM, manifest
 from detstream.services.model.plan import ROLES
 from detstream.services.model.schema import SpecError
 from detstream.services.model.session import load_session
@@ -22,6 +21,8 @@ from detstream.services.sinks.electron_events import ElectronEventsFile
 from detstream.services.sources import Frame, ScanEnd, source_class, source_kinds
 from detstream.services.sources.simulator import Simulator
 from detstream.services.stages import stage_class
+
+from conftest import DETSTREAM, manifest
 
 SMALL = {"rows": 8, "cols": 12, "sectors": 3}
 

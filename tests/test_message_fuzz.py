@@ -9,16 +9,18 @@ so what one stage emits reaches the next when they are pumped."""
 import numpy as np
 import pytest
 import zmq
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from conftest import manifest
-from detstream.services.model.plan import LocalNetwork, build_plan
+from detstream.services.dataplane.wire import WireError, decode
 from detstream.services.launcher.runner import free_ports
+from detstream.services.model.plan import LocalNetwork, build_plan
 from detstream.services.model.session import load_session
 from detstream.services.stages import aggregator, distributor, worker, writer
-from detstream.services.dataplane.wire import WireError, decode
 from detstream.v1 import wire_pb2
 from detstream.v1.wire_pb2 import Header
+
+from helpers import manifest
 
 KINDS = [k for k in wire_pb2.Kind.values()] + [99]
 

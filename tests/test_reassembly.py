@@ -1,6 +1,7 @@
 """The aggregator's reassembly (services/dataplane/reassembly.py), driven directly: no sockets, no clock."""
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from detstream.services.dataplane.reassembly import Reassembly
 

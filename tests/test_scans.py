@@ -2,7 +2,8 @@
 (services/dataplane/accounting.py), driven directly: no sockets, no clock."""
 
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from detstream.services.dataplane.accounting import WriterScans, scan_account, scan_record
 from detstream.services.dataplane.scans import ClosedScans, ScanBook, WrittenScan

@@ -16,7 +16,8 @@ noticed. Sectors of closed scans are refused as `late`.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from detstream.services.dataplane.scans import Scan, ScanBook
 

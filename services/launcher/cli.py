@@ -114,8 +114,8 @@ INGEST_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d{1,5}")
 
 def run_external_source(args, cls) -> int:
     """A source on an acquisition machine, joining a running session through its ingest addresses."""
-    from detstream.services.model.plan import LocalNetwork, build_plan
     from detstream.services.launcher.runner import free_ports
+    from detstream.services.model.plan import LocalNetwork, build_plan
     from detstream.services.model.session import read_manifest
 
     if args.role != "source" or args.manifest is None:

@@ -14,9 +14,10 @@ plan to find its peers. Topology, per lane l (frames with frame % lanes == l):
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 from detstream.services.model.schema import parse, to_manifest
 from detstream.services.model.session import Session, SessionSpec

@@ -15,8 +15,9 @@ import math
 import re
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,12 @@ def _carried(value: Any) -> bool:
     return -2**63 <= value < 2**63 if isinstance(value, int) else math.isfinite(value)
 
 
-def _parse_value(tp: Any, meta: dict, value: Any, path: str, errors: list[FieldError]) -> Any:
+def _parse_value(tp: Any, meta: Mapping[str, Any], value: Any, path: str, errors: list[FieldError]) -> Any:
     tp, _ = _unwrap_optional(tp)
     if value is None:
         errors.append(FieldError(path, "must not be null"))
         return None
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return parse(tp, value, path, errors)
     if meta.get("free_form"):
         if not isinstance(value, dict):
@@ -126,7 +127,8 @@ def _parse_value(tp: Any, meta: dict, value: Any, path: str, errors: list[FieldE
 def parse(cls: type, data: Any, path: str, errors: list[FieldError] | None = None) -> Any:
     """Build `cls` from a manifest mapping (camelCase keys); raise SpecError at the top level."""
     top = errors is None
-    errors = [] if top else errors
+    if errors is None:
+        errors = []
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -169,7 +171,7 @@ def openapi(cls: type) -> dict:
     for f in dataclasses.fields(cls):
         tp, optional = _unwrap_optional(hints[f.name])
         meta = f.metadata
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             schema = openapi(tp)
         elif meta.get("free_form") or typing.get_origin(tp) is dict:
             schema = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}

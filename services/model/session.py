@@ -7,16 +7,24 @@ ignored by the local runner.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ipaddress
-
 import yaml
 
-from detstream.services.model.schema import (DNS_1035_LABEL, DNS_1123_SUBDOMAIN, LABEL_VALUE, FieldError, SpecError,
-                                       did_you_mean, is_label_key, parse, spec_field)
+from detstream.services.model.schema import (
+    DNS_1035_LABEL,
+    DNS_1123_SUBDOMAIN,
+    LABEL_VALUE,
+    FieldError,
+    SpecError,
+    did_you_mean,
+    is_label_key,
+    parse,
+    spec_field,
+)
 
 API_GROUP = "detstream.io"
 API_VERSION = "v1alpha1"
@@ -316,6 +324,7 @@ def load_session(manifest: Any) -> Session:
                  spec.detector.dtype if spec is not None else None, errors)
     if errors:
         raise SpecError(errors)
+    assert spec is not None  # a missing or unparsable spec is in `errors`
     return Session(name=name, namespace=metadata.get("namespace", "default"), spec=spec, manifest=manifest)
 
 

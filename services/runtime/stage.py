@@ -30,15 +30,15 @@ from typing import ClassVar
 import zmq
 from grpc_health.v1 import health_pb2
 
+from detstream.services.dataplane.security import Keys, KeysMissing, ZapHandler
+from detstream.services.dataplane.wire import Gaps, Geometry, Message, WireError, decode, receive_parts
+from detstream.services.model.plan import Plan
 from detstream.services.runtime import control
 from detstream.services.runtime.faults import failpoint
 from detstream.services.runtime.metrics import Counters, StageMetrics
 from detstream.services.runtime.reactor import Reactor
-from detstream.services.model.plan import Plan
-from detstream.services.dataplane.security import Keys, KeysMissing, ZapHandler
-from detstream.services.dataplane.wire import Gaps, Geometry, Message, WireError, decode, receive_parts
-from detstream.v1.wire_pb2 import Kind
 from detstream.v1.control_pb2 import CONFIGURED, DRAINING, FAILED, FINISHED, RUNNING, StageState, StageStatus
+from detstream.v1.wire_pb2 import Kind
 
 POLL_MS = 100
 HOUSEKEEPING_S = 0.1  # how often a stage checks its timeouts and refreshes its gauges (not per message)

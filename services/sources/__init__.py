@@ -22,8 +22,9 @@ frames and only one of them hears of a scan's start and end (as a DECTRIS DCU se
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, ClassVar, Iterator, NamedTuple, Union
+from typing import TYPE_CHECKING, ClassVar, NamedTuple, Union
 
 import numpy as np
 

@@ -34,8 +34,8 @@ import zmq
 
 from detstream.services.dataplane.reassembly import Reassembly
 from detstream.services.dataplane.scans import Scan
-from detstream.services.runtime.stage import HOUSEKEEPING_S, POLL_MS, Stage
 from detstream.services.dataplane.wire import END_OF_SCAN, FRAME, PARTIAL, SECTOR, Header, Message, Outbox
+from detstream.services.runtime.stage import HOUSEKEEPING_S, POLL_MS, Stage
 
 MAX_PENDING_PER_HWM = 8   # frames waiting for sectors from other sources, per unit of transport.highWaterMark
 PACE_S = 0.001            # the pause per message while that many are waiting

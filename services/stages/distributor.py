@@ -29,16 +29,28 @@ That costs `samples / lanes` frames of memory here.
 from __future__ import annotations
 
 import time
+
 import numpy as np
 import zmq
 
 from detstream.services.dataplane.credits import CreditLedger, Worker
 from detstream.services.dataplane.scans import Scan
+from detstream.services.dataplane.wire import (
+    CREDIT,
+    END_OF_SCAN,
+    FRAME,
+    HEARTBEAT,
+    POLLIN,
+    RECEIPT,
+    SAMPLE,
+    Header,
+    Message,
+    Outbox,
+    pack_frames,
+)
 from detstream.services.model.plan import lane_routing_id
 from detstream.services.plugins import plugin_class
 from detstream.services.runtime.stage import HOUSEKEEPING_S, POLL_MS, Stage
-from detstream.services.dataplane.wire import (CREDIT, END_OF_SCAN, FRAME, HEARTBEAT, POLLIN, RECEIPT, SAMPLE, Header,
-                                               Message, Outbox, pack_frames)
 
 
 class DistributorStage(Stage):

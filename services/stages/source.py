@@ -11,15 +11,15 @@ reported lost) and sends no further scan.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from functools import partial
-from typing import Iterator
 
 import zmq
 
 from detstream.services.dataplane.security import EXTERNAL
-from detstream.services.sources import Frame, ScanEnd, SourceError, source_class
-from detstream.services.runtime.stage import Stage, StageError
 from detstream.services.dataplane.wire import END_OF_SCAN, SECTOR, Header, Outbox
+from detstream.services.runtime.stage import Stage, StageError
+from detstream.services.sources import Frame, ScanEnd, SourceError, source_class
 
 ANSWER_POLL_S = 0.01  # how often a wait for a lane's answer looks
 FLUSH_S = 10.0  # an outside source exits once its queued messages are delivered, or after this long

@@ -30,10 +30,20 @@ from functools import partial
 
 import zmq
 
-from detstream.services.runtime.faults import failpoint
+from detstream.services.dataplane.wire import (
+    CALIBRATION,
+    CREDIT,
+    FRAME,
+    HEARTBEAT,
+    RESULT,
+    SAMPLE,
+    Header,
+    Message,
+    Outbox,
+)
 from detstream.services.plugins import PluginContext, plugin_class
+from detstream.services.runtime.faults import failpoint
 from detstream.services.runtime.stage import HOUSEKEEPING_S, Stage
-from detstream.services.dataplane.wire import CALIBRATION, CREDIT, FRAME, HEARTBEAT, RESULT, SAMPLE, Header, Message, Outbox
 
 CALIBRATION_IDLE_S = 0.5  # calibrate on the samples there are when the stream pauses this long
 

@@ -39,14 +39,25 @@ import zmq
 
 from detstream.services.dataplane.accounting import COUNTS, WriterScans, scan_account, scan_record
 from detstream.services.dataplane.scans import WrittenScan
-from detstream.services.sinks import sink_class
-from detstream.services.runtime.faults import failpoint
-from detstream.services.sinks.output import accounting_file, folder_problem, never_overwrite, scan_file
+from detstream.services.dataplane.wire import (
+    CALIBRATION,
+    END_OF_SCAN,
+    NOBLOCK,
+    PARTIAL,
+    RECEIPT,
+    RESULT,
+    Header,
+    Message,
+    Outbox,
+    frame_key,
+    unpack_frames,
+)
 from detstream.services.model.plan import lane_routing_id
 from detstream.services.plugins import plugin_class
+from detstream.services.runtime.faults import failpoint
 from detstream.services.runtime.stage import HOUSEKEEPING_S, POLL_MS, Stage, StageError
-from detstream.services.dataplane.wire import (CALIBRATION, END_OF_SCAN, NOBLOCK, PARTIAL, RECEIPT, RESULT, Header, Message,
-                                     Outbox, frame_key, unpack_frames)
+from detstream.services.sinks import sink_class
+from detstream.services.sinks.output import accounting_file, folder_problem, never_overwrite, scan_file
 
 DRAIN_QUIET_S = 1.0  # a draining writer finishes after this long without input and no open scan
 # A scan without input for this many (end-of-scan + worker) timeouts, and STALE_MARGIN_S more, is closed as
