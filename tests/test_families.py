@@ -22,7 +22,7 @@ from detstream.services.sources import Frame, ScanEnd, source_class, source_kind
 from detstream.services.sources.simulator import Simulator
 from detstream.services.stages import stage_class
 
-from conftest import DETSTREAM, manifest
+from helpers import DETSTREAM, manifest
 
 SMALL = {"rows": 8, "cols": 12, "sectors": 3}
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from detstream.services.dataplane.accounting import WriterScans, scan_account, scan_record
-from detstream.services.dataplane.scans import ClosedScans, ScanBook, WrittenScan
+from detstream.services.dataplane.scans import ClosedScans, Scan, ScanBook, WrittenScan
 from detstream.services.dataplane.wire import END_OF_SCAN, Header
 from detstream.v1.control_pb2 import StageStatus
 
@@ -47,14 +47,14 @@ def test_closed_scans_are_the_set_of_numbers_added(numbers):
 
 
 def test_a_scan_book_opens_once_and_closes_for_good():
-    book = ScanBook()
+    book = ScanBook(Scan)
     scan = book.start(3, ROWS, COLS, now=7.0)
     assert book.start(3, 9, 9, now=8.0) is scan and scan.done.shape == (6,) and scan.last_input == 7.0
     assert book.close(3) is scan and 3 in book.closed and book.open == {} and book.next_open() == 0
 
 
 def test_the_latest_end_of_a_sender_comes_last():
-    scan = ScanBook().start(0, ROWS, COLS, now=0.0)
+    scan = ScanBook(Scan).start(0, ROWS, COLS, now=0.0)
     assert scan.last_end is None
     scan.ended("a", 1)
     scan.ended("b", 2)

@@ -57,7 +57,7 @@ class WriterScans:
         self.lanes, self.rows, self.cols, self.count = lanes, rows, cols, count
         self.end_timeout, self.stale_timeout = end_timeout, stale_timeout
         self.book = ScanBook(WrittenScan)
-        self.scans: dict[int, WrittenScan] = self.book.open  # type: ignore[assignment]
+        self.scans = self.book.open
         self.closed = self.book.closed
         self.recent: deque[ScanAccount] = deque(maxlen=recent)
         self.closed_total = ScanAccount()  # summed over every closed scan
@@ -71,7 +71,7 @@ class WriterScans:
             rows, cols = rows or self.rows, cols or self.cols
             if rows * cols != self.rows * self.cols:
                 return None
-            scan = self.book.start(number, rows, cols, now)  # type: ignore[assignment]
+            scan = self.book.start(number, rows, cols, now)
         scan.last_input = now
         return scan
 
@@ -97,9 +97,9 @@ class WriterScans:
         """The scans to close now, each with None, or, if it is stale, the seconds it has been silent.
         last_input: when anything last came (None: nothing yet); draining: open no scan."""
         first = self.closed.next_open()
-        if not (first in self.scans or first >= self.count or last_input is None or draining):
-            if any(n > first for n in self.scans) or (not self.scans and now - last_input > self.stale_timeout):
-                self.book.start(first, self.rows, self.cols, last_input)
+        if last_input is not None and not (first in self.scans or first >= self.count or draining) and (
+                any(n > first for n in self.scans) or (not self.scans and now - last_input > self.stale_timeout)):
+            self.book.start(first, self.rows, self.cols, last_input)
         due: list[tuple[WrittenScan, float | None]] = []
         for scan in self.scans.values():
             silent = now - scan.last_input

@@ -53,7 +53,7 @@ class CreditLedger:
         self.holder: dict[int, Worker] = {}     # frame key -> the worker it is in flight with
         self.ready: deque[bytes] = deque()      # peers with credit, round-robin
         self.resend: deque[Message] = deque()   # frames to send before new ones (of dead workers)
-        self.book = ScanBook()
+        self.book = ScanBook(Scan)
         self.scans = self.book.open
 
     # workers

@@ -16,7 +16,7 @@ noticed. Sectors of closed scans are refused as `late`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from detstream.services.dataplane.scans import Scan, ScanBook
@@ -45,7 +45,7 @@ class Reassembly:
         self.lane_frames = len(range(lane, self.frames, lanes))
         self.all_sectors = (1 << sectors) - 1
         self.on_frame, self.on_close = on_frame, on_close
-        self.book = ScanBook()
+        self.book = ScanBook(Scan)
         self.scans = self.book.open
         self.pending: dict[tuple[int, int], tuple[list, float, list]] = {}  # parts, first arrival, [parts in]
         self.last_activity: float | None = None  # None until the first input: the first scan waits for ever
@@ -57,9 +57,10 @@ class Reassembly:
         session's). None if taken, else why not: late, misrouted, geometry or duplicate-sector."""
         scan = self.scans.get(number)
         if scan is None or (rows or self.rows) * (cols or self.cols) != self.frames:
-            scan = self.admit(number, rows, cols, now)
-            if type(scan) is tuple:
-                return scan
+            admitted = self.admit(number, rows, cols, now)
+            if isinstance(admitted, tuple):
+                return admitted
+            scan = admitted
         scan.last_input = self.last_activity = now
         emitted = scan.done[frame]
         if frame % self.lanes != self.lane or emitted:
@@ -80,7 +81,7 @@ class Reassembly:
     def end(self, number: int, sender: str, rows: int, cols: int, now: float) -> Refusal | None:
         """A source's END_OF_SCAN: the scan closes once every source has ended it."""
         scan = self.admit(number, rows, cols, now)
-        if type(scan) is tuple:
+        if isinstance(scan, tuple):
             return scan
         scan.last_input = self.last_activity = now
         scan.ended(sender, True)
@@ -103,7 +104,7 @@ class Reassembly:
         number, frame = key
         scan = self.scans[number]
         if None in parts:
-            missing = [i for i, p in enumerate(parts) if p is None]
+            missing: Sequence[int] = [i for i, p in enumerate(parts) if p is None]
             mask = sum(1 << i for i, p in enumerate(parts) if p is not None)
             parts = [p if p is not None else self.fill for p in parts]
         else:

@@ -9,7 +9,7 @@ credits.py, accounting.py); once closed, its number stays closed for the session
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -81,22 +81,26 @@ class WrittenScan(Scan):
         self.sectors = np.zeros(self.done.size, np.uint64)
 
 
-class ScanBook:
-    """The scans a stage has open (`open`: number -> Scan) and those it has closed (`closed`)."""
+S = TypeVar("S", bound=Scan)
 
-    def __init__(self, kind: type[Scan] = Scan):
+
+class ScanBook(Generic[S]):
+    """The scans a stage has open (`open`: number -> a Scan of class `kind`) and those it has closed
+    (`closed`)."""
+
+    def __init__(self, kind: type[S]):
         self.kind = kind
-        self.open: dict[int, Scan] = {}
+        self.open: dict[int, S] = {}
         self.closed = ClosedScans()
 
-    def start(self, number: int, rows: int, cols: int, now: float) -> Scan:
+    def start(self, number: int, rows: int, cols: int, now: float) -> S:
         """The open scan `number`, opened now (rows x cols positions) if it was not."""
         scan = self.open.get(number)
         if scan is None:
             scan = self.open[number] = self.kind(number, rows, cols, np.zeros(rows * cols, bool), last_input=now)
         return scan
 
-    def close(self, number: int) -> Scan:
+    def close(self, number: int) -> S:
         """Close the open scan `number`: it is closed for good. KeyError if it is not open."""
         scan = self.open.pop(number)
         self.closed.add(number)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import zmq
 
@@ -27,8 +28,9 @@ Handler = Callable[..., None]
 @dataclass
 class Reader:
     socket: zmq.Socket
-    handler: Handler      # handler(msg), or handler(peer, msg) with an envelope; msg None if refused
+    handler: Handler      # handler(msg), or handler(peer, msg) with an envelope
     envelope: bool
+    refused: Handler | None  # refused(peer): a message the checks refused (counted already)
     batch: int            # messages read per turn at most
     when: Callable[[], bool] | None  # read only while this says so (e.g. while a worker has credit)
     watched: bool = True  # registered with the poller for POLLIN now
@@ -61,9 +63,10 @@ class Reactor:
 
     # -- registration ----------------------------------------------------------------------------
     def on_message(self, sock: zmq.Socket, handler: Handler, *, envelope: bool = False, batch: int = 1,
-                   when: Callable[[], bool] | None = None) -> None:
-        """Call `handler` for each message arriving on `sock` (checked; None for one refused)."""
-        reader = Reader(sock, handler, envelope, batch, when)
+                   when: Callable[[], bool] | None = None, refused: Handler | None = None) -> None:
+        """Call `handler(msg)` (with an envelope: `handler(peer, msg)`) for each message arriving on `sock`
+        that passes the checks; `refused(peer)` for one that does not (peer None without an envelope)."""
+        reader = Reader(sock, handler, envelope, refused, batch, when)
         self.readers.append(reader)
         self.poller.register(sock, POLLIN)
         sock.setsockopt(zmq.RCVTIMEO, self.poll_ms)  # used when it is the only socket read (see turn)
@@ -111,7 +114,7 @@ class Reactor:
                 if watch != reader.watched:  # re-registering every turn costs as much as a message
                     self.poller.register(reader.socket, POLLIN if watch else 0)
                     reader.watched = watch
-        for sock, handler, when in self.writables:
+        for sock, _, when in self.writables:
             watch = when()
             if watch != self._writable_watched[sock]:
                 self.poller.register(sock, POLLOUT if watch else 0)
@@ -126,13 +129,16 @@ class Reactor:
             if ready.get(reader.socket, 0) & POLLIN:
                 self._handle(reader, NOBLOCK)
                 for _ in range(reader.batch - 1):
-                    if not reader.socket.get(zmq.EVENTS) & POLLIN:
+                    if not cast(int, reader.socket.get(zmq.EVENTS)) & POLLIN:
                         break
                     self._handle(reader, NOBLOCK)
 
     def _handle(self, reader: Reader, flags: int) -> None:
         peer, msg = self._receive(reader.socket, reader.envelope, flags)
-        if reader.envelope:
+        if msg is None:
+            if reader.refused is not None:
+                reader.refused(peer)
+        elif reader.envelope:
             reader.handler(peer, msg)
         else:
             reader.handler(msg)

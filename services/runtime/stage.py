@@ -24,7 +24,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import zmq
@@ -109,7 +109,8 @@ class Stage:
         self.turned = 0.0      # when the main loop last turned (0: not looping yet)
 
     # -- sockets -------------------------------------------------------------------------------
-    def socket(self, kind: int, *, bind: str | None = None, connect: list = (), server: str = "",
+    def socket(self, kind: int, *, bind: str | None = None, connect: Sequence[str | tuple[str, int, str]] = (),
+               server: str = "",
                on_connect: Callable[[], None] | None = None, routing_id: bytes = b"",
                context: zmq.Context | None = None) -> zmq.Socket:
         """A socket with bounded queues on both sides and no lingering at close. `connect` lists
@@ -132,14 +133,15 @@ class Stage:
             sock.setsockopt(zmq.ROUTING_ID, routing_id)
         if bind:
             if self.curve:
-                self.keys.curve_server(sock, self.key_name, domain=bind)
+                self.held_keys().curve_server(sock, self.key_name, domain=bind)
             self.monitors.append(sock.get_monitor_socket(HANDSHAKE_EVENTS))
             sock.bind(f"tcp://{self.bind_host}:{self.me.ports[bind]}")
         if on_connect is not None:  # before connecting, so that no connection goes unseen
             self.connection_monitors[sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)] = on_connect
         for peer in connect:
             if self.curve:
-                self.keys.curve_client(sock, self.key_name, server if isinstance(peer, str) else f"{peer[0]}-{peer[1]}")
+                self.held_keys().curve_client(sock, self.key_name,
+                                              server if isinstance(peer, str) else f"{peer[0]}-{peer[1]}")
             sock.connect(peer if isinstance(peer, str) else self.plan.endpoint(*peer))
         return sock
 
@@ -219,7 +221,7 @@ class Stage:
     def configure(self, params: dict) -> None:
         raise ValueError(f"the {self.role} stage takes no parameters")
 
-    def set_state(self, state: int, message: str = "") -> None:
+    def set_state(self, state: StageState, message: str = "") -> None:
         if state in (FINISHED, FAILED) and self.t_start and not self.t_end:
             self.t_end = time.monotonic()
         self.state = state
@@ -241,9 +243,6 @@ class Stage:
     def setup(self) -> None:
         """Create and bind/connect sockets; register their handlers and the periodic tasks."""
 
-    def step(self) -> None:
-        self.reactor.turn()
-
     def add_status(self, status: StageStatus) -> None:
         """Role-specific parts of the status (the writer's scan accounting)."""
 
@@ -260,7 +259,8 @@ class Stage:
             return 1
         self.metrics.serve(self.bind_host, self.me.ports["metrics"],
                            on_bad_request=lambda what: self.reject(WireError("http", what)), checks=self.probes())
-        credentials = self.keys.server_credentials(self.key_name) if self.spec.security.control_plane == "mtls" else None
+        mtls = self.spec.security.control_plane == "mtls"
+        credentials = self.held_keys().server_credentials(self.key_name) if mtls else None
         server, health = control.serve(self, self.bind_host, self.me.ports["control"], credentials)
         try:
             delay = failpoint(self.name, self.role, "setup-delay")
@@ -268,7 +268,7 @@ class Stage:
                 self.log.info("failpoint: setup delayed by %g s", delay)
                 self.stopping.wait(delay)
             if self.curve:
-                self.zap = ZapHandler(self.ctx, self.keys.curve_clients(), self.log)
+                self.zap = ZapHandler(self.ctx, self.held_keys().curve_clients(), self.log)
             self.setup()
             if self.connection_monitors:
                 self.reactor.every(HOUSEKEEPING_S, self.check_connections)
@@ -280,7 +280,7 @@ class Stage:
             while not self.stopping.is_set():
                 self.turned = time.monotonic()
                 if self.started.is_set():
-                    self.step()
+                    self.reactor.turn()
                 else:
                     self.stopping.wait(POLL_MS / 1000)
         except StageError as exc:
@@ -332,6 +332,12 @@ class Stage:
             idle = time.monotonic() - self.turned if self.turned else 0.0
             return idle < STALL_S, f"main loop last turned {idle:.1f} s ago" if self.turned else "setting up"
         return {"/readyz": ready, "/healthz": live}
+
+    def held_keys(self) -> Keys:
+        """The session's keys, loaded by run() when the security settings need them (only those ask)."""
+        if self.keys is None:
+            raise KeysMissing("the session's keys are needed here but were not loaded ($DETSTREAM_KEYS)")
+        return self.keys
 
     def load_keys(self) -> Keys | None:
         """The session's keys, when its security settings need them ($DETSTREAM_KEYS)."""

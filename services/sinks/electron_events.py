@@ -49,7 +49,8 @@ class ElectronEventsFile(ResultSink):
     result = "events"
     BLOCK = 4096  # positions per HDF5 write
 
-    def __init__(self, path: Path, scan_shape: tuple[int, int], frame_shape: tuple[int, int], metadata: dict | None = None):
+    def __init__(self, path: Path, scan_shape: tuple[int, int], frame_shape: tuple[int, int],
+                 metadata: dict | None = None):
         super().__init__(path, scan_shape, frame_shape, metadata)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.scan_shape = (int(scan_shape[0]), int(scan_shape[1]))

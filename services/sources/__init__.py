@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, ClassVar, NamedTuple, Union
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -51,7 +51,7 @@ class ScanEnd(NamedTuple):
     frames: int
 
 
-Item = Union[Frame, ScanEnd, None]
+Item = Frame | ScanEnd | None
 
 
 class SourceError(RuntimeError):

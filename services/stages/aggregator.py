@@ -35,7 +35,7 @@ import zmq
 from detstream.services.dataplane.reassembly import Reassembly
 from detstream.services.dataplane.scans import Scan
 from detstream.services.dataplane.wire import END_OF_SCAN, FRAME, PARTIAL, SECTOR, Header, Message, Outbox
-from detstream.services.runtime.stage import HOUSEKEEPING_S, POLL_MS, Stage
+from detstream.services.runtime.stage import HOUSEKEEPING_S, Stage
 
 MAX_PENDING_PER_HWM = 8   # frames waiting for sectors from other sources, per unit of transport.highWaterMark
 PACE_S = 0.001            # the pause per message while that many are waiting
@@ -48,7 +48,6 @@ class AggregatorStage(Stage):
     def setup(self):
         self.lane = self.me.index
         self.ingest = self.socket(zmq.PULL, bind="ingest")
-        self.ingest.setsockopt(zmq.RCVTIMEO, POLL_MS)
         self.out = Outbox(self.socket(zmq.PUSH, connect=[("distributor", self.lane, "frames")],
                                       on_connect=self.resend_ends), self.name)
         self.ends: deque[Header] = deque(maxlen=ENDS_KEPT)  # the last scans' ends, sent again to a new distributor
@@ -57,38 +56,32 @@ class AggregatorStage(Stage):
         self.reassembly = Reassembly(self.lane, self.spec.lanes, self.geometry.sectors, self.spec.scan.rows,
                                      self.spec.scan.cols, self.spec.source.replicas,
                                      zmq.Frame(bytes(self.geometry.sector_bytes)), self.pass_on, self.end_scan)
-        self.pending = self.reassembly.pending  # frames waiting for sectors
         self.max_pending = MAX_PENDING_PER_HWM * self.spec.transport.high_water_mark
-        self.stalled = 0.0                   # seconds spent blocked on the distributor
-        self.last_sweep = self.clock()
+        self.reactor.on_message(self.ingest, self.handle)
+        self.reactor.every(HOUSEKEEPING_S, self.housekeeping)
 
     def clock(self) -> float:
         """Seconds, not counting the time this stage could not listen (blocked downstream)."""
-        return time.monotonic() - self.stalled
+        return time.monotonic() - self.reactor.stalled_s
 
-    def step(self):
-        if len(self.pending) >= self.max_pending:
+    def housekeeping(self, now: float) -> None:
+        """Pass on frames past their timeout; close scans whose sources went silent, and the next scan
+        when nobody started it; once drained and nothing more is queued, close every open scan."""
+        transport = self.spec.transport
+        self.reassembly.sweep(self.clock(), transport.frame_timeout_s, transport.end_of_scan_timeout_s,
+                              self.spec.scan.count, self.draining.is_set())
+        self.counters.queue_depth = len(self.reassembly.pending)
+        if self.draining.is_set() and not self.ingest.poll(0):
+            self.reassembly.drain(self.clock())
+            self.finish()
+
+    def handle(self, msg: Message) -> None:
+        if len(self.reassembly.pending) >= self.max_pending:
             # A source runs ahead of another (a busy core, or one that died): a pause per message, so
             # the others can catch up. ZeroMQ takes turns among the sources that have something
             # queued, so what is pending stops growing; the one ahead waits on its full queue
             # (backpressure), and a source that never comes is the frame timeout's.
             time.sleep(PACE_S)
-        try:
-            # One message per turn, waiting at most POLL_MS (the socket's receive timeout): no poll
-            # and no refused read per message, which cost more than the rest of the turn.
-            _, msg = self.receive(self.ingest)
-            if msg is not None:
-                self.handle(msg)
-        except zmq.Again:  # nothing for POLL_MS
-            if self.draining.is_set():
-                self.drain_now()
-        now = self.clock()
-        if now - self.last_sweep > HOUSEKEEPING_S:
-            self.last_sweep = now
-            self.sweep(now)
-            self.counters.queue_depth = len(self.pending)
-
-    def handle(self, msg: Message) -> None:
         h = msg.header
         kind = h.kind
         if kind == SECTOR:
@@ -109,53 +102,27 @@ class AggregatorStage(Stage):
         header = self.frame_header  # one for every frame, its fields set here (building one costs ~5 us)
         header.scan, header.frame, header.position, header.sector_mask = scan.number, frame, frame, mask
         header.flags, header.scan_rows, header.scan_cols = PARTIAL if missing else 0, scan.rows, scan.cols
-        self.send(header, parts)
+        self.reactor.send(self.out, header, parts)
         self.counters.frames_out += 1
         self.counters.bytes_out += self.sector_bytes * len(parts)
         if missing:
             self.counters.outcomes["partial"] += 1
             self.log.warning("scan %d frame %d partial: sectors %s missing", scan.number, frame, missing)
 
-    def send(self, header: Header, parts=()) -> None:
-        """Blocking send (the distributor's queue full means: wait, and let the sources wait).
-        The time spent waiting is taken off the clock the timeouts are measured with."""
-        try:
-            return self.out.send(header, parts, flags=zmq.NOBLOCK)  # the usual case: room in the queue
-        except zmq.Again:
-            pass
-        t0 = time.monotonic()
-        while self.waiting():
-            if self.out.socket.poll(POLL_MS, zmq.POLLOUT):
-                self.out.send(header, parts, flags=zmq.NOBLOCK)
-                break
-        self.stalled += time.monotonic() - t0
-
-    def sweep(self, now: float) -> None:
-        """Pass on frames past their timeout; close scans whose sources went silent, and the next
-        scan when nobody started it."""
-        transport = self.spec.transport
-        self.reassembly.sweep(now, transport.frame_timeout_s, transport.end_of_scan_timeout_s,
-                              self.spec.scan.count, self.draining.is_set())
-
     def resend_ends(self) -> None:
         """On each connection to the distributor (the first one, or to a restarted distributor), send
         the last scans' ends again: a distributor that died may have held them."""
         for end in self.ends:
-            self.send(end)  # (stamped anew)
+            self.reactor.send(self.out, end)  # (stamped anew)
         if self.ends:
             self.log.info("distributor (re)connected: sent the ends of scans %s again", [e.scan for e in self.ends])
-
-    def drain_now(self) -> None:
-        """Drained and nothing more queued: close every open scan; no further scan starts."""
-        self.reassembly.drain(self.clock())
-        self.finish()
 
     def end_scan(self, scan: Scan, lost: int, why: str) -> None:
         """A scan closed (the reassembly's on_close): its end goes to the distributor, and is kept."""
         self.counters.outcomes["lost"] += lost
         end = Header(kind=END_OF_SCAN, scan=scan.number, expected=self.geometry.scan_frames, sent=scan.count,
                      partial=scan.partial, lost=lost, scan_rows=scan.rows, scan_cols=scan.cols)
-        self.send(end)
+        self.reactor.send(self.out, end)
         self.ends.append(end)
         log = self.log.warning if lost else self.log.info
         log("scan %d closed (%s): %d frames passed on, %d partial, %d lost", scan.number, why, scan.count,

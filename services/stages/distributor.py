@@ -50,7 +50,7 @@ from detstream.services.dataplane.wire import (
 )
 from detstream.services.model.plan import lane_routing_id
 from detstream.services.plugins import plugin_class
-from detstream.services.runtime.stage import HOUSEKEEPING_S, POLL_MS, Stage
+from detstream.services.runtime.stage import HOUSEKEEPING_S, Stage
 
 
 class DistributorStage(Stage):
@@ -66,54 +66,35 @@ class DistributorStage(Stage):
         self.ledger = CreditLedger(self.me.index, self.spec.lanes, self.spec.scan.rows, self.spec.scan.cols,
                                    self.spec.workers.credits)
         self.workers, self.ready, self.resend = self.ledger.workers, self.ledger.ready, self.ledger.resend
-        self.poller = zmq.Poller()   # in this order: zmq.Poller answers in the order of registration
-        self.poller.register(self.writer.socket, zmq.POLLIN)
-        self.poller.register(self.work.socket, zmq.POLLIN)
-        self.reading_frames = False                  # whether the poller watches `frames`
         self.samples_wanted = min(plugin_class(self.spec.plugin.name).samples(self.spec.plugin.params),
                                   self.geometry.scan_frames)
         self.samples: list[Message] = []              # this lane's sample frames, as SAMPLE messages
         self.sample_scan: int | None = None
-        self.last_check = time.monotonic()
+        self.held_since = 0.0                         # since when frames wait for a credit (0: they do not)
+        # In this order: receipts free credits, worker messages offer them, so both come before frames;
+        # frames are read only while a worker has credit and no frame of a dead worker waits.
+        self.reactor.on_message(self.writer.socket, self.from_writer)
+        self.reactor.on_message(self.work.socket, self.from_worker, envelope=True)
+        self.reactor.on_message(self.frames, self.from_aggregator, when=lambda: bool(self.ready) and not self.resend)
+        self.reactor.every(0, self.after_turn)
+        self.reactor.every(HOUSEKEEPING_S, self.housekeeping)
 
-    def step(self):
-        wants_frames = bool(self.ready) and not self.resend
-        if wants_frames != self.reading_frames:  # (re-registering every turn costs as much as a message)
-            self.poller.register(self.frames, zmq.POLLIN if wants_frames else 0)
-            self.reading_frames = wants_frames
-        # One message from each socket that has one, per turn: a poll per message costs less than
-        # draining a socket to its refused read. Receipts free credits, worker messages offer them,
-        # so both come before frames.
-        held_since = self.held_back()
-        for sock, _ in self.poller.poll(POLL_MS):
-            if sock is self.writer.socket:
-                _, msg = self.receive(sock)
-                if msg is not None:
-                    self.from_writer(msg)
-            elif sock is self.work.socket:
-                peer, msg = self.receive(sock, envelope=True)
-                if msg is not None:
-                    self.from_worker(peer, msg)
-            elif self.ready and not self.resend:
-                _, msg = self.receive(sock)
-                if msg is not None:
-                    self.from_aggregator(msg)
+    def after_turn(self, now: float) -> None:
+        """Re-send dead workers' frames as credit allows; count the time frames wait for credit."""
         while self.resend and self.ready:
             self.dispatch(self.resend.popleft())
-        now = time.monotonic()
-        if held_since:
-            self.counters.backpressure_s += now - held_since
-        if now - self.last_check > HOUSEKEEPING_S:
-            self.last_check = now
-            self.check_workers(now)
-            self.update_gauges()
+        if self.held_since:
+            self.counters.backpressure_s += now - self.held_since
+        self.held_since = now if self.held_back() else 0.0
 
-    def held_back(self) -> float:
-        """When frames wait here for a worker's credit (queued from the aggregator, or to re-send)
-        and no worker has any: now, else 0. Only looked at while no worker has credit."""
-        if self.ready or not (self.resend or self.frames.get(zmq.EVENTS) & POLLIN):
-            return 0.0
-        return time.monotonic()
+    def housekeeping(self, now: float) -> None:
+        self.check_workers(now)
+        self.update_gauges()
+
+    def held_back(self) -> bool:
+        """Whether frames wait here for a worker's credit (queued from the aggregator, or to re-send)
+        and no worker has any."""
+        return not self.ready and bool(self.resend or self.frames.get(zmq.EVENTS) & POLLIN)
 
     def from_aggregator(self, msg: Message) -> None:
         h = msg.header
@@ -152,8 +133,9 @@ class DistributorStage(Stage):
         while worker.samples_sent < len(self.samples):
             sample = self.samples[worker.samples_sent]
             try:
-                self.work.send(sample.header, sample.parts, peer=worker.peer, flags=zmq.NOBLOCK)
-            except zmq.ZMQError:  # full (zmq.Again) or gone: again when it next speaks, or declared dead
+                if not self.reactor.send(self.work, sample.header, sample.parts, peer=worker.peer, wait=False):
+                    return  # full: the rest when it next speaks
+            except zmq.ZMQError:  # gone: it will be declared dead
                 return
             worker.samples_sent += 1
 
@@ -182,12 +164,12 @@ class DistributorStage(Stage):
         ledger = self.ledger
         while (worker := ledger.next_ready()) is not None:
             try:
-                self.work.send(msg.header, msg.parts, peer=worker.peer, flags=zmq.NOBLOCK)
-            except zmq.Again:  # its queue is full (more credits than the high-water mark lets through)
-                ledger.refused_full(worker)
-                continue
+                sent = self.reactor.send(self.work, msg.header, msg.parts, peer=worker.peer, wait=False)
             except zmq.ZMQError as exc:  # gone (EHOSTUNREACH): dead
                 self.declare_dead(worker, f"send failed: {exc}")
+                continue
+            if not sent:  # its queue is full (more credits than the high-water mark lets through)
+                ledger.refused_full(worker)
                 continue
             ledger.sent(worker, msg)
             self.counters.frames_out += 1
@@ -215,9 +197,10 @@ class DistributorStage(Stage):
         """Tell the writer the lane is done with the scan: frames acknowledged, and the lost ones as a bitmap."""
         end = scan.last_end
         count = int(np.count_nonzero(lost))
-        self.writer.send(Header(kind=END_OF_SCAN, scan=scan.number, expected=end.expected, sent=scan.count,
-                                partial=end.partial, lost=count, scan_rows=end.scan_rows, scan_cols=end.scan_cols),
-                         [pack_frames(lost)] if count else ())
+        self.reactor.send(self.writer, Header(kind=END_OF_SCAN, scan=scan.number, expected=end.expected,
+                                              sent=scan.count, partial=end.partial, lost=count,
+                                              scan_rows=end.scan_rows, scan_cols=end.scan_cols),
+                          [pack_frames(lost)] if count else ())
         if count > end.lost:  # not the aggregator's: frames that died with a restarted stage (or on the way)
             self.log.warning("scan %d: %d frames the aggregator passed on were not acknowledged here (this stage "
                              "or the aggregator restarted mid-scan?): the writer counts those it lacks as lost",

@@ -140,7 +140,8 @@ class SourceStage(Stage):
         return self.reached[lane]
 
     def undelivered(self, lanes: list[int], why: str) -> str:
-        return "; ".join(f"{self.lane_sent[lane]} sector message(s) sent to {self.connect[lane]} (lane {lane}) did "
+        addresses = self.connect or []
+        return "; ".join(f"{self.lane_sent[lane]} sector message(s) sent to {addresses[lane]} (lane {lane}) did "
                          f"not reach a session: {why} within {FLUSH_S:g} s (check the address against the "
                          f"session's status.ingest, and that the session is running)" for lane in lanes)
 

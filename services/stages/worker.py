@@ -70,7 +70,9 @@ class WorkerStage(Stage):
         self.process_delay = failpoint(self.name, self.role, "process-delay")
         self.report_calibration()  # fixed thresholds are known now
         for lane, outbox in enumerate(self.lanes):
-            self.reactor.on_message(outbox.socket, partial(self.from_distributor, lane))
+            # a refused message still used a credit: give it back
+            self.reactor.on_message(outbox.socket, partial(self.from_distributor, lane),
+                                    refused=lambda _, lane=lane: self.tell(lane, Header(kind=CREDIT, credit=1)))
         # the writer's socket is watched only while results wait for room there
         self.reactor.on_writable(self.writer.socket, self.flush, when=lambda: bool(self.outgoing))
         self.reactor.every(0, self.apply_updates)
@@ -86,10 +88,8 @@ class WorkerStage(Stage):
         """Connected to the lane's distributor: offer it our credits."""
         self.tell(lane, Header(kind=CREDIT, credit=self.spec.workers.credits))
 
-    def from_distributor(self, lane: int, msg: Message | None) -> None:
-        if msg is None:
-            self.tell(lane, Header(kind=CREDIT, credit=1))  # a rejected message still used a credit
-        elif msg.header.kind == FRAME:
+    def from_distributor(self, lane: int, msg: Message) -> None:
+        if msg.header.kind == FRAME:
             self.frame(lane, msg)
         elif msg.header.kind == SAMPLE:
             self.sample(msg)

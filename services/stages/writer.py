@@ -42,7 +42,6 @@ from detstream.services.dataplane.scans import WrittenScan
 from detstream.services.dataplane.wire import (
     CALIBRATION,
     END_OF_SCAN,
-    NOBLOCK,
     PARTIAL,
     RECEIPT,
     RESULT,
@@ -55,7 +54,7 @@ from detstream.services.dataplane.wire import (
 from detstream.services.model.plan import lane_routing_id
 from detstream.services.plugins import plugin_class
 from detstream.services.runtime.faults import failpoint
-from detstream.services.runtime.stage import HOUSEKEEPING_S, POLL_MS, Stage, StageError
+from detstream.services.runtime.stage import HOUSEKEEPING_S, Stage, StageError
 from detstream.services.sinks import sink_class
 from detstream.services.sinks.output import accounting_file, folder_problem, never_overwrite, scan_file
 
@@ -85,7 +84,6 @@ class WriterStage(Stage):
         results = self.socket(zmq.ROUTER, bind="results")
         results.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a receipt to a full or absent peer waits
         results.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a restarted distributor takes its routing id over
-        results.setsockopt(zmq.RCVTIMEO, POLL_MS)      # a turn waits this long for input, without a poll
         self.results = Outbox(results, self.name)
         self.receipts: dict[int, list[int]] = {}      # lane -> keys of the results received this turn
         self.write_delay = failpoint(self.name, self.role, "write-delay")
@@ -98,32 +96,29 @@ class WriterStage(Stage):
         self.accounting = accounting_file(self.output, self.plan.session)  # a line per closed scan
         if self.accounting.exists():
             raise StageError(never_overwrite(self.accounting))
-        self.last_input = self.last_check = time.monotonic()
+        self.last_input = time.monotonic()
         self.lane_ended = False  # a lane's END_OF_SCAN came this turn: its scan may be complete
         self.streaming = False  # any input yet (a session may wait for its detector as long as it takes)
         self.calibration: dict = {}  # the latest a worker sent (recorded in every scan's file)
         self.calibrations: dict[str, str] = {}  # worker -> its latest, as JSON (to notice disagreement)
+        self.reactor.on_message(results, lambda _peer, msg: self.handle(msg), envelope=True, batch=TURN)
+        self.reactor.every(0, self.after_turn)
+        self.reactor.every(HOUSEKEEPING_S, self.housekeeping)
 
-    def step(self):
-        sock, flags = self.results.socket, 0
-        for _ in range(TURN):  # the first message waits (at most POLL_MS), then what is queued
-            try:
-                _, msg = self.receive(sock, envelope=True, flags=flags)
-            except zmq.Again:
-                break
-            flags = NOBLOCK
-            if msg is not None:
-                self.handle(msg)
+    def after_turn(self, now: float) -> None:
+        """Acknowledge the turn's results; a scan closes as soon as its last lane ends it (the lane's
+        results are here before its end)."""
         self.send_receipts()
-        now = time.monotonic()
-        # A scan closes when its last lane ends it (the lane's results are here before its end), or on
-        # a timeout: checked then, and every HOUSEKEEPING_S.
-        if self.lane_ended or now - self.last_check > HOUSEKEEPING_S:
-            self.lane_ended, self.last_check = False, now
-            self.close_ready(now)
-            if self.draining.is_set() and not self.scans and now - self.last_input > DRAIN_QUIET_S:
-                self.finish()  # drained: every scan that started is closed and nothing more comes
-            self.counters.scan_progress = self.accounts.progress()
+        if self.lane_ended:
+            self.housekeeping(now)
+
+    def housekeeping(self, now: float) -> None:
+        """Close the scans that are complete or timed out; finish once drained."""
+        self.lane_ended = False
+        self.close_ready(now)
+        if self.draining.is_set() and not self.scans and now - self.last_input > DRAIN_QUIET_S:
+            self.finish()  # drained: every scan that started is closed and nothing more comes
+        self.counters.scan_progress = self.accounts.progress()
 
     def handle(self, msg: Message) -> None:
         self.last_input = time.monotonic()
@@ -215,10 +210,12 @@ class WriterStage(Stage):
         """Tell each lane's distributor which of its frames have their result here (they are done)."""
         for lane in list(self.receipts):
             try:
-                self.results.send(Header(kind=RECEIPT, acked=self.receipts[lane]), peer=lane_routing_id(lane),
-                                  flags=zmq.NOBLOCK)
-            except zmq.ZMQError:  # its queue is full, or it is not connected (reconnecting): next turn
-                del self.receipts[lane][:-RECEIPTS_KEPT]  # (what a lane gone for good cannot grow without bound)
+                sent = self.reactor.send(self.results, Header(kind=RECEIPT, acked=self.receipts[lane]),
+                                         peer=lane_routing_id(lane), wait=False)
+            except zmq.ZMQError:  # it is not connected (reconnecting)
+                sent = False
+            if not sent:  # next turn; what a lane gone for good keeps cannot grow without bound
+                del self.receipts[lane][:-RECEIPTS_KEPT]
                 continue
             del self.receipts[lane]
 
@@ -226,9 +223,10 @@ class WriterStage(Stage):
         path = scan_file(self.output, self.plan.session, scan.number)
         try:
             if scan.file is None:
+                plugin = self.spec.plugin
                 scan.file = self.sink.open(path, self.spec, (scan.rows, scan.cols),
                                            {"session": self.plan.session, "scan": scan.number,
-                                            "plugin": self.spec.plugin.name, "plugin_params": str(self.spec.plugin.params)})
+                                            "plugin": plugin.name, "plugin_params": str(plugin.params)})
                 scan.path = str(path)
             scan.file.write_result(position, parts)
         except FileExistsError as exc:  # results are never overwritten
