@@ -113,6 +113,7 @@ class ScanImages:
         self._kept_pixels, self._kept_values = _Growable(np.uint32), None  # values only for raw frames
         self._record_position, self._record_length = _Growable(np.uint32), _Growable(np.uint32)
         self.recomputable = True
+        self.kind: str | None = None  # "events" or "frames", fixed by the first add
         self.version = 0
 
     # --- geometry --------------------------------------------------------------------------------
@@ -195,6 +196,7 @@ class ScanImages:
         # per frame, how often each pixel was hit (1 for counted data), for the maximum pattern
         keys, hits = np.unique(local.astype(np.int64) * self.pixels + events, return_counts=True)
         with self._lock:
+            self._check_kind("events")
             for d, mask in enumerate(self._masks):
                 np.add.at(self._values[d], positions, np.bincount(local, mask[events], minlength=positions.size))
             self._add_common(positions, status, local, events, None)
@@ -213,9 +215,8 @@ class ScanImages:
         local, pixels = np.nonzero(flat)
         values = flat[local, pixels]
         with self._lock:
-            if self._record_position.size and self._kept_values is None:
-                raise ValueError("frames: this scan already has counted events; add the same kind for a whole scan")
-            if self._kept_values is None:
+            self._check_kind("frames")
+            if self._kept_values is None and self.recomputable:
                 self._kept_values = _Growable(np.float32)
             np.add.at(self._values, (slice(None), positions), (flat @ self._masks.T).T)
             self._add_common(positions, status, local, pixels, values)
@@ -239,6 +240,11 @@ class ScanImages:
             raise ValueError(f"status: must be COMPLETE ({COMPLETE}) or PARTIAL ({PARTIAL})")
         return positions.astype(np.int64), status
 
+    def _check_kind(self, kind: str) -> None:
+        if self.kind not in (None, kind):
+            raise ValueError(f"{kind}: this scan has {self.kind}; add the same kind for a whole scan")
+        self.kind = kind
+
     def _add_common(self, positions, status, local, pixels, weights) -> None:
         """COM sums, totals, summed pattern and status; caller holds the lock."""
         n = positions.size
@@ -258,7 +264,7 @@ class ScanImages:
         if self.kept_bytes + pixels.size * per_pixel + positions.size * 8 > self.keep_bytes:
             self.recomputable = False
             self._kept_pixels = self._record_position = self._record_length = _Growable(np.uint32)
-            self._kept_values = None if self._kept_values is None else _Growable(np.float32)
+            self._kept_values = None
             return
         self._record_position.extend(positions)
         self._record_length.extend(lengths)
