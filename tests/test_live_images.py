@@ -230,3 +230,20 @@ def test_stem_images_file_layout(tmp_path):
         status = stem["position_status"][()].ravel()
         assert (status[:28] == COMPLETE).all() and list(status[28:]) == [MISSING, MISSING]
         assert stem["images"].shape == (2, 5, 6) and stem["idpc"].shape == (5, 6) and stem["max_pattern"].shape == (32, 32)
+
+
+def test_several_frames_at_one_position_add_up_as_stempy_sums_them():
+    rng = np.random.default_rng(9)
+    first, second = (simulated_events((3, 4), 32, (15, 17), rng) for _ in range(2))
+    data = np.empty((12, 2), object)
+    for p in range(12):
+        data[p] = [first[p], second[p]]
+    sparse = stio.SparseArray(data, (3, 4), (32, 32))
+    images = ScanImages((3, 4), (32, 32), DetectorGeometry(5, ((5, 12),), (15, 17)))
+    both = [*range(12), 0, 1]  # a batch holding positions 0 and 1 twice
+    frames = [*first, second[0], second[1]]
+    images.add_events(both, [len(f) for f in frames], np.concatenate(frames))
+    images.add_events(range(2, 12), [len(f) for f in second[2:]], np.concatenate(second[2:]))
+    assert_equals_stempy(images, sparse, (15, 17), [(0, 5), (5, 12)])
+    com = stim.com_sparse(sparse, replace_nans=False)
+    np.testing.assert_allclose(np.stack([images.array("com_x"), images.array("com_y")]), com, rtol=1e-6)

@@ -10,7 +10,9 @@ electron_counting plugin emits them) or from its raw frame (noop / photon-counti
     value for raw frames), NaN for a frame without counts, as `stempy.image.com_sparse(...,
     replace_nans=False)` and `com_dense` order them;
   - DPC = com - centre (pixels) and the iDPC phase integrated from it (`phase_from_com`);
-and per scan the summed pattern (`stempy.image.calculate_sum_sparse`) and the maximum pattern.
+and per scan the summed pattern (`stempy.image.calculate_sum_sparse`) and the maximum pattern (the
+per-pixel maximum over frames; for counted data, whose frames hold each pixel at most once as electron
+counting emits them, 1 wherever any frame had an event).
 
 Positions not arrived yet (PENDING) or lost (MISSING) are NaN in every image; `status` gives each
 position's state with the codes of the scan file's accounting/position_status, plus PENDING.
@@ -192,15 +194,13 @@ class ScanImages:
         if events.size and (events.min() < 0 or events.max() >= self.pixels):
             raise ValueError(f"events: pixel indices must be in [0, {self.pixels}) for {self.frame_shape} frames")
         events = events.astype(np.uint32, copy=False)
-        local = np.repeat(np.arange(positions.size), counts)
-        # per frame, how often each pixel was hit (1 for counted data), for the maximum pattern
-        keys, hits = np.unique(local.astype(np.int64) * self.pixels + events, return_counts=True)
+        unique, slot = np.unique(positions, return_inverse=True)
+        local = np.repeat(slot, counts)  # per event, its position's index in `unique`
         with self._lock:
             self._check_kind("events")
             for d, mask in enumerate(self._masks):
-                np.add.at(self._values[d], positions, np.bincount(local, mask[events], minlength=positions.size))
-            self._add_common(positions, status, local, events, None)
-            np.maximum.at(self.max_pattern, keys % self.pixels, hits)
+                self._values[d, unique] += np.bincount(local, mask[events], minlength=unique.size)
+            self._add_common(positions, status, unique, local, events, None)
             self._keep(positions, counts, events, None)
 
     def add_frames(self, positions, frames, status=COMPLETE) -> None:
@@ -212,16 +212,18 @@ class ScanImages:
             raise ValueError(f"frames: must be real numbers of shape ({positions.size}, {self.frame_shape[0]}, "
                              f"{self.frame_shape[1]}); got {frames.dtype} {frames.shape}")
         flat = frames.reshape(positions.size, self.pixels).astype(np.float64)
-        local, pixels = np.nonzero(flat)
-        values = flat[local, pixels]
+        frame, pixels = np.nonzero(flat)
+        values = flat[frame, pixels]
+        unique, slot = np.unique(positions, return_inverse=True)
         with self._lock:
             self._check_kind("frames")
             if self._kept_values is None and self.recomputable:
                 self._kept_values = _Growable(np.float32)
-            np.add.at(self._values, (slice(None), positions), (flat @ self._masks.T).T)
-            self._add_common(positions, status, local, pixels, values)
+            for d, sums in enumerate((flat @ self._masks.T).T):
+                self._values[d, unique] += np.bincount(slot, sums, minlength=unique.size)
+            self._add_common(positions, status, unique, slot[frame], pixels, values)
             np.maximum(self.max_pattern, flat.max(axis=0), out=self.max_pattern)
-            self._keep(positions, np.bincount(local, minlength=positions.size), pixels.astype(np.uint32), values)
+            self._keep(positions, np.bincount(frame, minlength=positions.size), pixels.astype(np.uint32), values)
 
     def mark_lost(self, positions) -> None:
         """Positions whose frame will never come (lost): MISSING, NaN in the images."""
@@ -245,14 +247,15 @@ class ScanImages:
             raise ValueError(f"{kind}: this scan has {self.kind}; add the same kind for a whole scan")
         self.kind = kind
 
-    def _add_common(self, positions, status, local, pixels, weights) -> None:
-        """COM sums, totals, summed pattern and status; caller holds the lock."""
-        n = positions.size
+    def _add_common(self, positions, status, unique, local, pixels, weights) -> None:
+        """COM sums, totals, summed pattern and status of pixels (values `weights`, None for counted events) at
+        scan positions unique[local]; caller holds the lock. Sums per unique position, so fancy += is exact."""
+        n = unique.size
         ones = np.ones(pixels.size) if weights is None else weights
-        np.add.at(self._total, positions, np.bincount(local, ones, minlength=n))
-        np.add.at(self._com_sum[0], positions, np.bincount(local, ones * self._pixel_x[pixels], minlength=n))
-        np.add.at(self._com_sum[1], positions, np.bincount(local, ones * self._pixel_y[pixels], minlength=n))
-        np.add.at(self.sum_pattern, pixels, ones)
+        self._total[unique] += np.bincount(local, ones, minlength=n)
+        self._com_sum[0, unique] += np.bincount(local, ones * self._pixel_x[pixels], minlength=n)
+        self._com_sum[1, unique] += np.bincount(local, ones * self._pixel_y[pixels], minlength=n)
+        self.sum_pattern += np.bincount(pixels, ones, minlength=self.pixels)
         self.status[positions] = status
         self.version += 1
 
@@ -293,8 +296,11 @@ class ScanImages:
             arrived = np.isin(self.status, (COMPLETE, PARTIAL))
             if name in names:
                 return np.where(arrived, self._values[names.index(name)], np.nan).reshape(self.scan_shape)
-            if name in ("sum", "max"):
-                return (self.sum_pattern if name == "sum" else self.max_pattern).reshape(self.frame_shape).copy()
+            if name == "sum":
+                return self.sum_pattern.reshape(self.frame_shape).copy()
+            if name == "max":  # counting emits a pixel at most once per frame: the maximum is 1 wherever hit
+                pattern = (self.sum_pattern > 0).astype(np.float64) if self.kind == "events" else self.max_pattern
+                return pattern.reshape(self.frame_shape).copy()
             if name == "status":
                 return self.status.reshape(self.scan_shape).copy()
             if name not in ("com_x", "com_y", "dpc_x", "dpc_y", "idpc"):
