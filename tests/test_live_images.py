@@ -223,13 +223,15 @@ def test_stem_images_file_layout(tmp_path):
     with h5py.File(path, "r") as h5:
         stem = h5["stem"]
         assert list(stem["images"].attrs["names"]) == ["bright_field", "annular_dark_field_0"]
-        assert list(stem["images"].attrs["inner_radii"]) == [0, 6] and list(stem["images"].attrs["outer_radii"]) == [5, 14]
+        attrs = stem["images"].attrs
+        assert list(attrs["inner_radii"]) == [0, 6] and list(attrs["outer_radii"]) == [5, 14]
         np.testing.assert_array_equal(stem["images"][0], images.array("bright_field"))
         np.testing.assert_array_equal(stem["com"][1], images.array("com_y"))
         np.testing.assert_array_equal(stem["sum_pattern"][()], stim.calculate_sum_sparse(frames[:28], (32, 32)))
         status = stem["position_status"][()].ravel()
         assert (status[:28] == COMPLETE).all() and list(status[28:]) == [MISSING, MISSING]
-        assert stem["images"].shape == (2, 5, 6) and stem["idpc"].shape == (5, 6) and stem["max_pattern"].shape == (32, 32)
+        assert stem["images"].shape == (2, 5, 6) and stem["idpc"].shape == (5, 6)
+        assert stem["max_pattern"].shape == (32, 32)
 
 
 def test_several_frames_at_one_position_add_up_as_stempy_sums_them():

@@ -100,7 +100,7 @@ def test_a_viewer_that_stops_reading_is_dropped():
     server's send times out: the viewer is dropped while a reading viewer stays."""
     tick = iter(range(10**9))
     store = LiveStore(lambda: [{"tick": next(tick), "padding": "x" * 8000}])
-    server = LiveServer(store, interval=0.01, send_timeout=0.5)
+    server = LiveServer(store, interval=0.01, send_timeout=3.0)
     host, port = server.url.split("//")[1].strip("/").split(":")
     request = f"GET /api/events HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
     try:
@@ -144,7 +144,8 @@ def test_page_in_chromium_fills_in_and_redraws_for_a_new_radius(live):
                     const c = document.querySelector('.panel[data-name="bright_field"] canvas.image');
                     if (!c) return 0;
                     const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-                    let n = 0; for (let i = 0; i < d.length; i += 4) if (!(d[i] === 40 && d[i+1] === 60 && d[i+2] === 90)) n++;
+                    let n = 0;
+                    for (let i = 0; i < d.length; i += 4) if (!(d[i] === 40 && d[i+1] === 60 && d[i+2] === 90)) n++;
                     return n; }""")
 
             feeder.go(6)

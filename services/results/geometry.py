@@ -104,7 +104,7 @@ class DetectorGeometry:
         return (x, y)
 
     def masks(self, frame_shape: tuple[int, int]) -> np.ndarray:
-        """bool (detectors, rows * cols): mask[d, p] is True where linear pixel p = row * cols + col is in detector d."""
+        """bool (detectors, rows * cols): mask[d, p] is True where pixel p = row * cols + col is in detector d."""
         rows, cols = frame_shape
         cx, cy = self.centre_in(frame_shape)
         y, x = np.divmod(np.arange(rows * cols, dtype=np.int64), cols)

@@ -79,9 +79,27 @@ def create_app(store: LiveStore, interval: float = 0.5, send_timeout: float = 10
     def scan_of(request: Request):
         return store.scan(request.path_params["scan"])
 
+    # The encoded arrays of the last scan asked for, per name, with the version they were read at: all
+    # viewers of a scan share one encoding (and one iDPC integration) per change; memory: one scan's arrays.
+    encoded: dict[tuple[str, str], tuple[int, bytes]] = {}
+    encoded_lock = threading.Lock()
+
+    def npy_of(scan_id: str, name: str) -> bytes:
+        scan = store.scan(scan_id)
+        version = scan.version
+        with encoded_lock:
+            cached = encoded.get((scan_id, name))
+        if cached is None or cached[0] != version:
+            cached = (version, _npy(scan.array(name)))
+            with encoded_lock:
+                for key in [key for key in encoded if key[0] != scan_id]:
+                    del encoded[key]
+                encoded[(scan_id, name)] = cached
+        return cached[1]
+
     async def array(request: Request):
         try:
-            data = await run_in_threadpool(lambda: _npy(scan_of(request).array(request.path_params["name"])))
+            data = await run_in_threadpool(npy_of, request.path_params["scan"], request.path_params["name"])
         except KeyError as e:
             return _error(404, e.args[0])
         return Response(data, media_type="application/octet-stream", headers={"Cache-Control": "no-store"})
