@@ -14,11 +14,11 @@ import pytest
 import stempy.io
 import zmq
 
+from detstream.services.dataplane.accounting import COMPLETE, MISSING, PARTIAL
 from detstream.services.dataplane.wire import END_OF_SCAN, SECTOR, Header, Outbox
 from detstream.services.model.session import Detector
 from detstream.services.model.session import Simulator as SimulatorSettings
 from detstream.services.plugins.counting import Counter, Thresholds
-from detstream.services.sinks.electron_events import COMPLETE, MISSING, PARTIAL
 from detstream.services.sources.simulator import Simulator
 
 from helpers import DETSTREAM, manifest, wait_for

@@ -9,8 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from detstream.services.results.geometry import DetectorGeometry, GeometryError, find_centre
-from detstream.services.results.images import (COMPLETE, MISSING, PARTIAL, PENDING, RecomputeUnavailable,
-                                               ScanImages, phase_from_com)
+from detstream.services.results.images import (
+    COMPLETE,
+    MISSING,
+    PARTIAL,
+    PENDING,
+    RecomputeUnavailable,
+    ScanImages,
+    phase_from_com,
+)
 from detstream.services.results.stem_file import write_stem_images
 
 STEMPY_MASK_VALUE = 0xFFFF  # stempy sums its mask value per electron on counted data (image.h)

@@ -9,13 +9,12 @@ import time
 
 import numpy as np
 import pytest
+from test_live_images import simulated_events
 
 from detstream.services.results.client import LiveClient, LiveViewError
 from detstream.services.results.geometry import DetectorGeometry
 from detstream.services.results.store import LiveStore
 from detstream.services.results.web import LiveServer
-
-from test_live_images import simulated_events
 
 SCAN, SIZE, CENTRE = (24, 24), 64, (30, 33)
 
@@ -46,7 +45,7 @@ class Feeder(threading.Thread):
     def run(self):
         for row in range(SCAN[0]):
             with self.changed:
-                self.changed.wait_for(lambda: self.rows_allowed > row)
+                self.changed.wait_for(lambda row=row: self.rows_allowed > row)
             positions = np.arange(row * SCAN[1], (row + 1) * SCAN[1])
             self.images.add_events(positions, [len(self.frames[p]) for p in positions],
                                    np.concatenate([self.frames[p] for p in positions]))

@@ -20,6 +20,9 @@ def frames_so_far(writer_status) -> tuple[int, int]:
     return (total.written + sum(s.written for s in open_scans), total.lost + sum(s.lost for s in open_scans))
 
 
+# What a scan's file says of each scan position (accounting/position_status, and the live view's masks)
+COMPLETE, PARTIAL, MISSING = 0, 1, 2  # every sector arrived / some sectors zero-filled / no frame (lost)
+
 COUNTS = ("expected", "written", "partial", "lost", "duplicates", "unaccounted")
 
 

@@ -10,8 +10,9 @@ stempy's, (round(cols / 2), round(rows / 2)).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -67,7 +68,7 @@ class DetectorGeometry:
                                                 _number(self.centre[1], "centre.y", -math.inf)))
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DetectorGeometry":
+    def from_dict(cls, d: Mapping[str, Any]) -> DetectorGeometry:
         """From {"bright_field": r, "annuli": [[inner, outer], ...], "centre": [x, y] or null} (JSON/YAML);
         unknown keys are refused by name."""
         if not isinstance(d, Mapping):
@@ -111,7 +112,7 @@ class DetectorGeometry:
         d2 = (x - cx) ** 2 + (y - cy) ** 2
         return np.stack([(d2 >= inner ** 2) & (d2 < outer ** 2) for inner, outer in self.radii])
 
-    def with_centre(self, centre: tuple[float, float] | None) -> "DetectorGeometry":
+    def with_centre(self, centre: tuple[float, float] | None) -> DetectorGeometry:
         return DetectorGeometry(self.bright_field, self.annuli, centre)
 
 

@@ -31,8 +31,8 @@ import threading
 
 import numpy as np
 
+from detstream.services.dataplane.accounting import COMPLETE, MISSING, PARTIAL
 from detstream.services.results.geometry import DetectorGeometry, find_centre
-from detstream.services.sinks.electron_events import COMPLETE, MISSING, PARTIAL
 
 __all__ = ["ScanImages", "RecomputeUnavailable", "phase_from_com", "PENDING", "COMPLETE", "PARTIAL",
            "MISSING", "DEFAULT_KEEP_BYTES"]
@@ -112,7 +112,8 @@ class ScanImages:
         self.max_pattern = np.zeros(self.pixels)
         self._pixel_x, self._pixel_y = (np.arange(self.pixels) % self.frame_shape[1],
                                         np.arange(self.pixels) // self.frame_shape[1])
-        self._kept_pixels, self._kept_values = _Growable(np.uint32), None  # values only for raw frames
+        self._kept_pixels = _Growable(np.uint32)
+        self._kept_values: _Growable | None = None  # values only for raw frames
         self._record_position, self._record_length = _Growable(np.uint32), _Growable(np.uint32)
         self.recomputable = True
         self.kind: str | None = None  # "events" or "frames", fixed by the first add
@@ -158,7 +159,7 @@ class ScanImages:
                 f"this scan's events exceeded keep_bytes ({self.keep_bytes / 2**20:.0f} MiB) and were not kept, so "
                 "its images cannot be recomputed for a new geometry; raise keep_bytes (live results) for the next scan")
 
-    def _kept_arrays(self):
+    def _kept_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         values = None if self._kept_values is None else self._kept_values.data
         return (self._record_position.data, self._record_length.data, self._kept_pixels.data, values)
 
@@ -266,13 +267,13 @@ class ScanImages:
         per_pixel = 4 if values is None else 8
         if self.kept_bytes + pixels.size * per_pixel + positions.size * 8 > self.keep_bytes:
             self.recomputable = False
-            self._kept_pixels = self._record_position = self._record_length = _Growable(np.uint32)
+            self._kept_pixels, self._record_position, self._record_length = (_Growable(np.uint32) for _ in range(3))
             self._kept_values = None
             return
         self._record_position.extend(positions)
         self._record_length.extend(lengths)
         self._kept_pixels.extend(pixels)
-        if values is not None:
+        if values is not None and self._kept_values is not None:
             self._kept_values.extend(values)
 
     @property

@@ -9,7 +9,8 @@ changes what the images show and nothing of the session.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from detstream.services.results.geometry import DetectorGeometry
 from detstream.services.results.images import DEFAULT_KEEP_BYTES, ScanImages
@@ -52,7 +53,8 @@ class LiveStore:
             try:
                 return self._scans[str(scan)]
             except KeyError:
-                raise KeyError(f"scan {scan}: not in this session; known: {', '.join(self._scans) or 'none yet'}")
+                raise KeyError(f"scan {scan}: not in this session; known: {', '.join(self._scans) or 'none yet'}") \
+                    from None
 
     def summary(self) -> list[dict]:
         """Per scan: id, scan_shape, frame_shape, geometry, centre, array names, progress and accounting."""

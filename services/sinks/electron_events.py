@@ -26,11 +26,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from detstream.services.dataplane.accounting import COMPLETE, MISSING, PARTIAL
 from detstream.services.sinks import ResultSink
 
 __all__ = ["ElectronEventsFile", "COMPLETE", "PARTIAL", "MISSING"]
 
-COMPLETE, PARTIAL, MISSING = 0, 1, 2  # accounting/position_status
 
 _EMPTY = np.empty(0, np.uint32)
 
