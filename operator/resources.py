@@ -13,7 +13,7 @@ import hashlib
 import json
 
 from detstream.operator import keys
-from detstream.services.model.plan import CLUSTER_PORTS, DATA_PORTS, ClusterNetwork, Plan, build_plan
+from detstream.services.model.plan import CLUSTER_PORTS, ClusterNetwork, Plan, build_plan, port_names
 from detstream.services.model.schema import to_manifest
 from detstream.services.model.session import Session
 from detstream.services.plugins import plugin_class
@@ -63,7 +63,7 @@ def plan_configmap(session: Session, plan: Plan) -> dict:
 
 def container(session: Session, role: str, image: str, plan: Plan) -> dict:
     k8s = session.spec.kubernetes
-    ports = ("control", "metrics", *DATA_PORTS.get(role, ()))
+    ports = port_names(session, role)
     args = ["stage", role, "--plan", f"{PLAN_DIR}/plan.json"]
     mounts = [{"name": "plan", "mountPath": PLAN_DIR, "readOnly": True}, {"name": "tmp", "mountPath": "/tmp"}]
     if role == "writer":

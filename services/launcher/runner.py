@@ -343,6 +343,9 @@ def run_session(manifest: Path, output: Path, report: Path | None, quiet: bool =
             progress.say(f"session {session.name}: {len(local.stages)} stages starting "
                          f"(logs in {local.run_dir / 'logs'})")
             local.wait_healthy()
+            url = local.plan.live_url()
+            if url:  # also with --quiet (no progress display): the one line a user needs while it runs
+                print(f"detstream: live view of session {session.name} at {url}", file=sys.stderr, flush=True)
             local.start()
             if session.spec.source.kind == "external":
                 ingest = [local.plan.endpoint("aggregator", lane, "ingest") for lane in range(session.spec.lanes)]

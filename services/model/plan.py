@@ -26,8 +26,15 @@ from detstream.services.model.session import Session, SessionSpec
 ROLES = ("source", "aggregator", "distributor", "worker", "writer")
 START_ORDER = tuple(reversed(ROLES))  # consumers before producers
 DATA_PORTS = {"aggregator": ("ingest",), "distributor": ("frames", "work"), "writer": ("results",)}
+LIVE_PORT = "live"  # the writer's HTTP port of the live view (spec.liveView), when enabled
 CLUSTER_PORTS = {"control": 7100, "metrics": 9100, "ingest": 7200, "frames": 7201, "work": 7202,
-                 "results": 7203}
+                 "results": 7203, LIVE_PORT: 8080}
+
+
+def port_names(session: Session, role: str) -> tuple[str, ...]:
+    """The ports a stage of `role` listens on: control, metrics, its data ports, and the writer's live view."""
+    live = (LIVE_PORT,) if role == "writer" and session.spec.live_view.enabled else ()
+    return ("control", "metrics", *DATA_PORTS.get(role, ()), *live)
 
 
 def lane_routing_id(lane: int) -> bytes:
@@ -95,6 +102,11 @@ class Plan:
     def endpoint(self, role: str, index: int, port: str) -> str:
         return "tcp://" + self.stage(role, index).address(port)
 
+    def live_url(self) -> str | None:
+        """The live view's address (http://HOST:PORT/), None when spec.liveView is off."""
+        writer = self.stage("writer", 0)
+        return f"http://{writer.address(LIVE_PORT)}/" if LIVE_PORT in writer.ports else None
+
     def session_spec(self) -> SessionSpec:
         return parse(SessionSpec, self.spec, "spec")
 
@@ -127,7 +139,6 @@ def build_plan(session: Session, network: Network) -> Plan:
     stages = []
     for role, count in replicas(session).items():
         for index in range(count):
-            names = ("control", "metrics", *DATA_PORTS.get(role, ()))
-            ports = {name: network.port(role, index, name) for name in names}
+            ports = {name: network.port(role, index, name) for name in port_names(session, role)}
             stages.append(StagePlan(f"{role}-{index}", role, index, network.host(session, role, index), ports))
     return Plan(session.name, session.namespace, to_manifest(session.spec), tuple(stages))

@@ -150,6 +150,22 @@ class Transport:
 
 
 @dataclass(frozen=True)
+class LiveView:
+    """Live results: virtual images, centre of mass, iDPC and diffraction patterns made by the writer as
+    results arrive, served on a read-only web page and written into each scan's file."""
+    enabled: bool = spec_field(True, doc="Serve the live view (the writer's `live` port; `detstream run` prints "
+                                         "its URL) and write each scan's STEM images into its file (`stem/`).")
+    geometry: dict = spec_field(default_factory=dict, free_form=True,
+                                doc="Virtual detectors, in pixels: {bright_field: r, annuli: [[inner, outer], ...], "
+                                    "centre: [x, y]} (empty: a bright field of 1/8 of the frame, an annulus from "
+                                    "1/8 to 1/4, at the frame centre); the page changes it for the view.")
+    keep_mib: int = spec_field(256, doc="MiB of events per scan kept so that a new geometry recomputes the "
+                                        "whole scan (1024x1024 positions at 40 events each need 168); past it "
+                                        "the images go on, recomputing is refused. Open scans and the last "
+                                        "closed one keep theirs.", minimum=0, maximum=1 << 20)
+
+
+@dataclass(frozen=True)
 class Security:
     """Encryption and authentication between stages; keys and certificates are made per session."""
     data_plane: str = spec_field("plain", doc="plain, or curve: ZeroMQ CURVE encryption and authentication "
@@ -220,6 +236,7 @@ class SessionSpec:
     output: Output = spec_field(default_factory=Output, doc="Where results go.")
     transport: Transport = spec_field(default_factory=Transport, doc="Data-plane limits and timeouts.")
     security: Security = spec_field(default_factory=Security, doc="Encryption and authentication between stages.")
+    live_view: LiveView = spec_field(default_factory=LiveView, doc="Live results and their web page.")
     kubernetes: Kubernetes = spec_field(default_factory=Kubernetes, doc="Kubernetes-only settings.")
 
 
@@ -240,6 +257,17 @@ def check_spec(spec: SessionSpec, errors: list[FieldError]) -> None:
         errors.append(FieldError("spec.source.replicas", f"must be <= detector.sectors "
                                  f"({spec.detector.sectors}): each source sends whole sectors"))
     errors.extend(_sources().source_class(spec.source.kind).check(spec))  # the kind's own settings
+    errors.extend(check_live_geometry(spec))
+
+
+def check_live_geometry(spec: SessionSpec) -> list[FieldError]:
+    """spec.liveView.geometry is a detector geometry that fits the frames."""
+    from detstream.services.results.geometry import GeometryError, live_geometry
+    try:
+        live_geometry(spec.live_view.geometry, (spec.detector.rows, spec.detector.cols))
+    except GeometryError as exc:
+        return [FieldError("spec.liveView.geometry", str(exc))]
+    return []
 
 
 # The longest object name made from a session's name is its StatefulSet `NAME-distributor`, whose pods carry the

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DetectorGeometry", "GeometryError", "find_centre"]
+__all__ = ["DetectorGeometry", "GeometryError", "find_centre", "live_geometry"]
 
 
 class GeometryError(ValueError):
@@ -114,6 +114,18 @@ class DetectorGeometry:
 
     def with_centre(self, centre: tuple[float, float] | None) -> DetectorGeometry:
         return DetectorGeometry(self.bright_field, self.annuli, centre)
+
+
+def live_geometry(d: Mapping[str, Any], frame_shape: tuple[int, int]) -> DetectorGeometry:
+    """A session's geometry (spec.liveView.geometry, `DetectorGeometry.from_dict`'s mapping) for frames of
+    `frame_shape` (rows, cols); an empty mapping gives a bright field of radius min(rows, cols) / 8 and one
+    annulus from there to min / 4, at stempy's default centre. GeometryError names the field."""
+    if not d:
+        size = min(frame_shape)
+        return DetectorGeometry(max(1, round(size / 8)), ((max(1, round(size / 8)), max(2, round(size / 4))),))
+    geometry = DetectorGeometry.from_dict(d)
+    geometry.centre_in(frame_shape)  # a centre outside the frame is refused now, not at the first result
+    return geometry
 
 
 def find_centre(pattern: np.ndarray, fraction: float = 0.5) -> tuple[float, float] | None:

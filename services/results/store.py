@@ -15,7 +15,9 @@ from typing import Any
 from detstream.services.results.geometry import DetectorGeometry
 from detstream.services.results.images import DEFAULT_KEEP_BYTES, ScanImages
 
-__all__ = ["LiveStore"]
+__all__ = ["LiveStore", "MAX_SCANS"]
+
+MAX_SCANS = 8  # scans a long session's store holds (each ~5 MB of 576x576 patterns and its images)
 
 
 class LiveStore:
@@ -25,10 +27,12 @@ class LiveStore:
     called by the web app's threads, so it must be thread-safe and quick.
     """
 
-    def __init__(self, stage_table: Callable[[], list[dict]] = list):
+    def __init__(self, stage_table: Callable[[], list[dict]] = list, max_scans: int = MAX_SCANS):
         self._stage_table = stage_table
         self._scans: dict[str, ScanImages] = {}
         self._accounting: dict[str, dict] = {}
+        self._closed: list[str] = []  # in the order closed
+        self.max_scans = max_scans
         self._lock = threading.Lock()
 
     def open_scan(self, scan: str | int, scan_shape: tuple[int, int], frame_shape: tuple[int, int],
@@ -41,6 +45,20 @@ class LiveStore:
                 raise ValueError(f"scan {key}: already open in the live store")
             self._scans[key] = images
         return images
+
+    def close_scan(self, scan: str | int) -> None:
+        """Scan `scan` takes no more data. What a long session holds stays bounded: the scans closed before it
+        free their kept events (the open scans and the latest closed one still recompute for a new geometry),
+        and the oldest closed scans leave the store past `max_scans`."""
+        key = str(scan)
+        with self._lock:
+            for older in self._closed:
+                self._scans[older].forget_events()
+            self._closed.append(key)
+            while len(self._scans) > self.max_scans and len(self._closed) > 1:
+                gone = self._closed.pop(0)
+                del self._scans[gone]
+                self._accounting.pop(gone, None)
 
     def set_accounting(self, scan: str | int, accounting: dict[str, Any]) -> None:
         """Attach the scan's accounting (JSON-able: e.g. expected, written, partial, lost), shown as given."""

@@ -8,8 +8,8 @@ it takes (a plugin's `result`, e.g. "events"; see services/sinks/README.md, "Add
 
 The writer opens one sink per scan (`open`, at the scan's first result), gives it every result once
 (`write_result`), then at the scan's close its metadata (`add_metadata`), what arrived where
-(`record_arrivals`) and `close`; or `abort` when the scan cannot be finished. A result kind with no
-sink ("frames", from the noop plugin) is counted and not kept.
+(`record_arrivals`), its live images (`add_images`, with spec.liveView on) and `close`; or `abort` when the
+scan cannot be finished. A result kind with no sink ("frames", from the noop plugin) is counted and not kept.
 
 What every sink guarantees: it never writes over an existing file (the constructor refuses), and a file
 at its path is complete (it writes elsewhere until `close`; `abort` leaves nothing behind).
@@ -28,6 +28,7 @@ from detstream.services.sinks.output import never_overwrite
 
 if TYPE_CHECKING:
     from detstream.services.model.session import SessionSpec
+    from detstream.services.results.images import ScanImages
 
 ENTRY_POINT_GROUP = "detstream.sinks"
 
@@ -73,6 +74,10 @@ class ResultSink:
         """What arrived per scan position, linear order: `written` (bool), `sectors_arrived` (uint64 bit masks
         of the `sectors` of a frame), and the scan's `totals` (name -> int: expected, written, lost ...)."""
         raise NotImplementedError
+
+    def add_images(self, images: ScanImages) -> None:
+        """The scan's live images (virtual images, centre of mass, patterns, position status), before close: a
+        sink writes them where the field's tools read them; one that has no place for them keeps none."""
 
     def close(self) -> Path:
         """Finish the file and put it at `path`; returns `path`."""

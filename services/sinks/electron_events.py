@@ -6,6 +6,8 @@ Layout, as stempy's SparseArray.write_to_hdf5 (format version 3, one frame per s
                                   attrs Nx = frame rows, Ny = frame cols (stempy reads frame_shape = (Nx, Ny))
   electron_events/scan_positions  arange(positions); attrs Nx = scan cols, Ny = scan rows (read back reversed)
   metadata/                       the metadata dict: nested dicts become groups, other values attributes
+  stem/                           the scan's live images (`add_images`): stempy's save_stem_images layout and
+                                  detstream's COM, iDPC, patterns and position_status beside it (results/stem_file.py)
 and, written by `record_arrivals` (detstream's own; stempy ignores it), what arrived at each scan position:
   accounting/position_status      uint8 (scan rows, scan cols): COMPLETE, PARTIAL (some sectors zero-filled) or
                                   MISSING (no frame written: lost); mask with `position_status == COMPLETE`
@@ -27,6 +29,8 @@ import h5py
 import numpy as np
 
 from detstream.services.dataplane.accounting import COMPLETE, MISSING, PARTIAL
+from detstream.services.results.images import ScanImages
+from detstream.services.results.stem_file import write_stem_images
 from detstream.services.sinks import ResultSink
 
 __all__ = ["ElectronEventsFile", "COMPLETE", "PARTIAL", "MISSING"]
@@ -126,6 +130,10 @@ class ElectronEventsFile(ResultSink):
         arrived = np.where(written, sectors_arrived, 0).astype(np.uint64)
         group.create_dataset("sectors_arrived", data=arrived.reshape(shape))
         group.attrs.update({"sectors": sectors, **totals})
+
+    def add_images(self, images: ScanImages) -> None:
+        """The scan's live images under `stem/`, as stempy's save_stem_images lays them out (see stem_file)."""
+        write_stem_images(self._file, images)
 
     def close(self) -> Path:
         """Write what is left, close, and rename the temporary file to `path`; returns `path`."""

@@ -23,6 +23,10 @@ first result of a scan (a scan of which nothing arrived leaves no file), written
 and renamed when complete; a write error (full disk) fails the stage with the reason and leaves
 no file behind.
 
+With spec.liveView on (the default) the writer also makes the live results (services/results/feed.py): each
+turn's new results go into the session's live store, served on the writer's `live` port, and each scan's
+STEM images go into its file at close (`stem/`, stempy's layout). Duplicates and refused results are not shown.
+
 Workers send what their plugin derived from the session's sample frames (CALIBRATION: e.g. the fitted
 electron-counting thresholds); each scan's file records it under `metadata/` when it closes. All workers
 calibrate on the same samples, so they agree; if they ever did not, the writer says so in its log.
@@ -31,6 +35,7 @@ calibrate on the same samples, so they agree; if they ever did not, the writer s
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -51,12 +56,14 @@ from detstream.services.dataplane.wire import (
     frame_key,
     unpack_frames,
 )
-from detstream.services.model.plan import lane_routing_id
+from detstream.services.model.plan import LIVE_PORT, lane_routing_id
 from detstream.services.plugins import plugin_class
+from detstream.services.results.feed import LiveResults
 from detstream.services.runtime.faults import failpoint
 from detstream.services.runtime.stage import HOUSEKEEPING_S, Stage, StageError
 from detstream.services.sinks import sink_class
 from detstream.services.sinks.output import accounting_file, folder_problem, never_overwrite, scan_file
+from detstream.v1.control_pb2 import StageState
 
 DRAIN_QUIET_S = 1.0  # a draining writer finishes after this long without input and no open scan
 # A scan without input for this many (end-of-scan + worker) timeouts, and STALE_MARGIN_S more, is closed as
@@ -101,14 +108,36 @@ class WriterStage(Stage):
         self.streaming = False  # any input yet (a session may wait for its detector as long as it takes)
         self.calibration: dict = {}  # the latest a worker sent (recorded in every scan's file)
         self.calibrations: dict[str, str] = {}  # worker -> its latest, as JSON (to notice disagreement)
+        self.live = self.serve_live() if self.spec.live_view.enabled else None
         self.reactor.on_message(results, lambda _peer, msg: self.handle(msg), envelope=True, batch=TURN)
         self.reactor.every(0, self.after_turn)
         self.reactor.every(HOUSEKEEPING_S, self.housekeeping)
 
+    def serve_live(self) -> LiveResults:
+        """The live view on the `live` port: on Kubernetes on every interface of the pod, since `kubectl
+        port-forward` reaches a pod's port on its localhost."""
+        host = "0.0.0.0" if os.environ.get("POD_IP") else self.bind_host
+        try:
+            live = LiveResults(self.spec, self.kind, host, self.me.ports[LIVE_PORT], self.stage_rows)
+        except OSError as exc:
+            raise StageError(f"live view: cannot listen on {host}:{self.me.ports[LIVE_PORT]}: {exc}") from None
+        self.log.info("live view at %s", live.url)
+        return live
+
+    def stage_rows(self) -> list[dict]:
+        """The live page's stage table: this writer's own counts (read from the web app's threads; the lost frames
+        are in each scan's accounting, shown with the scan)."""
+        c = self.counters
+        return [{"stage": self.name, "state": StageState.Name(self.state).lower(), "results in": c.frames_in,
+                 **{outcome: c.outcomes[outcome] for outcome in ("written", "partial", "duplicate")},
+                 "rejected": sum(c.rejected.values())}]
+
     def after_turn(self, now: float) -> None:
-        """Acknowledge the turn's results; a scan closes as soon as its last lane ends it (the lane's
-        results are here before its end)."""
+        """Acknowledge the turn's results, show them live; a scan closes as soon as its last lane ends it (the
+        lane's results are here before its end)."""
         self.send_receipts()
+        if self.live is not None:
+            self.live.flush()
         if self.lane_ended:
             self.housekeeping(now)
 
@@ -158,8 +187,12 @@ class WriterStage(Stage):
         self.counters.outcomes["written"] += 1
         if h.flags & PARTIAL:
             self.counters.outcomes["partial"] += 1
+        parts = [part.buffer for part in msg.parts]
         if self.sink is not None:
-            self.write(scan, h.position, [part.buffer for part in msg.parts])
+            self.write(scan, h.position, parts)
+        if self.live is not None and not self.live.add(scan.number, (scan.rows, scan.cols), h.position, parts,
+                                                       bool(h.flags & PARTIAL)):
+            self.refuse("size", msg, "a frames result that is not the detector's sectors: written, not shown live")
 
     def valid_result(self, msg: Message) -> bool:
         """A RESULT this writer can take: the session's result kind, a position in the scan, and parts its
@@ -256,11 +289,15 @@ class WriterStage(Stage):
         account = scan_account(scan, complete=True)
         record = scan_record(account)
         unaccounted = record["unaccounted"]
+        images = None if self.live is None else self.live.close_scan(scan.number, np.flatnonzero(~scan.done),
+                                                                     {k: record[k] for k in COUNTS})
         if scan.file is not None:
             try:
                 scan.file.add_metadata(self.calibration)
                 scan.file.record_arrivals(scan.done, scan.sectors, self.spec.detector.sectors,
                                           {k: record[k] for k in COUNTS})
+                if images is not None:
+                    scan.file.add_images(images)
                 scan.file.close()
             except OSError as exc:
                 scan.file.abort()  # no file that looks complete is left behind
@@ -294,6 +331,8 @@ class WriterStage(Stage):
         try:
             return super().run()
         finally:
+            if getattr(self, "live", None) is not None:
+                self.live.stop()
             for scan in getattr(self, "scans", {}).values():
                 if scan.file is not None:
                     scan.file.abort()  # an unfinished scan never leaves a file that looks complete
