@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import stempy.image
 import stempy.io
-from live import Live
 
 from detstream.services.results.client import LiveClient
 from detstream.services.results.images import COMPLETE
 
 from helpers import manifest, wait_for
+from live import Live
 
 COUNTING = {"name": "electron-counting",
             "params": {"dark": "simulated", "backgroundThreshold": 32, "xrayThreshold": 50}}
