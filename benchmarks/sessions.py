@@ -25,8 +25,10 @@ COUNTING = {"name": "electron-counting",
 
 
 def manifest(name: str, **spec) -> dict:
+    """A session of the benchmarks: noop on a 64x64 scan, live view off (the data plane alone; benchmarks/live.py
+    measures the live view's cost); each key of `spec` replaces its section."""
     merged = {"scan": {"rows": 64, "cols": 64}, "workers": {"replicas": 2}, "plugin": {"name": "noop"},
-              **copy.deepcopy(spec)}
+              "liveView": {"enabled": False}, **copy.deepcopy(spec)}
     return {"apiVersion": "detstream.io/v1alpha1", "kind": "StreamingSession", "metadata": {"name": name},
             "spec": merged}
 

@@ -208,8 +208,9 @@ class ScanImages:
 
     def add_frames(self, positions, frames, status=COMPLETE) -> None:
         """Raw frames: positions (n,), frames (n, rows, cols) of any real dtype (pixel values, e.g. photon counts);
-        status COMPLETE or PARTIAL (scalar or (n,)). Kept for recomputation as their non-zero pixels while they
-        fit in keep_bytes (a raw 576x576 frame with a pedestal keeps 2.6 MB: ~100 frames in the default bound).
+        status COMPLETE or PARTIAL (scalar or (n,)). Kept for recomputation as their non-zero pixels when the whole
+        scan would fit in keep_bytes at the density seen so far (a raw 576x576 frame with a pedestal is 2.6 MB:
+        ~100 frames in the default bound; sparse photon-counting frames fit many more).
         One float64 matrix product per call gives every detector sum, the totals and the COM sums (exact for
         integer pixel values: sums below 2**53); ~1 ms per 576x576 frame on one core."""
         positions, status = self._check_positions(positions, status)
@@ -230,8 +231,11 @@ class ScanImages:
             np.maximum(self.max_pattern, flat.max(axis=0), out=self.max_pattern)
             self.status[positions] = status
             self.version += 1
-            kept = self.kept_bytes + 8 * np.count_nonzero(flat) + 8 * positions.size
-            if self.recomputable and kept > self.keep_bytes:
+            # a scan whose frames, at this batch's density, would not all fit keeps nothing from the start (raw
+            # frames with a pedestal: 2.6 MB per 576x576 frame): keeping them would cost for nothing
+            density = 8 * (np.count_nonzero(flat) / positions.size + 1)
+            if self.recomputable and max(self.kept_bytes + density * positions.size,
+                                         density * self.positions) > self.keep_bytes:
                 self.forget_events()
             if self.recomputable:
                 if self._kept_values is None:
@@ -270,7 +274,7 @@ class ScanImages:
         self._total[unique] += np.bincount(local, ones, minlength=n)
         self._com_sum[0, unique] += np.bincount(local, ones * self._pixel_x[pixels], minlength=n)
         self._com_sum[1, unique] += np.bincount(local, ones * self._pixel_y[pixels], minlength=n)
-        self.sum_pattern += np.bincount(pixels, ones, minlength=self.pixels)
+        np.add.at(self.sum_pattern, pixels, ones)  # not a bincount over every pixel: per batch of a few frames
         self.status[positions] = status
         self.version += 1
 

@@ -1,0 +1,102 @@
+"""What live results cost the data plane, and how far the live view is behind the detector.
+
+    python -m benchmarks.live [--frames 1024] [--repeats 2] [--rate 200]
+
+Measured, alternated in rounds (the machine is shared: only ratios within a run mean something):
+  throughput  the same session with spec.liveView on and off: a 4D-STEM counting session (electron-counting
+              on simulated 576x576 frames: the writer adds each turn's events to the live images) and a noop
+              session (raw frames: the writer reduces every whole frame), timed from the sources' Start to
+              the writer's end; ratio on / off (target >= 0.95)
+  delay       a counting session at a detector's pace (--rate frames/s), its source's sent count and the live
+              view's arrived positions (GET /api/scans, what the page reads) sampled together every 20 ms:
+              for each frame number n, the time from the source having sent n frames to the view showing n
+              positions (median and 95th percentile; the sampling adds up to 20 ms)
+Results: benchmarks/results/live.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.report import Report
+from benchmarks.sessions import COUNTING, SessionRun, manifest
+from detstream.services.results.client import LiveClient
+
+SAMPLE_S = 0.02
+
+
+def session_doc(frames: int, plugin: dict, live: bool, rate: float = 0.0) -> dict:
+    cols = 32
+    return manifest("live", scan={"rows": max(1, frames // cols), "cols": cols}, plugin=plugin,
+                    source={"rate": rate}, liveView={"enabled": live})
+
+
+def throughput(doc: dict) -> float:
+    frames = doc["spec"]["scan"]["rows"] * doc["spec"]["scan"]["cols"]
+    with tempfile.TemporaryDirectory(prefix="detstream-bench-") as tmp, SessionRun(doc, Path(tmp)) as run:
+        result = run.stream()
+    if result["writer"].frames_in != frames:
+        raise RuntimeError(f"wrote {result['writer'].frames_in} of {frames} frames")
+    return frames / result["seconds"]
+
+
+def delay(frames: int, rate: float) -> dict:
+    """Seconds from the source having sent n frames to the live view showing n positions, over n."""
+    doc = session_doc(frames, COUNTING, True, rate)
+    sectors = doc["spec"].get("detector", {}).get("sectors", 4)
+    samples: list[tuple[float, int, int]] = []
+    with tempfile.TemporaryDirectory(prefix="detstream-bench-") as tmp, SessionRun(doc, Path(tmp)) as run:
+        client = LiveClient(run.local.plan.live_url(), timeout=5)
+
+        def sample(_elapsed):
+            sent = run.status("source-0").frames_out // sectors
+            scans = client.scans()
+            shown = sum(s["progress"]["complete"] + s["progress"]["partial"] for s in scans)
+            samples.append((time.monotonic(), sent, shown))
+        run.stream(every=SAMPLE_S, sample=sample)
+    t, sent, shown = (np.array(column) for column in zip(*samples))
+    levels = np.arange(1, min(sent.max(), shown.max()) + 1)
+    first_sent = t[np.searchsorted(sent, levels)]   # counts only grow: first sample at or above each level
+    first_shown = t[np.searchsorted(shown, levels)]
+    lag = first_shown - first_sent
+    return {"median_s": float(np.median(lag)), "p95_s": float(np.percentile(lag, 95)), "max_s": float(lag.max()),
+            "frames": int(levels.size), "samples": len(samples)}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.live", description=__doc__.split("\n")[0])
+    parser.add_argument("--frames", type=int, default=1024, help="frames per session (a multiple of 32)")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of (on, off) per plugin")
+    parser.add_argument("--rate", type=float, default=200.0, help="frames/s of the paced session (delay)")
+    args = parser.parse_args(argv)
+    frames = max(32, args.frames - args.frames % 32)
+    report = Report("live", frames=frames, repeats=args.repeats, rate=args.rate)
+    rounds: dict[str, list[dict]] = {"counting": [], "noop": []}
+    for _ in range(args.repeats):
+        for name, plugin in (("counting", COUNTING), ("noop", {"name": "noop"})):
+            r = {state: throughput(session_doc(frames, plugin, state == "on")) for state in ("on", "off")}
+            r["ratio"] = r["on"] / r["off"]
+            rounds[name].append(r)
+            print(f"live:   {name}: on {r['on']:,.0f} frames/s, off {r['off']:,.0f} frames/s, ratio "
+                  f"{r['ratio']:.2f}", flush=True)
+    for name, what in (("counting", "electron counting (events)"), ("noop", "noop (raw frames)")):
+        on, off = (max(r[state] for r in rounds[name]) for state in ("on", "off"))
+        median = statistics.median(r["ratio"] for r in rounds[name])
+        report.figure(name, f"{what}: live on {on:,.0f} / off {off:,.0f} frames/s = {on / off:.2f} (best of each; "
+                      f"median of rounds {median:.2f}; target >= 0.95)", on_fps=on, off_fps=off, ratio=on / off,
+                      median_round_ratio=median, rounds=rounds[name])
+    d = delay(frames, args.rate)
+    report.figure("delay", f"live view behind the source at {args.rate:g} frames/s: median {d['median_s']:.3f} s, "
+                  f"95th percentile {d['p95_s']:.3f} s, max {d['max_s']:.3f} s over {d['frames']} frames "
+                  f"(sampled every {SAMPLE_S * 1e3:.0f} ms; target <= 1 s)", **d)
+    return report.save()
+
+
+if __name__ == "__main__":
+    main()
