@@ -15,7 +15,7 @@ from kubernetes.dynamic.exceptions import NotFoundError
 
 FIELD_MANAGER = "detstream-operator"
 PRUNED_KINDS = (("v1", "ConfigMap"), ("v1", "Service"), ("apps/v1", "StatefulSet"), ("apps/v1", "Deployment"),
-                ("networking.k8s.io/v1", "NetworkPolicy"))
+                ("networking.k8s.io/v1", "NetworkPolicy"), ("networking.k8s.io/v1", "Ingress"))
 
 
 def owner_reference(body: Mapping[str, Any]) -> dict:

@@ -52,6 +52,10 @@ def _status_schema() -> dict:
                 "throughputGbps": {"type": "number"},
                 "ingest": {"type": "array", "items": {"type": "string"},
                            "description": "Addresses external sources connect to, one per lane."},
+                "liveView": {"type": "object", "description": "The live view (spec.liveView): the writer's Service "
+                             "and port, its in-cluster url, the kubectl port-forward command, the Ingress url if any.",
+                             "properties": {k: {"type": "string"} for k in ("service", "url", "portForward", "ingress")}
+                             | {"port": {"type": "integer"}}},
                 "message": {"type": "string", "description": "The last failure, if any."},
             }}
 

@@ -257,6 +257,9 @@ def observe(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.P
             tell(body, logger, "StagesStarted", "started stages that came up mid-session: " + ", ".join(
                 f"{name} (restarted {restarted[name]}x)" if name in restarted else name for name in started))
     new = status_patch(observed, dict(status), meta.get("generation"), resources.worker_selector(session))
+    live = resources.live_view(session)
+    if live is not None:
+        new["liveView"] = live
     if session.spec.source.kind == "external":
         new["ingest"] = ingest_addresses(cluster().services(session.namespace, session.name, "aggregator"),
                                          CLUSTER_PORTS["ingest"])

@@ -32,6 +32,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
                           "exactly one acts: kopf pauses all peers of equal priority)")
     cmd.add_argument("--image", default=os.environ.get("DETSTREAM_IMAGE"),
                      help="image of the stage pods (default: $DETSTREAM_IMAGE)")
+    cmd.add_argument("--live-ingress-host", metavar="HOST", help="give each session's live view an Ingress at "
+                     "http://HOST/NAMESPACE/SESSION/ (default: no Ingress)")
+    cmd.add_argument("--live-ingress-class", metavar="CLASS", help="the live view Ingress's ingressClassName")
     cmd.set_defaults(run=run)
 
 
@@ -40,6 +43,7 @@ def run(args) -> int:
     from prometheus_client import start_http_server
 
     import detstream.operator.handlers  # noqa: F401  (registers the handlers)
+    from detstream.operator.resources import INGRESS_CLASS_ENV, INGRESS_HOST_ENV
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     namespaces = args.namespace or [os.environ.get("POD_NAMESPACE", "default")]
@@ -51,6 +55,9 @@ def run(args) -> int:
             return 2
     if args.image:
         os.environ["DETSTREAM_IMAGE"] = args.image
+    for value, env in ((args.live_ingress_host, INGRESS_HOST_ENV), (args.live_ingress_class, INGRESS_CLASS_ENV)):
+        if value:
+            os.environ[env] = value
     if args.metrics_port:
         start_http_server(args.metrics_port)
     kopf.run(clusterwide=args.all_namespaces, namespaces=[] if args.all_namespaces else namespaces,

@@ -4,16 +4,19 @@ Per session: a ConfigMap holding the plan; per indexed role (source, aggregator,
 writer) a StatefulSet with a headless Service, plus one Service per replica named as the plan
 addresses it (`SESSION-ROLE-INDEX`); the worker pool is a Deployment (scaled by the session's
 scale subresource). Pods bind to their own IP ($POD_IP) and are probed over HTTP on their metrics
-port (/readyz, /healthz).
+port (/readyz, /healthz). With spec.liveView on, the writer's Service also serves the live view (port `live`),
+open to any client (a read-only page), and, when the operator is given an Ingress host (the chart's
+liveView.ingress), an Ingress routes http://HOST/NAMESPACE/SESSION/ to it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 from detstream.operator import keys
-from detstream.services.model.plan import CLUSTER_PORTS, ClusterNetwork, Plan, build_plan, port_names
+from detstream.services.model.plan import CLUSTER_PORTS, LIVE_PORT, ClusterNetwork, Plan, build_plan, port_names
 from detstream.services.model.schema import to_manifest
 from detstream.services.model.session import Session
 from detstream.services.plugins import plugin_class
@@ -23,6 +26,9 @@ OUTPUT_DIR = "/data"
 INDEXED_ROLES = ("source", "aggregator", "distributor", "writer")
 SPEC_HASH = "detstream.io/spec-hash"
 UID = 10001
+# The live view's Ingress, set by `detstream operator --live-ingress-host/--live-ingress-class` (the chart's
+# liveView.ingress values): no host, no Ingress.
+INGRESS_HOST_ENV, INGRESS_CLASS_ENV = "DETSTREAM_LIVE_INGRESS_HOST", "DETSTREAM_LIVE_INGRESS_CLASS"
 
 
 def labels(session: Session, role: str | None = None) -> dict:
@@ -185,13 +191,15 @@ def cluster_problems(session: Session) -> list[str]:
 
 def network_policy(session: Session) -> dict:
     """Ingress to the session's pods: its own stages (every port), the operator (control), any
-    monitoring (metrics), and for external sources the declared ranges (ingest)."""
+    monitoring (metrics), anyone the live view, and for external sources the declared ranges (ingest)."""
     def port(name):
         return [{"port": CLUSTER_PORTS[name], "protocol": "TCP"}]
     ingress = [{"from": [{"podSelector": {"matchLabels": {"detstream.io/session": session.name}}}]},
                {"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": OPERATOR_POD}}],
                 "ports": port("control")},
                {"from": [{"namespaceSelector": {}}], "ports": port("metrics")}]
+    if session.spec.live_view.enabled:  # the read-only page, from anywhere (an Ingress controller, a browser)
+        ingress.append({"ports": port(LIVE_PORT)})
     ranges = session.spec.kubernetes.external_source_ranges
     if session.spec.source.kind == "external" and ranges:
         ingress.append({"from": [{"ipBlock": {"cidr": cidr}} for cidr in ranges], "ports": port("ingest")})
@@ -199,6 +207,39 @@ def network_policy(session: Session) -> dict:
             "metadata": {"name": f"{session.name}-stages", "namespace": session.namespace, "labels": labels(session)},
             "spec": {"podSelector": {"matchLabels": {"detstream.io/session": session.name}},
                      "policyTypes": ["Ingress"], "ingress": ingress}}
+
+
+def live_path(session: Session) -> str:
+    """The live view's path behind an Ingress: /NAMESPACE/SESSION/ (the writer serves its page there too)."""
+    return f"/{session.namespace}/{session.name}/"
+
+
+def live_ingress(session: Session) -> dict | None:
+    """The Ingress of the session's live view, when the operator has a host for it (and the view is on)."""
+    host = os.environ.get(INGRESS_HOST_ENV, "")
+    if not host or not session.spec.live_view.enabled:
+        return None
+    backend = {"service": {"name": f"{session.name}-writer-0", "port": {"name": LIVE_PORT}}}
+    spec: dict = {"rules": [{"host": host, "http": {"paths": [
+        {"path": live_path(session), "pathType": "Prefix", "backend": backend}]}}]}
+    if os.environ.get(INGRESS_CLASS_ENV):
+        spec["ingressClassName"] = os.environ[INGRESS_CLASS_ENV]
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+            "metadata": {"name": f"{session.name}-live", "namespace": session.namespace,
+                         "labels": labels(session, "writer")}, "spec": spec}
+
+
+def live_view(session: Session) -> dict | None:
+    """status.liveView: where the live view is (None when spec.liveView is off)."""
+    if not session.spec.live_view.enabled:
+        return None
+    service, port = f"{session.name}-writer-0", CLUSTER_PORTS[LIVE_PORT]
+    out = {"service": service, "port": port, "url": f"http://{service}.{session.namespace}.svc:{port}/",
+           "portForward": f"kubectl port-forward -n {session.namespace} svc/{service} {port}:{port}"}
+    host = os.environ.get(INGRESS_HOST_ENV, "")
+    if host:
+        out["ingress"] = f"http://{host}{live_path(session)}"
+    return out
 
 
 def finished(session: Session, image: str) -> list[dict]:
@@ -222,6 +263,9 @@ def children(session: Session, image: str, running: bool = True) -> list[dict]:
     out = [plan_configmap(session, plan), *services(session, plan)]
     if session.spec.kubernetes.network_policy:
         out.append(network_policy(session))
+    ingress = live_ingress(session)
+    if ingress is not None:
+        out.append(ingress)
     for role, count in counts.items():
         if count or role == "worker":
             out.append(workload(session, role, count if running else 0, image, plan))

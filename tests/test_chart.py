@@ -168,6 +168,19 @@ def test_all_features_on(tmp_path):
     assert svc["spec"]["ports"][0]["port"] == 9090
 
 
+def test_live_view_ingress_is_given_to_the_operator(tmp_path):
+    def operator_args(values):
+        (deploy,) = of_kind(render(values, tmp_path), "Deployment")
+        return deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    args = operator_args({"liveView": {"ingress": {"enabled": True, "host": "live.lab.example", "className": "nginx"}}})
+    assert args[args.index("--live-ingress-host") + 1] == "live.lab.example"
+    assert args[args.index("--live-ingress-class") + 1] == "nginx"
+    assert "--live-ingress-host" not in operator_args({})
+    failed = helm("template", RELEASE, str(CHART), values={"liveView": {"ingress": {"enabled": True}}},
+                  tmp_path=tmp_path)
+    assert failed.returncode != 0 and "liveView.ingress.host is required" in failed.stderr
+
+
 def test_watched_namespaces_get_roles_and_peerings(tmp_path):
     docs = render(NAMESPACED_ALL_ON, tmp_path)
     watched = ["beamline-a", "beamline-b"]
@@ -382,6 +395,7 @@ OPERATOR_RULES = {
     ("apps", "deployments"): CHILDREN,
     ("apps", "statefulsets"): CHILDREN,
     ("networking.k8s.io", "networkpolicies"): CHILDREN,
+    ("networking.k8s.io", "ingresses"): CHILDREN,
     ("", "pods"): {"list"},
     ("", "events"): {"create"},
 }

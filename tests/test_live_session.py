@@ -145,6 +145,8 @@ def test_ten_viewers_read_while_the_session_completes_with_exact_accounting(tmp_
     client = LiveClient(url, timeout=5)
     try:
         wait_for(lambda: live.proc.poll() is not None or _answers(client), what="the live view to answer")
+        # the page is also served under /NAMESPACE/SESSION/, the path of its Ingress on Kubernetes
+        assert LiveClient(url + "default/viewers/", timeout=5).scans() is not None
         viewers = [Viewer(url) for _ in range(10)] + [Viewer(url, reading=False)]
         for viewer in viewers:
             viewer.start()

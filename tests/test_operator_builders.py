@@ -186,10 +186,47 @@ def test_network_policy_admits_only_the_session_the_operator_and_declared_source
     assert policy["spec"]["podSelector"] == {"matchLabels": {"detstream.io/session": "s1"}}
     rules = policy["spec"]["ingress"]
     assert rules[0] == {"from": [{"podSelector": {"matchLabels": {"detstream.io/session": "s1"}}}]}
-    by_port = {r["ports"][0]["port"]: r["from"] for r in rules[1:]}
+    by_port = {r["ports"][0]["port"]: r.get("from") for r in rules[1:]}
+    assert by_port[8080] is None  # the live view: from anywhere (see the test below)
     assert by_port[7100][0]["podSelector"]["matchLabels"] == {"detstream.io/operator": "true"}
     assert by_port[7200] == [{"ipBlock": {"cidr": "192.0.2.0/24"}}]
     assert 7201 not in by_port and 7203 not in by_port  # data ports: the session's own stages only
+
+
+def test_the_writer_serves_the_live_view_on_its_service_open_to_any_client():
+    objs = resources.children(session(), "img")
+    (service,) = [o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == "s1-writer-0"]
+    assert {"name": "live", "port": 8080, "targetPort": 8080, "protocol": "TCP"} in service["spec"]["ports"]
+    (writer,) = [o for o in objs if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "s1-writer"]
+    ports = writer["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert {"name": "live", "containerPort": 8080, "protocol": "TCP"} in ports
+    (policy,) = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    assert {"ports": [{"port": 8080, "protocol": "TCP"}]} in policy["spec"]["ingress"]  # from anywhere
+    assert resources.live_view(session()) == {
+        "service": "s1-writer-0", "port": 8080, "url": "http://s1-writer-0.default.svc:8080/",
+        "portForward": "kubectl port-forward -n default svc/s1-writer-0 8080:8080"}
+    assert not any(o["kind"] == "Ingress" for o in objs)  # the operator has no Ingress host
+
+    off = session(liveView={"enabled": False})
+    objs = resources.children(off, "img")
+    assert resources.live_view(off) is None
+    assert all(p["name"] != "live" for o in objs if o["kind"] == "Service" for p in o["spec"]["ports"])
+    (policy,) = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    assert all(r.get("from") for r in policy["spec"]["ingress"])
+
+
+def test_an_operator_with_an_ingress_host_gives_each_live_view_an_ingress(monkeypatch):
+    monkeypatch.setenv(resources.INGRESS_HOST_ENV, "live.lab.example")
+    monkeypatch.setenv(resources.INGRESS_CLASS_ENV, "nginx")
+    (ingress,) = [o for o in resources.children(session(), "img") if o["kind"] == "Ingress"]
+    kubernetes_validate.validate(ingress, K8S, strict=True)
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    (rule,) = ingress["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    assert rule["host"] == "live.lab.example" and path["path"] == "/default/s1/" and path["pathType"] == "Prefix"
+    assert path["backend"] == {"service": {"name": "s1-writer-0", "port": {"name": "live"}}}
+    assert resources.live_view(session())["ingress"] == "http://live.lab.example/default/s1/"
+    assert not any(o["kind"] == "Ingress" for o in resources.children(session(liveView={"enabled": False}), "img"))
 
 
 def test_external_source_behind_a_policy_needs_its_ranges():

@@ -55,6 +55,7 @@ KINDS = {  # what the operator reads and writes; kmock serves discovery from thi
     "apps/v1/statefulsets": ("StatefulSet", True, []),
     "apps/v1/deployments": ("Deployment", True, []),
     "networking.k8s.io/v1/networkpolicies": ("NetworkPolicy", True, []),
+    "networking.k8s.io/v1/ingresses": ("Ingress", True, []),
 }
 RESOURCE_OF = {kind: res for res, (kind, _, _) in KINDS.items()}
 SESSIONS_URL = f"/apis/detstream.io/v1alpha1/namespaces/{NS}/streamingsessions"

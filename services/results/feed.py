@@ -27,11 +27,11 @@ __all__ = ["LiveResults"]
 
 class LiveResults:
     """Live results of a session whose plugin returns `kind` ("events" or "frames") results, served on
-    http://host:port/ (port 0: any free one; `url` says which). Raises GeometryError for a bad
+    http://host:port/ and under `prefix` (port 0: any free one; `url` says which). Raises GeometryError for a bad
     spec.liveView.geometry, OSError when the port cannot be bound. `stage_table()` gives the page's stage rows."""
 
     def __init__(self, spec: SessionSpec, kind: str, host: str, port: int,
-                 stage_table: Callable[[], list[dict]]):
+                 stage_table: Callable[[], list[dict]], prefix: str = ""):
         if kind not in ("events", "frames"):
             raise ValueError(f"live results take events or frames, not {kind!r} results")
         self.kind = kind
@@ -46,7 +46,7 @@ class LiveResults:
         self.store = LiveStore(stage_table)
         self.scans: dict[int, ScanImages] = {}
         self.pending: dict[int, tuple[tuple[int, int], list[int], list[Sequence[Any]], list[bool]]] = {}
-        self.server = LiveServer(self.store, host, port)
+        self.server = LiveServer(self.store, host, port, prefix=prefix)
         self.url = self.server.url
 
     def add(self, scan: int, scan_shape: tuple[int, int], position: int, parts: Sequence[Any], partial: bool) -> bool:

@@ -40,7 +40,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from detstream.services.results.geometry import DetectorGeometry, GeometryError
 from detstream.services.results.images import RecomputeUnavailable
@@ -61,10 +61,11 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(store: LiveStore, interval: float = 0.5, send_timeout: float = 10.0) -> Starlette:
+def create_app(store: LiveStore, interval: float = 0.5, send_timeout: float = 10.0, prefix: str = "") -> Starlette:
     """The ASGI app of the live view over `store` (routes above). `interval`: seconds between event checks;
-    `send_timeout`: seconds a viewer may take to accept one event before it is dropped.
-    app.state.viewers counts the open event streams."""
+    `send_timeout`: seconds a viewer may take to accept one event before it is dropped; `prefix` (e.g.
+    "/lab/demo"): the routes are served under it too (behind an Ingress that does not rewrite paths; the page's
+    own requests are relative). app.state.viewers counts the open event streams."""
     page = files("detstream.services.results").joinpath("live.html").read_text()
 
     async def index(request: Request):
@@ -138,14 +139,15 @@ def create_app(store: LiveStore, interval: float = 0.5, send_timeout: float = 10
                 request.app.state.viewers -= 1
         return EventSourceResponse(stream(), send_timeout=send_timeout, ping=15)
 
-    app = Starlette(routes=[
+    routes = [
         Route("/", index),
         Route("/api/scans", scans),
         Route("/api/stages", stages),
         Route("/api/scans/{scan}/arrays/{name}", array),
         Route("/api/scans/{scan}/geometry", geometry, methods=["PUT"]),
         Route("/api/events", events),
-    ])
+    ]
+    app = Starlette(routes=[*routes, Mount(prefix.rstrip("/"), routes=routes)] if prefix.strip("/") else routes)
     app.state.viewers = 0
     return app
 

@@ -114,11 +114,12 @@ class WriterStage(Stage):
         self.reactor.every(HOUSEKEEPING_S, self.housekeeping)
 
     def serve_live(self) -> LiveResults:
-        """The live view on the `live` port: on Kubernetes on every interface of the pod, since `kubectl
-        port-forward` reaches a pod's port on its localhost."""
+        """The live view on the `live` port, at / and at /NAMESPACE/SESSION/ (the path of its Ingress on
+        Kubernetes); there on every interface of the pod, since `kubectl port-forward` reaches its localhost."""
         host = "0.0.0.0" if os.environ.get("POD_IP") else self.bind_host
         try:
-            live = LiveResults(self.spec, self.kind, host, self.me.ports[LIVE_PORT], self.stage_rows)
+            live = LiveResults(self.spec, self.kind, host, self.me.ports[LIVE_PORT], self.stage_rows,
+                               prefix=f"/{self.plan.namespace}/{self.plan.session}")
         except OSError as exc:
             raise StageError(f"live view: cannot listen on {host}:{self.me.ports[LIVE_PORT]}: {exc}") from None
         self.log.info("live view at %s", live.url)

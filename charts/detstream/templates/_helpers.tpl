@@ -87,7 +87,7 @@ Argument: a dict with "clusterWide" and "peering" (bools).
   resources: ["deployments", "statefulsets"]
   verbs: ["list", "create", "patch", "delete"]
 - apiGroups: ["networking.k8s.io"]
-  resources: ["networkpolicies"]
+  resources: ["networkpolicies", "ingresses"]
   verbs: ["list", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
