@@ -1,0 +1,275 @@
+"""DECTRIS SIMPLON stream v2: decoding real EIGER2 messages bit for bit, start messages from the documented
+fields, refusal of bad input (one error class, counted by reason), and the `detstream dcu` stand-in served
+to real PULL clients."""
+
+from __future__ import annotations
+
+import os
+import struct
+from datetime import datetime, timezone
+from pathlib import Path
+
+import cbor2
+import h5py
+import hdf5plugin
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from detstream.services.sources.dectris import stream2
+from detstream.services.sources.dectris.stream2 import End, Image, Start, Stream2Error, array_tag, decode, encode
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "dectris-stream2"
+FOLDERS = ("r500k_bm_bslz4_16bit", "r500k_bm_bslz4_8bit", "r500k_bm_lz4_8bit")
+SHAPE = (514, 1030)   # EIGER2 R 500K
+
+
+def recorded(folder: str) -> list[bytes]:
+    path = DATA / folder
+    if not path.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing: the real stream v2 messages come with shared/")
+        pytest.skip(f"{path} is missing (the real stream v2 messages come with shared/)")
+    return [file.read_bytes() for file in sorted(path.glob("*.cbor"))]
+
+
+# ---- an independent decode: cbor2's raw tags and the HDF5 filters of hdf5plugin ----
+
+def hdf5_decompress(algorithm: str, compressed: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """The chunk as HDF5 reads it through hdf5plugin's bitshuffle or LZ4 filter (tag 56500 uses their framing)."""
+    with h5py.File("chunk", "w", driver="core", backing_store=False) as file:
+        filters = hdf5plugin.Bitshuffle(cname="lz4") if algorithm == "bslz4" else hdf5plugin.LZ4()
+        dataset = file.create_dataset("x", shape=shape, dtype=dtype, chunks=shape, **filters)
+        dataset.id.write_direct_chunk((0,) * len(shape), compressed)
+        return dataset[()]
+
+
+def independent_channels(message: bytes) -> dict[str, np.ndarray]:
+    raw = cbor2.loads(message)                         # tags left as CBORTag
+    channels = {}
+    for name, tag in raw["data"].items():
+        assert tag.tag == 40
+        dims, typed = tag.value
+        dtype = np.dtype({64: "u1", 69: "<u2", 70: "<u4"}[typed.tag])
+        assert typed.value.tag == 56500
+        algorithm, _, compressed = typed.value.value
+        channels[name] = hdf5_decompress(algorithm, compressed, tuple(dims), dtype)
+    return channels
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_real_messages_decode_bit_for_bit(folder):
+    messages = recorded(folder)
+    assert len(messages) == 11
+    *images, end = [decode(m) for m in messages]
+    bits = 16 if "16bit" in folder else 8
+    unique_id = images[0].series_unique_id
+    for image_id, (image, message) in enumerate(zip(images, messages)):
+        assert isinstance(image, Image)
+        assert (image.series_id, image.series_unique_id, image.image_id) == (1, unique_id, image_id)
+        assert list(image.data) == ["threshold_1", "threshold_2", "difference"]
+        expected = independent_channels(message)
+        for name, pixels in image.data.items():
+            assert pixels.shape == SHAPE and pixels.dtype == np.dtype(f"uint{bits}")
+            assert np.array_equal(pixels, expected[name]), (folder, image_id, name)
+        assert image.data["threshold_1"].any()        # real counts, not an empty frame equal to an empty one
+        assert image.start_time[1] == image.real_time[1] == 50_000_000     # the DCU's time base (Hz)
+        assert image.stop_time[0] - image.start_time[0] == image.real_time[0]
+        assert image.series_date.tzinfo is not None and image.user_data == (1, "💙")
+    assert isinstance(end, End) and end.series_id == 1 and end.series_unique_id == unique_id
+
+
+def full_start(shape=SHAPE, channels=("threshold_1", "threshold_2"), dtype="uint16", **changes) -> dict:
+    """A start message with every field stream_v2/README.md lists (header_detail "all")."""
+    rng = np.random.default_rng(7)
+    message = {
+        "type": "start", "arm_date": datetime(2023, 2, 10, 15, 49, 5, tzinfo=timezone.utc),
+        "beam_center_x": 512.5, "beam_center_y": 256.25, "channels": list(channels), "count_time": 0.019999,
+        "countrate_correction_enabled": True,
+        "countrate_correction_lookup_table": cbor2.CBORTag(70, np.arange(4096, dtype="<u4").tobytes()),
+        "detector_description": "Dectris EIGER2 R 500K", "detector_serial_number": "E-01-0350",
+        "detector_translation": [0.0, 0.0, 0.125],
+        "flatfield": {c: array_tag(rng.random(shape, dtype=np.float32), "bslz4") for c in channels},
+        "flatfield_enabled": True, "frame_time": 0.02,
+        "goniometer": {"omega": {"increment": 0.1, "start": 0.0}, "kappa": {"increment": 0.0, "start": 30.0}},
+        "image_dtype": dtype, "image_size_x": shape[1], "image_size_y": shape[0], "incident_energy": 12400.0,
+        "incident_wavelength": 0.99987, "number_of_images": 10,
+        "pixel_mask": {c: array_tag((rng.random(shape) < 0.01).astype(np.uint32)) for c in channels},
+        "pixel_mask_enabled": True, "pixel_size_x": 7.5e-05, "pixel_size_y": 7.5e-05, "saturation_value": 65534,
+        "sensor_material": "Si", "sensor_thickness": 0.00045, "series_id": 4,
+        "series_unique_id": "01GRXWT80JSDY2FNW8SGCCDZD9", "threshold_energy": {c: 6200.0 + i for i, c in enumerate(channels)},
+        "user_data": {"scan": {"rows": 2, "cols": 5}}, "virtual_pixel_interpolation_enabled": False,
+    }
+    message.update(changes)
+    return message
+
+
+def test_start_message_from_the_documented_fields():
+    fields = full_start()
+    start = decode(encode(fields))
+    assert isinstance(start, Start)
+    assert (start.series_id, start.series_unique_id, start.channels, start.shape, start.image_dtype,
+            start.number_of_images) == (4, fields["series_unique_id"], ("threshold_1", "threshold_2"), SHAPE,
+                                        np.dtype("uint16"), 10)
+    assert start.user_data == {"scan": {"rows": 2, "cols": 5}}
+    detail = start.detail
+    assert set(detail) == set(fields) - {"type", "series_id", "series_unique_id", "channels", "image_size_x",
+                                         "image_size_y", "image_dtype", "number_of_images", "user_data"}
+    rng = np.random.default_rng(7)
+    flat = rng.random(SHAPE, dtype=np.float32), rng.random(SHAPE, dtype=np.float32)
+    assert all(np.array_equal(detail["flatfield"][c], f) for c, f in zip(start.channels, flat))
+    assert detail["pixel_mask"]["threshold_2"].dtype == np.uint32 and detail["pixel_mask"]["threshold_2"].shape == SHAPE
+    assert np.array_equal(detail["countrate_correction_lookup_table"], np.arange(4096))
+    assert detail["goniometer"]["kappa"] == {"increment": 0.0, "start": 30.0}
+    assert detail["arm_date"] == fields["arm_date"] and detail["saturation_value"] == 65534
+    assert detail["threshold_energy"] == {"threshold_1": 6200.0, "threshold_2": 6201.0}
+
+
+def test_basic_start_and_images_checked_against_it():
+    basic = {k: v for k, v in full_start(channels=("threshold_1", "threshold_2", "difference")).items()
+             if k not in ("flatfield", "pixel_mask", "countrate_correction_lookup_table")}  # header_detail "basic"
+    start = decode(encode(basic))
+    messages = recorded("r500k_bm_bslz4_16bit")
+    assert decode(messages[0], start).image_id == 0
+    with pytest.raises(Stream2Error, match="uint8 pixels, the start message says uint16") as err:
+        decode(recorded("r500k_bm_bslz4_8bit")[0], start)
+    assert err.value.reason == "size"
+    small = decode(encode({**basic, "image_size_x": 1024}))
+    with pytest.raises(Stream2Error, match=r"dimensions \[514, 1030\], the start message says \[514, 1024\]") as err:
+        decode(messages[0], small)
+    assert err.value.reason == "size"
+    two = decode(encode({**basic, "channels": ["threshold_1", "threshold_2"]}))
+    with pytest.raises(Stream2Error, match="not the start message's") as err:
+        decode(messages[0], two)
+    assert err.value.reason == "field"
+
+
+def image(**changes) -> dict:
+    pixels = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    return {"type": "image", "series_id": 1, "series_unique_id": "s", "image_id": 0,
+            "data": {"threshold_1": array_tag(pixels, "bslz4")}, **changes}
+
+
+def compressed(algorithm="bslz4", modifier=2, data=None, dims=(3, 4), tag=69) -> cbor2.CBORTag:
+    data = stream2.compress(np.arange(12, dtype=np.uint16), "bslz4") if data is None else data
+    return cbor2.CBORTag(40, [list(dims), cbor2.CBORTag(tag, cbor2.CBORTag(56500, [algorithm, modifier, data]))])
+
+
+GOOD = stream2.compress(np.arange(12, dtype=np.uint16), "bslz4")
+HUGE = struct.pack(">QI", 1 << 60, 8192) + GOOD[12:]
+
+BAD = [  # (message bytes, reason, words the error names)
+    (b"", "cbor", "not a CBOR message"),
+    (b"\xff\x00garbage", "cbor", "not a CBOR message"),
+    (encode(image()) + b"\x00", "cbor", "1 bytes follow"),
+    (cbor2.dumps([1, 2]), "not-map", "got list"),
+    (cbor2.dumps({1: "image"}), "cbor", "not a CBOR message"),     # map keys are text strings
+    (cbor2.dumps({"type": "status"}), "type", "'status'"),
+    (cbor2.dumps({"series_id": 1}), "type", "None"),
+    (encode(image(image_id=-1)), "field", "'image_id': expected an unsigned integer, got int"),
+    (encode(image(image_id="3")), "field", "'image_id': expected an unsigned integer, got str"),
+    (encode(image(series_id=True)), "field", "'series_id'"),
+    (encode({k: v for k, v in image().items() if k != "series_unique_id"}), "field", "without field 'series_unique_id'"),
+    (encode(image(data={})), "field", "'data'"),
+    (encode(image(data={"t": b"raw"})), "field", "expected a multi-dimensional array"),
+    (encode(image(real_time=[1, 0])), "field", "'real_time': expected a rational"),
+    (encode(image(series_date="yesterday")), "field", "'series_date': expected a date/time"),
+    (encode(image(data={"t": compressed(dims=(4, 4))})), "size", "declares 24 bytes, the array has 32"),
+    (encode(image(data={"t": compressed(dims=(1 << 40, 1 << 40))})), "size", "elements; expected 1 to"),
+    (encode(image(data={"t": compressed(dims=(0, 4))})), "size", "make 0 elements"),
+    (encode(image(data={"t": compressed(data=HUGE)})), "size", f"declares {1 << 60} bytes"),
+    (encode(image(data={"t": compressed(algorithm="zstd")})), "compression", "'zstd'"),
+    (encode(image(data={"t": compressed(modifier=4)})), "compression", "element size 4"),
+    (encode(image(data={"t": compressed(data=GOOD[:12] + b"\x00\x00\x00\x05" + b"\xff" * 20)})), "compression",
+     "does not decompress"),
+    (encode(image(data={"t": compressed(data=b"\x00")})), "compression", "shorter than"),
+    (encode(image(data={"t": compressed(tag=71)})), "field", "typed array of uint8, uint16, uint32"),
+    (encode(image(data={"t": compressed(tag=85)})), "field", "typed array of uint8, uint16, uint32"),
+    (encode(image(data={"t": cbor2.CBORTag(40, [[3, 4], cbor2.CBORTag(69, b"\x00" * 23)])})), "size", "23 bytes"),
+    (encode(full_start(image_dtype="float32")), "field", "'image_dtype' is 'float32'"),
+    (encode(full_start(channels=[])), "field", "'channels'"),
+    (encode(full_start(image_size_x=1 << 20, image_size_y=1 << 20)), "size", "pixels: expected 1 to"),
+    (encode(full_start(beam_center_x="middle")), "field", "'beam_center_x': expected a float"),
+    (encode(full_start(goniometer={"omega": {"start": "0"}})), "field", "'goniometer'/'omega'/'start'"),
+    (encode(full_start(flatfield={"threshold_1": array_tag(np.zeros((2, 2), np.float32))})), "size",
+     "the start message says [514, 1030]"),
+    (encode({"type": "end", "series_id": 1}), "field", "without field 'series_unique_id'"),
+]
+
+
+@pytest.mark.parametrize("message,reason,words", BAD, ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD)])
+def test_bad_input_refused_with_reason(message, reason, words):
+    with pytest.raises(Stream2Error) as err:
+        decode(message)
+    assert err.value.reason == reason and reason in stream2.REJECT_REASONS
+    assert words in str(err.value)
+
+
+def test_big_endian_and_column_major_arrays():
+    pixels = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    big = cbor2.CBORTag(40, [[3, 4], cbor2.CBORTag(65, pixels.astype(">u2").tobytes())])
+    column = cbor2.CBORTag(1040, [[3, 4], cbor2.CBORTag(69, pixels.tobytes(order="F"))])
+    got = decode(encode(image(data={"big": big, "column": column}))).data
+    assert all(np.array_equal(got[c], pixels) and got[c].dtype == np.uint16 for c in ("big", "column"))
+
+
+@pytest.mark.parametrize("algorithm", ["bslz4", "lz4", None])
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "uint32"])
+def test_encoded_frames_read_back_through_hdf5(algorithm, dtype):
+    rng = np.random.default_rng(3)
+    pixels = rng.poisson(2.0, (257, 301)).astype(dtype)     # odd sizes: a partial last block
+    pixels[5, 7] = np.iinfo(dtype).max
+    message = encode(image(data={"c": array_tag(pixels, algorithm)}))
+    assert np.array_equal(decode(message).data["c"], pixels)
+    if algorithm:
+        assert np.array_equal(independent_channels(message)["c"], pixels)
+
+
+def cbor_values():
+    leaves = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(), st.text(max_size=8),
+                       st.binary(max_size=16))
+    return st.recursive(leaves, lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4),
+        st.builds(cbor2.CBORTag, st.sampled_from([0, 40, 64, 65, 69, 70, 85, 1040, 56500, 55799]), inner)),
+        max_leaves=12)
+
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ
+@given(st.binary(max_size=200))
+def test_fuzz_garbage_bytes(data):
+    try:
+        decode(data)
+    except Stream2Error as err:
+        assert err.reason in stream2.REJECT_REASONS
+
+
+@FUZZ
+@given(st.sampled_from(["image", "start", "end"]), st.dictionaries(
+    st.sampled_from(["series_id", "series_unique_id", "image_id", "data", "real_time", "channels", "image_size_x",
+                     "image_size_y", "image_dtype", "number_of_images", "flatfield", "goniometer", "user_data"]),
+    cbor_values(), max_size=8))
+def test_fuzz_wrong_fields(kind, fields):
+    try:
+        decode(cbor2.dumps({"type": kind, **fields}))
+    except Stream2Error as err:
+        assert err.reason in stream2.REJECT_REASONS
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_damaged_real_message(data):
+    """Bytes of a real image changed at random, or cut short: an image (damage inside LZ4 literals still
+    decodes) or a Stream2Error, nothing else."""
+    message = bytearray(recorded("r500k_bm_bslz4_8bit")[0])
+    for _ in range(data.draw(st.integers(1, 8))):
+        message[data.draw(st.integers(0, len(message) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.one_of(st.none(), st.integers(0, len(message) - 1)))
+    try:
+        assert isinstance(decode(bytes(message[:cut])), Image) and cut is None
+    except Stream2Error as err:
+        assert err.reason in stream2.REJECT_REASONS
