@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -14,11 +16,16 @@ import h5py
 import hdf5plugin
 import numpy as np
 import pytest
+import zmq
+from conftest import DETSTREAM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from detstream.services.sources.dectris import stream2
+from detstream.services.model.session import Detector, Simulator as Settings
+from detstream.services.sources.dectris import dcu, stream2
+from detstream.services.sources.dectris.ingest import bare_ingest
 from detstream.services.sources.dectris.stream2 import End, Image, Start, Stream2Error, array_tag, decode, encode
+from detstream.services.sources.simulator import Simulator
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "dectris-stream2"
@@ -77,7 +84,7 @@ def test_real_messages_decode_bit_for_bit(folder):
         assert image.data["threshold_1"].any()        # real counts, not an empty frame equal to an empty one
         assert image.start_time[1] == image.real_time[1] == 50_000_000     # the DCU's time base (Hz)
         assert image.stop_time[0] - image.start_time[0] == image.real_time[0]
-        assert image.series_date.tzinfo is not None and image.user_data == (1, "💙")
+        assert image.series_date.tzinfo is not None and image.user_data == [1, "💙"]
     assert isinstance(end, End) and end.series_id == 1 and end.series_unique_id == unique_id
 
 
@@ -273,3 +280,109 @@ def test_fuzz_damaged_real_message(data):
         assert isinstance(decode(bytes(message[:cut])), Image) and cut is None
     except Stream2Error as err:
         assert err.reason in stream2.REJECT_REASONS
+
+
+# ---- `detstream dcu`, served to real PULL clients ----
+
+def start_dcu(*args: str) -> tuple[subprocess.Popen, str]:
+    """`detstream dcu` on a free port of 127.0.0.1; returns the process and the address it serves."""
+    process = subprocess.Popen([*DETSTREAM, "dcu", "--bind", "tcp://127.0.0.1:*", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    assert line.startswith("dcu: serving SIMPLON stream v2 on tcp://127.0.0.1:"), line + process.stderr.read()
+    return process, line.split(" on ")[1].split()[0]
+
+
+def receive(address: str, clients: int, expected: int) -> list[list]:
+    """Decoded messages of each of `clients` PULL clients, until `expected` messages came over all."""
+    context = zmq.Context.instance()
+    sockets = [context.socket(zmq.PULL) for _ in range(clients)]
+    poller = zmq.Poller()
+    for socket in sockets:
+        socket.connect(address)
+        poller.register(socket, zmq.POLLIN)
+    got: list[list] = [[] for _ in sockets]
+    while sum(map(len, got)) < expected:
+        ready = dict(poller.poll(60_000))
+        assert ready, f"only {sum(map(len, got))} of {expected} messages came"
+        for i, socket in enumerate(sockets):
+            if socket in ready:
+                got[i].append(decode(socket.recv()))
+    assert not poller.poll(200), "more messages than the series hold"
+    for socket in sockets:
+        socket.close(linger=0)
+    return got
+
+
+def check_series(got: list[list], series: int, images: int) -> dict[tuple[int, int], Image]:
+    """Every image of every series exactly once over the clients; each start and end once, at one client."""
+    messages = [m for client in got for m in client]
+    starts = sorted((m.series_id, m.series_unique_id) for m in messages if isinstance(m, Start))
+    ends = sorted((m.series_id, m.series_unique_id) for m in messages if isinstance(m, End))
+    assert [s for s, _ in starts] == list(range(1, series + 1)) and ends == starts
+    unique_ids = dict(starts)
+    assert len(set(unique_ids.values())) == series
+    keys = sorted((m.series_id, m.image_id) for m in messages if isinstance(m, Image))
+    assert keys == [(s, i) for s in range(1, series + 1) for i in range(images)]
+    assert all(m.series_unique_id == unique_ids[m.series_id] for m in messages)
+    assert all(m.number_of_images == images for m in messages if isinstance(m, Start))
+    return {(m.series_id, m.image_id): m for m in messages if isinstance(m, Image)}
+
+
+def test_dcu_serves_recorded_messages_to_one_client():
+    folder = DATA / "r500k_bm_bslz4_16bit"
+    frames = [decode(m).data for m in recorded("r500k_bm_bslz4_16bit")[:10]]
+    process, address = start_dcu("--messages", str(folder), "--series", "2", "--images", "13")
+    got = receive(address, 1, 2 * (13 + 2))
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    images = check_series(got, series=2, images=13)
+    for (_, image_id), image in images.items():   # the recorded images, cycled, bit for bit
+        assert all(np.array_equal(image.data[c], frames[image_id % 10][c]) for c in frames[0])
+    start = next(m for m in got[0] if isinstance(m, Start))
+    assert (start.channels, start.shape, start.image_dtype) == (("threshold_1", "threshold_2", "difference"), SHAPE,
+                                                                np.dtype("uint16"))
+    assert [type(m).__name__ for m in got[0][:15]] == ["Start"] + ["Image"] * 13 + ["End"]   # in order
+    assert "dcu: sent 2 series, 26 images" in out
+
+
+@pytest.mark.parametrize("compression", ["bslz4", "lz4"])
+def test_dcu_round_robin_over_two_clients(compression):
+    process, address = start_dcu("--shape", "64x96", "--dtype", "uint16", "--seed", "5", "--series", "3",
+                                 "--images", "40", "--wait-clients", "2", "--compression", compression,
+                                 "--user-data", '{"scan": [5, 8]}')
+    got = receive(address, 2, 3 * (40 + 2))
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    images = check_series(got, series=3, images=40)
+    assert all(any(isinstance(m, Image) for m in client) for client in got)   # both clients had images
+    simulator = Simulator(Settings(seed=5), Detector(rows=64, cols=96, sectors=1, dtype="uint16"))
+    for (_, image_id), image in images.items():
+        assert np.array_equal(image.data["threshold_1"], simulator.frame(0, image_id % dcu.BANK))
+    assert all(m.user_data == {"scan": [5, 8]} for client in got for m in client if isinstance(m, Start))
+    assert "dcu: 2 clients connected" in out and "dcu: sent 3 series, 120 images" in out
+
+
+def test_dcu_refuses_a_folder_that_is_not_stream_v2(tmp_path):
+    (tmp_path / "000001.cbor").write_bytes(b"not cbor")
+    done = subprocess.run([*DETSTREAM, "dcu", "--messages", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "000001.cbor is not a stream v2 message: cbor:" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_bare_ingest_counts_images_and_refusals():
+    process, address = start_dcu("--messages", str(DATA / "r500k_bm_lz4_8bit"), "--series", "2")
+    took = bare_ingest(address, ends=2)
+    assert process.wait(timeout=60) == 0
+    assert (took.starts, took.images, took.ends, took.refused) == (2, 20, 2, {})
+    assert took.pixel_bytes == 20 * 3 * SHAPE[0] * SHAPE[1]
+
+    push = zmq.Context.instance().socket(zmq.PUSH)   # garbage on the port: counted by reason, the rest taken
+    port = push.bind_to_random_port("tcp://127.0.0.1")
+    messages = (b"garbage", cbor2.dumps({"type": "status"}), *recorded("r500k_bm_lz4_8bit"))
+    sender = threading.Thread(target=lambda: [push.send(m) for m in messages])   # PUSH waits for the client
+    sender.start()
+    took = bare_ingest(f"tcp://127.0.0.1:{port}", ends=1)
+    sender.join()
+    push.close(linger=0)
+    assert (took.images, took.ends, took.refused) == (10, 1, {"cbor": 1, "type": 1})

@@ -45,6 +45,8 @@ MAX_TABLE = 1 << 24     # elements of a 1-D typed array (the count-rate lookup t
 MAX_BLOCK = 1 << 20     # a compressed stream's block size beyond its data size (a DCU uses 8 KiB)
 BLOCK = 8192            # the block size a DCU compresses with (bytes)
 
+SELF_DESCRIBED = b"\xd9\xd9\xf7"   # tag 55799 (RFC 8949 section 3.4.6), which a DCU puts first
+
 # RFC 8746 section 2.1: typed array tag -> element type (76, 83 and 87 have no numpy dtype here).
 TYPED_ARRAYS = {64: "u1", 65: ">u2", 66: ">u4", 67: ">u8", 68: "u1", 69: "<u2", 70: "<u4", 71: "<u8",
                 72: "i1", 73: ">i2", 74: ">i4", 75: ">i8", 77: "<i2", 78: "<i4", 79: "<i8",
@@ -146,6 +148,8 @@ def decode(message: bytes, start: Start | None = None, max_pixels: int = MAX_PIX
     try:
         decoder = cbor2.CBORDecoder(io.BytesIO(message), semantic_decoders=SEMANTIC,
                                     allow_duplicate_keys=False, strict_hashable_types=True)
+        if message[:3] == SELF_DESCRIBED:   # skipped: cbor2 would make all inside it immutable (tuples)
+            decoder.fp.seek(3)
         item = decoder.decode()
         trailing = len(message) - decoder.fp.tell()
     except (cbor2.CBORDecodeError, TypeError, ValueError, OverflowError, RecursionError) as exc:
