@@ -169,6 +169,14 @@ def decode(message: bytes, start: Start | None = None, max_pixels: int = MAX_PIX
 
 
 def _image(item: Mapping, start: Start | None, max_pixels: int) -> Image:
+    fields = dict(series_id=_uint(item, "series_id", "image"),
+                  series_unique_id=_text(item, "series_unique_id", "image"),
+                  image_id=_uint(item, "image_id", "image"),
+                  real_time=_optional(item, "real_time", "image", _rational),
+                  start_time=_optional(item, "start_time", "image", _rational),
+                  stop_time=_optional(item, "stop_time", "image", _rational),
+                  series_date=_optional(item, "series_date", "image", _datetime),
+                  user_data=item.get("user_data"))
     data = item.get("data")
     if not isinstance(data, Mapping) or not data:
         raise Stream2Error("field", "image field 'data': expected a map of channel name -> array, got "
@@ -177,17 +185,10 @@ def _image(item: Mapping, start: Start | None, max_pixels: int) -> Image:
         raise Stream2Error("field", f"image channels {list(data)} are not the start message's "
                                     f"{list(start.channels)}")
     shape = start.shape if start is not None else None
-    dtype = start.image_dtype if start is not None else None
-    pixels = {name: _pixels(value, f"image field 'data'/{name!r}", shape, dtype, max_pixels)
+    dtypes = (start.image_dtype.name,) if start is not None else PIXEL_DTYPES
+    pixels = {name: _multidim(value, f"image field 'data'/{name!r}", shape, max_pixels, dtypes)
               for name, value in data.items()}
-    return Image(series_id=_uint(item, "series_id", "image"),
-                 series_unique_id=_text(item, "series_unique_id", "image"),
-                 image_id=_uint(item, "image_id", "image"), data=pixels,
-                 real_time=_optional(item, "real_time", "image", _rational),
-                 start_time=_optional(item, "start_time", "image", _rational),
-                 stop_time=_optional(item, "stop_time", "image", _rational),
-                 series_date=_optional(item, "series_date", "image", _datetime),
-                 user_data=item.get("user_data"))
+    return Image(data=pixels, **fields)
 
 
 def _start(item: Mapping) -> Start:
@@ -212,15 +213,6 @@ def _start(item: Mapping) -> Start:
 
 
 # ---- arrays ----
-
-def _pixels(value: Any, name: str, shape: tuple[int, int] | None, dtype: np.dtype | None,
-            max_pixels: int) -> np.ndarray:
-    """An image channel: a 2-D array of uint8/16/32, in native byte order."""
-    array = _multidim(value, name, shape, max_pixels, PIXEL_DTYPES)
-    if dtype is not None and array.dtype != dtype:
-        raise Stream2Error("size", f"{name}: {array.dtype} pixels, the start message says {dtype}")
-    return array
-
 
 def _multidim(value: Any, name: str, shape: tuple[int, ...] | None, max_elements: int,
               dtypes: tuple[str, ...] | None = None) -> np.ndarray:
