@@ -57,7 +57,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
                      help="wait for N connected clients before the first series (default 1; 0: do not wait)")
     cmd.add_argument("--wait-timeout", type=float, default=0.0, metavar="SECONDS",
                      help="give up when the clients have not connected by then (default 0: wait for ever)")
-    cmd.add_argument("--user-data", type=json.loads, metavar="JSON",
+    cmd.add_argument("--user-data", type=json_value, metavar="JSON",
                      help="the start message's user_data (as SIMPLON's header_appendix), e.g. '{\"scan\": [8, 8]}'")
     cmd.set_defaults(run=run)
 
@@ -67,6 +67,13 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text}: expected a positive integer")
     return value
+
+
+def json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({exc})") from None
 
 
 @dataclass
@@ -90,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     context = zmq.Context()
     push = context.socket(zmq.PUSH)
     monitor = push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+    linger = int(LINGER_S * 1000)    # Ctrl-C: 0, nothing waits
     try:
         push.bind(args.bind)
         print(f"dcu: serving SIMPLON stream v2 on {push.last_endpoint.decode()} ({source.describe})", flush=True)
@@ -105,11 +113,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"detstream dcu: cannot serve on {args.bind}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        push.setsockopt(zmq.LINGER, 0)
+        linger = 0
         return 130
     finally:
         monitor.close(linger=0)
-        push.close(linger=int(LINGER_S * 1000))
+        push.close(linger=linger)
         context.term()
 
 
@@ -159,6 +167,8 @@ def push_message(push: zmq.Socket, message: dict[str, Any]) -> int:
 def recorded(args: argparse.Namespace) -> Source:
     """Images (and a start message, if there is one) from a folder of recorded messages; a start message
     is built from the first image when the folder has none."""
+    if not args.messages.is_dir():
+        raise ValueError(f"--messages {args.messages}: not a folder")
     files = sorted(args.messages.glob("*.cbor"))
     decoded, raw = [], []
     for file in files:
