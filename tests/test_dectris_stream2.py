@@ -331,10 +331,11 @@ def check_series(got: list[list], series: int, images: int) -> dict[tuple[int, i
     return {(m.series_id, m.image_id): m for m in messages if isinstance(m, Image)}
 
 
-def test_dcu_serves_recorded_messages_to_one_client():
-    folder = DATA / "r500k_bm_bslz4_16bit"
-    frames = [decode(m).data for m in recorded("r500k_bm_bslz4_16bit")[:10]]
-    process, address = start_dcu("--messages", str(folder), "--series", "2", "--images", "13")
+@pytest.mark.parametrize("folder,compression", [("r500k_bm_bslz4_16bit", None), ("r500k_bm_lz4_8bit", "bslz4")])
+def test_dcu_serves_recorded_messages_to_one_client(folder, compression):
+    frames = [decode(m).data for m in recorded(folder)[:10]]
+    process, address = start_dcu("--messages", str(DATA / folder), "--series", "2", "--images", "13",
+                                 *(["--compression", compression] if compression else []))
     got = receive(address, 1, 2 * (13 + 2))
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
@@ -343,7 +344,7 @@ def test_dcu_serves_recorded_messages_to_one_client():
         assert all(np.array_equal(image.data[c], frames[image_id % 10][c]) for c in frames[0])
     start = next(m for m in got[0] if isinstance(m, Start))
     assert (start.channels, start.shape, start.image_dtype) == (("threshold_1", "threshold_2", "difference"), SHAPE,
-                                                                np.dtype("uint16"))
+                                                                frames[0]["threshold_1"].dtype)
     assert [type(m).__name__ for m in got[0][:15]] == ["Start"] + ["Image"] * 13 + ["End"]   # in order
     assert "dcu: sent 2 series, 26 images" in out
 
