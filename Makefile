@@ -26,7 +26,10 @@ test: install tools ## run the whole test suite (installs the tools and builds t
 	@[ "$${DETSTREAM_SKIP_CLUSTER:-0}" = 1 ] || bash tests/cluster/build.sh
 	$(BIN)/python -m pytest -q tests
 
-lint: tools ## actionlint, hadolint, helm lint, promtool check rules
+lint: install tools ## ruff, mypy, import contracts, actionlint, hadolint, helm lint, promtool check rules
+	$(BIN)/ruff check .
+	PYTHON=$(BIN)/python bash .ci/mypy
+	$(BIN)/lint-imports
 	.tools/bin/actionlint
 	.tools/bin/hadolint Dockerfile
 	.tools/bin/helm lint --strict charts/detstream

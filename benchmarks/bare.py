@@ -77,7 +77,8 @@ def source(t: Topology, index: int) -> None:
     mine = [s for s in range(t.sectors) if s % t.sources == index]
     width = t.cols // t.sectors
     if t.mode == "simulator":
-        from detstream.services.model.session import Detector, Simulator as Settings
+        from detstream.services.model.session import Detector
+        from detstream.services.model.session import Simulator as Settings
         from detstream.services.sources.simulator import Simulator
         sim = Simulator(Settings(), Detector(rows=t.rows, cols=t.cols, sectors=t.sectors))
         sector = sim.sector

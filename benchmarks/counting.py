@@ -36,6 +36,7 @@ Timings are printed and written to benchmarks/results/counting.json; nothing ass
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -83,7 +84,8 @@ def write_sector_files(directory: Path, frames: np.ndarray, scan_shape: tuple[in
     """4D Camera format version 5: one file per module, a record per frame: uint32 scan number, uint32 frame
     number, uint16 scan width, scan height, x, y; then rows 144*m .. 144*m+143 of the frame."""
     rows, cols = scan_shape
-    record = np.dtype([("scan", "<u4"), ("frame", "<u4"), ("dims", "<u2", 2), ("xy", "<u2", 2), ("data", "<u2", (144, 576))])
+    record = np.dtype([("scan", "<u4"), ("frame", "<u4"), ("dims", "<u2", 2), ("xy", "<u2", 2),
+                       ("data", "<u2", (144, 576))])
     paths = []
     for module in range(4):
         records = np.zeros(len(frames), record)
@@ -145,24 +147,27 @@ def density_frames(density: float, n: int, seed: int = 0) -> tuple[np.ndarray, n
     return dark, (values + dark.astype(np.int64)).astype(np.uint16)
 
 
+def density_row(density: float, thresholds, repeats: int, n: int) -> dict:
+    """One row of the density sweep: frames per second of ours and of stempy's faster path."""
+    dark, frames = density_frames(density, n)
+    counter = Counter(dark, thresholds, SHAPE)
+    ours_s, ours = pinned(lambda: best_of(repeats, lambda: [counter.count(f) for f in frames]))
+    frame_s, theirs = pinned(lambda: best_of(repeats, lambda: [stim.electron_count_frame(
+        f, darkreference=dark, background_threshold=thresholds.background,
+        xray_threshold=thresholds.xray).data[0, 0] for f in frames]))
+    reader_s, read = pinned(lambda: best_of(
+        repeats, lambda: stempy_reader_count(frames, dark, thresholds, (n // 20, 20))))
+    identical = all(np.array_equal(a, b) and np.array_equal(a, c) for a, b, c in zip(ours, theirs, read))
+    stempy_fps = n / min(frame_s, reader_s)
+    return {"density": density, "events_per_frame": float(np.mean([len(e) for e in ours])),
+            "ours_fps": n / ours_s, "stempy_fps": stempy_fps, "stempy_path": "frame" if frame_s <= reader_s
+            else "reader", "ratio": (n / ours_s) / stempy_fps, "identical": identical}
+
+
 def density_sweep(densities: list[float], repeats: int, n: int = 40) -> list[dict]:
     """Ours against stempy's fastest single-core in-memory path at each density (see the module docstring)."""
     thresholds = Counter(None, (40.5, 900.0), SHAPE).thresholds
-    rows = []
-    for density in densities:
-        dark, frames = density_frames(density, n)
-        counter = Counter(dark, thresholds, SHAPE)
-        ours_s, ours = pinned(lambda: best_of(repeats, lambda: [counter.count(f) for f in frames]))
-        frame_s, theirs = pinned(lambda: best_of(repeats, lambda: [stim.electron_count_frame(
-            f, darkreference=dark, background_threshold=thresholds.background,
-            xray_threshold=thresholds.xray).data[0, 0] for f in frames]))
-        reader_s, read = pinned(lambda: best_of(
-            repeats, lambda: stempy_reader_count(frames, dark, thresholds, (n // 20, 20))))
-        identical = all(np.array_equal(a, b) and np.array_equal(a, c) for a, b, c in zip(ours, theirs, read))
-        stempy_fps = n / min(frame_s, reader_s)
-        rows.append({"density": density, "events_per_frame": float(np.mean([len(e) for e in ours])),
-                     "ours_fps": n / ours_s, "stempy_fps": stempy_fps, "stempy_path": "frame" if frame_s <= reader_s
-                     else "reader", "ratio": (n / ours_s) / stempy_fps, "identical": identical})
+    rows = [density_row(density, thresholds, repeats, n) for density in densities]
     print("density  events/frame  ours frames/s  stempy frames/s (path)  ours/stempy  identical")
     for r in rows:
         print(f"{r['density']:7.3f}  {r['events_per_frame']:12.0f}  {r['ours_fps']:13.1f}  {r['stempy_fps']:15.1f} "
@@ -192,7 +197,8 @@ def main(argv=None) -> dict:
     seconds, ours_strips = pinned(lambda: best_of(args.repeats, lambda: [counter.count_sectors(s) for s in strips]))
     fps["ours sectors"] = n / seconds
     identical["ours sectors"] = all(np.array_equal(a, b) for a, b in zip(ours, ours_strips))
-    del strips, ours_strips
+    strips.clear()  # frees the copies before the next measurement
+    del ours_strips
 
     def frame_loop():
         return [stim.electron_count_frame(f, darkreference=dark, background_threshold=thresholds.background,
@@ -202,7 +208,8 @@ def main(argv=None) -> dict:
     fps["stempy frame"] = n / seconds
     identical["stempy frame"] = all(np.array_equal(a, b) for a, b in zip(ours, theirs))
 
-    seconds, _ = pinned(lambda: best_of(args.repeats, lambda: stempy_reader_count(frames, dark, thresholds, scan_shape)))
+    seconds, _ = pinned(lambda: best_of(args.repeats,
+                                        lambda: stempy_reader_count(frames, dark, thresholds, scan_shape)))
     fps["stempy reader"] = n / seconds
     integer_dark = np.trunc(dark)  # where the two dark conventions agree
     theirs = stempy_reader_count(frames, integer_dark, thresholds, scan_shape)
@@ -213,14 +220,15 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="detstream-bench-") as tmp:
         files = write_sector_files(Path(tmp), frames, scan_shape)
         for name, threads, pin in (("stempy 1 thread", 1, True), ("stempy threaded", 0, False)):
-            run = lambda: best_of(args.repeats, lambda: stempy_sector_count(files, dark, threads))  # noqa: E731
+            run = functools.partial(best_of, args.repeats, functools.partial(stempy_sector_count, files, dark, threads))
             seconds, array = pinned(run) if pin else run()
             fps[name] = n / seconds
             meta = array.metadata["electron_counting"]
             check = Counter(dark, (meta["background_threshold"], meta["x_ray_threshold"]), SHAPE)
             identical[name] = tuple(array.scan_shape) == scan_shape and all(
                 np.array_equal(check.count(f), array.data[p, 0]) for p, f in enumerate(frames))
-            notes[name] = {"background_threshold": meta["background_threshold"], "xray_threshold": meta["x_ray_threshold"],
+            notes[name] = {"background_threshold": meta["background_threshold"],
+                           "xray_threshold": meta["x_ray_threshold"],
                            "events_per_frame": float(np.mean([len(e) for e in array.data[:, 0]]))}
 
     cores = len(os.sched_getaffinity(0))

@@ -39,9 +39,10 @@ import numpy as np
 
 from benchmarks.report import Report
 from benchmarks.sessions import COUNTING, THRESHOLDS, SessionRun, manifest
+from detstream.services.model.session import Detector
+from detstream.services.model.session import Simulator as SimulatorSettings
 from detstream.services.plugins.counting import Counter, Thresholds
 from detstream.services.sinks.electron_events import ElectronEventsFile
-from detstream.services.model.session import Detector, Simulator as SimulatorSettings
 from detstream.services.sources.simulator import Simulator
 
 ROWS, COLS, SECTORS, WIDTH = 576, 576, 4, 144

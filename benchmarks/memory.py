@@ -63,23 +63,22 @@ def main(argv=None) -> dict:
                    source={"replicas": args.sources})
     report = Report("memory", frames=frames, scans=args.scans, scan=[args.scan, args.scan], sources=args.sources)
     samples = []
-    with tempfile.TemporaryDirectory(prefix="detstream-bench-") as tmp:
-        with SessionRun(doc, Path(tmp)) as run:
-            spec = run.local.session.spec
-            limits = bounds(spec.transport.high_water_mark, spec.workers.credits, spec.workers.replicas,
-                            sources=args.sources)
-            pids = run.pids
-            before = {name: memory(pid)[0] for name, pid in pids.items()}
-            distributor = next(p.client for p in run.local.stages if p.stage.role == "distributor")
-            writer = run.local.writer().client
+    with tempfile.TemporaryDirectory(prefix="detstream-bench-") as tmp, SessionRun(doc, Path(tmp)) as run:
+        spec = run.local.session.spec
+        limits = bounds(spec.transport.high_water_mark, spec.workers.credits, spec.workers.replicas,
+                        sources=args.sources)
+        pids = run.pids
+        before = {name: memory(pid)[0] for name, pid in pids.items()}
+        distributor = next(p.client for p in run.local.stages if p.stage.role == "distributor")
+        writer = run.local.writer().client
 
-            def sample(elapsed):
-                samples.append({"t": elapsed, "written": writer.status().frames_in,
-                                "in_flight": distributor.status().in_flight,
-                                "rss": {name: memory(pid)[0] for name, pid in pids.items()}})
+        def sample(elapsed):
+            samples.append({"t": elapsed, "written": writer.status().frames_in,
+                            "in_flight": distributor.status().in_flight,
+                            "rss": {name: memory(pid)[0] for name, pid in pids.items()}})
 
-            result = run.stream(every=args.interval, sample=sample)
-            sample(result["seconds"])
+        result = run.stream(every=args.interval, sample=sample)
+        sample(result["seconds"])
     if result["writer"].frames_in != frames:
         raise RuntimeError(f"wrote {result['writer'].frames_in} of {frames} frames")
     quarter = [s for s in samples if s["written"] <= frames / 4] or samples[:1]

@@ -144,8 +144,8 @@ def main(argv=None) -> dict | None:
         kubectl("wait", "--for", "condition=established", "--timeout=60s", "crd/streamingsessions.detstream.io")
         cluster = Cluster(cp.kubeconfig)
         log = open(Path(tmp) / "operator.log", "wb")
-        operator = spawn([sys.executable, "-m", "detstream.services.launcher.cli", "operator", "--standalone", "-n", "bench",
-                          "--liveness-port", "0", "--metrics-port", "0"], env=env, stdout=log,
+        operator = spawn([sys.executable, "-m", "detstream.services.launcher.cli", "operator", "--standalone",
+                          "-n", "bench", "--liveness-port", "0", "--metrics-port", "0"], env=env, stdout=log,
                          stderr=subprocess.STDOUT)
         try:
             kubectl("create", "namespace", "bench")

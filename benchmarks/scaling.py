@@ -29,9 +29,8 @@ FRAME_BYTES = 576 * 576 * 2
 
 
 def run(doc: dict) -> dict:
-    with tempfile.TemporaryDirectory(prefix="detstream-bench-") as tmp:
-        with SessionRun(doc, Path(tmp)) as session:
-            result = session.stream()
+    with tempfile.TemporaryDirectory(prefix="detstream-bench-") as tmp, SessionRun(doc, Path(tmp)) as session:
+        result = session.stream()
     frames = doc["spec"]["scan"]["rows"] * doc["spec"]["scan"]["cols"]
     if result["writer"].frames_in != frames:
         raise RuntimeError(f"wrote {result['writer'].frames_in} of {frames} frames")

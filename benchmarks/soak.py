@@ -109,7 +109,8 @@ def main(argv=None) -> int:
                       "aggregator_pending_frames": waiting}
             samples.append(sample)
             last_t, last_written = now, written
-            print(f"{sample['t']:7.0f} s  {written:>9,}/{total:,} written  {sample['frames_per_second']:7.0f} frames/s  "
+            print(f"{sample['t']:7.0f} s  {written:>9,}/{total:,} written  "
+                  f"{sample['frames_per_second']:7.0f} frames/s  "
                   f"{sample['scans_closed']} scans closed  lost {sample['lost']}  "
                   f"pending {'/'.join(f'{v:.0f}' for v in waiting.values())}  RSS MB "
                   + " ".join(f"{n}={m / 1e6:.0f}" for n, m in memory.items()), flush=True)
@@ -127,7 +128,8 @@ def main(argv=None) -> int:
               "duplicates": s.duplicates, "complete": s.complete} for s in (final.scans if final else [])]
     written = sum(s["written"] for s in scans)
     lost = sum(s["lost"] for s in scans)
-    unaccounted = sum(s["expected"] - s["written"] - s["lost"] for s in scans) + total - sum(s["expected"] for s in scans)
+    unaccounted = (sum(s["expected"] - s["written"] - s["lost"] for s in scans)
+                   + total - sum(s["expected"] for s in scans))
     growth = {}
     third = len(samples) // 3
     if third:

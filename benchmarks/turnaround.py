@@ -29,12 +29,12 @@ import zmq
 
 from benchmarks.report import Report
 from benchmarks.sessions import COUNTING, THRESHOLDS, SessionRun, manifest
+from detstream.services.dataplane.wire import END_OF_SCAN, SECTOR, Header, Outbox
+from detstream.services.model.session import Detector
+from detstream.services.model.session import Simulator as SimulatorSettings
 from detstream.services.plugins.counting import Counter, Thresholds
 from detstream.services.sinks.electron_events import ElectronEventsFile
-from detstream.services.model.session import Detector, Simulator as SimulatorSettings
 from detstream.services.sources.simulator import Simulator
-from detstream.services.dataplane.wire import END_OF_SCAN, SECTOR, Header, Outbox
-
 
 
 def send_scan(out: Outbox, sim: Simulator, scan: int, rows: int, cols: int, rate: float) -> float:

@@ -6,6 +6,9 @@ desired state twice changes nothing and a restarted operator converges without d
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import kubernetes
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import NotFoundError
@@ -15,7 +18,7 @@ PRUNED_KINDS = (("v1", "ConfigMap"), ("v1", "Service"), ("apps/v1", "StatefulSet
                 ("networking.k8s.io/v1", "NetworkPolicy"))
 
 
-def owner_reference(body: dict) -> dict:
+def owner_reference(body: Mapping[str, Any]) -> dict:
     meta = body["metadata"]
     return {"apiVersion": body["apiVersion"], "kind": body["kind"], "name": meta["name"], "uid": meta["uid"],
             "controller": True, "blockOwnerDeletion": True}
@@ -36,7 +39,7 @@ class Cluster:
             self._resources[key] = self.client.resources.get(api_version=api_version, kind=kind)
         return self._resources[key]
 
-    def apply(self, obj: dict, owner: dict) -> None:
+    def apply(self, obj: dict, owner: Mapping[str, Any]) -> None:
         obj["metadata"]["ownerReferences"] = [owner_reference(owner)]
         self.resource(obj["apiVersion"], obj["kind"]).server_side_apply(
             body=obj, field_manager=FIELD_MANAGER, force_conflicts=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -22,7 +23,7 @@ def _status_schema() -> dict:
     count = {"type": "integer", "format": "int64"}
     stage = {"type": "object", "properties": {"desired": {"type": "integer"}, "ready": {"type": "integer"},
                                               "state": {"type": "string"}}}
-    scan = {"type": "object", "properties": {k: dict(count) for k in
+    scan: dict[str, Any] = {"type": "object", "properties": {k: dict(count) for k in
                                              ("scan", "expected", "written", "partial", "lost", "duplicates")}}
     scan["properties"].update(complete={"type": "boolean"}, file={"type": "string"})
     condition = {"type": "object", "required": ["type", "status"], "properties": {

@@ -15,11 +15,13 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
 import threading
 import time
+from typing import Any
 
 import grpc
 import kopf
@@ -29,8 +31,17 @@ from prometheus_client import Counter, Histogram
 from detstream.operator import keys, metrics, resources, stages
 from detstream.operator.cluster import Cluster
 from detstream.operator.crd import PLURAL
-from detstream.operator.status import (Observed, age_s, ingest_addresses, now, phase, pod_view, reason_of,
-                                       startup_overdue, status_patch)
+from detstream.operator.status import (
+    Observed,
+    age_s,
+    ingest_addresses,
+    now,
+    phase,
+    pod_view,
+    reason_of,
+    startup_overdue,
+    status_patch,
+)
 from detstream.services.model.plan import CLUSTER_PORTS, replicas
 from detstream.services.model.schema import SpecError
 from detstream.services.model.session import API_GROUP, API_VERSION, KIND, Session, load_session
@@ -62,7 +73,7 @@ def cluster() -> Cluster:
     return _cluster
 
 
-def ensure_keys(session: Session, body) -> None:
+def ensure_keys(session: Session, body: kopf.Body) -> None:
     """The session's keys Secret, made once (and again only if a new stage needs keys it lacks)."""
     if not keys.needs_keys(session):
         return
@@ -91,7 +102,7 @@ def default_image() -> str:
     return os.environ.get("DETSTREAM_IMAGE", "ghcr.io/detstream/detstream:0.1.0")
 
 
-def session_of(body) -> tuple[Session | None, list[str]]:
+def session_of(body: kopf.Body) -> tuple[Session | None, list[str]]:
     """The session to run: this spec if valid, else the last valid one; plus the spec's problems."""
     try:
         session = as_session(body, dict(body["spec"]))
@@ -103,21 +114,21 @@ def session_of(body) -> tuple[Session | None, list[str]]:
     return last_valid(body), errors
 
 
-def last_valid(body) -> Session | None:
+def last_valid(body: kopf.Body) -> Session | None:
     """The session as the reconcile last applied it; once it has succeeded, as it ran (the
     annotation is no longer updated then)."""
     last = (body["metadata"].get("annotations") or {}).get(LAST_VALID)
     return as_session(body, json.loads(last)) if last else None
 
 
-def as_session(body, spec: dict) -> Session:
+def as_session(body: kopf.Body, spec: dict) -> Session:
     meta = body["metadata"]
     return load_session({"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "spec": spec,
                          "metadata": {"name": meta["name"], "namespace": meta.get("namespace", "default")}})
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_):
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.finalizer = "detstream.io/drain"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="detstream.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="detstream.io")
@@ -134,7 +145,8 @@ def configure(settings: kopf.OperatorSettings, **_):
 @kopf.on.create(*RESOURCE)
 @kopf.on.update(*RESOURCE, field="spec")
 @kopf.timer(*RESOURCE, interval=RESYNC_INTERVAL_S, initial_delay=RESYNC_INTERVAL_S)
-def reconcile(body, meta, status, patch, logger, old=None, new=None, **_):
+def reconcile(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch, logger: kopf.Logger,
+              old: dict | None = None, new: dict | None = None, **_: Any) -> None:
     t0 = time.perf_counter()
     try:
         if status.get("phase") == "Succeeded":
@@ -148,7 +160,7 @@ def reconcile(body, meta, status, patch, logger, old=None, new=None, **_):
         RECONCILE_SECONDS.observe(time.perf_counter() - t0)
 
 
-def apply_session(body, meta, patch, logger, new_params: bool) -> None:
+def apply_session(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, logger: kopf.Logger, new_params: bool) -> None:
     session, errors = session_of(body)
     if errors:
         keeping = "keeping the last valid spec" if session else "nothing to run"
@@ -167,11 +179,12 @@ def apply_session(body, meta, patch, logger, new_params: bool) -> None:
     RECONCILES.labels("applied" if not errors else "invalid").inc()
 
 
-def keep_finished(body, meta, patch, logger, edited: bool) -> None:
+def keep_finished(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, logger: kopf.Logger, edited: bool) -> None:
     """A succeeded session's children stay as they ran, whatever its spec says now: a changed pod
     template would roll the idle writer, and an emptyDir's results would go with its old pod."""
     session = last_valid(body)
-    apply_children(body, session, resources.finished(session, default_image()), logger)
+    if session is not None:  # None only for a session that never applied a spec: nothing of it runs
+        apply_children(body, session, resources.finished(session, default_image()), logger)
     if edited:
         tell(body, logger, "SpecIgnored", "the session has succeeded: a spec change has no effect on it and "
                                           "its results stay as they are (to run again, create a new session)",
@@ -180,7 +193,7 @@ def keep_finished(body, meta, patch, logger, edited: bool) -> None:
     RECONCILES.labels("applied").inc()
 
 
-def apply_children(body, session: Session, desired: list[dict], logger) -> None:
+def apply_children(body: kopf.Body, session: Session, desired: list[dict], logger: kopf.Logger) -> None:
     """Apply the desired children (the keys Secret first) and remove the session's others."""
     ensure_keys(session, body)  # before the pods that mount it
     for obj in desired:
@@ -199,14 +212,14 @@ def params_changed(old: dict | None, new: dict | None) -> bool:
     return params(old) != params(new)
 
 
-def push_params(body, session: Session, logger) -> None:
+def push_params(body: kopf.Body, session: Session, logger: kopf.Logger) -> None:
     pods = [pod_view(p) for p in cluster().pods(session.namespace, session.name)]
     done = stages.configure_workers(pods, session.spec.plugin.params, tls(session))
     tell(body, logger, "ParametersUpdated",
          f"plugin parameters pushed live to {len(done)} worker(s): {session.spec.plugin.params}")
 
 
-def tell(body, logger, reason: str, message: str, warning: bool = False) -> None:
+def tell(body: kopf.Body, logger: kopf.Logger, reason: str, message: str, warning: bool = False) -> None:
     """Log it, and post it as an Event on the session (`kubectl describe sess`, `kubectl get events`).
     Explicitly: kopf posts its loggers' messages only with settings.posting.loggers, and then every
     handler's success too."""
@@ -215,7 +228,8 @@ def tell(body, logger, reason: str, message: str, warning: bool = False) -> None
 
 
 @kopf.timer(*RESOURCE, interval=OBSERVE_INTERVAL_S, initial_delay=1.0)
-def observe(body, meta, status, patch, logger, **_):
+def observe(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch, logger: kopf.Logger,
+            **_: Any) -> None:
     if status.get("phase") == "Succeeded":
         metrics.export(meta["namespace"], meta["name"], status)  # (also after an operator restart)
         return  # the stages are scaled to zero (see resources.finished); the result stays as it is
@@ -261,7 +275,8 @@ def observe(body, meta, status, patch, logger, **_):
 
 
 @kopf.on.delete(*RESOURCE)
-def drain(body, meta, status, patch, logger, runtime, **_):
+def drain(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch, logger: kopf.Logger,
+          runtime: datetime.timedelta, **_: Any) -> None:
     metrics.forget(meta["namespace"], meta["name"])
     session, _errors = session_of(body)
     if session is None or status.get("phase") in ("Succeeded", "Pending", None) or not status.get("startedAt"):

@@ -15,8 +15,8 @@ import base64
 import tempfile
 from pathlib import Path
 
-from detstream.services.model.plan import Plan
 from detstream.services.dataplane.security import EXTERNAL, generate
+from detstream.services.model.plan import Plan
 from detstream.services.model.session import Session
 
 KEYS_DIR = "/etc/detstream-keys"
@@ -78,7 +78,7 @@ def keys_volume(session: Session, plan: Plan, role: str) -> dict:
 
 def covers(secret: dict, session: Session, plan: Plan) -> bool:
     """Whether an existing Secret has every key this plan's pods will mount (a new lane needs more)."""
-    have = set((secret.get("data") or {}))
+    have = set(secret.get("data") or {})
     wanted = {secret_key(f) for role in {s.role for s in plan.stages} for f in role_files(session, plan, role)}
     return wanted <= have
 

@@ -73,6 +73,7 @@ def missing_peering(name: str, namespaces: list[str] | None) -> str:
     except ResourceNotFoundError:
         return f"the {kind} CRD is not installed: kubectl apply -f charts/detstream/crds/kopfpeerings.yaml, or {fix}"
     names = lambda ns: {p.metadata.name for p in peerings.get(namespace=ns).items}  # noqa: E731
-    lacking = [ns for ns in namespaces or [None] if name not in names(ns)]
-    where = f" in namespace {', '.join(lacking)}" if namespaces else ""
+    scopes: list[str | None] = list(namespaces) if namespaces is not None else [None]
+    lacking = [ns for ns in scopes if name not in names(ns)]
+    where = f" in namespace {', '.join(map(str, lacking))}" if namespaces else ""
     return f"no {kind} {name!r}{where}: {fix}" if lacking else ""

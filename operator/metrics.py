@@ -10,6 +10,9 @@ exists. The chart's ServiceMonitor honours these labels (honorLabels), so
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from prometheus_client import Gauge
 
 OUTCOMES = ("expected", "written", "partial", "lost")
@@ -18,7 +21,7 @@ SESSION_FRAMES = Gauge("detstream_session_frames", "Frames of a session's closed
                        "(expected, written, partial, lost), from its status.", ["namespace", "session", "outcome"])
 
 
-def export(namespace: str, session: str, status: dict) -> None:
+def export(namespace: str, session: str, status: Mapping[str, Any]) -> None:
     """Set the session's gauges from its status (every outcome, 0 until a scan closes)."""
     closed = status.get("closed") or {}
     for outcome in OUTCOMES:

@@ -14,9 +14,9 @@ import json
 
 from detstream.operator import keys
 from detstream.services.model.plan import CLUSTER_PORTS, DATA_PORTS, ClusterNetwork, Plan, build_plan
-from detstream.services.plugins import plugin_class
 from detstream.services.model.schema import to_manifest
 from detstream.services.model.session import Session
+from detstream.services.plugins import plugin_class
 
 PLAN_DIR = "/etc/detstream"
 OUTPUT_DIR = "/data"
@@ -81,7 +81,8 @@ def container(session: Session, role: str, image: str, plan: Plan) -> dict:
     field = lambda path: {"valueFrom": {"fieldRef": {"fieldPath": path}}}  # noqa: E731
     return {
         "name": "stage", "image": image, "imagePullPolicy": k8s.image_pull_policy, "args": args,
-        "env": [{"name": "POD_NAME", **field("metadata.name")}, {"name": "POD_NAMESPACE", **field("metadata.namespace")},
+        "env": [{"name": "POD_NAME", **field("metadata.name")},
+                {"name": "POD_NAMESPACE", **field("metadata.namespace")},
                 {"name": "POD_IP", **field("status.podIP")}, *env_keys],
         "ports": [{"name": name, "containerPort": CLUSTER_PORTS[name], "protocol": "TCP"} for name in ports],
         "readinessProbe": {**check("/readyz"), **probe, "failureThreshold": 3},

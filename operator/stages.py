@@ -6,16 +6,19 @@ costs at most one deadline per resync, never a blocked operator.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import TypeVar
 
 import grpc
 
 from detstream.operator.status import PodView
-from detstream.services.runtime.control import StageClient
 from detstream.services.model.plan import CLUSTER_PORTS, START_ORDER
-from detstream.v1.control_pb2 import CONFIGURED
+from detstream.services.runtime.control import StageClient
+from detstream.v1.control_pb2 import CONFIGURED, StageStatus
+
+T = TypeVar("T")
 
 DEADLINE_S = 1.0
 _pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="stages")
@@ -45,18 +48,18 @@ class Tls:
         return f"{self.session}-{pod.role}-{ordinal if pod.role != 'worker' and ordinal.isdigit() else 0}"
 
 
-def each(pods: list[PodView], fn: Callable[[StageClient], object], tls: Tls | None = None) -> dict[str, object]:
+def each(pods: list[PodView], fn: Callable[[StageClient], T], tls: Tls | None = None) -> dict[str, T]:
     """fn(client) on every pod with an IP, concurrently; pods that do not answer are left out."""
     reachable = [p for p in pods if p.ip]
     results = _pool.map(lambda p: _call(p, fn, tls), reachable)
     return {p.name: r for p, r in zip(reachable, results) if r is not None}
 
 
-def statuses(pods: list[PodView], tls: Tls | None = None) -> dict[str, object]:
+def statuses(pods: list[PodView], tls: Tls | None = None) -> dict[str, StageStatus]:
     return each(pods, lambda c: c.status(), tls)
 
 
-def start_waiting(pods: list[PodView], status: dict[str, object], tls: Tls | None = None) -> list[str]:
+def start_waiting(pods: list[PodView], status: dict[str, StageStatus], tls: Tls | None = None) -> list[str]:
     """Start every stage that is up but not started (all of them at first; later, restarted or
     newly scaled ones), consumers before producers."""
     started = []

@@ -9,10 +9,12 @@ accounting does not close).
 from __future__ import annotations
 
 import datetime
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from detstream.services.dataplane.accounting import frames_so_far
-from detstream.v1.control_pb2 import FAILED, FINISHED
+from detstream.v1.control_pb2 import FAILED, FINISHED, StageStatus
 
 # Container states that will not fix themselves: the session cannot run.
 CRASH_LOOP_RESTARTS = 2  # a container that failed this often and is not ready (again) is crash-looping
@@ -59,7 +61,7 @@ def pod_view(pod: dict) -> PodView:
 class Observed:
     desired: dict[str, int]                        # role -> replicas wanted
     pods: list[PodView] = field(default_factory=list)
-    stages: dict[str, object] = field(default_factory=dict)   # pod name -> StageStatus (reachable ones)
+    stages: dict[str, StageStatus] = field(default_factory=dict)   # pod name -> status (reachable ones)
     started: bool = False
     deleting: bool = False
     spec_errors: list[str] = field(default_factory=list)
@@ -111,7 +113,7 @@ def ready_counts(o: Observed) -> dict[str, int]:
     return counts
 
 
-def age_s(meta: dict) -> float:
+def age_s(meta: Mapping[str, Any]) -> float:
     """Seconds since the object was created."""
     created = meta.get("creationTimestamp")
     if not created:
@@ -120,7 +122,7 @@ def age_s(meta: dict) -> float:
     return (datetime.datetime.now(datetime.timezone.utc) - since).total_seconds()
 
 
-def reason_of(status: dict, condition_type: str) -> str:
+def reason_of(status: Mapping[str, Any], condition_type: str) -> str:
     """The reason of a condition in a status, or ""."""
     return next((c.get("reason", "") for c in status.get("conditions") or [] if c.get("type") == condition_type), "")
 
@@ -129,7 +131,8 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def condition(old: list[dict], type_: str, ok: bool, reason: str, message: str, generation: int) -> dict:
+def condition(old: list[dict], type_: str, ok: bool, reason: str, message: str,
+              generation: int | None) -> dict:
     """A condition that keeps its lastTransitionTime unless its status changes."""
     status = "True" if ok else "False"
     previous = next((c for c in old if c.get("type") == type_), None)
@@ -143,7 +146,7 @@ def without_empty(fields: dict) -> dict:
     return {k: v for k, v in fields.items() if v != ""}
 
 
-def status_patch(o: Observed, old_status: dict, generation: int, selector: str) -> dict:
+def status_patch(o: Observed, old_status: dict, generation: int | None, selector: str) -> dict:
     """The `status` the operator writes for these observations (not `observedGeneration`: the
     reconcile writes it once it has applied that generation)."""
     current, why = phase(o)

@@ -17,9 +17,10 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import DETSTREAM, no_stage_left, wait_for  # noqa: F401 (wait_for is re-exported)
-from detstream.services.runtime.control import StageClient
 from detstream.services.model.plan import Plan
+from detstream.services.runtime.control import StageClient
+
+from helpers import DETSTREAM, no_stage_left, wait_for
 
 
 class Live:
@@ -85,7 +86,8 @@ class Live:
         return [(s.name, s.labels, s.value) for fam in text_string_to_metric_families(text) for s in fam.samples]
 
     def metric(self, name: str, metric: str, **labels) -> float:
-        return sum(v for n, l, v in self.metrics(name) if n == metric and all(l.get(k) == x for k, x in labels.items()))
+        return sum(v for n, got, v in self.metrics(name)
+                   if n == metric and all(got.get(k) == x for k, x in labels.items()))
 
     def wait_started(self, frames: int = 1, timeout: float = 60.0) -> None:
         wait_for(lambda: self.proc.poll() is not None or self.written() >= frames, timeout,
@@ -102,7 +104,7 @@ class Live:
         except subprocess.TimeoutExpired:
             self.proc.send_signal(signal.SIGINT)
             _, self.stderr = self.proc.communicate(timeout=30)
-            raise AssertionError(f"detstream run hung; stderr:\n{self.stderr}")
+            raise AssertionError(f"detstream run hung; stderr:\n{self.stderr}") from None
         report = json.loads(self.report_path.read_text()) if self.report_path.exists() else None
         assert not no_stage_left(str(self.run_dir)), "stage processes left behind"
         return self.proc.returncode, self.stderr, report

@@ -14,9 +14,10 @@ import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import DETSTREAM, manifest, no_stage_left, wait_for
 from detstream.v1 import control_pb2
 from detstream.v1.wire_pb2 import END_OF_SCAN, FRAME, RESULT, SECTOR, Header
+
+from helpers import DETSTREAM, manifest, no_stage_left, wait_for
 
 SMALL = {"rows": 64, "cols": 64, "sectors": 2}
 SECTOR_BYTES = 64 * 32 * 2

@@ -27,7 +27,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import ROOT, manifest, require
+from helpers import ROOT, manifest, require
 
 CHART = ROOT / "charts" / "detstream"
 RELEASE, NAMESPACE = "ds", "detstream"

@@ -6,26 +6,13 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 
 import pytest
 
-try:  # tests/ is not a package: pytest puts tests/ on sys.path; `python -m pytest` also has the repo root
-    from cluster.fixtures import SKIP, control_plane, kubectl  # noqa: F401
-except ImportError:
-    from tests.cluster.fixtures import SKIP, control_plane, kubectl  # noqa: F401
+from cluster.fixtures import SKIP
+from helpers import wait_for
 
 pytestmark = [pytest.mark.skipif(SKIP, reason="DETSTREAM_SKIP_CLUSTER=1"), pytest.mark.timeout(3600)]
-
-
-def wait_for(predicate, timeout: float = 90, interval: float = 0.5, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def configmap(name: str, ns: str, owner: dict | None = None) -> str:
@@ -53,7 +40,7 @@ def test_garbage_collector_deletes_owned_objects(kubectl):
 
     kubectl("delete", "configmap", "a", "-n", "gc", "--wait=true")
     wait_for(lambda: kubectl.run("get", "configmap", "b", "-n", "gc", check=False).returncode != 0,
-             timeout=120, what="garbage collection of configmap b")
+             timeout=120, every=0.5, what="garbage collection of configmap b")
     assert "NotFound" in kubectl.run("get", "configmap", "b", "-n", "gc", check=False).stderr
 
 
@@ -67,7 +54,8 @@ def test_service_account_token_is_limited_by_rbac(kubectl):
 
     # Kubernetes 1.20: the token controller (kube-controller-manager) makes a token Secret per ServiceAccount.
     secret = wait_for(lambda: kubectl("get", "serviceaccount", "reader", "-n", ns, "-o",
-                                      "jsonpath={.secrets[0].name}"), what="the reader token Secret")
+                                      "jsonpath={.secrets[0].name}"), timeout=90, every=0.5,
+                      what="the reader token Secret")
     token = base64.b64decode(kubectl("get", "secret", secret, "-n", ns, "-o", "jsonpath={.data.token}")).decode()
 
     got = kubectl.run("get", "configmap", "x", "-n", ns, "-o", "jsonpath={.data.k}", token=token)
@@ -113,12 +101,13 @@ def test_custom_resource_definition_with_status(kubectl):
     kubectl("wait", "--for=condition=Established", "crd/widgets.test.detstream.io", "--timeout=60s")
     # discovery of the new group can lag a moment behind Established
     wait_for(lambda: kubectl.run("apply", "-f", "-", input=WIDGET, check=False).returncode == 0,
-             timeout=30, what="the Widget to be accepted")
+             timeout=30, every=0.5, what="the Widget to be accepted")
     assert kubectl("get", "widget", "w", "-n", "crd", "-o", "jsonpath={.spec.size}") == "3"
 
     # status is a subresource: writable through /status, and ignored in a write to the main resource
     kubectl("patch", "widget", "w", "-n", "crd", "--subresource=status", "--type=merge",
             "-p", '{"status": {"phase": "Ready"}}')
-    kubectl("patch", "widget", "w", "-n", "crd", "--type=merge", "-p", '{"spec": {"size": 4}, "status": {"phase": "X"}}')
+    kubectl("patch", "widget", "w", "-n", "crd", "--type=merge",
+            "-p", '{"spec": {"size": 4}, "status": {"phase": "X"}}')
     widget = json.loads(kubectl("get", "widget", "w", "-n", "crd", "-o", "json"))
     assert widget["spec"]["size"] == 4 and widget["status"]["phase"] == "Ready"

@@ -1,4 +1,5 @@
-"""detstream.services.plugins.counting against stempy itself (stempy.image.electron_count_frame, stempy's calculate_thresholds)."""
+"""detstream.services.plugins.counting against stempy itself (stempy.image.electron_count_frame,
+stempy's calculate_thresholds)."""
 
 import numpy as np
 import pytest
@@ -67,7 +68,7 @@ def scene():
     v[100, 143], v[100, 144] = 120, 90
     v[110, 287], v[110, 288] = 90, 120
     v[120, 431], v[120, 432] = 77, 77
-    for name, (row, col) in f.items():
+    for row, col in f.values():
         v[row, col] = 150
     corners = [(0, 0), (0, 575), (575, 0), (575, 575), (0, 300), (575, 200), (250, 0), (260, 575)]
     for row, col in corners:
@@ -287,7 +288,8 @@ def test_stempy_threaded_reader_counting_matches(tmp_path):
     thresholds estimated by stempy itself and reported in the metadata."""
     dark, frames = sample_frames(11, n=6)
     scan_rows, scan_cols = 2, 3
-    record = np.dtype([("scan", "<u4"), ("frame", "<u4"), ("dims", "<u2", 2), ("xy", "<u2", 2), ("data", "<u2", (144, 576))])
+    record = np.dtype([("scan", "<u4"), ("frame", "<u4"), ("dims", "<u2", 2), ("xy", "<u2", 2),
+                       ("data", "<u2", (144, 576))])
     files = []
     for module in range(4):  # version 5: module m holds frame rows 144 m .. 144 m + 143
         records = np.zeros(len(frames), record)

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, manifest, require
+from helpers import ROOT, manifest, require
 
 CHART = ROOT / "charts" / "detstream"
 DASHBOARDS = sorted((CHART / "dashboards").glob("*.json"))
@@ -104,7 +104,8 @@ def test_dashboard_structure(path):
 
     used = {name for _, expr in targets(dash) for name in re.findall(r"\$\{?(\w+)", expr)}
     used |= {name for v in variables.values() for name in re.findall(r"\$\{?(\w+)", v.get("query", "") or "")}
-    assert used - BUILTIN_VARIABLES <= set(variables), f"undefined variables: {used - BUILTIN_VARIABLES - set(variables)}"
+    undefined = used - BUILTIN_VARIABLES - set(variables)
+    assert not undefined, f"undefined variables: {undefined}"
     if any("$session" in expr for _, expr in targets(dash)):
         assert variables["session"]["query"].startswith(("label_values(", "query_result("))
 
@@ -298,10 +299,10 @@ def live(tmp_path_factory):
     from prometheus_client import start_http_server
 
     import detstream.operator.handlers as operator_handlers
-    from detstream.services.sinks.output import accounting_file, read_accounting
     from detstream.services.launcher.progress import Summary
     from detstream.services.launcher.runner import LocalSession
     from detstream.services.model.session import load_session
+    from detstream.services.sinks.output import accounting_file, read_accounting
 
     tmp = tmp_path_factory.mktemp("prometheus")
     fast = {"heartbeatS": 0.1, "workerTimeoutS": 2.0, "frameTimeoutS": 0.5, "endOfScanTimeoutS": 1.5}
@@ -396,7 +397,8 @@ def live(tmp_path_factory):
         backlog.stop()  # the failed writer exits by itself after FAILED_LINGER_S
         prom.wait_for([f'sum(detstream_rejected_messages_total{{session="{DASH}"}}) >= 2',
                        f'count(up{{session="{BACKLOG}"}} == 0) == {len(backlog.stages)}',
-                       f'min(count_over_time(detstream_frames_received_total{{session="{DASH}", stage="worker"}}[1m])) >= 5'],
+                       f'min(count_over_time(detstream_frames_received_total{{session="{DASH}", stage="worker"}}[1m]))'
+                       ' >= 5'],
                       60)
         assert not dash.finished(), "dash ended before the tests: give it a longer scan"
         yield Live(prom, t0, backlog_status, backlog_report, rejected_at, len(dash.stages), failed_metrics)
@@ -428,14 +430,15 @@ def options(prom: Prometheus, variable: dict, since: float) -> list[str]:
     query = substitute(variable["query"], {})
     if query.startswith("query_result("):
         # Grafana's text of each result: {label="value", ...} VALUE TIMESTAMP, matched by the variable's regex
-        lines = ["{" + ", ".join(f'{k}="{v}"' for k, v in s["metric"].items()) + "} " + " ".join(map(str, s["value"][::-1]))
-                 for s in prom.result(query[len("query_result("):-1])]
+        lines = ["{" + ", ".join(f'{k}="{v}"' for k, v in s["metric"].items()) + "} "
+                 + " ".join(map(str, s["value"][::-1])) for s in prom.result(query[len("query_result("):-1])]
         found = [re.search(variable["regex"].strip("/"), line) for line in lines]
         values = list(dict.fromkeys(m.group(1) for m in found if m))
     else:
         # the series of the dashboard's time range (refresh: on time range change)
         selector, label = re.fullmatch(r"label_values\((.+), *(\w+)\)", query).groups()
-        found = prom.get("/api/v1/series", **{"match[]": selector, "start": f"{since:.3f}", "end": f"{time.time():.3f}"})
+        found = prom.get("/api/v1/series",
+                         **{"match[]": selector, "start": f"{since:.3f}", "end": f"{time.time():.3f}"})
         values = sorted({s.get(label) for s in found["data"]} - {None})
     return values if variable.get("sort", 0) == 0 else sorted(values)
 
@@ -506,7 +509,8 @@ def test_one_rejected_message_and_one_bad_connection_show_on_both_rejected_panel
         peaks = {}
         for s in series:   # the highest point of each reason, over its stages
             reason = s["metric"]["reason"]
-            peaks[reason] = max([peaks.get(reason, 0.0)] + [float(v) for t, v in s["values"] if t >= live.rejected_at - 1])
+            recent = [float(v) for t, v in s["values"] if t >= live.rejected_at - 1]
+            peaks[reason] = max([peaks.get(reason, 0.0), *recent])
         assert peaks["header"] > 0 and peaks["handshake"] > 0, (name, peaks)
         assert peaks["late"] == 0, "every reason is a series from the start"
 
@@ -547,7 +551,8 @@ def test_frames_and_sectors_on_separate_panels_with_units(live):
         p = panel(pipeline, title)
         unit = "sectors/s" if title == "Sectors/s" else "frames/s"
         assert p["fieldConfig"]["defaults"]["unit"] == f"suffix: {unit}", title
-        per_panel[title] = {s["metric"].get("stage") for r in evaluate(live.prom, live, p, {"session": DASH}) for s in r}
+        results = evaluate(live.prom, live, p, {"session": DASH})
+        per_panel[title] = {s["metric"].get("stage") for r in results for s in r}
     assert per_panel["Frames received/s"] == {"distributor", "worker", "writer"}
     assert per_panel["Frames sent/s"] == {"aggregator", "distributor", "worker"}
     (sent, received) = evaluate(live.prom, live, panel(pipeline, "Sectors/s"), {"session": DASH})

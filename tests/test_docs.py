@@ -5,11 +5,12 @@ import re
 
 import yaml
 
-from conftest import ROOT
 from detstream.operator.crd import PHASES
 from detstream.operator.status import Observed, status_patch
 from detstream.services.runtime.metrics import Counters, StageMetrics
 from detstream.v1.control_pb2 import StageState
+
+from helpers import ROOT
 
 README = (ROOT / "README.md").read_text()
 NOTES = (ROOT / "charts" / "detstream" / "templates" / "NOTES.txt").read_text()

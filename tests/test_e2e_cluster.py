@@ -31,9 +31,10 @@ import pytest
 import stempy.io
 import yaml
 
-from cluster.fixtures import RBAC_DENIAL, control_plane, helm, kubectl  # noqa: F401
-from conftest import ROOT, Background, manifest, wait_for
 from detstream.services.sinks.output import read_accounting
+
+from cluster.fixtures import RBAC_DENIAL
+from helpers import ROOT, Background, manifest, wait_for
 
 NS = "e2e"
 OPERATOR_NS = "e2e-system"  # the chart's release; its operator serves NS
@@ -48,7 +49,7 @@ wait_until = functools.partial(wait_for, every=0.3)  # each poll runs kubectl: n
 
 
 class Env:
-    def __init__(self, kubectl, workdir, agent):  # noqa: F811
+    def __init__(self, kubectl, workdir, agent):
         self.kubectl, self.workdir, self.agent = kubectl, workdir, agent
         self.pods_dir = workdir / "node" / "pods"
 
@@ -126,7 +127,7 @@ def pod_namespaces_possible() -> bool:
 
 
 @pytest.fixture(scope="module")
-def cluster(kubectl, helm, tmp_path_factory):  # noqa: F811
+def cluster(kubectl, helm, tmp_path_factory):
     if not pod_namespaces_possible():
         pytest.skip("the test node agent cannot make a mount namespace here (needs root or unprivileged "
                     "user namespaces)")
@@ -158,7 +159,7 @@ def cluster(kubectl, helm, tmp_path_factory):  # noqa: F811
     assert not kubectl("get", "nodes", "-o", "name").strip(), "the node agent left its Node"
 
 
-def operator_ready(kubectl):  # noqa: F811
+def operator_ready(kubectl):
     pods = json.loads(kubectl("get", "pods", "-n", OPERATOR_NS, "-l", "app.kubernetes.io/component=operator",
                               "-o", "json"))["items"]
     return any(c["type"] == "Ready" and c["status"] == "True"
@@ -168,7 +169,7 @@ def operator_ready(kubectl):  # noqa: F811
 class PhaseWatch:
     """`kubectl get sess NAME -w`: every phase the session's status went through, in order."""
 
-    def __init__(self, kubectl, name):  # noqa: F811
+    def __init__(self, kubectl, name):
         self.proc = subprocess.Popen(
             [kubectl.exe, f"--kubeconfig={kubectl.cp.kubeconfig}", "get", "-n", NS, "sess", "-w",
              f"--field-selector=metadata.name={name}", "--request-timeout=0",
@@ -240,7 +241,9 @@ def test_example_session_streams_through_pods_to_a_stempy_file(e2e):
     assert sum(1 for frames in counted.data if len(frames[0])) == scan["written"]
     if scan["partial"] == 0:  # a partial frame is zero-filled: only whole frames count as stempy does
         from test_local_session import stempy_events
-        from detstream.services.model.session import Detector, Simulator as SimulatorSettings
+
+        from detstream.services.model.session import Detector
+        from detstream.services.model.session import Simulator as SimulatorSettings
         from detstream.services.sources.simulator import Simulator
         sim = Simulator(SimulatorSettings(seed=7), Detector())
         for position in range(0, 1024, 97):

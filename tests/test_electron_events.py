@@ -13,7 +13,8 @@ def random_scan(seed, scan_shape, frame_shape, empty=()):
     events = {}
     for position in range(scan_shape[0] * scan_shape[1]):
         if position not in empty:
-            events[position] = np.sort(rng.choice(pixels, rng.integers(0, min(400, pixels)), replace=False)).astype(np.uint32)
+            chosen = rng.choice(pixels, rng.integers(0, min(400, pixels)), replace=False)
+            events[position] = np.sort(chosen).astype(np.uint32)
     return events
 
 
@@ -95,10 +96,9 @@ def test_abort_leaves_nothing(tmp_path):
 
 def test_context_manager_aborts_on_error(tmp_path):
     path = tmp_path / "ctx.h5"
-    with pytest.raises(RuntimeError):
-        with ElectronEventsFile(path, (2, 2), (4, 4)) as writer:
-            writer.write(0, [1, 2])
-            raise RuntimeError("stage failed")
+    with pytest.raises(RuntimeError), ElectronEventsFile(path, (2, 2), (4, 4)) as writer:
+        writer.write(0, [1, 2])
+        raise RuntimeError("stage failed")
     assert list(tmp_path.iterdir()) == []
     with ElectronEventsFile(path, (2, 2), (4, 4)) as writer:
         writer.write(3, [1, 2])

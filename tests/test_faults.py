@@ -14,13 +14,15 @@ import pytest
 import stempy.io
 import zmq
 
-from conftest import DETSTREAM, manifest
-from detstream.services.plugins.counting import Counter, Thresholds
-from detstream.services.sinks.electron_events import COMPLETE, MISSING, PARTIAL
-from detstream.services.model.session import Detector, Simulator as SimulatorSettings
-from detstream.services.sources.simulator import Simulator
+from detstream.services.dataplane.accounting import COMPLETE, MISSING, PARTIAL
 from detstream.services.dataplane.wire import END_OF_SCAN, SECTOR, Header, Outbox
-from live import Live, wait_for
+from detstream.services.model.session import Detector
+from detstream.services.model.session import Simulator as SimulatorSettings
+from detstream.services.plugins.counting import Counter, Thresholds
+from detstream.services.sources.simulator import Simulator
+
+from helpers import DETSTREAM, manifest, wait_for
+from live import Live
 
 SMALL = {"rows": 128, "cols": 128, "sectors": 4}
 COUNTING = {"name": "electron-counting", "params": {"dark": "simulated", "backgroundThreshold": 32,
@@ -140,7 +142,7 @@ def test_a_slow_writer_backpressures_the_source_and_memory_stays_bounded(tmp_pat
     more than the pipeline's bounded queues ahead of the writer, and nothing is dropped."""
     short = run_slow_writer(tmp_path, "short", 8)
     long = run_slow_writer(tmp_path, "long", 32)
-    for code, err, report, ahead in (short, long):
+    for code, err, report, _ahead in (short, long):
         assert code == 0, err
         assert_exact(report)
         (scan,) = report["scans"]
@@ -275,7 +277,8 @@ def test_a_vanished_source_fails_the_session_when_the_policy_says_so(tmp_path):
         live.kill()
     assert code == 1
     # the first scan with a loss fails the session (scan 0, or 1 if the sender was a scan ahead of the writer)
-    failed = re.search(r"scan (\d) closed with [1-9]\d* frames lost, \d+ partial \(spec.transport.onLoss is fail\)", err)
+    failed = re.search(r"scan (\d) closed with [1-9]\d* frames lost, \d+ partial "
+                       r"\(spec.transport.onLoss is fail\)", err)
     assert failed, err
     assert [s["scan"] for s in report["scans"]] == list(range(int(failed.group(1)) + 1))  # nothing after it
     assert not report["ok"] and "writer-0" in report["failure"]

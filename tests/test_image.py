@@ -17,7 +17,7 @@ import zipfile
 
 import yaml
 
-from conftest import ROOT, require
+from helpers import ROOT, require
 
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -127,7 +127,8 @@ def test_dockerignore_keeps_the_sources_and_drops_the_rest():
 
 
 def test_hadolint_finds_nothing():
-    out = subprocess.run([require("hadolint"), "--failure-threshold", "info", str(DOCKERFILE)], capture_output=True, text=True)
+    out = subprocess.run([require("hadolint"), "--failure-threshold", "info", str(DOCKERFILE)],
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, require
+from helpers import ROOT, require
 
 BUILD = ROOT / "tests" / "cluster" / "build.sh"
 
@@ -54,7 +54,8 @@ def test_a_failed_build_leaves_nothing_a_later_run_trusts(tmp_path):
     fake_binary(cache / "kubernetes-v1.20.2" / "bin" / "kube-apiserver", None)
     fake_binary(cache / "kubernetes-v1.20.2" / "bin" / "kube-controller-manager", None)
     sandbox = path_without(tmp_path / "path", {"apt-get", "sudo"}, {"apt-get": "#!/bin/sh\nexit 0\n"})
-    result = subprocess.run(["bash", str(BUILD)], env={**os.environ, "PATH": str(sandbox), "DETSTREAM_CACHE": str(cache)},
+    result = subprocess.run(["bash", str(BUILD)],
+                            env={**os.environ, "PATH": str(sandbox), "DETSTREAM_CACHE": str(cache)},
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "apt-get source kubernetes did not give" in result.stderr, result.stderr

@@ -10,10 +10,12 @@ import pytest
 import stempy.image
 import stempy.io
 
-from conftest import DETSTREAM, DETSTREAM_INTERRUPTIBLE, ROOT, manifest, no_stage_left
+from detstream.services.model.session import Detector
+from detstream.services.model.session import Simulator as SimulatorSettings
 from detstream.services.plugins.counting import Counter, fit_thresholds
-from detstream.services.model.session import Detector, Simulator as SimulatorSettings
 from detstream.services.sources.simulator import Simulator, dark_reference
+
+from helpers import DETSTREAM, DETSTREAM_INTERRUPTIBLE, ROOT, manifest, no_stage_left
 
 COUNTING = {"name": "electron-counting",
             "params": {"dark": "simulated", "backgroundThreshold": 32, "xrayThreshold": 50}}
@@ -77,7 +79,7 @@ def test_replay_from_npy_with_several_scans(tmp_path, write_manifest):
             frame = frames[s["scan"] * 16 + position]
             expected = stempy_events(frame, zero, 10, 100)
             np.testing.assert_array_equal(np.sort(counted.data[position][0]), expected)
-            assert 6 <= len(expected)  # the edge events and the corner are there; the tie is not
+            assert len(expected) >= 6  # the edge events and the corner are there; the tie is not
 
 
 def test_bad_manifest_starts_nothing(tmp_path, write_manifest):

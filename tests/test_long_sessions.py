@@ -10,14 +10,15 @@ import time
 import numpy as np
 import zmq
 
-from conftest import manifest
 from detstream.operator.status import Observed, PodView, status_patch
-from detstream.services.sinks.output import accounting_file, read_accounting
-from detstream.services.model.plan import LocalNetwork, build_plan
-from detstream.services.launcher.runner import free_ports
-from detstream.services.model.session import load_session
-from detstream.services.stages.writer import RECENT_SCANS, WriterStage
 from detstream.services.dataplane.wire import END_OF_SCAN, RESULT, Header, decode
+from detstream.services.launcher.runner import free_ports
+from detstream.services.model.plan import LocalNetwork, build_plan
+from detstream.services.model.session import load_session
+from detstream.services.sinks.output import accounting_file, read_accounting
+from detstream.services.stages.writer import RECENT_SCANS, WriterStage
+
+from helpers import manifest
 
 SCANS = 20_000  # (at 20,000 the old status was 0.9 MiB from the writer, 2.9 MiB of session status)
 

@@ -9,16 +9,18 @@ so what one stage emits reaches the next when they are pumped."""
 import numpy as np
 import pytest
 import zmq
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from conftest import manifest
-from detstream.services.model.plan import LocalNetwork, build_plan
+from detstream.services.dataplane.wire import WireError, decode
 from detstream.services.launcher.runner import free_ports
+from detstream.services.model.plan import LocalNetwork, build_plan
 from detstream.services.model.session import load_session
 from detstream.services.stages import aggregator, distributor, worker, writer
-from detstream.services.dataplane.wire import WireError, decode
 from detstream.v1 import wire_pb2
 from detstream.v1.wire_pb2 import Header
+
+from helpers import manifest
 
 KINDS = [k for k in wire_pb2.Kind.values()] + [99]
 
@@ -133,13 +135,13 @@ def deliver(stages, target, raw, peer):
 
 def check_books(stages):
     d = stages["distributor"]
-    assert all(s.in_flight >= 0 and s.done <= s.acked.size for s in d.scans.values())
-    assert all(0 <= w.credit <= d.spec.workers.credits for w in d.workers.values())
+    assert all(s.in_flight >= 0 and s.count <= s.done.size for s in d.ledger.scans.values())
+    assert all(0 <= w.credit <= d.spec.workers.credits for w in d.ledger.workers.values())
     w = stages["writer"]
-    assert all(s.written == s.seen.sum() <= s.seen.size for s in w.scans.values())
-    assert all(a.written + a.lost <= a.expected for a in w.recent)
-    a = stages["aggregator"]
-    assert all(s.sent <= s.frames for s in a.scans.values())
+    assert all(s.count == s.done.sum() <= s.done.size for s in w.accounts.scans.values())
+    assert all(a.written + a.lost <= a.expected for a in w.accounts.recent)
+    a = stages["aggregator"].reassembly
+    assert all(s.count <= a.lane_frames for s in a.scans.values())
 
 
 @settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
@@ -149,7 +151,7 @@ def test_stages_take_any_sequence_of_messages_without_failing(stages, batch):
     for target, raw, peer in batch:
         deliver(stages, target, [zmq.Frame(p) for p in raw], peer)
     for stage in stages.values():  # let what they emitted flow on, and their timers run
-        stage.step()
+        stage.reactor.turn()
     for name, stage in stages.items():
         assert sum(stage.counters.rejected.values()) >= before[name]
     check_books(stages)

@@ -8,13 +8,14 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import ROOT, manifest
 from detstream.operator import resources
 from detstream.operator.crd import crd
 from detstream.operator.status import Observed, PodView, phase, pod_view, startup_overdue, status_patch
 from detstream.services.model.schema import DNS_1035_LABEL, DNS_1123_SUBDOMAIN, LABEL_VALUE
 from detstream.services.model.session import load_session
 from detstream.v1.control_pb2 import CONFIGURED, FAILED, FINISHED, RUNNING, ScanAccount, StageStatus
+
+from helpers import ROOT, manifest
 
 K8S = kubernetes_validate.latest_version()
 
@@ -70,7 +71,8 @@ def test_pods_are_restricted_and_bind_their_own_ip():
         if obj["kind"] not in ("Deployment", "StatefulSet"):
             continue
         pod = obj["spec"]["template"]["spec"]
-        assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        security = pod["securityContext"]
+        assert security["runAsNonRoot"] and security["seccompProfile"]["type"] == "RuntimeDefault"
         (c,) = pod["containers"]
         assert c["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                         "capabilities": {"drop": ["ALL"]}}
@@ -217,7 +219,8 @@ def test_a_dark_reference_file_reaches_the_workers_on_the_output_claim_or_is_ref
     assert {"name": "output", "mountPath": "/data"} in writer["containers"][0]["volumeMounts"]
 
     (problem,) = resources.cluster_problems(session(plugin=counting("/home/me/dark.npy")))
-    assert problem.startswith("spec.plugin.params.dark: /home/me/dark.npy is a file") and "spec.output.volumeClaim" in problem
+    assert problem.startswith("spec.plugin.params.dark: /home/me/dark.npy is a file")
+    assert "spec.output.volumeClaim" in problem
     (problem,) = resources.cluster_problems(session(plugin=counting("dark.npy"), output={"volumeClaim": "scans"}))
     assert "give the file's path there, e.g. /data/dark.npy" in problem
     for dark in ("none", "simulated"):  # nothing to mount

@@ -11,12 +11,12 @@ import time
 import pytest
 import yaml
 
-from cluster.fixtures import control_plane, kubectl  # noqa: F401
-from conftest import DETSTREAM, ROOT, Background, manifest
-from conftest import wait_for as wait_until
 from detstream.operator import resources
 from detstream.services.model.schema import SpecError
 from detstream.services.model.session import load_session
+
+from helpers import DETSTREAM, ROOT, Background, manifest
+from helpers import wait_for as wait_until
 
 NS = "optest"
 CHILD_KINDS = "configmaps,services,statefulsets,deployments"
@@ -29,7 +29,7 @@ def start_operator(cp, log_path, *extra) -> Background:
 
 
 @pytest.fixture(scope="module")
-def cluster(kubectl, tmp_path_factory):  # noqa: F811
+def cluster(kubectl, tmp_path_factory):
     kubectl("apply", "-f", str(ROOT / "charts" / "detstream" / "crds"))
     # The API server publishes a new CRD's OpenAPI (for explain and validation) a few seconds after.
     wait_until(lambda: kubectl.run("explain", "streamingsession.spec", check=False).returncode == 0, what="CRD")
@@ -40,21 +40,21 @@ def cluster(kubectl, tmp_path_factory):  # noqa: F811
     kubectl.run("delete", "namespace", NS, "--wait=false", check=False)
 
 
-def apply(kubectl, doc):  # noqa: F811
+def apply(kubectl, doc):
     return kubectl("apply", "-n", NS, "-f", "-", input=yaml.safe_dump(doc))
 
 
-def get(kubectl, what, name=None):  # noqa: F811
+def get(kubectl, what, name=None):
     out = kubectl.run("get", "-n", NS, what, *([name] if name else []), "-o", "json", check=False)
     return json.loads(out.stdout) if out.returncode == 0 else None
 
 
-def children(kubectl, session):  # noqa: F811
+def children(kubectl, session):
     items = get(kubectl, CHILD_KINDS + ",pods")["items"]
     return [i for i in items if i["metadata"].get("labels", {}).get("detstream.io/session") == session]
 
 
-def converged(kubectl, session, workers=2):  # noqa: F811
+def converged(kubectl, session, workers=2):
     kinds = {(i["kind"], i["metadata"]["name"]) for i in children(kubectl, session)}
     wanted = {("ConfigMap", f"{session}-plan"), ("Deployment", f"{session}-worker"),
               ("StatefulSet", f"{session}-aggregator"), ("StatefulSet", f"{session}-writer"),
@@ -125,7 +125,7 @@ def test_scale_resizes_the_worker_pool(cluster):
     wait_until(lambda: (get(kubectl, "sess", "scaled").get("status") or {}).get("workers") == "0/5", what="status 0/5")
 
 
-def worker_replicasets(kubectl):  # noqa: F811
+def worker_replicasets(kubectl):
     return sorted(i["metadata"]["name"] for i in get(kubectl, "replicasets")["items"]
                   if i["metadata"]["name"].startswith("tuned-worker-") and i["spec"]["replicas"])
 
@@ -177,7 +177,8 @@ def test_what_validate_accepts_the_api_server_takes_and_the_reverse(cluster):
     (server-side dry run); a name `detstream validate` refuses (field case 12) is refused there too."""
     kubectl, _ = cluster
     doc = manifest("a" * 40, lanes=12, source={"kind": "external", "replicas": 4}, output={"volumeClaim": "scans.v1"},
-                   kubernetes={"nodeSelector": {"example.org/gpu": "a100", "zone": "1"}, "ingestServiceType": "NodePort",
+                   kubernetes={"nodeSelector": {"example.org/gpu": "a100", "zone": "1"},
+                               "ingestServiceType": "NodePort",
                                "externalSourceRanges": ["192.0.2.7/24", "2001:db8::/32"]})
     doc["metadata"]["namespace"] = NS
     session = load_session(doc)

@@ -5,11 +5,12 @@ import base64
 import kubernetes_validate
 import pytest
 
-from conftest import manifest
 from detstream.operator import keys
 from detstream.operator.resources import cluster_plan, labels
 from detstream.services.dataplane.security import Keys, KeysMissing
 from detstream.services.model.session import load_session
+
+from helpers import manifest
 
 SECURE = {"dataPlane": "curve", "controlPlane": "mtls"}
 

@@ -4,10 +4,11 @@ import time
 
 from rich.console import Console
 
-from conftest import manifest
 from detstream.services.launcher.progress import Progress, Rate
 from detstream.services.launcher.runner import LocalSession
 from detstream.services.model.session import load_session
+
+from helpers import manifest
 
 RATE = 40  # frames/s: slow, so that any machine keeps up
 

@@ -18,12 +18,14 @@ import pytest
 import stempy.io
 import zmq
 
-from conftest import manifest, wait_for
-from detstream.services.plugins.counting import Counter, fit_thresholds
-from detstream.services.model.session import Detector, Simulator as SimulatorSettings
-from detstream.services.sources.simulator import Simulator, dark_reference
 from detstream.services.dataplane.wire import END_OF_SCAN, RESULT, SECTOR, Header, Outbox
+from detstream.services.model.session import Detector
+from detstream.services.model.session import Simulator as SimulatorSettings
+from detstream.services.plugins.counting import Counter, fit_thresholds
+from detstream.services.sources.simulator import Simulator, dark_reference
 from detstream.v1.control_pb2 import FINISHED
+
+from helpers import manifest, wait_for
 
 ROWS = 12
 FAST = {"heartbeatS": 0.1, "workerTimeoutS": 1.0, "frameTimeoutS": 0.5, "endOfScanTimeoutS": 2.0,

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import stempy.io
 import zmq
-from prometheus_client.parser import text_string_to_metric_families
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import DETSTREAM, manifest, wait_for
+from detstream.services.dataplane.wire import END_OF_SCAN, SECTOR, Header, Outbox
 from detstream.services.launcher.runner import free_ports
 from detstream.services.runtime.stage import STALL_S
-from detstream.services.dataplane.wire import END_OF_SCAN, SECTOR, Header, Outbox
+
+from helpers import DETSTREAM, manifest, wait_for
 
 
 def test_a_withheld_sector_gives_a_partial_frame_zero_filled(local_session):
@@ -62,13 +63,14 @@ def test_metrics_and_health_answer_on_every_stage(local_session):
     for p in local.stages:
         samples = scrape(p.stage.ports["metrics"])
         labels = {"session": "watched", "stage": p.stage.role, "replica": str(p.stage.index)}
-        assert ("detstream_frames_received_total", labels) in [(n, l) for n, l, _ in samples], p.stage.name
+        assert ("detstream_frames_received_total", labels) in [(n, got) for n, got, _ in samples], p.stage.name
         assert ("detstream_stage_state", labels, 2.0) in samples, p.stage.name  # running
         with grpc.insecure_channel(p.client.address) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING, p.stage.name
     source = next(p for p in local.stages if p.stage.role == "source")
-    wait_for(lambda: any(n == "detstream_frames_sent_total" and v > 0 for n, _, v in scrape(source.stage.ports["metrics"])))
+    wait_for(lambda: any(n == "detstream_frames_sent_total" and v > 0
+                         for n, _, v in scrape(source.stage.ports["metrics"])))
     worker = next(p for p in local.stages if p.stage.role == "worker")
     assert any(n == "detstream_processing_seconds_count" and v > 0 for n, _, v in scrape(worker.stage.ports["metrics"]))
 
@@ -108,7 +110,8 @@ def test_probes_follow_the_lifecycle(tmp_path, monkeypatch):
         local.wait_healthy()
         for p in local.stages:
             ready, (code, why) = probes(p)
-            assert ready == (200, "configured") and code == 200 and why.startswith("main loop last turned "), p.stage.name
+            assert ready == (200, "configured"), p.stage.name
+            assert code == 200 and why.startswith("main loop last turned "), p.stage.name
         local.start()
         assert probes(writer)[0] == (200, "running")
         wait_for(local.finished, 60, "the scan written")

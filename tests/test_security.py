@@ -11,10 +11,11 @@ import zmq
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import DETSTREAM, manifest, wait_for
-from detstream.services.runtime.control import StageClient
 from detstream.services.dataplane.security import Keys
 from detstream.services.dataplane.wire import SECTOR, Header, Outbox
+from detstream.services.runtime.control import StageClient
+
+from helpers import DETSTREAM, manifest, wait_for
 
 SECURE = {"dataPlane": "curve", "controlPlane": "mtls"}
 SMALL = {"rows": 64, "cols": 64, "sectors": 2}

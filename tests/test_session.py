@@ -5,14 +5,22 @@ import json
 
 import pytest
 
-from conftest import manifest
+from detstream.operator.resources import cluster_plan, plan_configmap
+from detstream.services.dataplane.wire import FRAME, FRAME_BITS, Geometry, Header, frame_key
 from detstream.services.model.plan import ClusterNetwork, LocalNetwork, Plan, build_plan
 from detstream.services.model.schema import SpecError, openapi
-from detstream.services.model.session import (Detector, Scan, SessionSpec, Source, Transport, Workers, load_session,
-                                        read_manifest)
-from detstream.services.dataplane.wire import FRAME, FRAME_BITS, Geometry, Header, frame_key
-from detstream.operator.resources import cluster_plan, plan_configmap
-from conftest import ROOT
+from detstream.services.model.session import (
+    Detector,
+    Scan,
+    SessionSpec,
+    Source,
+    Transport,
+    Workers,
+    load_session,
+    read_manifest,
+)
+
+from helpers import ROOT, manifest
 
 
 def test_example_manifest_is_valid_and_has_defaults():
@@ -179,4 +187,5 @@ def test_a_misspelled_top_level_key_is_named_with_the_closest_one():
 
 
 def test_float_frames_are_valid_for_a_plugin_that_takes_them():
-    assert load_session(manifest(detector={"dtype": "float32"}, plugin={"name": "noop"})).spec.detector.dtype == "float32"
+    session = load_session(manifest(detector={"dtype": "float32"}, plugin={"name": "noop"}))
+    assert session.spec.detector.dtype == "float32"

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, no_stage_left
+from helpers import ROOT, no_stage_left
 
 
 def test_half_a_minute_of_back_to_back_scans_loses_nothing_and_grows_nothing(tmp_path):

@@ -3,10 +3,22 @@
 import numpy as np
 import pytest
 import zmq
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from detstream.services.dataplane.wire import (END_OF_SCAN, FRAME, SECTOR, Geometry, Header, WireError, decode, frame_key,
-                                     Gaps, pack_frames, unpack_frames)
+from detstream.services.dataplane.wire import (
+    END_OF_SCAN,
+    FRAME,
+    SECTOR,
+    Gaps,
+    Geometry,
+    Header,
+    WireError,
+    decode,
+    frame_key,
+    pack_frames,
+    unpack_frames,
+)
 
 G = Geometry(rows=8, cols=8, sectors=2, dtype="<u2", scan_frames=16)
 

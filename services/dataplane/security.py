@@ -109,7 +109,7 @@ def _certificates(folder: Path, plan) -> None:
 
     def issue(cn: str, hosts: list[str], usage) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
-        sans = []
+        sans: list[x509.GeneralName] = []
         for host in dict.fromkeys(hosts):
             try:
                 sans.append(x509.IPAddress(ipaddress.ip_address(host)))
@@ -161,7 +161,10 @@ class Keys:
         path = self.folder / "curve" / "private" / f"{name}.key_secret"
         if not path.is_file():
             raise KeysMissing(f"no CURVE secret key for {name} ({path})")
-        return zmq.auth.load_certificate(path)
+        public, secret = zmq.auth.load_certificate(path)
+        if secret is None:
+            raise KeysMissing(f"{path} holds no CURVE secret key for {name}")
+        return public, secret
 
     def curve_clients(self) -> dict[bytes, str]:
         """Public key (z85) -> name, for every key of the session."""

@@ -8,16 +8,28 @@ reason that the stage counts (metric `detstream_rejected_messages_total{reason}`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Sequence
 
 import numpy as np
 import zmq
 
 from detstream.v1 import wire_pb2
-from detstream.v1.wire_pb2 import (CALIBRATION, CREDIT, DUPLICATE, END_OF_SCAN, FRAME, HEARTBEAT, PARTIAL, RECEIPT,
-                                    RESULT, SAMPLE, SECTOR, Header)
+from detstream.v1.wire_pb2 import (
+    CALIBRATION,
+    CREDIT,
+    DUPLICATE,
+    END_OF_SCAN,
+    FRAME,
+    HEARTBEAT,
+    PARTIAL,
+    RECEIPT,
+    RESULT,
+    SAMPLE,
+    SECTOR,
+    Header,
+)
 
 WIRE_VERSION = 1
 MAX_HEADER_BYTES = 4096
@@ -132,7 +144,7 @@ def decode(raw: Sequence[zmq.Frame], geometry: Geometry | None = None) -> Messag
         raise WireError("version", f"wire version {header.version}, this stage speaks {WIRE_VERSION}")
     kind = header.kind
     parts = raw[1:]
-    if geometry is not None and (kind == SECTOR or kind == FRAME or kind == SAMPLE):  # nearly every message: first
+    if geometry is not None and kind in (SECTOR, FRAME, SAMPLE):  # nearly every message: first
         _check_pixels(header, kind, parts, geometry)
         return Message(header, parts)
     if kind not in _KINDS:
@@ -214,7 +226,7 @@ class Outbox:
     def __init__(self, socket: zmq.Socket, sender: str):
         self.socket = socket
         self.sender = sender
-        self._seq: dict[bytes, int] = {}
+        self._seq: dict[bytes | None, int] = {}  # per ROUTER peer; None for a socket with one peer
 
     def send(self, header: Header, parts: Sequence = (), peer: bytes | None = None, flags: int = 0) -> None:
         seq = self._seq.get(peer, 0) + 1

@@ -10,6 +10,7 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from detstream.services.model.plan import ROLES
 from detstream.services.model.schema import SpecError
 from detstream.services.model.session import load_session
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("manifest", type=Path)
 
     stage = sub.add_parser("stage", help="run one pipeline stage (the launchers call this)")
-    stage.add_argument("role", choices=("source", "aggregator", "distributor", "worker", "writer"))
+    stage.add_argument("role", choices=ROLES)
     stage.add_argument("--plan", type=Path, help="the session's plan.json (the launchers give it)")
     stage.add_argument("--manifest", type=Path,
                        help="source outside the session (an acquisition machine): the session's manifest")
@@ -113,8 +114,8 @@ INGEST_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d{1,5}")
 
 def run_external_source(args, cls) -> int:
     """A source on an acquisition machine, joining a running session through its ingest addresses."""
-    from detstream.services.model.plan import LocalNetwork, build_plan
     from detstream.services.launcher.runner import free_ports
+    from detstream.services.model.plan import LocalNetwork, build_plan
     from detstream.services.model.session import read_manifest
 
     if args.role != "source" or args.manifest is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -133,7 +134,7 @@ class Progress:
                           f"{r.fps:,.0f}", f"{r.gbps:.2f}", f"{s.in_flight}", f"{s.rejected}")
         return table
 
-    def show(self, summary: "Summary") -> None:
+    def show(self, summary: Summary) -> None:
         table = Table(title=f"session {summary.session}: " + ("OK" if summary.ok else "FAILED"))
         for column in ("scan", "expected", "written", "partial", "lost", "duplicates", "unaccounted", "file"):
             table.add_column(column, justify="left" if column == "file" else "right")
@@ -171,7 +172,7 @@ class Summary:
 
     @classmethod
     def of(cls, session, writer_status, duration: float, failure: str | None, stages=(),
-           incidents=(), closed: list[dict] = ()) -> Summary:
+           incidents=(), closed: Sequence[dict] = ()) -> Summary:
         """`closed`: every closed scan, from the writer's accounting file (its status lists only the last few)."""
         scans = list(closed)
         for s in (writer_status.scans if writer_status else []):

@@ -32,14 +32,15 @@ from pathlib import Path
 import grpc
 from rich.markup import escape
 
-from detstream.services.runtime.control import StageClient
-from detstream.services.sinks.output import accounting_file, existing_results, folder_problem, read_accounting
-from detstream.services.model.plan import START_ORDER, LocalNetwork, Plan, StagePlan, build_plan
+from detstream.services.dataplane.security import KEYS_ENV, Keys
+from detstream.services.dataplane.security import generate as generate_keys
 from detstream.services.launcher.progress import Progress, Summary
-from detstream.services.dataplane.security import KEYS_ENV, Keys, generate as generate_keys
+from detstream.services.model.plan import START_ORDER, LocalNetwork, Plan, StagePlan, build_plan
 from detstream.services.model.session import Session, read_manifest
+from detstream.services.runtime.control import StageClient
 from detstream.services.runtime.stage import FAILED_LINGER_ENV, failed_linger_s
-from detstream.v1.control_pb2 import FAILED, FINISHED
+from detstream.services.sinks.output import accounting_file, existing_results, folder_problem, read_accounting
+from detstream.v1.control_pb2 import FAILED, FINISHED, StageStatus
 
 STOP_GRACE_S = 5.0
 SPARE_ROLES = ("worker",)           # roles whose loss loses no data: survived at any moment, while one is left
@@ -91,7 +92,7 @@ class StageProcess:
                                      stdin=subprocess.DEVNULL, start_new_session=True, env=env,
                                      preexec_fn=_die_with_parent)
         self.client: StageClient | None = None  # connected after every fork (see LocalSession.launch)
-        self.status = None
+        self.status: StageStatus | None = None
         self.watcher: threading.Thread | None = None
         self.peak_rss = 0
         self.lost: str | None = None  # why this pool stage is gone, once it is
@@ -147,6 +148,13 @@ class StageProcess:
     def failed(self) -> bool:
         """Alive in state failed: serving its metrics for a while before it exits by itself."""
         return self.proc.poll() is None and self.status is not None and self.status.state == FAILED
+
+    @property
+    def control(self) -> StageClient:
+        """The stage's control client; LocalSession.launch connects it after the last fork."""
+        if self.client is None:
+            raise RuntimeError(f"{self.stage.name}: the control client is connected after launch()")
+        return self.client
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -212,9 +220,11 @@ class LocalSession:
 
     def client(self, stage: StagePlan, timeout: float = 5.0) -> StageClient:
         """A control client of one stage, with the launcher's certificate when the session uses mTLS."""
-        mtls = self.session.spec.security.control_plane == "mtls"
-        return StageClient(f"127.0.0.1:{stage.ports['control']}", timeout,
-                           self.keys.channel_credentials() if mtls else None)
+        credentials = None
+        if self.session.spec.security.control_plane == "mtls":
+            assert self.keys is not None, "launch() made the session's keys"
+            credentials = self.keys.channel_credentials()
+        return StageClient(f"127.0.0.1:{stage.ports['control']}", timeout, credentials)
 
     def check_alive(self, streaming: bool = False) -> list[str]:
         """Raise RunFailed if the session cannot go on; return the stages newly lost (also in `incidents`)."""
@@ -237,7 +247,7 @@ class LocalSession:
             self.incidents.append(reason)
         workers = [p for p in self.stages if p.stage.role == "worker"]
         if workers and all(p.lost for p in workers):
-            raise RunFailed("every worker is gone: " + "; ".join(p.lost for p in workers))
+            raise RunFailed("every worker is gone: " + "; ".join(str(p.lost) for p in workers))
         return lost
 
     def wait_healthy(self) -> None:
@@ -246,7 +256,7 @@ class LocalSession:
         waiting = list(self.stages)
         while waiting:
             self.check_alive()
-            waiting = [p for p in waiting if not p.lost and not p.client.healthy()]
+            waiting = [p for p in waiting if not p.lost and not p.control.healthy()]
             if waiting and time.monotonic() > deadline:
                 names = ", ".join(p.stage.name for p in waiting)
                 raise RunFailed(f"not healthy after {timeout:g} s (spec.transport.startupTimeoutS): {names}")
@@ -258,7 +268,7 @@ class LocalSession:
             for p in self.stages:
                 if p.stage.role == role and not p.lost:
                     try:
-                        p.client.start()
+                        p.control.start()
                     except grpc.RpcError as exc:
                         self.check_alive()
                         if p.lost:
@@ -299,7 +309,8 @@ def preflight(session: Session, output: Path, report: Path | None) -> list[str]:
     problems = []
     existing = existing_results(results, session.name, session.spec.scan.count)
     if existing:
-        names = ", ".join(p.name for p in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+        names = ", ".join(p.name for p in existing[:3]) + more
         problems.append(f"--output {output}: {names} in {results} would be overwritten (an earlier run of session "
                         f"{session.name}); give another --output folder, or move the files away")
     if report is not None:
@@ -345,7 +356,7 @@ def run_session(manifest: Path, output: Path, report: Path | None, quiet: bool =
                     going_on(progress, local.check_alive(streaming=True))
                     progress.update(local.stages)
                     time.sleep(0.25)
-            local.writer().status = local.writer().client.status()
+            local.writer().status = local.writer().control.status()
         except RunFailed as exc:
             failure = str(exc)
             lingering = ", ".join(p.stage.name for p in local.lingering())

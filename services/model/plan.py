@@ -14,15 +14,17 @@ plan to find its peers. Topology, per lane l (frames with frame % lanes == l):
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 from detstream.services.model.schema import parse, to_manifest
 from detstream.services.model.session import Session, SessionSpec
 
+# The pipeline's roles, in the data's order; each is a Stage subclass in services/stages/ROLE.py.
 ROLES = ("source", "aggregator", "distributor", "worker", "writer")
-START_ORDER = ("writer", "worker", "distributor", "aggregator", "source")  # consumers before producers
+START_ORDER = tuple(reversed(ROLES))  # consumers before producers
 DATA_PORTS = {"aggregator": ("ingest",), "distributor": ("frames", "work"), "writer": ("results",)}
 CLUSTER_PORTS = {"control": 7100, "metrics": 9100, "ingest": 7200, "frames": 7201, "work": 7202,
                  "results": 7203}

@@ -15,6 +15,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -36,14 +37,21 @@ class SpecError(ValueError):
         super().__init__("\n".join(str(e) for e in errors))
 
 
-def spec_field(default: Any = dataclasses.MISSING, *, doc: str, minimum: float | None = None,
-               maximum: float | None = None, enum: tuple[str, ...] | None = None,
+def spec_field(default: Any = dataclasses.MISSING, *, doc: str | Callable[[], str], minimum: float | None = None,
+               maximum: float | None = None, enum: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
                free_form: bool = False, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A spec field: `doc` is what `kubectl explain` shows; bounds and enums are enforced."""
+    """A spec field: `doc` is what `kubectl explain` shows; bounds and enums are enforced. `doc` and `enum`
+    may be functions, called when needed: the values a registry (e.g. of source kinds) holds."""
     meta = {"doc": doc, "minimum": minimum, "maximum": maximum, "enum": enum, "free_form": free_form}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def _meta(meta: Any, key: str) -> Any:
+    """A field's `doc` or `enum`, called if given as a function."""
+    value = meta.get(key)
+    return value() if callable(value) else value
 
 
 def camel(name: str) -> str:
@@ -77,12 +85,12 @@ def _carried(value: Any) -> bool:
     return -2**63 <= value < 2**63 if isinstance(value, int) else math.isfinite(value)
 
 
-def _parse_value(tp: Any, meta: dict, value: Any, path: str, errors: list[FieldError]) -> Any:
+def _parse_value(tp: Any, meta: Mapping[str, Any], value: Any, path: str, errors: list[FieldError]) -> Any:
     tp, _ = _unwrap_optional(tp)
     if value is None:
         errors.append(FieldError(path, "must not be null"))
         return None
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return parse(tp, value, path, errors)
     if meta.get("free_form"):
         if not isinstance(value, dict):
@@ -106,9 +114,9 @@ def _parse_value(tp: Any, meta: dict, value: Any, path: str, errors: list[FieldE
     if not _carried(value):
         errors.append(FieldError(path, f"must be {_CARRIED}; got {value!r}"))
         return None
-    if meta.get("enum") and value not in meta["enum"]:
-        errors.append(FieldError(path, f"must be one of {', '.join(meta['enum'])}; got {value!r}"
-                                       f"{did_you_mean(value, meta['enum'])}"))
+    enum = _meta(meta, "enum")
+    if enum and value not in enum:
+        errors.append(FieldError(path, f"must be one of {', '.join(enum)}; got {value!r}{did_you_mean(value, enum)}"))
     if meta.get("minimum") is not None and value < meta["minimum"]:
         errors.append(FieldError(path, f"must be >= {meta['minimum']:g}, got {value!r}"))
     if meta.get("maximum") is not None and value > meta["maximum"]:
@@ -119,7 +127,8 @@ def _parse_value(tp: Any, meta: dict, value: Any, path: str, errors: list[FieldE
 def parse(cls: type, data: Any, path: str, errors: list[FieldError] | None = None) -> Any:
     """Build `cls` from a manifest mapping (camelCase keys); raise SpecError at the top level."""
     top = errors is None
-    errors = [] if top else errors
+    if errors is None:
+        errors = []
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -162,7 +171,7 @@ def openapi(cls: type) -> dict:
     for f in dataclasses.fields(cls):
         tp, optional = _unwrap_optional(hints[f.name])
         meta = f.metadata
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             schema = openapi(tp)
         elif meta.get("free_form") or typing.get_origin(tp) is dict:
             schema = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
@@ -170,12 +179,12 @@ def openapi(cls: type) -> dict:
             schema = {"type": "array", "items": {"type": "string"}}
         else:
             schema = {"type": _OPENAPI_TYPES[tp]}
-        schema["description"] = meta["doc"]
+        schema["description"] = _meta(meta, "doc")
         for key in ("minimum", "maximum"):
             if meta.get(key) is not None:
                 schema[key] = meta[key]
         if meta.get("enum"):
-            schema["enum"] = list(meta["enum"])
+            schema["enum"] = list(_meta(meta, "enum"))
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         # An empty default says nothing, and Kubernetes 1.20 reads an empty string as null and refuses it.
         if default not in (dataclasses.MISSING, None, "", {}, []) and not dataclasses.is_dataclass(tp):

@@ -7,22 +7,36 @@ ignored by the local runner.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ipaddress
-
 import yaml
 
-from detstream.services.model.schema import (DNS_1035_LABEL, DNS_1123_SUBDOMAIN, LABEL_VALUE, FieldError, SpecError,
-                                       did_you_mean, is_label_key, parse, spec_field)
+from detstream.services.model.schema import (
+    DNS_1035_LABEL,
+    DNS_1123_SUBDOMAIN,
+    LABEL_VALUE,
+    FieldError,
+    SpecError,
+    did_you_mean,
+    is_label_key,
+    parse,
+    spec_field,
+)
 
 API_GROUP = "detstream.io"
 API_VERSION = "v1alpha1"
 KIND = "StreamingSession"
 DTYPES = ("uint8", "uint16", "uint32", "float32")
 TOP_LEVEL = ("apiVersion", "kind", "metadata", "spec", "status")
+
+
+def _sources():
+    """The registry of source kinds (imported when needed: the model sits below the sources)."""
+    from detstream.services import sources
+    return sources
 
 
 @dataclass(frozen=True)
@@ -72,10 +86,7 @@ class Simulator:
 @dataclass(frozen=True)
 class Source:
     """Where frames come from."""
-    kind: str = spec_field("simulator", doc="simulator: the built-in 4D Camera simulator; replay: frames "
-                                            "from a .npy file or an HDF5 dataset; external: detector-side "
-                                            "senders connect in (`detstream stage source --connect`).",
-                           enum=("simulator", "replay", "external"))
+    kind: str = spec_field("simulator", doc=lambda: _sources().kinds_doc(), enum=lambda: _sources().source_kinds())
     replicas: int = spec_field(1, doc="Source processes; sectors are split among them as the 4D Camera "
                                       "splits them among its receivers.", minimum=1, maximum=64)
     rate: float = spec_field(0.0, doc="Frames per second per scan; 0 sends as fast as the pipeline takes them.",
@@ -228,13 +239,7 @@ def check_spec(spec: SessionSpec, errors: list[FieldError]) -> None:
     if spec.source.replicas > spec.detector.sectors:
         errors.append(FieldError("spec.source.replicas", f"must be <= detector.sectors "
                                  f"({spec.detector.sectors}): each source sends whole sectors"))
-    if spec.source.kind == "simulator":  # electron events are drawn with their 3x3 neighbourhood inside
-        for axis in ("rows", "cols"):
-            if getattr(spec.detector, axis) < 3:
-                errors.append(FieldError(f"spec.detector.{axis}", f"must be >= 3 with the simulator source (an "
-                                         f"electron event spreads over 3x3 pixels); got {getattr(spec.detector, axis)}"))
-    if spec.source.kind == "replay" and not spec.source.path:
-        errors.append(FieldError("spec.source.path", "is required when source.kind is replay"))
+    errors.extend(_sources().source_class(spec.source.kind).check(spec))  # the kind's own settings
 
 
 # The longest object name made from a session's name is its StatefulSet `NAME-distributor`, whose pods carry the
@@ -319,6 +324,7 @@ def load_session(manifest: Any) -> Session:
                  spec.detector.dtype if spec is not None else None, errors)
     if errors:
         raise SpecError(errors)
+    assert spec is not None  # a missing or unparsable spec is in `errors`
     return Session(name=name, namespace=metadata.get("namespace", "default"), spec=spec, manifest=manifest)
 
 

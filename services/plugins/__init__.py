@@ -7,8 +7,9 @@ calls `process` for every frame and `configure` when parameters change on a runn
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -45,7 +46,7 @@ class Plugin:
         The distributors send every worker a copy of the same frames, so all workers calibrate alike."""
         return 0
 
-    def __init__(self, params: dict, context: "PluginContext"):
+    def __init__(self, params: dict, context: PluginContext):
         self.context = context
         self.configure(params)
 

@@ -27,7 +27,8 @@ Two ways to find the maxima, the same events (chosen per frame by the fraction o
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -134,7 +135,8 @@ def fit_thresholds(
     min_bin = max(int(present[0]), _c_int(mean - xray * std))
     n_bins = max_bin - min_bin
     if n_bins < 0:
-        raise ValueError(f"cannot histogram the samples (bins {min_bin}..{max_bin}): frames below the dark reference wrap")
+        raise ValueError(f"cannot histogram the samples (bins {min_bin}..{max_bin}): "
+                         "frames below the dark reference wrap")
     bins = np.arange(min_bin, max_bin, dtype=np.float64)
     counts = hist[min_bin:max_bin].astype(np.float64)
     if n_bins < 3:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from detstream.services.plugins.counting import Counter, ThresholdFit, Thresholds, fit_thresholds
-from detstream.services.plugins import Plugin, check_number
 from detstream.services.model.schema import did_you_mean
+from detstream.services.plugins import Plugin, check_number
+from detstream.services.plugins.counting import Counter, ThresholdFit, Thresholds, fit_thresholds
 from detstream.services.sources.simulator import dark_reference
 
 KNOWN = ("dark", "backgroundThreshold", "xrayThreshold", "samples", "backgroundSigma", "xraySigma")

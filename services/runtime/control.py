@@ -8,18 +8,18 @@ FAILED_PRECONDITION, bad parameters INVALID_ARGUMENT: a caller can never crash a
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections.abc import Iterator
 from concurrent import futures
-from typing import TYPE_CHECKING, Iterator
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from detstream.services.dataplane.wire import WireError
 from detstream.v1 import control_pb2, control_pb2_grpc
 from detstream.v1.control_pb2 import CONFIGURED, FAILED, FINISHED, RUNNING
-
-if TYPE_CHECKING:
-    from detstream.services.runtime.stage import Stage
 
 WATCH_INTERVAL_S = 0.5
 # A stage that comes up late is found within a second: gRPC's default reconnect backoff grows to 2 minutes.
@@ -27,8 +27,24 @@ RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_ba
              ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
-def _refused(stage: Stage, what: str) -> None:
-    from detstream.services.dataplane.wire import WireError
+class Controlled(Protocol):
+    """What the control plane calls on a stage (`runtime.stage.Stage` is one). A protocol, so that
+    this module never imports the stage module that serves it (the import contracts forbid it)."""
+
+    @property
+    def state(self) -> control_pb2.StageState: ...
+    @property
+    def stopping(self) -> threading.Event: ...
+
+    def configure(self, params: dict) -> None: ...
+    def start(self) -> None: ...
+    def drain(self) -> None: ...
+    def stop(self) -> None: ...
+    def status(self) -> control_pb2.StageStatus: ...
+    def reject(self, exc: WireError) -> None: ...
+
+
+def _refused(stage: Controlled, what: str) -> None:
     stage.reject(WireError("control", what))
 
 
@@ -36,7 +52,7 @@ class CountRefusals(grpc.ServerInterceptor):
     """Counts control calls the stage refuses (undecodable request, unknown method, bad argument,
     wrong state) as rejected messages, reason `control`."""
 
-    def __init__(self, stage: Stage):
+    def __init__(self, stage: Controlled):
         self.stage = stage
 
     def intercept_service(self, continuation, details):
@@ -73,7 +89,7 @@ class CountRefusals(grpc.ServerInterceptor):
 
 
 class StageControlServicer(control_pb2_grpc.StageControlServicer):
-    def __init__(self, stage: Stage):
+    def __init__(self, stage: Controlled):
         self.stage = stage
 
     def Configure(self, request, context):
@@ -115,7 +131,7 @@ class StageControlServicer(control_pb2_grpc.StageControlServicer):
             time.sleep(WATCH_INTERVAL_S)
 
 
-def serve(stage: Stage, host: str, port: int, credentials: grpc.ServerCredentials | None = None
+def serve(stage: Controlled, host: str, port: int, credentials: grpc.ServerCredentials | None = None
           ) -> tuple[grpc.Server, health.HealthServicer]:
     """Start StageControl and grpc.health.v1 on host:port (over TLS given `credentials`); health
     starts NOT_SERVING."""

@@ -27,7 +27,8 @@ def parse(text: str) -> dict[tuple[str, str], float]:
             target, rest = entry.split(":", 1)
             point, value = rest.split("=", 1)
             if point not in POINTS:
-                raise ValueError(f"unknown failpoint {point!r}{did_you_mean(point, POINTS)}; known: {', '.join(POINTS)}")
+                raise ValueError(f"unknown failpoint {point!r}{did_you_mean(point, POINTS)}; "
+                                 f"known: {', '.join(POINTS)}")
             points[target.strip(), point.strip()] = float(value)
         except ValueError as exc:
             raise ValueError(f"{VARIABLE}: bad entry {entry!r} (want STAGE:POINT=SECONDS): {exc}") from None

@@ -1,6 +1,8 @@
 """What every stage process shares: lifecycle, control server, metrics, sockets, clean shutdown.
 
-A stage's main thread owns its ZeroMQ sockets and runs `step()` in a loop; the gRPC threads only
+A stage's main thread owns its ZeroMQ sockets and turns its reactor (services/runtime/reactor.py) in
+a loop: a role registers in `setup()` the sockets it reads with their handlers, its periodic tasks,
+and sends through `self.reactor.send` (which waits for room: backpressure). The gRPC threads only
 set events or queue parameter updates for the main thread. Lifecycle:
 configured -> running -> draining -> finished (or failed). SIGTERM and the Stop call end the
 loop; the process then closes its sockets and exits 0 (1 if the stage failed). A stage that fails
@@ -22,19 +24,21 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import zmq
 from grpc_health.v1 import health_pb2
 
+from detstream.services.dataplane.security import Keys, KeysMissing, ZapHandler
+from detstream.services.dataplane.wire import Gaps, Geometry, Message, WireError, decode, receive_parts
+from detstream.services.model.plan import Plan
 from detstream.services.runtime import control
 from detstream.services.runtime.faults import failpoint
 from detstream.services.runtime.metrics import Counters, StageMetrics
-from detstream.services.model.plan import Plan
-from detstream.services.dataplane.security import Keys, KeysMissing, ZapHandler
-from detstream.services.dataplane.wire import Gaps, Geometry, Message, WireError, decode, receive_parts
-from detstream.v1.wire_pb2 import Kind
+from detstream.services.runtime.reactor import Reactor
 from detstream.v1.control_pb2 import CONFIGURED, DRAINING, FAILED, FINISHED, RUNNING, StageState, StageStatus
+from detstream.v1.wire_pb2 import Kind
 
 POLL_MS = 100
 HOUSEKEEPING_S = 0.1  # how often a stage checks its timeouts and refreshes its gauges (not per message)
@@ -96,6 +100,8 @@ class Stage:
         self.curve = self.spec.security.data_plane == "curve"
         self.keys: Keys | None = None
         self.monitors: list[zmq.Socket] = []
+        self.connection_monitors: dict[zmq.Socket, Callable[[], None]] = {}  # see socket(on_connect=)
+        self.reactor = Reactor(self.receive, self.waiting, POLL_MS)
         self.reject_lock = threading.Lock()
         self.zap: ZapHandler | None = None
         self.linger_s = failed_linger_s()
@@ -103,15 +109,17 @@ class Stage:
         self.turned = 0.0      # when the main loop last turned (0: not looping yet)
 
     # -- sockets -------------------------------------------------------------------------------
-    def socket(self, kind: int, *, bind: str | None = None, connect: list = (), server: str = "",
-               connections: dict | None = None, routing_id: bytes = b"", context: zmq.Context | None = None) -> zmq.Socket:
+    def socket(self, kind: int, *, bind: str | None = None, connect: Sequence[str | tuple[str, int, str]] = (),
+               server: str = "",
+               on_connect: Callable[[], None] | None = None, routing_id: bytes = b"",
+               context: zmq.Context | None = None) -> zmq.Socket:
         """A socket with bounded queues on both sides and no lingering at close. `connect` lists
         peers as (role, index, port) of the plan, or as endpoint strings (a source outside the
         session; `server` then names the stage it reaches, for its CURVE key). ZeroMQ retries
         connections by itself, so peers may come up in any order. A bound socket's failed
         handshakes (garbage, or a client without the session's key) are counted as rejected.
-        With `connections`, a socket there that reports each connection made (the first, and every
-        one after a peer restarted) is put in it under this socket. `routing_id` names this socket
+        `on_connect()` runs in the main loop (within HOUSEKEEPING_S) after each connection made (the
+        first, and every one after the peer restarted: see check_connections). `routing_id` names this socket
         to a ROUTER it connects to, so that the ROUTER can address it. `context` is another ZeroMQ
         context than the stage's (one whose termination tells when its sockets' queues have left)."""
         hwm = self.spec.transport.high_water_mark
@@ -125,16 +133,27 @@ class Stage:
             sock.setsockopt(zmq.ROUTING_ID, routing_id)
         if bind:
             if self.curve:
-                self.keys.curve_server(sock, self.key_name, domain=bind)
+                self.held_keys().curve_server(sock, self.key_name, domain=bind)
             self.monitors.append(sock.get_monitor_socket(HANDSHAKE_EVENTS))
             sock.bind(f"tcp://{self.bind_host}:{self.me.ports[bind]}")
-        if connections is not None:  # before connecting, so that no connection goes unseen
-            connections[sock] = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        if on_connect is not None:  # before connecting, so that no connection goes unseen
+            self.connection_monitors[sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)] = on_connect
         for peer in connect:
             if self.curve:
-                self.keys.curve_client(sock, self.key_name, server if isinstance(peer, str) else f"{peer[0]}-{peer[1]}")
+                self.held_keys().curve_client(sock, self.key_name,
+                                              server if isinstance(peer, str) else f"{peer[0]}-{peer[1]}")
             sock.connect(peer if isinstance(peer, str) else self.plan.endpoint(*peer))
         return sock
+
+    def check_connections(self, now: float = 0.0) -> None:
+        """Run the `on_connect` callbacks of the connections made since the last check (a periodic task
+        of every stage that asked for one, not a socket of the reactor's: a stage reading one socket
+        waits inside its receive, without a poll)."""
+        from zmq.utils.monitor import recv_monitor_message
+        for monitor, on_connect in self.connection_monitors.items():
+            while monitor.poll(0):
+                recv_monitor_message(monitor)
+                on_connect()
 
     def watch_handshakes(self) -> None:
         """Count the failed handshakes on bound sockets (thread: the monitors are its own sockets)."""
@@ -202,7 +221,7 @@ class Stage:
     def configure(self, params: dict) -> None:
         raise ValueError(f"the {self.role} stage takes no parameters")
 
-    def set_state(self, state: int, message: str = "") -> None:
+    def set_state(self, state: StageState, message: str = "") -> None:
         if state in (FINISHED, FAILED) and self.t_start and not self.t_end:
             self.t_end = time.monotonic()
         self.state = state
@@ -222,11 +241,7 @@ class Stage:
 
     # -- hooks for the roles ---------------------------------------------------------------------
     def setup(self) -> None:
-        """Create and bind/connect sockets."""
-
-    def step(self) -> None:
-        """One turn of the main loop: poll (at most POLL_MS) and handle what arrived."""
-        raise NotImplementedError
+        """Create and bind/connect sockets; register their handlers and the periodic tasks."""
 
     def add_status(self, status: StageStatus) -> None:
         """Role-specific parts of the status (the writer's scan accounting)."""
@@ -244,7 +259,8 @@ class Stage:
             return 1
         self.metrics.serve(self.bind_host, self.me.ports["metrics"],
                            on_bad_request=lambda what: self.reject(WireError("http", what)), checks=self.probes())
-        credentials = self.keys.server_credentials(self.key_name) if self.spec.security.control_plane == "mtls" else None
+        mtls = self.spec.security.control_plane == "mtls"
+        credentials = self.held_keys().server_credentials(self.key_name) if mtls else None
         server, health = control.serve(self, self.bind_host, self.me.ports["control"], credentials)
         try:
             delay = failpoint(self.name, self.role, "setup-delay")
@@ -252,8 +268,10 @@ class Stage:
                 self.log.info("failpoint: setup delayed by %g s", delay)
                 self.stopping.wait(delay)
             if self.curve:
-                self.zap = ZapHandler(self.ctx, self.keys.curve_clients(), self.log)
+                self.zap = ZapHandler(self.ctx, self.held_keys().curve_clients(), self.log)
             self.setup()
+            if self.connection_monitors:
+                self.reactor.every(HOUSEKEEPING_S, self.check_connections)
             monitor = threading.Thread(target=self.watch_handshakes, name="handshakes", daemon=True)
             monitor.start()
             health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -262,7 +280,7 @@ class Stage:
             while not self.stopping.is_set():
                 self.turned = time.monotonic()
                 if self.started.is_set():
-                    self.step()
+                    self.reactor.turn()
                 else:
                     self.stopping.wait(POLL_MS / 1000)
         except StageError as exc:
@@ -314,6 +332,12 @@ class Stage:
             idle = time.monotonic() - self.turned if self.turned else 0.0
             return idle < STALL_S, f"main loop last turned {idle:.1f} s ago" if self.turned else "setting up"
         return {"/readyz": ready, "/healthz": live}
+
+    def held_keys(self) -> Keys:
+        """The session's keys, loaded by run() when the security settings need them (only those ask)."""
+        if self.keys is None:
+            raise KeysMissing("the session's keys are needed here but were not loaded ($DETSTREAM_KEYS)")
+        return self.keys
 
     def load_keys(self) -> Keys | None:
         """The session's keys, when its security settings need them ($DETSTREAM_KEYS)."""

@@ -12,6 +12,7 @@ and, written by `record_arrivals` (detstream's own; stempy ignores it), what arr
   accounting/sectors_arrived      uint64 (scan rows, scan cols): bit i set when sector i of the frame arrived
                                   (0 where MISSING); attrs: the scan's totals (expected, written, partial, lost ...)
 
+This is the result sink of the `events` result kind (uint32 linear pixel indices, one payload part per frame).
 The file is written as `path + '.partial'` and renamed to `path` on close, so a file at `path` is always complete.
 Events are buffered per block of positions and a block is written as soon as all its positions have arrived, so
 memory stays bounded when frames arrive roughly in scan order; whatever is incomplete is written at close.
@@ -25,9 +26,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from detstream.services.dataplane.accounting import COMPLETE, MISSING, PARTIAL
+from detstream.services.sinks import ResultSink
+
 __all__ = ["ElectronEventsFile", "COMPLETE", "PARTIAL", "MISSING"]
 
-COMPLETE, PARTIAL, MISSING = 0, 1, 2  # accounting/position_status
 
 _EMPTY = np.empty(0, np.uint32)
 
@@ -40,11 +43,15 @@ def _save_dict(d: dict, group: h5py.Group) -> None:
             group.attrs[key] = value
 
 
-class ElectronEventsFile:
+class ElectronEventsFile(ResultSink):
+    """One scan's electron events, written as stempy writes them (see the module's docstring)."""
+
+    result = "events"
     BLOCK = 4096  # positions per HDF5 write
 
-    def __init__(self, path: Path, scan_shape: tuple[int, int], frame_shape: tuple[int, int], metadata: dict | None = None):
-        self.path = Path(path)
+    def __init__(self, path: Path, scan_shape: tuple[int, int], frame_shape: tuple[int, int],
+                 metadata: dict | None = None):
+        super().__init__(path, scan_shape, frame_shape, metadata)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.scan_shape = (int(scan_shape[0]), int(scan_shape[1]))
         self.frame_shape = (int(frame_shape[0]), int(frame_shape[1]))
@@ -67,6 +74,19 @@ class ElectronEventsFile:
         except BaseException:
             self.abort()
             raise
+
+    @classmethod
+    def refusal(cls, parts, spec):
+        """One part of whole uint32s ("size"), each a pixel of the frame ("range")."""
+        if len(parts) != 1 or memoryview(parts[0]).nbytes % 4:
+            return "size"
+        pixels = spec.detector.rows * spec.detector.cols
+        if memoryview(parts[0]).nbytes and int(np.frombuffer(parts[0], np.uint32).max()) >= pixels:
+            return "range"
+        return None
+
+    def write_result(self, position, parts):
+        self.write(position, np.frombuffer(parts[0], dtype=np.uint32))
 
     def write(self, position: int, events: np.ndarray) -> None:
         """Events (uint32 linear pixel indices) of the frame at linear scan position `position`, at most once each."""

@@ -4,11 +4,16 @@ Every frame is a pure function of (seed, scan, frame), so any source process can
 its own sectors of it, and the ground truth can be recomputed anywhere. Noise comes from a small
 bank of precomputed dark+noise frames (fresh Gaussian noise per frame would cap the simulator
 far below the pipeline); events and X-ray hits are drawn per frame.
+
+`SimulatorSource` is the `simulator` source kind (spec.source.simulator holds its settings).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from detstream.services.model.schema import FieldError
+from detstream.services.sources import GridSource
 
 BANK_SIZE = 8
 SHARE = 0.15          # fraction of an electron's signal its 4 neighbours each receive
@@ -23,6 +28,8 @@ def dark_reference(seed: int, rows: int, cols: int, level: float) -> np.ndarray:
 
 
 class Simulator:
+    """Frames of a simulated 4D Camera: `sim` the spec.source.simulator settings, `detector` spec.detector."""
+
     def __init__(self, sim, detector):
         self.sim = sim
         self.rows, self.cols, self.sectors = detector.rows, detector.cols, detector.sectors
@@ -110,3 +117,20 @@ def _spread(rows: np.ndarray, cols: np.ndarray, gap: int = 3) -> np.ndarray:
     for i in np.flatnonzero(near.any(axis=0)):   # the few events with an earlier neighbour, in order
         keep[i] = not (keep & near[:, i]).any()
     return keep
+
+
+class SimulatorSource(GridSource):
+    """The `simulator` source kind: frames from `Simulator`, with spec.source.simulator's settings."""
+
+    summary = "the built-in 4D Camera simulator"
+
+    @classmethod
+    def check(cls, spec):
+        # electron events are drawn with their 3x3 neighbourhood inside the frame
+        return [FieldError(f"spec.detector.{axis}", f"must be >= 3 with the simulator source (an electron event "
+                           f"spreads over 3x3 pixels); got {getattr(spec.detector, axis)}")
+                for axis in ("rows", "cols") if getattr(spec.detector, axis) < 3]
+
+    def __init__(self, spec, replica):
+        super().__init__(spec, replica)
+        self.sector = Simulator(spec.source.simulator, spec.detector).sector

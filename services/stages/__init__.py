@@ -1,14 +1,14 @@
-"""The pipeline stages, one module per role."""
+"""The pipeline stages, one module per role (services/model/plan.py's ROLES): `ROLE.py` holds `RoleStage`."""
 
 from __future__ import annotations
 
+from importlib import import_module
 
-def stage_class(role: str):
-    from detstream.services.stages.aggregator import AggregatorStage
-    from detstream.services.stages.distributor import DistributorStage
-    from detstream.services.stages.source import SourceStage
-    from detstream.services.stages.worker import WorkerStage
-    from detstream.services.stages.writer import WriterStage
+from detstream.services.model.plan import ROLES
 
-    classes = {c.role: c for c in (SourceStage, AggregatorStage, DistributorStage, WorkerStage, WriterStage)}
-    return classes[role]
+
+def stage_class(role: str) -> type:
+    """The Stage subclass of a role; LookupError for a name not in ROLES."""
+    if role not in ROLES:
+        raise LookupError(f"unknown role {role!r}; the roles: {', '.join(ROLES)}")
+    return getattr(import_module(f"{__name__}.{role}"), f"{role.title()}Stage")

@@ -26,15 +26,24 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
+from functools import partial
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
-from detstream.services.runtime.faults import failpoint
+from detstream.services.dataplane.wire import (
+    CALIBRATION,
+    CREDIT,
+    FRAME,
+    HEARTBEAT,
+    RESULT,
+    SAMPLE,
+    Header,
+    Message,
+    Outbox,
+)
 from detstream.services.plugins import PluginContext, plugin_class
-from detstream.services.runtime.stage import HOUSEKEEPING_S, POLL_MS, Stage
-from detstream.services.dataplane.wire import (CALIBRATION, CREDIT, FRAME, HEARTBEAT, POLLOUT, RESULT, SAMPLE, Header,
-                                     Message, Outbox)
+from detstream.services.runtime.faults import failpoint
+from detstream.services.runtime.stage import HOUSEKEEPING_S, Stage
 
 CALIBRATION_IDLE_S = 0.5  # calibrate on the samples there are when the stream pauses this long
 
@@ -46,57 +55,34 @@ class WorkerStage(Stage):
         spec = self.spec
         self.plugin_cls = plugin_class(spec.plugin.name)
         self.plugin = self.plugin_cls(spec.plugin.params, PluginContext(spec))
-        connections: dict[zmq.Socket, zmq.Socket] = {}
-        self.lanes = [Outbox(self.socket(zmq.DEALER, connect=[("distributor", lane, "work")], connections=connections),
-                             self.name) for lane in range(spec.lanes)]
+        self.lanes = [Outbox(self.socket(zmq.DEALER, connect=[("distributor", lane, "work")],
+                                         on_connect=partial(self.offer, lane)), self.name)
+                      for lane in range(spec.lanes)]
         self.writer = Outbox(self.socket(zmq.DEALER, connect=[("writer", 0, "results")]), self.name)
-        self.poller = zmq.Poller()
-        for lane in self.lanes:
-            self.poller.register(lane.socket, zmq.POLLIN)
-        self.lane_of = {o.socket: i for i, o in enumerate(self.lanes)}
-        self.connected_lane = {connections[o.socket]: i for i, o in enumerate(self.lanes)}
-        for monitor in self.connected_lane:
-            self.poller.register(monitor, zmq.POLLIN)
-        self.writer_events = 0                                # what the poller watches on the writer's socket
         self.last_sent = [0.0] * len(self.lanes)
         self.held: list[Message] = []  # frames waiting for the calibration
         self.samples: dict[int, list] = {}  # frame number -> the sample frame's sectors (kept for the session)
         self.samples_expected = min(self.plugin_cls.samples(spec.plugin.params), spec.scan.frames)
         self.calibration_sent = "{}"
-        self.last_frame = self.last_check = time.monotonic()
+        self.last_frame = time.monotonic()
         self.housekeeping_s = min(HOUSEKEEPING_S, spec.transport.heartbeat_s / 2)  # heartbeats, calibration, gauges
         self.outgoing: deque[tuple[Header, list]] = deque()   # results the writer's queue cannot take yet
         self.process_delay = failpoint(self.name, self.role, "process-delay")
         self.report_calibration()  # fixed thresholds are known now
+        for lane, outbox in enumerate(self.lanes):
+            # a refused message still used a credit: give it back
+            self.reactor.on_message(outbox.socket, partial(self.from_distributor, lane),
+                                    refused=lambda _, lane=lane: self.tell(lane, Header(kind=CREDIT, credit=1)))
+        # the writer's socket is watched only while results wait for room there
+        self.reactor.on_writable(self.writer.socket, self.flush, when=lambda: bool(self.outgoing))
+        self.reactor.every(0, self.apply_updates)
+        self.reactor.every(self.housekeeping_s, self.housekeeping)
 
-    def step(self):
-        self.apply_updates()
-        events = POLLOUT if self.outgoing else 0  # the writer's socket: only while results wait for room
-        if events != self.writer_events:
-            self.poller.register(self.writer.socket, events)
-            self.writer_events = events
-        # One message from each socket that has one, per turn: a poll per message costs less than
-        # draining a socket to its refused read.
-        for sock, _ in self.poller.poll(POLL_MS):
-            if sock is self.writer.socket:
-                self.flush()
-            elif sock in self.connected_lane:
-                recv_monitor_message(sock)
-                self.offer(self.connected_lane[sock])
-            else:
-                lane = self.lane_of[sock]
-                _, msg = self.receive(sock)
-                if msg is None:
-                    self.tell(lane, Header(kind=CREDIT, credit=1))  # a rejected message still used a credit
-                else:
-                    self.from_distributor(lane, msg)
-        now = time.monotonic()
-        if now - self.last_check > self.housekeeping_s:
-            self.last_check = now
-            self.calibrate_if_idle(now)
-            self.heartbeat(now)
-            self.counters.queue_depth = len(self.outgoing)
-            self.counters.in_flight = len(self.held) + len(self.outgoing)
+    def housekeeping(self, now: float) -> None:
+        self.calibrate_if_idle(now)
+        self.heartbeat(now)
+        self.counters.queue_depth = len(self.outgoing)
+        self.counters.in_flight = len(self.held) + len(self.outgoing)
 
     def offer(self, lane: int) -> None:
         """Connected to the lane's distributor: offer it our credits."""
@@ -147,9 +133,7 @@ class WorkerStage(Stage):
         """Hand queued results to the writer's socket, as far as its queue takes them (never blocks)."""
         while self.outgoing:
             header, parts = self.outgoing[0]
-            try:
-                self.writer.send(header, parts, flags=zmq.NOBLOCK)
-            except zmq.Again:
+            if not self.reactor.send(self.writer, header, parts, wait=False):
                 return
             self.outgoing.popleft()
             if header.kind == RESULT:
@@ -190,16 +174,8 @@ class WorkerStage(Stage):
     def tell(self, lane: int, header: Header, droppable: bool = False) -> None:
         """Send to a lane's distributor without ever blocking past a Stop; a heartbeat that finds
         the queue full is dropped: the queue itself says we are alive once the distributor reads it."""
-        outbox = self.lanes[lane]
-        while True:
-            try:
-                outbox.send(header, flags=zmq.NOBLOCK)  # the usual case: room in the queue, no poll
-                break
-            except zmq.Again:
-                if droppable or not self.waiting():
-                    return
-                outbox.socket.poll(POLL_MS, zmq.POLLOUT)
-        self.last_sent[lane] = time.monotonic()
+        if self.reactor.send(self.lanes[lane], header, wait=not droppable):
+            self.last_sent[lane] = time.monotonic()
 
     def heartbeat(self, now: float) -> None:
         for lane, last in enumerate(self.last_sent):
@@ -217,7 +193,7 @@ class WorkerStage(Stage):
     def add_status(self, status) -> None:
         status.plugin_params_json = json.dumps(self.plugin.params, sort_keys=True)  # in effect, not just asked for
 
-    def apply_updates(self) -> None:
+    def apply_updates(self, now: float = 0.0) -> None:
         while not self.updates.empty():
             self.plugin = self.updates.get()
             self.log.info("plugin parameters updated: %s", self.plugin.params)

@@ -13,6 +13,7 @@ Kubernetes); its aggregator sends it again to the new one. As a last resort, a s
 STALE_TIMEOUTS x (end-of-scan + worker timeout) + STALE_MARGIN_S closes anyway, its missing frames
 counted lost and the lanes that never ended it named; a scan of which nothing came at all, below
 an open one (or, once streaming, with no input for as long), is opened for that.
+These rules are `WriterScans` in `dataplane/accounting.py`; this module holds the sockets and the files.
 
 Workers send results on a DEALER to this ROUTER; every result (new, duplicate or late) is
 acknowledged with a RECEIPT to the distributor of its lane (on the DEALER that distributor connects
@@ -31,23 +32,31 @@ from __future__ import annotations
 
 import json
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import zmq
 
-from detstream.services.dataplane.accounting import COUNTS, ClosedScans, scan_record
-from detstream.services.sinks.electron_events import ElectronEventsFile
-from detstream.services.runtime.faults import failpoint
-from detstream.services.sinks.output import accounting_file, folder_problem, never_overwrite, scan_file
+from detstream.services.dataplane.accounting import COUNTS, WriterScans, scan_account, scan_record
+from detstream.services.dataplane.scans import WrittenScan
+from detstream.services.dataplane.wire import (
+    CALIBRATION,
+    END_OF_SCAN,
+    PARTIAL,
+    RECEIPT,
+    RESULT,
+    Header,
+    Message,
+    Outbox,
+    frame_key,
+    unpack_frames,
+)
 from detstream.services.model.plan import lane_routing_id
 from detstream.services.plugins import plugin_class
-from detstream.services.runtime.stage import HOUSEKEEPING_S, POLL_MS, Stage, StageError
-from detstream.services.dataplane.wire import (CALIBRATION, END_OF_SCAN, NOBLOCK, PARTIAL, RECEIPT, RESULT, Header, Message,
-                                     Outbox, frame_key, unpack_frames)
-from detstream.v1.control_pb2 import ScanAccount
+from detstream.services.runtime.faults import failpoint
+from detstream.services.runtime.stage import HOUSEKEEPING_S, Stage, StageError
+from detstream.services.sinks import sink_class
+from detstream.services.sinks.output import accounting_file, folder_problem, never_overwrite, scan_file
 
 DRAIN_QUIET_S = 1.0  # a draining writer finishes after this long without input and no open scan
 # A scan without input for this many (end-of-scan + worker) timeouts, and STALE_MARGIN_S more, is closed as
@@ -57,29 +66,6 @@ STALE_TIMEOUTS, STALE_MARGIN_S = 2, 10.0
 TURN = 256  # messages a turn takes at most (they are acknowledged at its end)
 RECEIPTS_KEPT = 65536  # receipts kept per lane while its distributor is away (more than it can have in flight)
 RECENT_SCANS = 16  # closed scans listed in the status (all of them are summed there, and in the accounting file)
-
-
-@dataclass
-class WriterScan:
-    number: int
-    rows: int
-    cols: int
-    seen: np.ndarray                 # per frame: written
-    lost: np.ndarray                 # per frame: named lost by a lane (or missing from a stale scan)
-    sectors: np.ndarray              # per frame: bit mask of the sectors that arrived (uint64), if written
-    file: ElectronEventsFile | None = None
-    path: str = ""
-    written: int = 0
-    partial: int = 0
-    duplicates: int = 0
-    lanes: dict = field(default_factory=dict)   # distributor name -> its END_OF_SCAN
-    last_input: float = field(default_factory=time.monotonic)
-
-    def account(self, complete: bool) -> ScanAccount:
-        lost = int(np.count_nonzero(self.lost & ~self.seen))
-        return ScanAccount(scan=self.number, expected=self.rows * self.cols, written=self.written,
-                           partial=self.partial, lost=lost, duplicates=self.duplicates, complete=complete,
-                           file=self.path if complete else "")  # an open scan's file is not there yet
 
 
 class WriterStage(Stage):
@@ -94,48 +80,45 @@ class WriterStage(Stage):
         if problem:
             raise StageError(f"output folder: {problem}")
         self.kind = plugin_class(self.spec.plugin.name).result
+        self.sink = sink_class(self.kind)  # None: results of this kind are counted, not kept
         results = self.socket(zmq.ROUTER, bind="results")
         results.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a receipt to a full or absent peer waits
         results.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a restarted distributor takes its routing id over
-        results.setsockopt(zmq.RCVTIMEO, POLL_MS)      # a turn waits this long for input, without a poll
         self.results = Outbox(results, self.name)
         self.receipts: dict[int, list[int]] = {}      # lane -> keys of the results received this turn
-        self.pixels = self.spec.detector.rows * self.spec.detector.cols
         self.write_delay = failpoint(self.name, self.role, "write-delay")
-        self.scans: dict[int, WriterScan] = {}
-        self.recent: deque[ScanAccount] = deque(maxlen=RECENT_SCANS)
-        self.closed_total = ScanAccount()  # summed over every closed scan
-        self.scans_unaccounted = 0
+        transport = self.spec.transport
+        self.accounts = WriterScans(self.spec.lanes, self.spec.scan.rows, self.spec.scan.cols, self.spec.scan.count,
+                                    transport.end_of_scan_timeout_s,
+                                    STALE_TIMEOUTS * (transport.end_of_scan_timeout_s + transport.worker_timeout_s)
+                                    + STALE_MARGIN_S, RECENT_SCANS)
+        self.scans = self.accounts.scans
         self.accounting = accounting_file(self.output, self.plan.session)  # a line per closed scan
         if self.accounting.exists():
             raise StageError(never_overwrite(self.accounting))
-        self.closed = ClosedScans()
-        self.last_input = self.last_check = time.monotonic()
+        self.last_input = time.monotonic()
         self.lane_ended = False  # a lane's END_OF_SCAN came this turn: its scan may be complete
         self.streaming = False  # any input yet (a session may wait for its detector as long as it takes)
         self.calibration: dict = {}  # the latest a worker sent (recorded in every scan's file)
         self.calibrations: dict[str, str] = {}  # worker -> its latest, as JSON (to notice disagreement)
+        self.reactor.on_message(results, lambda _peer, msg: self.handle(msg), envelope=True, batch=TURN)
+        self.reactor.every(0, self.after_turn)
+        self.reactor.every(HOUSEKEEPING_S, self.housekeeping)
 
-    def step(self):
-        sock, flags = self.results.socket, 0
-        for _ in range(TURN):  # the first message waits (at most POLL_MS), then what is queued
-            try:
-                _, msg = self.receive(sock, envelope=True, flags=flags)
-            except zmq.Again:
-                break
-            flags = NOBLOCK
-            if msg is not None:
-                self.handle(msg)
+    def after_turn(self, now: float) -> None:
+        """Acknowledge the turn's results; a scan closes as soon as its last lane ends it (the lane's
+        results are here before its end)."""
         self.send_receipts()
-        now = time.monotonic()
-        # A scan closes when its last lane ends it (the lane's results are here before its end), or on
-        # a timeout: checked then, and every HOUSEKEEPING_S.
-        if self.lane_ended or now - self.last_check > HOUSEKEEPING_S:
-            self.lane_ended, self.last_check = False, now
-            self.close_ready(now)
-            if self.draining.is_set() and not self.scans and now - self.last_input > DRAIN_QUIET_S:
-                self.finish()  # drained: every scan that started is closed and nothing more comes
-            self.counters.scan_progress = max((s.written / s.seen.size for s in self.scans.values()), default=0.0)
+        if self.lane_ended:
+            self.housekeeping(now)
+
+    def housekeeping(self, now: float) -> None:
+        """Close the scans that are complete or timed out; finish once drained."""
+        self.lane_ended = False
+        self.close_ready(now)
+        if self.draining.is_set() and not self.scans and now - self.last_input > DRAIN_QUIET_S:
+            self.finish()  # drained: every scan that started is closed and nothing more comes
+        self.counters.scan_progress = self.accounts.progress()
 
     def handle(self, msg: Message) -> None:
         self.last_input = time.monotonic()
@@ -153,14 +136,15 @@ class WriterStage(Stage):
             self.receipts.setdefault(h.frame % self.spec.lanes, []).append(frame_key(h.scan, h.frame))
         if h.kind == RESULT and not self.valid_result(msg):
             return
-        if h.scan in self.closed:
+        if h.scan in self.accounts.closed:
             if h.kind == RESULT:
                 self.counters.outcomes["duplicate"] += 1
             return
-        scan = self.scan(h)
+        scan = self.accounts.scan(h.scan, h.scan_rows, h.scan_cols, self.last_input)
         if scan is None:
+            self.refuse("geometry", None, f"scan {h.scan} of {h.scan_rows or self.spec.scan.rows}x"
+                                          f"{h.scan_cols or self.spec.scan.cols} positions")
             return
-        scan.last_input = self.last_input
         if h.kind == END_OF_SCAN:
             self.end_of_lane(scan, msg)
             return
@@ -168,34 +152,26 @@ class WriterStage(Stage):
             time.sleep(self.write_delay)
         self.counters.frames_in += 1
         self.counters.bytes_in += msg.payload_bytes
-        if scan.seen[h.position]:
-            scan.duplicates += 1
+        if not self.accounts.result(scan, h.position, h.sector_mask, bool(h.flags & PARTIAL)):
             self.counters.outcomes["duplicate"] += 1
             return
-        scan.seen[h.position] = True
-        scan.sectors[h.position] = h.sector_mask
-        scan.written += 1
-        scan.partial += bool(h.flags & PARTIAL)
         self.counters.outcomes["written"] += 1
         if h.flags & PARTIAL:
             self.counters.outcomes["partial"] += 1
-        if self.kind == "events":
-            self.write(scan, h.position, np.frombuffer(msg.parts[0].buffer, dtype=np.uint32))
+        if self.sink is not None:
+            self.write(scan, h.position, [part.buffer for part in msg.parts])
 
     def valid_result(self, msg: Message) -> bool:
-        """A RESULT this writer can take: the session's result kind, a position in the scan, and for
-        events one part of uint32 pixel indices inside the frame (anything else is counted and dropped)."""
+        """A RESULT this writer can take: the session's result kind, a position in the scan, and parts its
+        sink takes (anything else is counted and dropped)."""
         h = msg.header
         reason = None
         if h.result != self.kind:
             reason = "result"
         elif h.position >= self.spec.scan.frames or h.frame >= self.spec.scan.frames:
             reason = "range"
-        elif self.kind == "events":
-            if len(msg.parts) != 1 or len(msg.parts[0]) % 4:
-                reason = "size"
-            elif len(msg.parts[0]) and int(np.frombuffer(msg.parts[0].buffer, np.uint32).max()) >= self.pixels:
-                reason = "range"
+        elif self.sink is not None:
+            reason = self.sink.refusal([part.buffer for part in msg.parts], self.spec)
         if reason:
             self.refuse(reason, msg, "a result this writer cannot take")
         return reason is None
@@ -220,109 +196,78 @@ class WriterStage(Stage):
         self.calibrations[msg.header.sender] = text
         self.calibration = calibration
 
-    def end_of_lane(self, scan: WriterScan, msg: Message) -> None:
+    def end_of_lane(self, scan: WrittenScan, msg: Message) -> None:
         """A lane's END_OF_SCAN: what it passed on, and the bitmap of the frames it names lost."""
         h = msg.header
-        lost = unpack_frames(msg.parts[0], scan.seen.size) if msg.parts else np.zeros(scan.seen.size, bool)
+        lost = unpack_frames(msg.parts[0], scan.done.size) if msg.parts else np.zeros(scan.done.size, bool)
         if int(np.count_nonzero(lost)) != h.lost:
             self.refuse("lost", msg, f"END_OF_SCAN says {h.lost} frames lost, its bitmap {np.count_nonzero(lost)}")
             return
-        scan.lost |= lost
-        scan.lanes[h.sender] = h
+        self.accounts.lane_ended(scan, h.sender, h, lost)
         self.lane_ended = True
 
     def send_receipts(self) -> None:
         """Tell each lane's distributor which of its frames have their result here (they are done)."""
         for lane in list(self.receipts):
             try:
-                self.results.send(Header(kind=RECEIPT, acked=self.receipts[lane]), peer=lane_routing_id(lane),
-                                  flags=zmq.NOBLOCK)
-            except zmq.ZMQError:  # its queue is full, or it is not connected (reconnecting): next turn
-                del self.receipts[lane][:-RECEIPTS_KEPT]  # (what a lane gone for good cannot grow without bound)
+                sent = self.reactor.send(self.results, Header(kind=RECEIPT, acked=self.receipts[lane]),
+                                         peer=lane_routing_id(lane), wait=False)
+            except zmq.ZMQError:  # it is not connected (reconnecting)
+                sent = False
+            if not sent:  # next turn; what a lane gone for good keeps cannot grow without bound
+                del self.receipts[lane][:-RECEIPTS_KEPT]
                 continue
             del self.receipts[lane]
 
-    def scan(self, h: Header) -> WriterScan | None:
-        scan = self.scans.get(h.scan)
-        if scan is None:
-            rows, cols = h.scan_rows or self.spec.scan.rows, h.scan_cols or self.spec.scan.cols
-            if rows * cols != self.spec.scan.frames:
-                self.refuse("geometry", None, f"scan {h.scan} of {rows}x{cols} positions")
-                return None
-            scan = self.scans[h.scan] = self.new_scan(h.scan, rows, cols)
-        return scan
-
-    @staticmethod
-    def new_scan(number: int, rows: int, cols: int) -> WriterScan:
-        return WriterScan(number, rows, cols, np.zeros(rows * cols, bool), np.zeros(rows * cols, bool),
-                          np.zeros(rows * cols, np.uint64))
-
-    def write(self, scan: WriterScan, position: int, events: np.ndarray) -> None:
+    def write(self, scan: WrittenScan, position: int, parts: list[memoryview]) -> None:
         path = scan_file(self.output, self.plan.session, scan.number)
-        if scan.file is None and path.exists():
-            raise StageError(never_overwrite(path))
         try:
             if scan.file is None:
+                plugin = self.spec.plugin
+                scan.file = self.sink.open(path, self.spec, (scan.rows, scan.cols),
+                                           {"session": self.plan.session, "scan": scan.number,
+                                            "plugin": plugin.name, "plugin_params": str(plugin.params)})
                 scan.path = str(path)
-                scan.file = ElectronEventsFile(path, (scan.rows, scan.cols),
-                                               (self.spec.detector.rows, self.spec.detector.cols),
-                                               metadata={"session": self.plan.session, "scan": scan.number,
-                                                         "plugin": self.spec.plugin.name,
-                                                         "plugin_params": str(self.spec.plugin.params)})
-            scan.file.write(position, events)
+            scan.file.write_result(position, parts)
+        except FileExistsError as exc:  # results are never overwritten
+            raise StageError(str(exc)) from None
         except OSError as exc:
             raise StageError(f"cannot write scan {scan.number} to {path}: {exc}") from None
 
     def close_ready(self, now: float) -> None:
-        transport = self.spec.transport
-        stale = STALE_TIMEOUTS * (transport.end_of_scan_timeout_s + transport.worker_timeout_s) + STALE_MARGIN_S
-        self.open_skipped(now, stale)
-        for scan in list(self.scans.values()):
-            silent = now - scan.last_input
-            if len(scan.lanes) >= self.spec.lanes:
-                passed_on = sum(h.sent for h in scan.lanes.values())
-                if scan.written >= passed_on or silent > transport.end_of_scan_timeout_s:
-                    self.close(scan)
-            elif silent > stale:
+        for scan, silent in self.accounts.due(now, self.last_input if self.streaming else None,
+                                              self.draining.is_set()):
+            if silent is None:
+                self.close(scan)
+            else:
                 self.close_stale(scan, silent)
 
-    def open_skipped(self, now: float, stale: float) -> None:
-        """Open the first scan not closed when nothing of it came, so that it closes when stale: when
-        a later scan is open, or once streaming when nothing has come for the stale time."""
-        first = self.closed.next_open()
-        if first in self.scans or first >= self.spec.scan.count or not self.streaming or self.draining.is_set():
-            return
-        if any(n > first for n in self.scans) or (not self.scans and now - self.last_input > stale):
-            scan = self.scans[first] = self.new_scan(first, self.spec.scan.rows, self.spec.scan.cols)
-            scan.last_input = self.last_input
-
-    def close_stale(self, scan: WriterScan, silent: float) -> None:
+    def close_stale(self, scan: WrittenScan, silent: float) -> None:
         """Close a scan some lane never ended (its end of scan died with a restarted distributor):
         every frame not here is lost."""
-        scan.lost |= ~scan.seen
+        self.accounts.stale(scan)
         self.log.error("scan %d: no input for %.0f s and %d of %d lanes never ended it (%s): its %d frames "
-                       "not here are lost", scan.number, silent, self.spec.lanes - len(scan.lanes), self.spec.lanes,
-                       "a distributor restarted mid-scan?" if scan.lanes or scan.written else "nothing of it came",
-                       int(np.count_nonzero(~scan.seen)))
+                       "not here are lost", scan.number, silent, self.spec.lanes - len(scan.ends), self.spec.lanes,
+                       "a distributor restarted mid-scan?" if scan.ends or scan.count else "nothing of it came",
+                       int(np.count_nonzero(~scan.done)))
         self.close(scan)
 
-    def close(self, scan: WriterScan) -> None:
-        account = scan.account(complete=True)
+    def close(self, scan: WrittenScan) -> None:
+        account = scan_account(scan, complete=True)
         record = scan_record(account)
         unaccounted = record["unaccounted"]
         if scan.file is not None:
             try:
                 scan.file.add_metadata(self.calibration)
-                scan.file.record_arrivals(scan.seen, scan.sectors, self.spec.detector.sectors,
+                scan.file.record_arrivals(scan.done, scan.sectors, self.spec.detector.sectors,
                                           {k: record[k] for k in COUNTS})
                 scan.file.close()
             except OSError as exc:
                 scan.file.abort()  # no file that looks complete is left behind
                 scan.file = None
                 raise StageError(f"cannot write scan {scan.number} to {scan.path}: {exc}") from None
-        self.record(account, record)
-        del self.scans[scan.number]
-        self.closed.add(scan.number)
+        self.record(record)
+        self.accounts.close(scan, account, unaccounted)
         log = self.log.error if unaccounted else (self.log.warning if account.lost else self.log.info)
         log("scan %d closed: %d expected, %d written (%d partial), %d lost, %d duplicates dropped%s",
             scan.number, account.expected, account.written, account.partial, account.lost,
@@ -331,19 +276,11 @@ class WriterStage(Stage):
             raise StageError(f"scan {scan.number} closed with {account.lost} frames lost, {account.partial} partial"
                              f"{f', {unaccounted} unaccounted' if unaccounted else ''} "
                              f"(spec.transport.onLoss is fail)")
-        if len(self.closed) >= self.spec.scan.count:
+        if len(self.accounts.closed) >= self.spec.scan.count:
             self.finish()
 
-    def record(self, account: ScanAccount, record: dict) -> None:
-        """A closed scan: in the totals, among the recent ones, and a line of the accounting file."""
-        self.recent.append(account)
-        total = self.closed_total
-        total.expected += account.expected
-        total.written += account.written
-        total.partial += account.partial
-        total.lost += account.lost
-        total.duplicates += account.duplicates
-        self.scans_unaccounted += bool(record["unaccounted"])
+    def record(self, record: dict) -> None:
+        """A closed scan's line of the accounting file."""
         try:
             with self.accounting.open("a") as out:
                 out.write(json.dumps(record) + "\n")
@@ -351,12 +288,7 @@ class WriterStage(Stage):
             raise StageError(f"cannot write the accounting to {self.accounting}: {exc}") from None
 
     def add_status(self, status):
-        status.scans_total = self.spec.scan.count
-        status.scans.extend(self.recent)
-        status.scans.extend(s.account(complete=False) for s in self.scans.values())
-        status.scans_closed = len(self.closed)
-        status.closed_total.CopyFrom(self.closed_total)
-        status.scans_unaccounted = self.scans_unaccounted
+        self.accounts.add_status(status)
 
     def run(self) -> int:
         try:

@@ -163,7 +163,7 @@ class ControlPlane:
                 p.wait()
         atexit.unregister(self.stop)
 
-    def __enter__(self) -> "ControlPlane":
+    def __enter__(self) -> ControlPlane:
         self.start()
         return self
 
@@ -275,8 +275,8 @@ class ControlPlane:
         while True:
             for name, p in self._procs:
                 if p.poll() is not None:
-                    raise ControlPlaneError(f"{name} exited with code {p.returncode}; tail of "
-                                            f"{self.workdir / (name + '.log')}:\n{_tail(self.workdir / (name + '.log'))}")
+                    log = self.workdir / (name + ".log")
+                    raise ControlPlaneError(f"{name} exited with code {p.returncode}; tail of {log}:\n{_tail(log)}")
             if ready():
                 return
             if time.monotonic() > deadline:

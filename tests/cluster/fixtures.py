@@ -15,9 +15,8 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import require
-
 from .controlplane import ControlPlane
+from helpers import require
 
 SKIP = os.environ.get("DETSTREAM_SKIP_CLUSTER") == "1"
 skip_if_no_cluster = pytest.mark.skipif(SKIP, reason="DETSTREAM_SKIP_CLUSTER=1")

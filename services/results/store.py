@@ -1,0 +1,68 @@
+"""The live store: what a session's live view serves, in the session's own process.
+
+The sink that collects a scan's results opens it here (`open_scan`) and feeds the returned `ScanImages`
+(`add_events` / `add_frames` / `mark_lost`); it may attach the scan's accounting (`set_accounting`). The
+web app (`detstream.services.results.web`) only reads, except for a scan's detector geometry, which
+changes what the images show and nothing of the session.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from detstream.services.results.geometry import DetectorGeometry
+from detstream.services.results.images import DEFAULT_KEEP_BYTES, ScanImages
+
+__all__ = ["LiveStore"]
+
+
+class LiveStore:
+    """The scans of a session (in the order opened) with their live images and accounting, and the stage table.
+
+    stage_table: a callable returning the session's stages as a list of JSON-able dicts (one row each); it is
+    called by the web app's threads, so it must be thread-safe and quick.
+    """
+
+    def __init__(self, stage_table: Callable[[], list[dict]] = list):
+        self._stage_table = stage_table
+        self._scans: dict[str, ScanImages] = {}
+        self._accounting: dict[str, dict] = {}
+        self._lock = threading.Lock()
+
+    def open_scan(self, scan: str | int, scan_shape: tuple[int, int], frame_shape: tuple[int, int],
+                  geometry: DetectorGeometry, keep_bytes: int = DEFAULT_KEEP_BYTES) -> ScanImages:
+        """Start the live images of scan `scan` (its id, shown on the page); ValueError if it is already open."""
+        key = str(scan)
+        images = ScanImages(scan_shape, frame_shape, geometry, keep_bytes)
+        with self._lock:
+            if key in self._scans:
+                raise ValueError(f"scan {key}: already open in the live store")
+            self._scans[key] = images
+        return images
+
+    def set_accounting(self, scan: str | int, accounting: dict[str, Any]) -> None:
+        """Attach the scan's accounting (JSON-able: e.g. expected, written, partial, lost), shown as given."""
+        with self._lock:
+            self._accounting[str(scan)] = dict(accounting)
+
+    def scan(self, scan: str | int) -> ScanImages:
+        """The live images of a scan; KeyError naming the known scans."""
+        with self._lock:
+            try:
+                return self._scans[str(scan)]
+            except KeyError:
+                raise KeyError(f"scan {scan}: not in this session; known: {', '.join(self._scans) or 'none yet'}") \
+                    from None
+
+    def summary(self) -> list[dict]:
+        """Per scan: id, scan_shape, frame_shape, geometry, centre, array names, progress and accounting."""
+        with self._lock:
+            scans, accounting = dict(self._scans), dict(self._accounting)
+        return [{"id": key, "scan_shape": list(s.scan_shape), "frame_shape": list(s.frame_shape),
+                 "geometry": s.geometry.to_dict(), "centre": list(s.centre), "arrays": s.array_names,
+                 "progress": s.progress(), "accounting": accounting.get(key, {})} for key, s in scans.items()]
+
+    def stage_table(self) -> list[dict]:
+        return self._stage_table()
