@@ -17,15 +17,17 @@ import hdf5plugin
 import numpy as np
 import pytest
 import zmq
-from conftest import DETSTREAM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from detstream.services.model.session import Detector, Simulator as Settings
+from detstream.services.model.session import Detector
+from detstream.services.model.session import Simulator as Settings
 from detstream.services.sources.dectris import dcu, stream2
 from detstream.services.sources.dectris.ingest import bare_ingest
 from detstream.services.sources.dectris.stream2 import End, Image, Start, Stream2Error, array_tag, decode, encode
 from detstream.services.sources.simulator import Simulator
+
+from helpers import DETSTREAM
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "dectris-stream2"

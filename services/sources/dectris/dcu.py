@@ -17,17 +17,26 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cbor2
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from detstream.services.sources.dectris.stream2 import ALGORITHMS, PIXEL_DTYPES, Image, Start, Stream2Error, \
-    array_tag, decode, encode
+from detstream.services.sources.dectris.stream2 import (
+    ALGORITHMS,
+    PIXEL_DTYPES,
+    Image,
+    Start,
+    Stream2Error,
+    array_tag,
+    decode,
+    encode,
+)
 
 PORT = 31001
 TIME_BASE = 50_000_000      # Hz: the rationals' denominator, as an EIGER2 sends them
@@ -100,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     linger = int(LINGER_S * 1000)    # Ctrl-C: 0, nothing waits
     try:
         push.bind(args.bind)
-        print(f"dcu: serving SIMPLON stream v2 on {push.last_endpoint.decode()} ({source.describe})", flush=True)
+        address = push.getsockopt_string(zmq.LAST_ENDPOINT)
+        print(f"dcu: serving SIMPLON stream v2 on {address} ({source.describe})", flush=True)
         if not wait_for_clients(monitor, args.wait_clients, args.wait_timeout):
             print(f"detstream dcu: fewer than {args.wait_clients} clients connected within {args.wait_timeout} s",
                   file=sys.stderr)
@@ -204,7 +214,8 @@ def recorded(args: argparse.Namespace) -> Source:
 
 def simulated(args: argparse.Namespace) -> Source:
     """Frames of the 4D Camera simulator (scan 0; BANK distinct frames, cycled), one channel."""
-    from detstream.services.model.session import Detector, Simulator as Settings
+    from detstream.services.model.session import Detector
+    from detstream.services.model.session import Simulator as Settings
     from detstream.services.sources.simulator import Simulator
 
     try:

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import bitshuffle
 import cbor2
@@ -125,7 +126,7 @@ class _Typed:           # RFC 8746 typed array: element type and its byte string
 @dataclass(frozen=True)
 class _MultiDim:        # RFC 8746 multi-dimensional array: [dimensions, elements]
     content: Any
-    order: str
+    order: str          # "C" (tag 40) or "F" (1040)
 
 
 def _typed(dtype: str) -> Callable[[Any, bool], _Typed]:
@@ -231,8 +232,9 @@ def _multidim(value: Any, name: str, shape: tuple[int, ...] | None, max_elements
     if not 0 < count <= max_elements:
         raise Stream2Error("size", f"{name}: dimensions {list(dims)} make {count} elements; expected 1 to "
                                    f"{max_elements}")
-    array = _typed_array(content[1], name, count, dtypes).reshape(dims, order=value.order)
-    return np.ascontiguousarray(array) if value.order == "F" else array
+    if value.order == "F":
+        return np.ascontiguousarray(_typed_array(content[1], name, count, dtypes).reshape(dims, order="F"))
+    return _typed_array(content[1], name, count, dtypes).reshape(dims)
 
 
 def _typed_array(value: Any, name: str, count: int | None, dtypes: tuple[str, ...] | None = None) -> np.ndarray:
