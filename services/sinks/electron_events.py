@@ -37,6 +37,7 @@ __all__ = ["ElectronEventsFile", "COMPLETE", "PARTIAL", "MISSING"]
 
 
 _EMPTY = np.empty(0, np.uint32)
+_UNCLOSABLE: list = []  # HDF5 handles whose file could not be closed (see ElectronEventsFile.abort)
 
 
 def _save_dict(d: dict, group: h5py.Group) -> None:
@@ -151,12 +152,16 @@ class ElectronEventsFile(ResultSink):
         return self.path
 
     def abort(self) -> None:
-        """Close and delete the temporary file."""
+        """Close and delete the temporary file, also when closing fails: HDF5 cannot flush to a full disk, and
+        then the handles left open fail again whenever they are freed (printed as "Exception ignored", burying
+        the stage's own last words; freeing them at once can even crash HDF5). So they are kept, unfreed, for
+        the rest of the process (which fails: this happens once), and the file is deleted below."""
         if self._file is not None:
             try:
                 self._file.close()
-            finally:
-                self._file = None
+            except (OSError, RuntimeError):
+                _UNCLOSABLE.append((self._file, self._frames))
+            self._file = None
         self.partial.unlink(missing_ok=True)
 
     def __enter__(self) -> ElectronEventsFile:
