@@ -10,7 +10,8 @@ a process (benchmarks/bare.py):
                  the writer gets the frames back (as the noop plugin returns them) or only a receipt
                  per block (as a plugin whose results are small: counting, virtual images)
 Printed per shape: frames/s, its fraction of the best one hop, and the CPU time per frame over all
-processes and per role (on 2 cores, CPU per frame is what limits throughput). Results: benchmarks/results/dataplane.json.
+processes and per role (on 2 cores, CPU per frame is what limits throughput).
+Results: benchmarks/results/dataplane.json.
 """
 
 from __future__ import annotations
