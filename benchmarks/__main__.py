@@ -27,6 +27,7 @@ BENCHMARKS = {
     "operator": [],        # 7. kubectl apply -> children, 1 and 20 sessions, real control plane
     "curve": ["--messages", "1000", "--repeats", "1"],  # CURVE encryption cost, socket and session
     "soak": ["--minutes", "0.5", "--interval", "5"],  # continuous stream: growth and accounting (short here)
+    "dataplane": ["--frames", "1024", "--repeats", "2"],  # data-plane shapes in bare pyzmq (the full-rate design)
     "live": ["--repeats", "1"],  # live results on / off, and the live view's delay behind the source
 }
 
