@@ -174,7 +174,8 @@ class SliceBand:
     def add(self, frame: int, rows: np.ndarray) -> None:
         role, index = self.tomo.role(frame)
         if rows.shape != (self.hi - self.lo, self.cols):
-            raise ValueError(f"frame {frame}: rows of shape {rows.shape}, the band takes {(self.hi - self.lo, self.cols)}")
+            raise ValueError(f"frame {frame}: rows of shape {rows.shape}, the band takes "
+                             f"{(self.hi - self.lo, self.cols)}")
         if role == "dark":
             self.field.add_dark(rows)
         elif role == "flat":
@@ -248,7 +249,7 @@ class SliceBand:
 
     def _reconstruct_at_end(self) -> None:
         got = np.flatnonzero(self.received)
-        if not got.size:
+        if not got.size or self.sinograms is None:
             return
         sinos = self.sinograms[:, got]
         if self.params.ring_removal == "sorting":
