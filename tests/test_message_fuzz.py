@@ -27,9 +27,6 @@ KINDS = [k for k in wire_pb2.Kind.values()] + [99]
 
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    for module in (aggregator, distributor, worker, writer):
-        mp.setattr(module, "POLL_MS", 0)
     doc = manifest("fuzz", scan={"rows": 4, "cols": 4, "count": 3}, detector={"rows": 8, "cols": 8, "sectors": 2},
                    workers={"replicas": 1, "credits": 4}, source={"replicas": 1},
                    plugin={"name": "electron-counting", "params": {"backgroundThreshold": 2, "xrayThreshold": 9}},
@@ -40,12 +37,12 @@ def stages(tmp_path_factory):
     built = {"writer": writer.WriterStage(plan, 0, output=out), "worker": worker.WorkerStage(plan, 0),
              "distributor": distributor.DistributorStage(plan, 0), "aggregator": aggregator.AggregatorStage(plan, 0)}
     for stage in built.values():
+        stage.reactor.poll_ms = 0  # a turn takes what is there and returns
         stage.setup()
         stage.start()
     yield built
     for stage in built.values():
         stage.ctx.destroy(linger=0)
-    mp.undo()
 
 
 TARGETS = ["aggregator", "distributor-frames", "distributor-work", "distributor-receipts", "worker", "writer"]
