@@ -84,6 +84,20 @@ class Simulator:
 
 
 @dataclass(frozen=True)
+class TomoSimulator:
+    """The tomography simulator: parallel-beam projections of a 3D phantom with flat and dark fields."""
+    seed: int = spec_field(0, doc="Random seed of the phantom's small features and of the noise; the same seed "
+                                  "gives the same frames and ground truth.", minimum=0)
+    photons: float = spec_field(10000.0, doc="Mean counts of an open-beam (flat) pixel above the dark; Poisson "
+                                             "noise follows from it.", minimum=1)
+    dark_level: float = spec_field(100.0, doc="Mean dark-field level (counts).", minimum=0)
+    max_absorption: float = spec_field(2.0, doc="Largest line integral through the phantom (-log of the "
+                                                "lowest transmission).", minimum=0.001, maximum=20)
+    centre_offset: float = spec_field(0.0, doc="Rotation axis minus the detector's centre column, (cols-1)/2 "
+                                               "(pixels).", minimum=-1000, maximum=1000)
+
+
+@dataclass(frozen=True)
 class Source:
     """Where frames come from."""
     kind: str = spec_field("simulator", doc=lambda: _sources().kinds_doc(), enum=lambda: _sources().source_kinds())
@@ -94,6 +108,7 @@ class Source:
     path: str = spec_field("", doc="replay: a .npy file or an HDF5 file of shape (frames, rows, cols).")
     dataset: str = spec_field("", doc="replay from HDF5: the dataset's path inside the file.")
     simulator: Simulator = spec_field(default_factory=Simulator, doc="Simulator settings.")
+    tomo_simulator: TomoSimulator | None = spec_field(None, doc="tomo-simulator settings (defaults when absent).")
 
 
 @dataclass(frozen=True)
@@ -103,6 +118,46 @@ class Plugin:
                                                     "entry point (shipped: electron-counting, noop).")
     params: dict = spec_field(default_factory=dict, doc="The plugin's parameters; changed live on "
                                                         "running workers.", free_form=True)
+
+
+@dataclass(frozen=True)
+class Tomography:
+    """A tomography scan: its positions are its frames in the order they are taken, darks first, then flats,
+    then the projections at angle i * arc / angles (i = 0 .. angles-1), then the flats after."""
+    angles: int = spec_field(doc="Projections per scan, equally spaced over arcDegrees.", minimum=1,
+                             maximum=1000000)
+    arc_degrees: float = spec_field(180.0, doc="The rotation the projections cover (180 or 360).", minimum=1,
+                                    maximum=360)
+    darks: int = spec_field(10, doc="Dark fields (no beam) before the flats.", minimum=0, maximum=10000)
+    flats: int = spec_field(10, doc="Flat fields (beam, no sample) before the projections.", minimum=0,
+                            maximum=10000)
+    flats_after: int = spec_field(0, doc="Flat fields after the projections (to see the beam drift).", minimum=0,
+                                  maximum=10000)
+
+    @property
+    def frames(self) -> int:
+        """Frames (scan positions) of one scan: darks, flats, projections, flats after."""
+        return self.darks + self.flats + self.angles + self.flats_after
+
+    def role(self, frame: int) -> tuple[str, int]:
+        """What frame number `frame` of a scan is: ("dark" | "flat" | "projection" | "flat-after", index
+        among those); ValueError past the scan's frames."""
+        for name, count in (("dark", self.darks), ("flat", self.flats), ("projection", self.angles),
+                            ("flat-after", self.flats_after)):
+            if 0 <= frame < count:
+                return name, frame
+            frame -= count
+        raise ValueError(f"frame beyond the tomography scan's {self.frames} frames")
+
+    @property
+    def first_projection(self) -> int:
+        """The frame number of projection 0."""
+        return self.darks + self.flats
+
+    def angles_deg(self):
+        """The projections' rotation angles in degrees, float64 (angles,)."""
+        import numpy as np
+        return np.arange(self.angles) * (self.arc_degrees / self.angles)
 
 
 @dataclass(frozen=True)
@@ -233,6 +288,8 @@ class SessionSpec:
                                    "number so no single process caps the throughput.", minimum=1, maximum=64)
     workers: Workers = spec_field(default_factory=Workers, doc="The worker pool.")
     plugin: Plugin = spec_field(default_factory=Plugin, doc="Processing applied to each frame.")
+    tomography: Tomography | None = spec_field(None, doc="A tomography scan (absent for 4D-STEM): what its "
+                                                         "frames are.")
     output: Output = spec_field(default_factory=Output, doc="Where results go.")
     transport: Transport = spec_field(default_factory=Transport, doc="Data-plane limits and timeouts.")
     security: Security = spec_field(default_factory=Security, doc="Encryption and authentication between stages.")
@@ -256,6 +313,11 @@ def check_spec(spec: SessionSpec, errors: list[FieldError]) -> None:
     if spec.source.replicas > spec.detector.sectors:
         errors.append(FieldError("spec.source.replicas", f"must be <= detector.sectors "
                                  f"({spec.detector.sectors}): each source sends whole sectors"))
+    tomo = spec.tomography
+    if tomo is not None and spec.scan.frames != tomo.frames:
+        errors.append(FieldError("spec.scan", f"a tomography scan's positions are its {tomo.frames} frames "
+                                 f"(darks + flats + angles + flatsAfter): write scan: {{rows: 1, cols: "
+                                 f"{tomo.frames}}}; got {spec.scan.rows}x{spec.scan.cols}"))
     errors.extend(_sources().source_class(spec.source.kind).check(spec))  # the kind's own settings
     errors.extend(check_live_geometry(spec))
 

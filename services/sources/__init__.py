@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from detstream.services.model.session import SessionSpec
 
 ENTRY_POINT_GROUP = "detstream.sources"
-SHIPPED = ("simulator", "replay", "external")  # listed first, in this order (the CRD's and README's since 0.1)
+SHIPPED = ("simulator", "replay", "external", "tomo-simulator", "dxchange")  # listed first, in this order
 
 
 class Frame(NamedTuple):

@@ -1,0 +1,100 @@
+"""A reconstructed tomography volume in HDF5 (and optionally a TIFF stack), with its scan's accounting.
+
+Layout (the volume where DXchange's `dxchange.write_hdf5` puts a reconstruction, so silx, ImageJ's HDF5 reader
+and tomopy-based tools find it):
+  /exchange/data            float32 (slices, rows, cols), chunked one slice per chunk; attrs voxel_size,
+                            units ("m" or "pixel"), axes "z,y,x"; y downwards, as astra reconstructs
+  /exchange/theta           float64 the scan's projection angles, degrees
+  /process/reconstruction   attrs: the reconstruction's parameters (filter, centre, Paganin ...)
+  /accounting               attrs: projections_expected = projections_used + projections_lost, complete
+                            (False when angles are missing: the volume is then the FBP of the angles received);
+                            datasets projection_status uint8 per angle (0 used, 2 missing: the codes of the
+                            scan files' position_status) and slice_status uint8 per slice (0 reconstructed,
+                            2 missing: a band nobody reconstructed)
+The file is written as `path + '.partial'` and renamed on close; an existing file is never overwritten.
+With `tiff=True`, close also writes `path` without .h5 + `_tiff/slice_NNNNN.tif` (float32, tifffile), one a slice.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from detstream.services.dataplane.accounting import COMPLETE, MISSING
+from detstream.services.sinks.output import never_overwrite
+
+
+class VolumeFile:
+    """One scan's volume of `shape` (slices, rows, cols) at `path`; FileExistsError (saying why) when `path` or
+    its TIFF folder exists. `angles_deg` the scan's angles; `voxel_size` in metres, or None for pixels."""
+
+    def __init__(self, path: Path, shape: tuple[int, int, int], angles_deg: np.ndarray,
+                 voxel_size: float | None = None, tiff: bool = False):
+        self.path = Path(path)
+        self.tiff_dir = self.path.with_name(self.path.stem + "_tiff") if tiff else None
+        for target in (self.path, self.tiff_dir):
+            if target is not None and target.exists():
+                raise FileExistsError(never_overwrite(target))
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.shape = tuple(int(n) for n in shape)
+        self.file = h5py.File(self.partial, "w")
+        self.data = self.file.create_dataset("exchange/data", shape=self.shape, dtype=np.float32,
+                                             chunks=(1,) + self.shape[1:], fillvalue=np.nan)
+        self.data.attrs.update(voxel_size=voxel_size if voxel_size else 1.0, units="m" if voxel_size else "pixel",
+                               axes="z,y,x")
+        self.file.create_dataset("exchange/theta", data=np.asarray(angles_deg, np.float64))
+        self.slice_status = np.full(self.shape[0], MISSING, np.uint8)
+
+    def write_band(self, first: int, slices: np.ndarray) -> None:
+        """Slices [first, first + len(slices)) of the volume, (n, rows, cols) float32."""
+        if slices.shape[1:] != self.shape[1:] or not 0 <= first <= self.shape[0] - slices.shape[0]:
+            raise ValueError(f"a band of {slices.shape} at slice {first} does not fit a volume of {self.shape}")
+        self.data[first:first + slices.shape[0]] = slices.astype(np.float32, copy=False)
+        self.slice_status[first:first + slices.shape[0]] = COMPLETE
+
+    def record(self, parameters: dict, used: np.ndarray) -> dict:
+        """The reconstruction's `parameters` (plain values) and which angles were `used` (bool per angle);
+        returns the totals recorded (projections_expected/used/lost, slices_missing, complete)."""
+        proc = self.file.require_group("process/reconstruction")
+        for key, value in parameters.items():
+            if isinstance(value, dict):
+                proc.require_group(key).attrs.update(value)
+            else:
+                proc.attrs[key] = value
+        acc = self.file.require_group("accounting")
+        status = np.where(used, COMPLETE, MISSING).astype(np.uint8)
+        acc.create_dataset("projection_status", data=status)
+        acc.create_dataset("slice_status", data=self.slice_status)
+        totals = {"projections_expected": int(used.size), "projections_used": int(used.sum()),
+                  "projections_lost": int((~used).sum()), "slices_missing": int((self.slice_status != COMPLETE).sum())}
+        totals["complete"] = totals["projections_lost"] == 0 and totals["slices_missing"] == 0
+        acc.attrs.update(totals)
+        return totals
+
+    def close(self) -> Path:
+        """Finish the file (and the TIFF stack) and put it at `path`."""
+        self.file.close()
+        if self.tiff_dir is not None:
+            import tifffile
+            partial_dir = self.tiff_dir.with_name(self.tiff_dir.name + ".partial")
+            partial_dir.mkdir()
+            with h5py.File(self.partial, "r") as f:
+                for k in range(self.shape[0]):
+                    tifffile.imwrite(partial_dir / f"slice_{k:05d}.tif", f["exchange/data"][k])
+            os.rename(partial_dir, self.tiff_dir)
+        os.rename(self.partial, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Leave nothing behind."""
+        try:
+            self.file.close()
+        except Exception:
+            pass
+        self.partial.unlink(missing_ok=True)
+        if self.tiff_dir is not None:
+            shutil.rmtree(self.tiff_dir.with_name(self.tiff_dir.name + ".partial"), ignore_errors=True)
