@@ -84,6 +84,20 @@ class Simulator:
 
 
 @dataclass(frozen=True)
+class Dectris:
+    """A DECTRIS detector control unit (DCU) serving SIMPLON stream v2: every source replica connects to it."""
+    address: str = spec_field("", doc="dectris: the DCU's stream v2 address, tcp://HOST:PORT (a DCU serves it on "
+                                      "port 31001); every source replica connects to it and gets some of the images.")
+    channel: str = spec_field("", doc="dectris: the image channel (threshold) the plugin sees, e.g. threshold_1 "
+                                      "(empty: each image's first).")
+    scans: str = spec_field("arrival", enum=("arrival", "seriesId"),
+                            doc="dectris: how series map to scans: arrival (the first series a source hears of is "
+                                "scan 0, each new one the next; with several replicas each must hear of every "
+                                "series) or seriesId (scan = series_id - firstSeriesId).")
+    first_series_id: int = spec_field(1, doc="dectris, scans seriesId: the series_id that is scan 0.", minimum=0)
+
+
+@dataclass(frozen=True)
 class Source:
     """Where frames come from."""
     kind: str = spec_field("simulator", doc=lambda: _sources().kinds_doc(), enum=lambda: _sources().source_kinds())
@@ -94,6 +108,7 @@ class Source:
     path: str = spec_field("", doc="replay: a .npy file or an HDF5 file of shape (frames, rows, cols).")
     dataset: str = spec_field("", doc="replay from HDF5: the dataset's path inside the file.")
     simulator: Simulator = spec_field(default_factory=Simulator, doc="Simulator settings.")
+    dectris: Dectris = spec_field(default_factory=Dectris, doc="DECTRIS detector settings (kind dectris).")
 
 
 @dataclass(frozen=True)
@@ -236,7 +251,7 @@ def check_spec(spec: SessionSpec, errors: list[FieldError]) -> None:
     if spec.detector.cols % spec.detector.sectors:
         errors.append(FieldError("spec.detector.sectors", f"must divide detector.cols "
                                  f"({spec.detector.cols}); got {spec.detector.sectors}"))
-    if spec.source.replicas > spec.detector.sectors:
+    if spec.source.replicas > spec.detector.sectors and not _sources().source_class(spec.source.kind).series:
         errors.append(FieldError("spec.source.replicas", f"must be <= detector.sectors "
                                  f"({spec.detector.sectors}): each source sends whole sectors"))
     errors.extend(_sources().source_class(spec.source.kind).check(spec))  # the kind's own settings

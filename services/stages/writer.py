@@ -56,6 +56,7 @@ from detstream.services.plugins import plugin_class
 from detstream.services.runtime.faults import failpoint
 from detstream.services.runtime.stage import HOUSEKEEPING_S, Stage, StageError
 from detstream.services.sinks import sink_class
+from detstream.services.sources import source_class
 from detstream.services.sinks.output import accounting_file, folder_problem, never_overwrite, scan_file
 
 DRAIN_QUIET_S = 1.0  # a draining writer finishes after this long without input and no open scan
@@ -91,7 +92,7 @@ class WriterStage(Stage):
         self.accounts = WriterScans(self.spec.lanes, self.spec.scan.rows, self.spec.scan.cols, self.spec.scan.count,
                                     transport.end_of_scan_timeout_s,
                                     STALE_TIMEOUTS * (transport.end_of_scan_timeout_s + transport.worker_timeout_s)
-                                    + STALE_MARGIN_S, RECENT_SCANS)
+                                    + STALE_MARGIN_S, RECENT_SCANS, series=source_class(self.spec.source.kind).series)
         self.scans = self.accounts.scans
         self.accounting = accounting_file(self.output, self.plan.session)  # a line per closed scan
         if self.accounting.exists():
