@@ -113,7 +113,7 @@ class Reassembly:
 
     def close_if_complete(self, scan: Scan, now: float) -> None:
         """Close a scan the detector ended once every frame of the lane below its count is passed on."""
-        images = scan.images
+        images = scan.images if scan.images is not None else self.frames
         if scan.count >= len(range(self.lane, images, self.lanes)) and scan.done[self.lane:images:self.lanes].all():
             self.close(scan.number, f"the detector ended it: its {images} frames are in", now)
 

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from detstream.services.model.session import SessionSpec
 
 ENTRY_POINT_GROUP = "detstream.sources"
-SHIPPED = ("simulator", "replay", "external", "dectris")  # listed first, in this order (the CRD's and README's since 0.1)
+SHIPPED = ("simulator", "replay", "external", "dectris")  # listed first, in this order (the CRD's, README's)
 
 
 class Frame(NamedTuple):

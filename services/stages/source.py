@@ -3,10 +3,10 @@
 The kind (spec.source.kind, see services/sources) yields frames, each as the sectors this replica
 sends, and the ends of scans. A frame's sectors go to aggregator[frame % lanes]; a scan's end tells
 every lane how many sectors of the scan it was sent (END_OF_SCAN; flagged DETECTOR_END when the
-detector itself ended the scan). Messages the kind refuses (from a detector) are counted by reason. Sends block when the lane is full:
-that is the backpressure, and the source waits rather than drops (unless spec.transport.onFull is
-drop). Drain ends the scans under way early (their END_OF_SCAN says how much was sent, so the rest is
-reported lost) and sends no further scan.
+detector itself ended the scan). Messages the kind refuses (from a detector) are counted by reason.
+Sends block when the lane is full: that is the backpressure, and the source waits rather than drops
+(unless spec.transport.onFull is drop). Drain ends the scans under way early (their END_OF_SCAN says
+how much was sent, so the rest is reported lost) and sends no further scan.
 """
 
 from __future__ import annotations

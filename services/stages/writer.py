@@ -56,8 +56,8 @@ from detstream.services.plugins import plugin_class
 from detstream.services.runtime.faults import failpoint
 from detstream.services.runtime.stage import HOUSEKEEPING_S, Stage, StageError
 from detstream.services.sinks import sink_class
-from detstream.services.sources import source_class
 from detstream.services.sinks.output import accounting_file, folder_problem, never_overwrite, scan_file
+from detstream.services.sources import source_class
 
 DRAIN_QUIET_S = 1.0  # a draining writer finishes after this long without input and no open scan
 # A scan without input for this many (end-of-scan + worker) timeouts, and STALE_MARGIN_S more, is closed as
