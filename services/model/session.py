@@ -136,6 +136,9 @@ class Output:
                                    "inside the writer's volume.")
     volume_claim: str = spec_field("", doc="Kubernetes: a PersistentVolumeClaim mounted at the output "
                                            "folder (empty: an emptyDir).")
+    keep_frames: bool = spec_field(False, doc="With a plugin whose results are the frames (noop): write them, one "
+                                              "HDF5 file per scan compressed with bitshuffle-LZ4, with the same "
+                                              "accounting as every scan file (false: counted, not kept).")
 
 
 @dataclass(frozen=True)
@@ -292,9 +295,9 @@ def check_kubernetes(spec: SessionSpec, errors: list[FieldError]) -> None:
                                      f"192.0.2.0/24; got {cidr!r}"))
 
 
-def check_plugin(section: Any, dtype: str | None, errors: list[FieldError]) -> None:
+def check_plugin(section: Any, dtype: str | None, errors: list[FieldError], keep_frames: bool = False) -> None:
     """The plugin exists, takes these parameters and handles this pixel type (checked even when other fields
-    are wrong; `dtype` None when the detector's is unknown)."""
+    are wrong; `dtype` None when the detector's is unknown), and returns frames if they are to be kept."""
     from detstream.services.plugins import plugin_class
 
     plugin = parse(Plugin, section, "spec.plugin", [])
@@ -306,6 +309,9 @@ def check_plugin(section: Any, dtype: str | None, errors: list[FieldError]) -> N
         errors.append(FieldError("spec.plugin.name", str(exc)))
         return
     errors.extend(FieldError(f"spec.plugin.params.{key}", message) for key, message in cls.check_params(plugin.params))
+    if keep_frames and cls.result != "frames":
+        errors.append(FieldError("spec.output.keepFrames", f"{plugin.name}'s results are {cls.result}, not frames: "
+                                 f"keepFrames keeps the frames a plugin passes on as they came (noop)"))
     if dtype is not None and dtype not in cls.dtypes:
         errors.append(FieldError("spec.detector.dtype", f"{plugin.name} handles {', '.join(cls.dtypes)} frames; got "
                                  f"{dtype}: convert the frames, or use another plugin"))
@@ -336,7 +342,8 @@ def load_session(manifest: Any) -> Session:
         check_kubernetes(spec, errors)
     raw_spec = manifest.get("spec")
     check_plugin(raw_spec.get("plugin") if isinstance(raw_spec, dict) else None,
-                 spec.detector.dtype if spec is not None else None, errors)
+                 spec.detector.dtype if spec is not None else None, errors,
+                 keep_frames=spec is not None and spec.output.keep_frames)
     if errors:
         raise SpecError(errors)
     assert spec is not None  # a missing or unparsable spec is in `errors`

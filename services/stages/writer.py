@@ -55,7 +55,7 @@ from detstream.services.model.plan import lane_routing_id
 from detstream.services.plugins import plugin_class
 from detstream.services.runtime.faults import failpoint
 from detstream.services.runtime.stage import HOUSEKEEPING_S, Stage, StageError
-from detstream.services.sinks import sink_class
+from detstream.services.sinks import session_sink
 from detstream.services.sinks.output import accounting_file, folder_problem, never_overwrite, scan_file
 from detstream.services.sources import source_class
 
@@ -81,7 +81,7 @@ class WriterStage(Stage):
         if problem:
             raise StageError(f"output folder: {problem}")
         self.kind = plugin_class(self.spec.plugin.name).result
-        self.sink = sink_class(self.kind)  # None: results of this kind are counted, not kept
+        self.sink = session_sink(self.spec, self.kind)  # None: results of this kind are counted, not kept
         results = self.socket(zmq.ROUTER, bind="results")
         results.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a receipt to a full or absent peer waits
         results.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a restarted distributor takes its routing id over

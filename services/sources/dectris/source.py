@@ -87,7 +87,7 @@ class Dectris(Source):
                 try:
                     message = decode(self.pull.recv(), max_pixels=self.shape[0] * self.shape[1])
                 except Stream2Error as exc:
-                    yield Refused(exc.reason, str(exc))
+                    yield Refused(exc.reason, exc.detail)
                     continue
                 yield from self.take(message)
         finally:

@@ -62,7 +62,7 @@ class Stream2Error(ValueError):
     """A message that is not stream v2; `reason` (one of REJECT_REASONS) labels the counter."""
 
     def __init__(self, reason: str, detail: str):
-        self.reason = reason
+        self.reason, self.detail = reason, detail
         super().__init__(f"{reason}: {detail}")
 
 
