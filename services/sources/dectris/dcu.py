@@ -165,8 +165,9 @@ def wait_for_clients(monitor: zmq.Socket, wanted: int, timeout: float) -> bool:
 
 
 def serve(push: zmq.Socket, source: Source, args: argparse.Namespace) -> tuple[int, int]:
-    """Send every series; returns the bytes and the image messages sent. Images are paced at `args.rate` per second over the run;
-    the --skip ids are not sent, the --duplicate ids twice, and --garbage messages go before each series."""
+    """Send every series; returns the bytes and the image messages sent. Images are paced at `args.rate`
+    per second over the run; the --skip ids are not sent, the --duplicate ids twice, and --garbage
+    messages go before each series."""
     sent, count, began = 0, 0, time.monotonic()   # count: image messages sent
     for series_id in range(1, args.series + 1):
         for n in range(args.garbage):
