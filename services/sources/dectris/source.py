@@ -85,7 +85,8 @@ class Dectris(Source):
                     yield None
                     continue
                 try:
-                    message = decode(self.pull.recv(), max_pixels=self.shape[0] * self.shape[1])
+                    message = decode(self.pull.recv(), max_pixels=self.shape[0] * self.shape[1],
+                                     channel=self.channel)
                 except Stream2Error as exc:
                     yield Refused(exc.reason, exc.detail)
                     continue
@@ -172,12 +173,7 @@ class Dectris(Source):
             return Refused("range", f"{where}: the scan has {frames} positions")
         if taken[image.image_id]:
             return Refused("duplicate", f"{where} again")
-        if start is not None and tuple(image.data) != start.channels:
-            return Refused("field", f"{where}: channels {list(image.data)}, the start's {list(start.channels)}")
-        pixels = image.data.get(self.channel) if self.channel else next(iter(image.data.values()))
-        if pixels is None:
-            return Refused("field", f"{where}: no channel {self.channel!r} (spec.source.dectris.channel), only "
-                                    f"{list(image.data)}")
+        pixels = next(iter(image.data.values()))   # the channel decoded (spec.source.dectris.channel)
         if pixels.shape != self.shape:
             return Refused("size", f"{where}: {pixels.shape[0]}x{pixels.shape[1]} pixels, the detector has "
                                    f"{self.shape[0]}x{self.shape[1]} (spec.detector)")

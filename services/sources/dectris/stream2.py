@@ -141,12 +141,15 @@ SEMANTIC = {**{tag: _typed(dtype) for tag, dtype in TYPED_ARRAYS.items()},
             56500: lambda value, immutable: _Compressed(value)}
 
 
-def decode(message: bytes, start: Start | None = None, max_pixels: int = MAX_PIXELS) -> Start | Image | End:
+def decode(message: bytes, start: Start | None = None, max_pixels: int = MAX_PIXELS,
+           channel: str | None = None) -> Start | Image | End:
     """One stream v2 message (the bytes of one ZeroMQ message) as a Start, Image or End.
 
     With `start` (the series' start message), an image's channels must be the start's and each
     channel's shape and dtype the start's (checked before decompressing); without it, an image
-    array may hold at most `max_pixels` pixels. Raises Stream2Error, and nothing else, for anything
+    array may hold at most `max_pixels` pixels. `channel`: decode that channel of an image only ("":
+    its first; a client that uses one channel need not decompress the others), None: every channel;
+    an image without it is refused (`field`). Raises Stream2Error, and nothing else, for anything
     that is not a stream v2 message (fields other than the documented ones are ignored)."""
     try:
         decoder = cbor2.CBORDecoder(io.BytesIO(message), semantic_decoders=SEMANTIC,
@@ -163,7 +166,7 @@ def decode(message: bytes, start: Start | None = None, max_pixels: int = MAX_PIX
         raise Stream2Error("not-map", f"a message is a CBOR map, got {type(item).__name__}")
     kind = item.get("type")
     if kind == "image":
-        return _image(item, start, max_pixels)
+        return _image(item, start, max_pixels, channel)
     if kind == "start":
         return _start(item)
     if kind == "end":
@@ -171,7 +174,7 @@ def decode(message: bytes, start: Start | None = None, max_pixels: int = MAX_PIX
     raise Stream2Error("type", f"field 'type' is {kind!r}; stream v2 messages are start, image or end")
 
 
-def _image(item: Mapping, start: Start | None, max_pixels: int) -> Image:
+def _image(item: Mapping, start: Start | None, max_pixels: int, channel: str | None) -> Image:
     fields = dict(series_id=_uint(item, "series_id", "image"),
                   series_unique_id=_text(item, "series_unique_id", "image"),
                   image_id=_uint(item, "image_id", "image"),
@@ -189,8 +192,11 @@ def _image(item: Mapping, start: Start | None, max_pixels: int) -> Image:
                                     f"{list(start.channels)}")
     shape = start.shape if start is not None else None
     dtypes = (start.image_dtype.name,) if start is not None else PIXEL_DTYPES
-    pixels = {name: _multidim(value, f"image field 'data'/{name!r}", shape, max_pixels, dtypes)
-              for name, value in data.items()}
+    wanted = data if channel is None else (channel or next(iter(data)),)
+    if channel and channel not in data:
+        raise Stream2Error("field", f"image channels {list(data)}, without {channel!r}")
+    pixels = {name: _multidim(data[name], f"image field 'data'/{name!r}", shape, max_pixels, dtypes)
+              for name in wanted}
     return Image(data=pixels, **fields)
 
 
