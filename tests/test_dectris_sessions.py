@@ -16,10 +16,12 @@ import zmq
 from test_dectris_stream2 import DATA, FOLDERS, SHAPE, independent_channels, recorded, start_dcu
 
 from detstream.services.dataplane.accounting import COMPLETE, MISSING
+from detstream.services.model.session import load_session
 from detstream.services.sources.dectris.stream2 import array_tag, encode
 
 from helpers import manifest, wait_for
 from live import Live
+from test_families import problems
 
 FAST = {"endOfScanTimeoutS": 3.0, "frameTimeoutS": 2.0}
 
@@ -28,6 +30,18 @@ def dcu_session(name, address, scan, count, replicas, detector, **extra):
     return manifest(name, scan=scan | {"count": count}, detector=detector, workers={"replicas": 1},
                     source={"kind": "dectris", "replicas": replicas, "dectris": {"address": address, **extra}},
                     plugin={"name": "noop"}, output={"keepFrames": True}, transport=FAST)
+
+
+def test_a_dcu_session_manifest_is_checked_naming_the_field():
+    small = {"rows": 32, "cols": 32, "sectors": 1, "dtype": "uint16"}
+    load_session(dcu_session("ok", "tcp://dcu.lab:31001", {"rows": 8, "cols": 8}, 1, 4, small))  # 4 > 1 sector
+    assert problems(dcu_session("bad", "dcu.lab", {"rows": 8, "cols": 8}, 1, 1, dict(small, dtype="float32"))) == [
+        "spec.source.dectris.address: must be the DCU's tcp://HOST:PORT (port 31001 on a DCU); got 'dcu.lab'",
+        "spec.detector.dtype: stream v2 pixels are uint8, uint16 or uint32; got float32"]
+    doc = dcu_session("counting", "tcp://dcu.lab:31001", {"rows": 8, "cols": 8}, 1, 1, small)
+    doc["spec"]["plugin"] = {"name": "electron-counting"}
+    assert problems(doc) == ["spec.output.keepFrames: electron-counting's results are events, not frames: "
+                             "keepFrames keeps the frames a plugin passes on as they came (noop)"]
 
 
 def scans_of(report):

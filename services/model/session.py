@@ -102,7 +102,8 @@ class Source:
     """Where frames come from."""
     kind: str = spec_field("simulator", doc=lambda: _sources().kinds_doc(), enum=lambda: _sources().source_kinds())
     replicas: int = spec_field(1, doc="Source processes; sectors are split among them as the 4D Camera "
-                                      "splits them among its receivers.", minimum=1, maximum=64)
+                                      "splits them among its receivers (dectris: each connects to the DCU and "
+                                      "gets some of the images, whole).", minimum=1, maximum=64)
     rate: float = spec_field(0.0, doc="Frames per second per scan; 0 sends as fast as the pipeline takes them.",
                              minimum=0)
     path: str = spec_field("", doc="replay: a .npy file or an HDF5 file of shape (frames, rows, cols).")
