@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import zmq
 from test_dectris_stream2 import DATA, FOLDERS, SHAPE, independent_channels, recorded, start_dcu
+from test_families import problems
 
 from detstream.services.dataplane.accounting import COMPLETE, MISSING
 from detstream.services.model.session import load_session
@@ -21,7 +22,6 @@ from detstream.services.sources.dectris.stream2 import array_tag, encode
 
 from helpers import manifest, wait_for
 from live import Live
-from test_families import problems
 
 FAST = {"endOfScanTimeoutS": 3.0, "frameTimeoutS": 2.0}
 
