@@ -14,6 +14,13 @@ same work as a session's source) or are the same few buffers sent again and agai
 the transport alone). `one_hop()` is a single PUSH/PULL hop of whole frames: the transport
 ceiling of the machine.
 
+`direct=True` is the shape the full-rate issue proposes, for measuring it before building it: the
+sources send their sectors straight to the worker that takes the frame (no aggregator, no
+distributor: frames are assigned to workers in blocks of `batch`, round-robin), `batch` frames per
+message; the worker gathers a block's messages from every source, then sends the writer either the
+whole block (`full_result`, as the noop plugin returns its frame) or one small message saying the
+block is done. `transport` is tcp (loopback) or ipc (Unix domain sockets).
+
 Each stage is a process (`python -m benchmarks.bare CONFIG`); the writer prints when the last
 frame arrived, on the system-wide monotonic clock the caller also reads.
 """
@@ -50,6 +57,10 @@ class Topology:
     mode: str = "simulator"      # simulator | bank
     copy: bool = False           # False: zero-copy sends
     one_hop: bool = False        # source -> writer directly, a frame per message
+    direct: bool = False         # sources -> workers -> writer, `batch` frames per message (see above)
+    batch: int = 1
+    full_result: bool = True     # direct: the worker sends the writer the frames (else a small receipt)
+    transport: str = "tcp"       # tcp | ipc
     ingest: list = field(default_factory=list)   # ports, per lane
     frames_ports: list = field(default_factory=list)
     work: list = field(default_factory=list)
@@ -64,8 +75,8 @@ def _socket(ctx, kind, hwm):
     return s
 
 
-def _endpoint(port):
-    return f"tcp://127.0.0.1:{port}"
+def _endpoint(t: Topology, port: int) -> str:
+    return f"ipc:///tmp/detstream-bare-{port}" if t.transport == "ipc" else f"tcp://127.0.0.1:{port}"
 
 
 def _ready():
@@ -87,9 +98,22 @@ def source(t: Topology, index: int) -> None:
         bank = [[rng.integers(90, 130, (t.rows, width), dtype=np.uint16) for _ in range(t.sectors)]
                 for _ in range(BANK)]
         sector = lambda scan, frame, s: bank[frame % BANK][s]  # noqa: E731
-    if t.one_hop:
+    if t.direct:
+        workers = []
+        for port in t.work:
+            s = _socket(ctx, zmq.PUSH, t.hwm)
+            s.connect(_endpoint(t, port))
+            workers.append(s)
+        _ready()
+        sys.stdin.readline()
+        for first in range(0, t.frames, t.batch):
+            frames = range(first, min(first + t.batch, t.frames))
+            parts = [sector(0, frame, s) for frame in frames for s in mine]
+            workers[(first // t.batch) % t.workers].send_multipart([HEADER.pack(0, first, len(frames))] + parts,
+                                                                    copy=t.copy)
+    elif t.one_hop:
         out = _socket(ctx, zmq.PUSH, t.hwm)
-        out.connect(_endpoint(t.results))
+        out.connect(_endpoint(t, t.results))
         _ready()
         sys.stdin.readline()
         for frame in range(t.frames):
@@ -99,7 +123,7 @@ def source(t: Topology, index: int) -> None:
         lanes = []
         for port in t.ingest:
             s = _socket(ctx, zmq.PUSH, t.hwm)
-            s.connect(_endpoint(port))
+            s.connect(_endpoint(t, port))
             lanes.append(s)
         _ready()
         sys.stdin.readline()
@@ -113,9 +137,9 @@ def source(t: Topology, index: int) -> None:
 def aggregator(t: Topology, lane: int) -> None:
     ctx = zmq.Context()
     ingest = _socket(ctx, zmq.PULL, t.hwm)
-    ingest.bind(_endpoint(t.ingest[lane]))
+    ingest.bind(_endpoint(t, t.ingest[lane]))
     out = _socket(ctx, zmq.PUSH, t.hwm)
-    out.connect(_endpoint(t.frames_ports[lane]))
+    out.connect(_endpoint(t, t.frames_ports[lane]))
     _ready()
     pending: dict[int, list] = {}
     mine = len(range(lane, t.frames, t.lanes))
@@ -140,9 +164,9 @@ def forward(t: Topology, pull: zmq.Socket, push: zmq.Socket) -> None:
 def distributor(t: Topology, lane: int) -> None:
     ctx = zmq.Context()
     pull = _socket(ctx, zmq.PULL, t.hwm)
-    pull.bind(_endpoint(t.frames_ports[lane]))
+    pull.bind(_endpoint(t, t.frames_ports[lane]))
     push = _socket(ctx, zmq.PUSH, t.hwm)
-    push.bind(_endpoint(t.work[lane]))
+    push.bind(_endpoint(t, t.work[lane]))
     _ready()
     forward(t, pull, push)
 
@@ -150,24 +174,41 @@ def distributor(t: Topology, lane: int) -> None:
 def worker(t: Topology, index: int) -> None:
     ctx = zmq.Context()
     pull = _socket(ctx, zmq.PULL, t.hwm)
-    for port in t.work:
-        pull.connect(_endpoint(port))
+    if t.direct:
+        pull.bind(_endpoint(t, t.work[index]))
+    else:
+        for port in t.work:
+            pull.connect(_endpoint(t, port))
     push = _socket(ctx, zmq.PUSH, t.hwm)
-    push.connect(_endpoint(t.results))
+    push.connect(_endpoint(t, t.results))
     _ready()
-    forward(t, pull, push)
+    if not t.direct:
+        forward(t, pull, push)
+    pending: dict[int, list] = {}  # a block's first frame -> the parts of the sources heard from so far
+    while True:
+        header, *parts = pull.recv_multipart(copy=False)
+        _, first, count = HEADER.unpack(header.buffer)
+        block = pending.setdefault(first, [])
+        block.append(parts)
+        if len(block) == t.sources:
+            del pending[first]
+            payload = [p for source_parts in block for p in source_parts] if t.full_result else []
+            push.send_multipart([HEADER.pack(0, first, count)] + payload, copy=t.copy)
 
 
 def writer(t: Topology, index: int) -> None:
     ctx = zmq.Context()
     pull = _socket(ctx, zmq.PULL, t.hwm)
-    pull.bind(_endpoint(t.results))
+    pull.bind(_endpoint(t, t.results))
     _ready()
     cpu0 = time.process_time()
-    pull.recv_multipart(copy=False)
+    header, *_ = pull.recv_multipart(copy=False)
     first = time.monotonic()
-    for _ in range(t.frames - 1):
-        pull.recv_multipart(copy=False)
+    # a message carries one frame, or a block of them (direct: its count is the header's third field)
+    received = HEADER.unpack(header.buffer)[2] if t.direct else 1
+    while received < t.frames:
+        header, *_ = pull.recv_multipart(copy=False)
+        received += HEADER.unpack(header.buffer)[2] if t.direct else 1
     last = time.monotonic()
     print(json.dumps({"first": first, "last": last, "cpu": time.process_time() - cpu0}), flush=True)
 
@@ -183,7 +224,10 @@ def run(t: Topology, timeout: float = 300.0) -> dict:
     t.frames_ports = [free_port() for _ in range(t.lanes)]
     t.work = [free_port() for _ in range(t.lanes)]
     roles = [("writer", 0)]
-    if not t.one_hop:
+    if t.direct:
+        t.work = [free_port() for _ in range(t.workers)]  # each worker binds its own
+        roles += [("worker", i) for i in range(t.workers)]
+    elif not t.one_hop:
         roles += [("worker", i) for i in range(t.workers)] + [("distributor", i) for i in range(t.lanes)] \
             + [("aggregator", i) for i in range(t.lanes)]
     roles += [("source", i) for i in range(t.sources)]
@@ -216,8 +260,8 @@ def run(t: Topology, timeout: float = 300.0) -> dict:
         end(list(procs.values()))
 
 
-def one_hop(frames: int, copy: bool, hwm: int = 16) -> dict:
-    return run(Topology(frames=frames, mode="bank", one_hop=True, copy=copy, hwm=hwm))
+def one_hop(frames: int, copy: bool, hwm: int = 16, transport: str = "tcp") -> dict:
+    return run(Topology(frames=frames, mode="bank", one_hop=True, copy=copy, hwm=hwm, transport=transport))
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def test_a_turn_without_input_returns(ctx):
     assert got == []
 
 
-def test_several_sockets_in_order_of_registration_and_gated_by_when(ctx):
+def test_several_sockets_each_read_and_one_gated_by_when(ctx):
     push_a, pull_a = pair(ctx)
     push_b, pull_b = pair(ctx)
     seen: list = []
