@@ -293,7 +293,7 @@ def test_any_series_with_gaps_duplicates_and_ends_passes_every_frame_once_and_cl
         for scan, count in images.items():   # the detector ended it and its frames are in: closed at once
             if all((scan, f) in arrived for f in range(lane_index, count, 2)):
                 assert scan in lane.r.book.closed
-    assert all(why != "never started" and "never seen" not in why for *_, why in lane.closed)
+    assert all(not why.startswith("never started") for *_, why in lane.closed)
     lane.r.drain(now)
     assert len(lane.emitted) == len(set(lane.emitted)), "a frame went on twice"
     assert set(lane.emitted) == arrived

@@ -20,7 +20,8 @@ how many frames the series has: the scan closes as soon as every frame of the la
 in (or, as before, once every source has ended it, or after the end-of-scan timeout of silence, the
 rest lost). A frame that comes again while its scan is open is the detector's duplicate, refused as
 `duplicate`. Scans start when the detector starts a series, however long after the previous one: no
-scan is closed as never started.
+scan is closed as never started while none is open (one below an open scan is, one timeout after it is
+noticed: the detector went on without it).
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ class Reassembly:
                 self.skipped = (upcoming, now)
             elif now - self.skipped[1] > scan_timeout:
                 self.book.start(upcoming, self.rows, self.cols, now)
-                self.close(upcoming, "never seen here: this aggregator started after it", now)
+                self.close(upcoming, "never seen here: the detector went on to a later one" if self.series else
+                           "never seen here: this aggregator started after it", now)
         elif self.last_activity is not None and now - self.last_activity > scan_timeout:
             self.book.start(upcoming, self.rows, self.cols, now)
             self.close(upcoming, f"never started: no input for {scan_timeout:g} s", now)
