@@ -108,7 +108,8 @@ class Reassembly:
         if len(scan.ends) >= self.sources:
             self.close(number, "end of scan", now)
         elif images is not None:
-            scan.images = min(images, self.frames)
+            if scan.images is None:   # the detector's first word on it stands
+                scan.images = min(images, self.frames)
             self.close_if_complete(scan, now)
         return None
 
