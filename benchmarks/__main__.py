@@ -25,6 +25,7 @@ BENCHMARKS = {
     "memory": [],          # 5. RSS per stage flat over the stream, bytes held within the limits
     "files": [],           # 6. streaming vs the file-based way, same scan, same machine
     "operator": [],        # 7. kubectl apply -> children, 1 and 20 sessions, real control plane
+    "ingest": ["--images", "1000"],  # DECTRIS DCU -> session vs a bare receive-and-decode loop; 1, 2, 4 sources
     "curve": ["--messages", "1000", "--repeats", "1"],  # CURVE encryption cost, socket and session
     "soak": ["--minutes", "0.5", "--interval", "5"],  # continuous stream: growth and accounting (short here)
     "dataplane": ["--frames", "1024", "--repeats", "2"],  # data-plane shapes in bare pyzmq (the full-rate design)

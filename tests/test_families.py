@@ -179,7 +179,7 @@ def test_roles_are_defined_once():
 
 def test_a_kind_registered_by_an_installed_package_is_a_kind(tiny_kinds, monkeypatch):
     monkeypatch.syspath_prepend(str(tiny_kinds))
-    assert source_kinds() == ("simulator", "replay", "external", "tomo-simulator", "dxchange", "shuffled")
+    assert source_kinds() == ("simulator", "replay", "external", "dectris", "tomo-simulator", "dxchange", "shuffled")
     load_session(manifest(source={"kind": "shuffled"}))
     assert problems(manifest(source={"kind": "shuffled", "replicas": 2})) == [
         "spec.source.replicas: shuffled sends whole frames from one replica; give 1"]

@@ -13,10 +13,10 @@ TIMEOUTS = dict(frame_timeout=1.0, scan_timeout=10.0)
 class Lane:
     """A Reassembly with its callbacks recorded: frames[(scan, frame)] = (parts, missing, mask)."""
 
-    def __init__(self, lane=0, lanes=1, sectors=2, sources=1, count=3):
+    def __init__(self, lane=0, lanes=1, sectors=2, sources=1, count=3, series=False):
         self.frames, self.closed, self.count = {}, [], count
         self.emitted = []   # (scan, frame) in order, repeats included
-        self.r = Reassembly(lane, lanes, sectors, ROWS, COLS, sources, FILL, self.on_frame, self.on_close)
+        self.r = Reassembly(lane, lanes, sectors, ROWS, COLS, sources, FILL, self.on_frame, self.on_close, series)
 
     def on_frame(self, scan, frame, parts, missing, mask):
         self.emitted.append((scan.number, frame))
@@ -206,3 +206,98 @@ def test_any_interleaving_passes_every_frame_on_once_and_accounts_for_every_fram
         assert passed_on + lost == lane_frames
         assert partial == sum(1 for (s, _), f in lane.frames.items() if s == scan and f[1])
     assert [c[0] for c in lane.closed].count(0) <= 1 and lane.r.scans == {} and lane.r.pending == {}
+
+
+# ---- a detector's series (a DECTRIS DCU): whole frames from whichever source, the detector's end ----
+
+def whole(lane, scan, frame, now, sectors=2):
+    """Every sector of a frame, as one source sends an image; the refusals."""
+    return [lane.r.sector(scan, frame, s, (scan, frame, s), 0, 0, now) for s in range(sectors)]
+
+
+def test_the_detectors_end_closes_the_scan_once_its_frames_are_in_whichever_source_sent_them():
+    lane = Lane(lanes=2, sources=3, series=True)          # frames 0, 2, 4, 6 are this lane's
+    whole(lane, 0, 0, now=0.0)
+    assert lane.r.end(0, "src-1", 0, 0, now=0.1, images=6) is None   # 6 images: frames 0, 2, 4 here
+    assert lane.closed == []
+    whole(lane, 0, 4, now=0.2)
+    assert lane.closed == []
+    whole(lane, 0, 2, now=0.3)                            # from another source: all in
+    assert lane.closed == [(0, 3, 0, 1, "the detector ended it: its 6 frames are in")]
+
+
+def test_the_detectors_end_after_the_frames_closes_at_once_and_without_it_the_other_sources_ends_do():
+    lane = Lane(sources=2, series=True)
+    for frame in range(8):
+        whole(lane, 0, frame, now=0.0)
+    assert lane.closed == []                               # all in, but nobody said the series is over
+    lane.r.end(0, "src-0", 0, 0, now=0.1, images=8)
+    assert [c[:4] for c in lane.closed] == [(0, 8, 0, 0)]
+    whole(lane, 1, 0, now=0.2)
+    lane.r.end(1, "src-0", 0, 0, now=0.3)                  # each source's own part ended: gaps are lost
+    lane.r.end(1, "src-1", 0, 0, now=0.3)
+    assert lane.closed[-1] == (1, 1, 0, 7, "end of scan")
+
+
+def test_a_frame_of_a_series_that_comes_again_is_a_duplicate():
+    lane = Lane(series=True)
+    whole(lane, 0, 3, now=0.0)
+    assert whole(lane, 0, 3, now=0.1) == [("duplicate", "frame 3 again")] * 2
+    lane.r.sector(0, 5, 0, b"a", 0, 0, now=0.2)
+    assert lane.r.sector(0, 5, 0, b"b", 0, 0, now=0.2) == ("duplicate", "sector 0 again")
+
+
+def test_a_series_scan_is_never_closed_as_never_started_but_a_silent_one_is_closed_by_timeout():
+    lane = Lane(count=3, series=True)
+    whole(lane, 0, 0, now=0.0)
+    lane.sweep(now=10.5)                                   # a series that never ends: closed, reported
+    assert lane.closed == [(0, 1, 0, 7, "no input for 10 s")]
+    lane.sweep(now=1000.0)                                 # the next series may come when it will
+    assert len(lane.closed) == 1
+    whole(lane, 1, 0, now=1001.0)
+    assert 1 in lane.r.scans
+
+
+SERIES_EVENT = st.one_of(
+    st.tuples(st.just("frame"), st.integers(0, 2), st.integers(0, ROWS * COLS - 1)),
+    st.tuples(st.just("end"), st.integers(0, 2), st.integers(0, 1)),
+    st.tuples(st.just("detector-end"), st.integers(0, 2), st.integers(0, ROWS * COLS)),
+    st.tuples(st.just("sweep"), st.floats(0, 15)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(SERIES_EVENT, max_size=80), st.integers(0, 1))
+def test_any_series_with_gaps_duplicates_and_ends_passes_every_frame_once_and_closes_as_soon_as_it_may(events,
+                                                                                                         lane_index):
+    lane = Lane(lane=lane_index, lanes=2, sectors=2, sources=2, count=3, series=True)
+    now, arrived, images = 0.0, set(), {}
+    for event in events:
+        now += 0.01
+        if event[0] == "frame":
+            _, scan, frame = event
+            refused = whole(lane, scan, frame, now)
+            if refused == [None, None]:
+                arrived.add((scan, frame))
+            else:
+                assert {r[0] for r in refused} <= {"late", "misrouted", "duplicate"}
+                assert (scan, frame) in arrived or scan in lane.r.book.closed or frame % 2 != lane_index
+        elif event[0] == "end":
+            lane.r.end(event[1], f"src-{event[2]}", 0, 0, now)
+        elif event[0] == "detector-end":
+            _, scan, count = event
+            if lane.r.end(scan, "src-0", 0, 0, now, images=count) is None:
+                images.setdefault(scan, count)
+        else:
+            now += event[1]
+            lane.sweep(now)
+        for scan, count in images.items():   # the detector ended it and its frames are in: closed at once
+            if all((scan, f) in arrived for f in range(lane_index, count, 2)):
+                assert scan in lane.r.book.closed
+    assert all(not why.startswith("never started") for *_, why in lane.closed)
+    lane.r.drain(now)
+    assert len(lane.emitted) == len(set(lane.emitted)), "a frame went on twice"
+    assert set(lane.emitted) == arrived
+    assert all(not missing for _, missing, _ in lane.frames.values())   # whole frames: never partial
+    for scan, passed_on, _, lost, _ in lane.closed:
+        assert passed_on == sum(1 for s, _ in lane.emitted if s == scan)
+        assert passed_on + lost == len(range(lane_index, ROWS * COLS, 2))

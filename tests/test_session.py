@@ -123,8 +123,8 @@ def test_openapi_schema_documents_every_field():
             walk(prop, f"{path}.{key}")
     walk(schema, "spec")
     assert schema["properties"]["workers"]["properties"]["replicas"]["minimum"] == 0
-    assert schema["properties"]["source"]["properties"]["kind"]["enum"] == ["simulator", "replay", "external",
-                                                                           "tomo-simulator", "dxchange"]
+    kinds = schema["properties"]["source"]["properties"]["kind"]["enum"]
+    assert kinds == ["simulator", "replay", "external", "dectris", "tomo-simulator", "dxchange"]
 
 
 def test_readme_reference_is_generated_from_the_model():

@@ -51,13 +51,14 @@ class WriterScans:
     that, for `end_timeout` s after its last input; a scan some lane never ended closes once it has
     been silent for `stale_timeout` s, every frame not written lost. The first scan not closed, of
     which nothing came, is opened (so that it closes when stale) when a later scan is open, or, once
-    anything came, when nothing has come for the stale timeout. `count` scans make the session; the
-    status lists the last `recent` scans closed (and sums them all).
+    anything came, when nothing has come for the stale timeout (not with `series`: the scans are a
+    detector's series, which it starts when it will). `count` scans make the session; the status lists
+    the last `recent` scans closed (and sums them all).
     """
 
     def __init__(self, lanes: int, rows: int, cols: int, count: int, end_timeout: float, stale_timeout: float,
-                 recent: int):
-        self.lanes, self.rows, self.cols, self.count = lanes, rows, cols, count
+                 recent: int, series: bool = False):
+        self.lanes, self.rows, self.cols, self.count, self.series = lanes, rows, cols, count, series
         self.end_timeout, self.stale_timeout = end_timeout, stale_timeout
         self.book = ScanBook(WrittenScan)
         self.scans = self.book.open
@@ -101,7 +102,8 @@ class WriterScans:
         last_input: when anything last came (None: nothing yet); draining: open no scan."""
         first = self.closed.next_open()
         if last_input is not None and not (first in self.scans or first >= self.count or draining) and (
-                any(n > first for n in self.scans) or (not self.scans and now - last_input > self.stale_timeout)):
+                any(n > first for n in self.scans)
+                or (not self.scans and not self.series and now - last_input > self.stale_timeout)):
             self.book.start(first, self.rows, self.cols, last_input)
         due: list[tuple[WrittenScan, float | None]] = []
         for scan in self.scans.values():

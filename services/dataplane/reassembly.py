@@ -12,6 +12,16 @@ on, one timeout per scan, until the session's scan count is reached. The first s
 sources as long as it takes (a session is started before its detector). A scan below an open one that
 never came here (this aggregator started mid-session) is closed the same way, one timeout after it is
 noticed. Sectors of closed scans are refused as `late`.
+
+With a detector that streams series (`series=True`: a DECTRIS DCU, which hands each image whole to one
+of several source replicas, and a series' start and end to one of them only), a frame is whole from
+whichever source it came; the source that heard the detector end a series sends a DETECTOR_END, naming
+how many frames the series has: the scan closes as soon as every frame of the lane below that count is
+in (or, as before, once every source has ended it, or after the end-of-scan timeout of silence, the
+rest lost). A frame that comes again while its scan is open is the detector's duplicate, refused as
+`duplicate`. Scans start when the detector starts a series, however long after the previous one: no
+scan is closed as never started while none is open (one below an open scan is, one timeout after it is
+noticed: the detector went on without it).
 """
 
 from __future__ import annotations
@@ -35,12 +45,14 @@ class Reassembly:
       passed on. Its frames still waiting have gone to on_frame before.
 
     `lane` of `lanes` takes the frames with frame % lanes == lane; a scan is rows x cols positions
-    (= frames), unless a message names its own geometry (which must have as many frames).
+    (= frames), unless a message names its own geometry (which must have as many frames). `series`: the
+    scans are a detector's series (see the module's docstring).
     """
 
     def __init__(self, lane: int, lanes: int, sectors: int, rows: int, cols: int, sources: int, fill: Any,
-                 on_frame: Callable, on_close: Callable):
+                 on_frame: Callable, on_close: Callable, series: bool = False):
         self.lane, self.lanes, self.sectors, self.sources, self.fill = lane, lanes, sectors, sources, fill
+        self.series = series
         self.rows, self.cols, self.frames = rows, cols, rows * cols
         self.lane_frames = len(range(lane, self.frames, lanes))
         self.all_sectors = (1 << sectors) - 1
@@ -54,7 +66,8 @@ class Reassembly:
     def sector(self, number: int, frame: int, sector: int, part: Any, rows: int, cols: int,
                now: float) -> Refusal | None:
         """Take sector `sector` (its buffer `part`) of frame `frame` of scan `number` (rows x cols, 0: the
-        session's). None if taken, else why not: late, misrouted, geometry or duplicate-sector."""
+        session's). None if taken, else why not: late, misrouted, geometry, duplicate-sector, or (series)
+        duplicate."""
         scan = self.scans.get(number)
         if scan is None or (rows or self.rows) * (cols or self.cols) != self.frames:
             admitted = self.admit(number, rows, cols, now)
@@ -63,23 +76,30 @@ class Reassembly:
             scan = admitted
         scan.last_input = self.last_activity = now
         emitted = scan.done[frame]
-        if frame % self.lanes != self.lane or emitted:
-            return ("late" if emitted else "misrouted"), ""
+        if frame % self.lanes != self.lane:
+            return "misrouted", ""
+        if emitted:
+            return ("duplicate", f"frame {frame} again") if self.series else ("late", "")
         key = (number, frame)
         entry = self.pending.get(key)
         if entry is None:
             entry = self.pending[key] = ([None] * self.sectors, now, [0])
         parts, _, have = entry
         if parts[sector] is not None:
-            return "duplicate-sector", f"sector {sector} again"
+            return ("duplicate" if self.series else "duplicate-sector"), f"sector {sector} again"
         parts[sector] = part
         have[0] += 1
         if have[0] == self.sectors:
             self.emit(key, parts)
+            if scan.images is not None:
+                self.close_if_complete(scan, now)
         return None
 
-    def end(self, number: int, sender: str, rows: int, cols: int, now: float) -> Refusal | None:
-        """A source's END_OF_SCAN: the scan closes once every source has ended it."""
+    def end(self, number: int, sender: str, rows: int, cols: int, now: float,
+            images: int | None = None) -> Refusal | None:
+        """A source's END_OF_SCAN: the scan closes once every source has ended it. `images`: the
+        detector ended the scan (DETECTOR_END), which has that many frames; it closes as soon as they
+        are in."""
         scan = self.admit(number, rows, cols, now)
         if isinstance(scan, tuple):
             return scan
@@ -87,7 +107,17 @@ class Reassembly:
         scan.ended(sender, True)
         if len(scan.ends) >= self.sources:
             self.close(number, "end of scan", now)
+        elif images is not None:
+            if scan.images is None:   # the detector's first word on it stands
+                scan.images = min(images, self.frames)
+            self.close_if_complete(scan, now)
         return None
+
+    def close_if_complete(self, scan: Scan, now: float) -> None:
+        """Close a scan the detector ended once every frame of the lane below its count is passed on."""
+        images = scan.images if scan.images is not None else self.frames
+        if scan.count >= len(range(self.lane, images, self.lanes)) and scan.done[self.lane:images:self.lanes].all():
+            self.close(scan.number, f"the detector ended it: its {images} frames are in", now)
 
     def admit(self, number: int, rows: int, cols: int, now: float) -> Scan | Refusal:
         """The scan of a message: open already, or opened now; or why the message is refused."""
@@ -124,14 +154,15 @@ class Reassembly:
             if now - scan.last_input > scan_timeout:
                 self.close(number, f"no input for {scan_timeout:g} s", now)
         upcoming = self.book.next_open()
-        if upcoming in self.scans or upcoming >= scan_count or draining:
+        if upcoming in self.scans or upcoming >= scan_count or draining or (self.series and not self.scans):
             return
         if self.scans:  # open scans are all later: this one was over before this aggregator started
             if self.skipped is None or self.skipped[0] != upcoming:
                 self.skipped = (upcoming, now)
             elif now - self.skipped[1] > scan_timeout:
                 self.book.start(upcoming, self.rows, self.cols, now)
-                self.close(upcoming, "never seen here: this aggregator started after it", now)
+                self.close(upcoming, "never seen here: the detector went on to a later one" if self.series else
+                           "never seen here: this aggregator started after it", now)
         elif self.last_activity is not None and now - self.last_activity > scan_timeout:
             self.book.start(upcoming, self.rows, self.cols, now)
             self.close(upcoming, f"never started: no input for {scan_timeout:g} s", now)

@@ -54,6 +54,7 @@ class Scan:
     in_flight: int = 0                # (distributor) frames with a worker, not yet acknowledged
     ends: dict[str, Any] = field(default_factory=dict)
     last_input: float = 0.0           # when input for it last came (seconds, on the stage's clock)
+    images: int | None = None         # (aggregator) the frames the detector said the scan has (DETECTOR_END)
 
     def ended(self, sender: str, end) -> None:
         """Record `sender`'s END_OF_SCAN (again: its latest, last in order)."""

@@ -19,6 +19,7 @@ from detstream.v1 import wire_pb2
 from detstream.v1.wire_pb2 import (
     CALIBRATION,
     CREDIT,
+    DETECTOR_END,
     DUPLICATE,
     END_OF_SCAN,
     FRAME,
@@ -38,10 +39,10 @@ MAX_HEADER_BYTES = 4096
 NOBLOCK, POLLIN, POLLOUT, _SNDMORE = int(zmq.NOBLOCK), int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.SNDMORE)
 FRAME_BITS = 40  # a frame key is scan << 40 | frame: 10^12 frames per scan, 2^24 scans
 
-__all__ = ["CALIBRATION", "CREDIT", "DUPLICATE", "END_OF_SCAN", "FRAME", "HEARTBEAT", "PARTIAL", "RECEIPT", "RESULT",
-           "SAMPLE", "SECTOR", "Header", "WireError", "REJECT_REASONS", "Geometry", "Message", "Outbox", "frame_key",
-           "decode", "receive_parts", "Gaps", "FRAME_BITS", "pack_frames", "unpack_frames", "NOBLOCK", "POLLIN",
-           "POLLOUT"]
+__all__ = ["CALIBRATION", "CREDIT", "DETECTOR_END", "DUPLICATE", "END_OF_SCAN", "FRAME", "HEARTBEAT", "PARTIAL",
+           "RECEIPT", "RESULT", "SAMPLE", "SECTOR", "Header", "WireError", "REJECT_REASONS", "Geometry", "Message",
+           "Outbox", "frame_key", "decode", "receive_parts", "Gaps", "FRAME_BITS", "pack_frames", "unpack_frames",
+           "NOBLOCK", "POLLIN", "POLLOUT"]
 
 
 # Every reason a stage rejects a message for: the values of the `reason` label of
@@ -52,6 +53,11 @@ REJECT_REASONS = (
     "empty", "header", "version", "kind", "parts", "range", "geometry", "size",
     # well-formed, but the stage cannot take it (Stage.refuse)
     "late", "misrouted", "duplicate-sector", "result", "lost",
+    # from a detector (a DECTRIS DCU, at a source of kind dectris): not stream v2 (stream2.REJECT_REASONS:
+    # cbor, not-map, type, field, compression; and size), or a message the session cannot place: an image
+    # before its series' start (one source replica), of a series already ended; an image the detector
+    # sent twice (also at the aggregator: a whole frame again)
+    "cbor", "not-map", "type", "field", "compression", "no-start", "ended", "duplicate",
     # not a data message: a failed ZeroMQ handshake (without CURVE / with a wrong key), a bad
     # request to the metrics endpoint, a refused control call
     "handshake", "auth", "http", "control",

@@ -98,17 +98,33 @@ class TomoSimulator:
 
 
 @dataclass(frozen=True)
+class Dectris:
+    """A DECTRIS detector control unit (DCU) serving SIMPLON stream v2: every source replica connects to it."""
+    address: str = spec_field("", doc="dectris: the DCU's stream v2 address, tcp://HOST:PORT (a DCU serves it on "
+                                      "port 31001); every source replica connects to it and gets some of the images.")
+    channel: str = spec_field("", doc="dectris: the image channel (threshold) the plugin sees, e.g. threshold_1 "
+                                      "(empty: each image's first).")
+    scans: str = spec_field("arrival", enum=("arrival", "seriesId"),
+                            doc="dectris: how series map to scans: arrival (the first series a source hears of is "
+                                "scan 0, each new one the next; with several replicas each must hear of every "
+                                "series) or seriesId (scan = series_id - firstSeriesId).")
+    first_series_id: int = spec_field(1, doc="dectris, scans seriesId: the series_id that is scan 0.", minimum=0)
+
+
+@dataclass(frozen=True)
 class Source:
     """Where frames come from."""
     kind: str = spec_field("simulator", doc=lambda: _sources().kinds_doc(), enum=lambda: _sources().source_kinds())
     replicas: int = spec_field(1, doc="Source processes; sectors are split among them as the 4D Camera "
-                                      "splits them among its receivers.", minimum=1, maximum=64)
+                                      "splits them among its receivers (dectris: each connects to the DCU and "
+                                      "gets some of the images, whole).", minimum=1, maximum=64)
     rate: float = spec_field(0.0, doc="Frames per second per scan; 0 sends as fast as the pipeline takes them.",
                              minimum=0)
     path: str = spec_field("", doc="replay: a .npy file or an HDF5 file of shape (frames, rows, cols).")
     dataset: str = spec_field("", doc="replay from HDF5: the dataset's path inside the file.")
     simulator: Simulator = spec_field(default_factory=Simulator, doc="Simulator settings.")
     tomo_simulator: TomoSimulator | None = spec_field(None, doc="tomo-simulator settings (defaults when absent).")
+    dectris: Dectris = spec_field(default_factory=Dectris, doc="DECTRIS detector settings (kind dectris).")
 
 
 @dataclass(frozen=True)
@@ -176,6 +192,9 @@ class Output:
                                    "inside the writer's volume.")
     volume_claim: str = spec_field("", doc="Kubernetes: a PersistentVolumeClaim mounted at the output "
                                            "folder (empty: an emptyDir).")
+    keep_frames: bool = spec_field(False, doc="With a plugin whose results are the frames (noop): write them, one "
+                                              "HDF5 file per scan compressed with bitshuffle-LZ4, with the same "
+                                              "accounting as every scan file (false: counted, not kept).")
 
 
 @dataclass(frozen=True)
@@ -310,7 +329,7 @@ def check_spec(spec: SessionSpec, errors: list[FieldError]) -> None:
     if spec.detector.cols % spec.detector.sectors:
         errors.append(FieldError("spec.detector.sectors", f"must divide detector.cols "
                                  f"({spec.detector.cols}); got {spec.detector.sectors}"))
-    if spec.source.replicas > spec.detector.sectors:
+    if spec.source.replicas > spec.detector.sectors and not _sources().source_class(spec.source.kind).series:
         errors.append(FieldError("spec.source.replicas", f"must be <= detector.sectors "
                                  f"({spec.detector.sectors}): each source sends whole sectors"))
     tomo = spec.tomography
@@ -367,9 +386,9 @@ def check_kubernetes(spec: SessionSpec, errors: list[FieldError]) -> None:
                                      f"192.0.2.0/24; got {cidr!r}"))
 
 
-def check_plugin(section: Any, dtype: str | None, errors: list[FieldError]) -> None:
+def check_plugin(section: Any, dtype: str | None, errors: list[FieldError], keep_frames: bool = False) -> None:
     """The plugin exists, takes these parameters and handles this pixel type (checked even when other fields
-    are wrong; `dtype` None when the detector's is unknown)."""
+    are wrong; `dtype` None when the detector's is unknown), and returns frames if they are to be kept."""
     from detstream.services.plugins import plugin_class
 
     plugin = parse(Plugin, section, "spec.plugin", [])
@@ -381,6 +400,9 @@ def check_plugin(section: Any, dtype: str | None, errors: list[FieldError]) -> N
         errors.append(FieldError("spec.plugin.name", str(exc)))
         return
     errors.extend(FieldError(f"spec.plugin.params.{key}", message) for key, message in cls.check_params(plugin.params))
+    if keep_frames and cls.result != "frames":
+        errors.append(FieldError("spec.output.keepFrames", f"{plugin.name}'s results are {cls.result}, not frames: "
+                                 f"keepFrames keeps the frames a plugin passes on as they came (noop)"))
     if dtype is not None and dtype not in cls.dtypes:
         errors.append(FieldError("spec.detector.dtype", f"{plugin.name} handles {', '.join(cls.dtypes)} frames; got "
                                  f"{dtype}: convert the frames, or use another plugin"))
@@ -411,7 +433,8 @@ def load_session(manifest: Any) -> Session:
         check_kubernetes(spec, errors)
     raw_spec = manifest.get("spec")
     check_plugin(raw_spec.get("plugin") if isinstance(raw_spec, dict) else None,
-                 spec.detector.dtype if spec is not None else None, errors)
+                 spec.detector.dtype if spec is not None else None, errors,
+                 keep_frames=spec is not None and spec.output.keep_frames)
     if errors:
         raise SpecError(errors)
     assert spec is not None  # a missing or unparsable spec is in `errors`

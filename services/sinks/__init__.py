@@ -9,7 +9,8 @@ it takes (a plugin's `result`, e.g. "events"; see services/sinks/README.md, "Add
 The writer opens one sink per scan (`open`, at the scan's first result), gives it every result once
 (`write_result`), then at the scan's close its metadata (`add_metadata`), what arrived where
 (`record_arrivals`), its live images (`add_images`, with spec.liveView on) and `close`; or `abort` when the
-scan cannot be finished. A result kind with no sink ("frames", from the noop plugin) is counted and not kept.
+scan cannot be finished. A result kind with no sink ("frames", from the noop plugin) is counted and not kept,
+unless spec.output.keepFrames: then raw_frames.py writes them (`session_sink`).
 
 What every sink guarantees: it never writes over an existing file (the constructor refuses), and a file
 at its path is complete (it writes elsewhere until `close`; `abort` leaves nothing behind).
@@ -92,3 +93,14 @@ def sink_class(result: str) -> type[ResultSink] | None:
     """The sink of a result kind, or None when results of that kind are not kept."""
     found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
     return found[result].load() if result in found else None
+
+
+def session_sink(spec: SessionSpec, result: str) -> type[ResultSink] | None:
+    """The sink a session's writer keeps results of kind `result` with: the registered one; for "frames",
+    which are not kept by default (the noop plugin measures the framework), the raw frames file when
+    spec.output.keepFrames asks for it; None: counted, not kept."""
+    sink = sink_class(result)
+    if sink is None and result == "frames" and spec.output.keep_frames:
+        from detstream.services.sinks.raw_frames import RawFramesFile
+        return RawFramesFile
+    return sink

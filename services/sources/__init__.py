@@ -10,7 +10,9 @@ The manifest's `spec.source.kind` is checked against these names, and the CRD li
 A source stage builds one instance of its session's kind and sends whatever the instance yields:
 
     Frame(scan, frame, sectors)   a frame's pixels, as (sector number, rows x cols/sectors array) pairs
-    ScanEnd(scan, frames)         the end of a scan this source knows of (`frames`: the scan's positions)
+    ScanEnd(scan, frames, final)  the end of a scan this source knows of (`frames`: the scan's positions;
+                                  `final`: the detector's own end, which only this replica heard of)
+    Refused(reason, detail)       a message from the detector refused: the stage counts it by reason
     None                          nothing now (a push source waiting for its detector): the stage looks
                                   for Stop and drain, then asks again
 
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
     from detstream.services.model.session import SessionSpec
 
 ENTRY_POINT_GROUP = "detstream.sources"
-SHIPPED = ("simulator", "replay", "external", "tomo-simulator", "dxchange")  # listed first, in this order
+SHIPPED = ("simulator", "replay", "external", "dectris", "tomo-simulator", "dxchange")  # listed first, in this order
 
 
 class Frame(NamedTuple):
@@ -46,12 +48,23 @@ class Frame(NamedTuple):
 
 
 class ScanEnd(NamedTuple):
-    """This source has sent all it will of `scan`, a scan of `frames` positions."""
+    """This source has sent all it will of `scan`, a scan of `frames` positions. `final`: the detector
+    ended the scan, which has `frames` frames (positions 0 .. frames-1); with several replicas on one
+    detector only one hears of it (sent as DETECTOR_END: the aggregators then close the scan once
+    those frames are in, without waiting for the other replicas' ends)."""
     scan: int
     frames: int
+    final: bool = False
 
 
-Item = Frame | ScanEnd | None
+class Refused(NamedTuple):
+    """A message from the detector that this source refused: `reason` labels the source stage's
+    detstream_rejected_messages_total (one of wire.REJECT_REASONS), `detail` says what was wrong."""
+    reason: str
+    detail: str
+
+
+Item = Frame | ScanEnd | Refused | None
 
 
 class SourceError(RuntimeError):
@@ -69,6 +82,10 @@ class Source:
 
     #: What `spec.source.kind`'s documentation (the CRD, the README's table) says of the kind.
     summary: ClassVar[str] = ""
+    #: The kind passes on a detector's series (a DECTRIS DCU): each replica sends whole frames of the images
+    #: it gets, and a scan starts when the detector starts it, however long after the previous one
+    #: (dataplane/reassembly.py); otherwise replicas split every frame's sectors and scans follow each other.
+    series: ClassVar[bool] = False
 
     @classmethod
     def check(cls, spec: SessionSpec) -> list[FieldError]:

@@ -34,8 +34,9 @@ import zmq
 
 from detstream.services.dataplane.reassembly import Reassembly
 from detstream.services.dataplane.scans import Scan
-from detstream.services.dataplane.wire import END_OF_SCAN, FRAME, PARTIAL, SECTOR, Header, Message, Outbox
+from detstream.services.dataplane.wire import DETECTOR_END, END_OF_SCAN, FRAME, PARTIAL, SECTOR, Header, Message, Outbox
 from detstream.services.runtime.stage import HOUSEKEEPING_S, Stage
+from detstream.services.sources import source_class
 
 MAX_PENDING_PER_HWM = 8   # frames waiting for sectors from other sources, per unit of transport.highWaterMark
 PACE_S = 0.001            # the pause per message while that many are waiting
@@ -55,7 +56,8 @@ class AggregatorStage(Stage):
         self.frame_header = Header(kind=FRAME, shape=self.geometry.sector_shape, dtype=self.geometry.dtype)
         self.reassembly = Reassembly(self.lane, self.spec.lanes, self.geometry.sectors, self.spec.scan.rows,
                                      self.spec.scan.cols, self.spec.source.replicas,
-                                     zmq.Frame(bytes(self.geometry.sector_bytes)), self.pass_on, self.end_scan)
+                                     zmq.Frame(bytes(self.geometry.sector_bytes)), self.pass_on, self.end_scan,
+                                     series=source_class(self.spec.source.kind).series)
         self.max_pending = MAX_PENDING_PER_HWM * self.spec.transport.high_water_mark
         self.reactor.on_message(self.ingest, self.handle)
         self.reactor.every(HOUSEKEEPING_S, self.housekeeping)
@@ -87,11 +89,12 @@ class AggregatorStage(Stage):
         if kind == SECTOR:
             refused = self.reassembly.sector(h.scan, h.frame, h.sector, msg.parts[0], h.scan_rows, h.scan_cols,
                                              self.clock())
-            if refused is None or refused[0] == "duplicate-sector":  # it arrived (a duplicate too)
+            if refused is None or refused[0] in ("duplicate-sector", "duplicate"):  # it arrived (a duplicate too)
                 self.counters.frames_in += 1
                 self.counters.bytes_in += self.sector_bytes  # checked on arrival
         elif kind == END_OF_SCAN:
-            refused = self.reassembly.end(h.scan, h.sender, h.scan_rows, h.scan_cols, self.clock())
+            refused = self.reassembly.end(h.scan, h.sender, h.scan_rows, h.scan_cols, self.clock(),
+                                          h.expected if h.flags & DETECTOR_END else None)
         else:
             return self.refuse("kind", msg)
         if refused is not None:

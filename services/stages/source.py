@@ -2,10 +2,11 @@
 
 The kind (spec.source.kind, see services/sources) yields frames, each as the sectors this replica
 sends, and the ends of scans. A frame's sectors go to aggregator[frame % lanes]; a scan's end tells
-every lane how many sectors of the scan it was sent (END_OF_SCAN). Sends block when the lane is full:
-that is the backpressure, and the source waits rather than drops (unless spec.transport.onFull is
-drop). Drain ends the scans under way early (their END_OF_SCAN says how much was sent, so the rest is
-reported lost) and sends no further scan.
+every lane how many sectors of the scan it was sent (END_OF_SCAN; flagged DETECTOR_END when the
+detector itself ended the scan). Messages the kind refuses (from a detector) are counted by reason.
+Sends block when the lane is full: that is the backpressure, and the source waits rather than drops
+(unless spec.transport.onFull is drop). Drain ends the scans under way early (their END_OF_SCAN says
+how much was sent, so the rest is reported lost) and sends no further scan.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from functools import partial
 import zmq
 
 from detstream.services.dataplane.security import EXTERNAL
-from detstream.services.dataplane.wire import END_OF_SCAN, SECTOR, Header, Outbox
+from detstream.services.dataplane.wire import DETECTOR_END, END_OF_SCAN, SECTOR, Header, Outbox
 from detstream.services.runtime.stage import Stage, StageError
-from detstream.services.sources import Frame, ScanEnd, SourceError, source_class
+from detstream.services.sources import Frame, Refused, ScanEnd, SourceError, source_class
 
 ANSWER_POLL_S = 0.01  # how often a wait for a lane's answer looks
 FLUSH_S = 10.0  # an outside source exits once its queued messages are delivered, or after this long
@@ -68,6 +69,10 @@ class SourceStage(Stage):
             return scans[scan]
 
         for item in self.source:
+            if isinstance(item, Refused):
+                self.refuse(item.reason, None, item.detail)
+                yield
+                continue
             if self.draining.is_set() and not isinstance(item, ScanEnd):
                 if item is not None:  # end the scans under way here: the frames not sent are reported lost
                     under_way(item.scan)
@@ -81,7 +86,7 @@ class SourceStage(Stage):
             header, sent = under_way(item.scan)
             if isinstance(item, ScanEnd):
                 del scans[item.scan]
-                if not self.end_scan(item.scan, item.frames, sent) or self.draining.is_set():
+                if not self.end_scan(item.scan, item.frames, sent, item.final) or self.draining.is_set():
                     return
             elif not self.send_frame(item, header, sent, drop):
                 return
@@ -109,12 +114,13 @@ class SourceStage(Stage):
             self.counters.bytes_out += pixels.nbytes
         return True
 
-    def end_scan(self, scan: int, frames: int, sent: list[int]) -> bool:
-        """Tell every lane how many sectors of `scan` (of `frames` positions) it was sent; False if stopped."""
+    def end_scan(self, scan: int, frames: int, sent: list[int], final: bool = False) -> bool:
+        """Tell every lane how many sectors of `scan` (of `frames` positions) it was sent, and whether the
+        detector ended it (`final`); False if stopped."""
         spec = self.spec
         for lane in range(len(self.lanes)):
             header = Header(kind=END_OF_SCAN, scan=scan, expected=frames, sent=sent[lane],
-                            scan_rows=spec.scan.rows, scan_cols=spec.scan.cols)
+                            scan_rows=spec.scan.rows, scan_cols=spec.scan.cols, flags=DETECTOR_END if final else 0)
             if not self.send(lane, header):
                 return False
         self.log.info("scan %d: %d sectors sent, %d frames dropped so far", scan, sum(sent), self.counters.dropped)

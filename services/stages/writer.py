@@ -61,8 +61,9 @@ from detstream.services.plugins import plugin_class
 from detstream.services.results.feed import LiveResults
 from detstream.services.runtime.faults import failpoint
 from detstream.services.runtime.stage import HOUSEKEEPING_S, Stage, StageError
-from detstream.services.sinks import sink_class
+from detstream.services.sinks import session_sink
 from detstream.services.sinks.output import accounting_file, folder_problem, never_overwrite, scan_file
+from detstream.services.sources import source_class
 from detstream.v1.control_pb2 import StageState
 
 DRAIN_QUIET_S = 1.0  # a draining writer finishes after this long without input and no open scan
@@ -87,7 +88,7 @@ class WriterStage(Stage):
         if problem:
             raise StageError(f"output folder: {problem}")
         self.kind = plugin_class(self.spec.plugin.name).result
-        self.sink = sink_class(self.kind)  # None: results of this kind are counted, not kept
+        self.sink = session_sink(self.spec, self.kind)  # None: results of this kind are counted, not kept
         results = self.socket(zmq.ROUTER, bind="results")
         results.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a receipt to a full or absent peer waits
         results.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a restarted distributor takes its routing id over
@@ -98,7 +99,7 @@ class WriterStage(Stage):
         self.accounts = WriterScans(self.spec.lanes, self.spec.scan.rows, self.spec.scan.cols, self.spec.scan.count,
                                     transport.end_of_scan_timeout_s,
                                     STALE_TIMEOUTS * (transport.end_of_scan_timeout_s + transport.worker_timeout_s)
-                                    + STALE_MARGIN_S, RECENT_SCANS)
+                                    + STALE_MARGIN_S, RECENT_SCANS, series=source_class(self.spec.source.kind).series)
         self.scans = self.accounts.scans
         self.accounting = accounting_file(self.output, self.plan.session)  # a line per closed scan
         if self.accounting.exists():

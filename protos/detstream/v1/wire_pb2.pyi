@@ -25,6 +25,7 @@ class Flag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FLAG_NONE: _ClassVar[Flag]
     PARTIAL: _ClassVar[Flag]
     DUPLICATE: _ClassVar[Flag]
+    DETECTOR_END: _ClassVar[Flag]
 KIND_UNSPECIFIED: Kind
 SECTOR: Kind
 FRAME: Kind
@@ -38,6 +39,7 @@ CALIBRATION: Kind
 FLAG_NONE: Flag
 PARTIAL: Flag
 DUPLICATE: Flag
+DETECTOR_END: Flag
 
 class Header(_message.Message):
     __slots__ = ("version", "kind", "seq", "sender", "scan", "frame", "position", "sector", "sector_mask", "shape", "dtype", "flags", "scan_rows", "scan_cols", "expected", "sent", "partial", "lost", "credit", "acked", "result")

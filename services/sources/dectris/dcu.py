@@ -42,6 +42,9 @@ PORT = 31001
 TIME_BASE = 50_000_000      # Hz: the rationals' denominator, as an EIGER2 sends them
 LINGER_S = 30               # at exit, how long undelivered messages may still wait for a slow client
 BANK = 16                   # distinct simulated frames, cycled (compressing each frame would cap the rate)
+# --garbage: not stream v2, each refused for another reason (cbor, not-map, type, field)
+GARBAGE = (b"\xff\x00 not CBOR", cbor2.dumps([1, 2, 3]), cbor2.dumps({"type": "hello"}),
+           cbor2.dumps({"type": "image", "series_id": "one"}))
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
@@ -68,6 +71,12 @@ def add_command(sub: argparse._SubParsersAction) -> None:
                      help="give up when the clients have not connected by then (default 0: wait for ever)")
     cmd.add_argument("--user-data", type=json_value, metavar="JSON",
                      help="the start message's user_data (as SIMPLON's header_appendix), e.g. '{\"scan\": [8, 8]}'")
+    cmd.add_argument("--skip", type=image_ids, default=frozenset(), metavar="IDS",
+                     help="image ids not sent in any series (comma-separated, e.g. 3,17), as if they were lost")
+    cmd.add_argument("--duplicate", type=image_ids, default=frozenset(), metavar="IDS",
+                     help="image ids sent twice in every series (comma-separated)")
+    cmd.add_argument("--garbage", type=int, default=0, metavar="N",
+                     help="N messages that are not stream v2 before each series (for tests of a client)")
     cmd.set_defaults(run=run)
 
 
@@ -76,6 +85,16 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text}: expected a positive integer")
     return value
+
+
+def image_ids(text: str) -> frozenset[int]:
+    try:
+        ids = frozenset(int(n) for n in text.split(",") if n.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected image ids separated by commas, e.g. 3,17") from None
+    if any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"{text!r}: image ids are >= 0")
+    return ids
 
 
 def json_value(text: str) -> Any:
@@ -115,8 +134,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"detstream dcu: fewer than {args.wait_clients} clients connected within {args.wait_timeout} s",
                   file=sys.stderr)
             return 1
-        total = serve(push, source, args)
-        print(f"dcu: sent {args.series} series, {args.series * source.images} images, {total / 1e6:.1f} MB",
+        total, images = serve(push, source, args)
+        print(f"dcu: sent {args.series} series, {images} images, {total / 1e6:.1f} MB",
               flush=True)
         return 0
     except zmq.ZMQError as exc:
@@ -145,27 +164,35 @@ def wait_for_clients(monitor: zmq.Socket, wanted: int, timeout: float) -> bool:
     return True
 
 
-def serve(push: zmq.Socket, source: Source, args: argparse.Namespace) -> int:
-    """Send every series; returns the bytes sent. Images are paced at `args.rate` per second over the run."""
-    sent, count, began = 0, 0, time.monotonic()
+def serve(push: zmq.Socket, source: Source, args: argparse.Namespace) -> tuple[int, int]:
+    """Send every series; returns the bytes and the image messages sent. Images are paced at `args.rate`
+    per second over the run; the --skip ids are not sent, the --duplicate ids twice, and --garbage
+    messages go before each series."""
+    sent, count, began = 0, 0, time.monotonic()   # count: image messages sent
     for series_id in range(1, args.series + 1):
+        for n in range(args.garbage):
+            push.send(GARBAGE[n % len(GARBAGE)])
         ids = {"series_id": series_id, "series_unique_id": uuid.uuid4().hex}
-        series_date, series_start = datetime.now(timezone.utc), time.monotonic()
+        series_date, series_start, series_first = datetime.now(timezone.utc), time.monotonic(), count
         series_bytes = push_message(push, {"type": "start", **source.start, **ids, "arm_date": series_date,
                                            "number_of_images": source.images})
         for image_id in range(source.images):
+            if image_id in args.skip:
+                continue
             if args.rate > 0:
                 time.sleep(max(0.0, began + count / args.rate - time.monotonic()))
-            series_bytes += push_message(push, {"type": "image", "series_date": series_date,
-                                                **source.image(image_id), **ids, "image_id": image_id})
-            count += 1
+            for _ in range(2 if image_id in args.duplicate else 1):
+                series_bytes += push_message(push, {"type": "image", "series_date": series_date,
+                                                    **source.image(image_id), **ids, "image_id": image_id})
+                count += 1
         series_bytes += push_message(push, {"type": "end", **ids})
         seconds = time.monotonic() - series_start
-        print(f"dcu: series {series_id} ({ids['series_unique_id']}): start, {source.images} images, end; "
-              f"{series_bytes / 1e6:.1f} MB in {seconds:.2f} s ({source.images / max(seconds, 1e-9):.0f} images/s)",
+        images = count - series_first
+        print(f"dcu: series {series_id} ({ids['series_unique_id']}): start, {images} images, end; "
+              f"{series_bytes / 1e6:.1f} MB in {seconds:.2f} s ({images / max(seconds, 1e-9):.0f} images/s)",
               flush=True)
         sent += series_bytes
-    return sent
+    return sent, count
 
 
 def push_message(push: zmq.Socket, message: dict[str, Any]) -> int:

@@ -35,12 +35,13 @@ class Ingested:
         return self.pixel_bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
-def bare_ingest(address: str, *, ends: int | None = None, idle: float = 2.0,
+def bare_ingest(address: str, *, ends: int | None = None, idle: float = 2.0, channel: str | None = None,
                 context: zmq.Context | None = None) -> Ingested:
     """Connect a PULL socket to the DCU at `address` (e.g. tcp://dcu:31001) and receive and decode
     messages until `ends` end messages have come (with one client, the series count) or, when None
     or when several clients share the DCU, until no message came for `idle` seconds after the first.
-    Images are decoded without a start message (with several clients, another may have had it)."""
+    Images are decoded without a start message (with several clients, another may have had it); `channel`
+    as decode() takes it (None: every channel; "": the first, as a dectris source decodes by default)."""
     socket = (context or zmq.Context.instance()).socket(zmq.PULL)
     socket.connect(address)
     took, first, last = Ingested(), None, 0.0
@@ -52,7 +53,7 @@ def bare_ingest(address: str, *, ends: int | None = None, idle: float = 2.0,
             last = time.perf_counter()
             first = last if first is None else first
             try:
-                decoded = decode(message)
+                decoded = decode(message, channel=channel)
             except Stream2Error as exc:
                 took.refused[exc.reason] += 1
                 continue

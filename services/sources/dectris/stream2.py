@@ -4,7 +4,9 @@ The format is DECTRIS' public documentation (github.com/dectris/documentation): 
 (message fields and the data model) and cbor/dectris-compression-tag.md (tag 56500). Arrays are
 RFC 8746 typed arrays (tags 64-86) inside multi-dimensional arrays (tag 40, row-major; 1040,
 column-major); any byte string may be replaced by tag 56500 ["bslz4" | "lz4", modifier, bytes], the
-HDF5-filter framing of bitshuffle+LZ4 or LZ4, decompressed with DECTRIS' own `dectris-compression`.
+HDF5-filter framing of bitshuffle+LZ4 (bitshuffle's filter) or LZ4 (H5Z-LZ4): each block is decompressed
+by python-lz4's bounds-checked LZ4 (bitshuffle's own decompressor trusts the stream, LZ4_decompress_fast,
+which a hostile message could make read past its end) and the bslz4 blocks unshuffled by bitshuffle.
 
 decode() never trusts a size from the wire: an array's pixel count is capped (`max_pixels`, or the
 start message's image size when given) and a compressed stream's declared size must equal the
@@ -28,7 +30,6 @@ import bitshuffle
 import cbor2
 import lz4.block
 import numpy as np
-from dectris.compression import decompress
 
 REJECT_REASONS = (
     "cbor",         # not one well-formed CBOR item (or bytes after it)
@@ -45,6 +46,7 @@ MAX_PIXELS = 1 << 25    # per array without a start to compare with: 32 Mpixel (
 MAX_TABLE = 1 << 24     # elements of a 1-D typed array (the count-rate lookup table)
 MAX_BLOCK = 1 << 20     # a compressed stream's block size beyond its data size (a DCU uses 8 KiB)
 BLOCK = 8192            # the block size a DCU compresses with (bytes)
+BSHUF_MULT = 8          # bitshuffle transposes groups of 8 elements; fewer at the end are stored as they are
 
 SELF_DESCRIBED = b"\xd9\xd9\xf7"   # tag 55799 (RFC 8949 section 3.4.6), which a DCU puts first
 
@@ -60,7 +62,7 @@ class Stream2Error(ValueError):
     """A message that is not stream v2; `reason` (one of REJECT_REASONS) labels the counter."""
 
     def __init__(self, reason: str, detail: str):
-        self.reason = reason
+        self.reason, self.detail = reason, detail
         super().__init__(f"{reason}: {detail}")
 
 
@@ -139,12 +141,15 @@ SEMANTIC = {**{tag: _typed(dtype) for tag, dtype in TYPED_ARRAYS.items()},
             56500: lambda value, immutable: _Compressed(value)}
 
 
-def decode(message: bytes, start: Start | None = None, max_pixels: int = MAX_PIXELS) -> Start | Image | End:
+def decode(message: bytes, start: Start | None = None, max_pixels: int = MAX_PIXELS,
+           channel: str | None = None) -> Start | Image | End:
     """One stream v2 message (the bytes of one ZeroMQ message) as a Start, Image or End.
 
     With `start` (the series' start message), an image's channels must be the start's and each
     channel's shape and dtype the start's (checked before decompressing); without it, an image
-    array may hold at most `max_pixels` pixels. Raises Stream2Error, and nothing else, for anything
+    array may hold at most `max_pixels` pixels. `channel`: decode that channel of an image only ("":
+    its first; a client that uses one channel need not decompress the others), None: every channel;
+    an image without it is refused (`field`). Raises Stream2Error, and nothing else, for anything
     that is not a stream v2 message (fields other than the documented ones are ignored)."""
     try:
         decoder = cbor2.CBORDecoder(io.BytesIO(message), semantic_decoders=SEMANTIC,
@@ -161,7 +166,7 @@ def decode(message: bytes, start: Start | None = None, max_pixels: int = MAX_PIX
         raise Stream2Error("not-map", f"a message is a CBOR map, got {type(item).__name__}")
     kind = item.get("type")
     if kind == "image":
-        return _image(item, start, max_pixels)
+        return _image(item, start, max_pixels, channel)
     if kind == "start":
         return _start(item)
     if kind == "end":
@@ -169,7 +174,7 @@ def decode(message: bytes, start: Start | None = None, max_pixels: int = MAX_PIX
     raise Stream2Error("type", f"field 'type' is {kind!r}; stream v2 messages are start, image or end")
 
 
-def _image(item: Mapping, start: Start | None, max_pixels: int) -> Image:
+def _image(item: Mapping, start: Start | None, max_pixels: int, channel: str | None) -> Image:
     fields = dict(series_id=_uint(item, "series_id", "image"),
                   series_unique_id=_text(item, "series_unique_id", "image"),
                   image_id=_uint(item, "image_id", "image"),
@@ -187,8 +192,11 @@ def _image(item: Mapping, start: Start | None, max_pixels: int) -> Image:
                                     f"{list(start.channels)}")
     shape = start.shape if start is not None else None
     dtypes = (start.image_dtype.name,) if start is not None else PIXEL_DTYPES
-    pixels = {name: _multidim(value, f"image field 'data'/{name!r}", shape, max_pixels, dtypes)
-              for name, value in data.items()}
+    wanted = data if channel is None else (channel or next(iter(data)),)
+    if channel and channel not in data:
+        raise Stream2Error("field", f"image channels {list(data)}, without {channel!r}")
+    pixels = {name: _multidim(data[name], f"image field 'data'/{name!r}", shape, max_pixels, dtypes)
+              for name in wanted}
     return Image(data=pixels, **fields)
 
 
@@ -248,17 +256,20 @@ def _typed_array(value: Any, name: str, count: int | None, dtypes: tuple[str, ..
     payload = value.payload
     if isinstance(payload, _Compressed):
         payload = _decompress(payload.content, name, itemsize, limit, exact=count is not None)
-    if not isinstance(payload, bytes):
+    elif not isinstance(payload, bytes):
         raise Stream2Error("field", f"{name}: a typed array holds a byte string, got {_kind(payload)}")
     if len(payload) % itemsize or len(payload) > limit or (count is not None and len(payload) != limit):
         raise Stream2Error("size", f"{name}: {len(payload)} bytes for "
                                    f"{count if count is not None else f'at most {MAX_TABLE}'} elements of "
                                    f"{itemsize} bytes")
     array = np.frombuffer(payload, dtype=value.dtype)
-    return array if value.dtype.isnative else array.astype(value.dtype.newbyteorder("="))
+    if not value.dtype.isnative:
+        return array.astype(value.dtype.newbyteorder("="))
+    array.flags.writeable = False   # (frombuffer of a decompressed array is writable)
+    return array
 
 
-def _decompress(content: Any, name: str, elem_size: int, limit: int, exact: bool) -> bytes:
+def _decompress(content: Any, name: str, elem_size: int, limit: int, exact: bool) -> bytes | np.ndarray:
     """Tag 56500's content, decompressed. The stream's declared size must be `limit` bytes (at most
     `limit` unless `exact`) before any memory is taken for it."""
     if not (_sequence(content) and len(content) == 3 and isinstance(content[0], str)
@@ -275,12 +286,43 @@ def _decompress(content: Any, name: str, elem_size: int, limit: int, exact: bool
     if size > limit or (exact and size != limit):
         raise Stream2Error("size", f"{name}: the compressed stream declares {size} bytes, the array has "
                                    f"{'' if exact else 'at most '}{limit}")
-    if block > max(size, MAX_BLOCK):   # bslz4 takes two blocks of scratch memory
-        raise Stream2Error("compression", f"{name}: block size {block} bytes for {size} bytes of data")
+    if not 0 < block <= max(size, MAX_BLOCK) or (algorithm == "bslz4" and block % (BSHUF_MULT * elem_size)):
+        raise Stream2Error("compression", f"{name}: block size {block} bytes for {size} bytes of "
+                                          f"{elem_size}-byte elements")
     try:
-        return decompress(data, algorithm, elem_size=elem_size)
-    except (RuntimeError, ValueError, MemoryError) as exc:
+        raw = _unblock(memoryview(data), size, block, algorithm, elem_size)
+    except (lz4.block.LZ4BlockError, ValueError) as exc:
         raise Stream2Error("compression", f"{name}: the {algorithm} stream does not decompress ({exc})") from None
+    if algorithm == "lz4":
+        return raw
+    elements = np.frombuffer(raw, dtype=f"u{elem_size}")
+    return bitshuffle.bitunshuffle(elements, block // elem_size).view(np.uint8)
+
+
+def _unblock(data: memoryview, size: int, block: int, algorithm: str, elem_size: int) -> bytes:
+    """The blocks of an HDF5-filter stream (after its 12-byte header: per block a 4-byte big-endian
+    length and the LZ4 block) decompressed and joined: `size` bytes. Blocks hold `block` bytes, the last
+    one less; an lz4 block as long as its data is stored as it is (H5Z-LZ4); bslz4 ends with the bytes of
+    the last size % 8 elements as they are (bitshuffle's filter). ValueError if the stream is not that."""
+    tail = size % (BSHUF_MULT * elem_size) if algorithm == "bslz4" else 0
+    pieces, at, left = [], 12, size - tail
+    while left:
+        n = min(block, left)
+        if at + 4 > len(data):
+            raise ValueError(f"the stream ends after {at} bytes, within its blocks")
+        (length,) = struct.unpack_from(">I", data, at)
+        piece = data[at + 4:at + 4 + length]
+        if len(piece) != length:
+            raise ValueError(f"a block of {length} bytes at byte {at}, past the stream's end")
+        piece = piece if algorithm == "lz4" and length == n else lz4.block.decompress(piece, uncompressed_size=n)
+        if len(piece) != n:
+            raise ValueError(f"a block of {len(piece)} bytes, expected {n}")
+        pieces.append(piece)
+        at, left = at + 4 + length, left - n
+    if len(data) - at != tail:
+        raise ValueError(f"{len(data) - at} bytes after the blocks, expected {tail}")
+    pieces.append(data[at:])
+    return b"".join(pieces)
 
 
 # ---- scalar fields, as the stream v2 data model defines them ----
