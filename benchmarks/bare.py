@@ -79,6 +79,16 @@ def _endpoint(t: Topology, port: int) -> str:
     return f"ipc:///tmp/detstream-bare-{port}" if t.transport == "ipc" else f"tcp://127.0.0.1:{port}"
 
 
+def _pushes(ctx, t: Topology, ports: list) -> list:
+    """A PUSH socket connected to each of `ports`."""
+    sockets = []
+    for port in ports:
+        s = _socket(ctx, zmq.PUSH, t.hwm)
+        s.connect(_endpoint(t, port))
+        sockets.append(s)
+    return sockets
+
+
 def _ready():
     print("ready", flush=True)
 
@@ -99,11 +109,7 @@ def source(t: Topology, index: int) -> None:
                 for _ in range(BANK)]
         sector = lambda scan, frame, s: bank[frame % BANK][s]  # noqa: E731
     if t.direct:
-        workers = []
-        for port in t.work:
-            s = _socket(ctx, zmq.PUSH, t.hwm)
-            s.connect(_endpoint(t, port))
-            workers.append(s)
+        workers = _pushes(ctx, t, t.work)
         _ready()
         sys.stdin.readline()
         for first in range(0, t.frames, t.batch):
@@ -120,11 +126,7 @@ def source(t: Topology, index: int) -> None:
             out.send_multipart([HEADER.pack(0, frame, 0)] + [sector(0, frame, s) for s in range(t.sectors)],
                                copy=t.copy)
     else:
-        lanes = []
-        for port in t.ingest:
-            s = _socket(ctx, zmq.PUSH, t.hwm)
-            s.connect(_endpoint(t, port))
-            lanes.append(s)
+        lanes = _pushes(ctx, t, t.ingest)
         _ready()
         sys.stdin.readline()
         for frame in range(t.frames):
