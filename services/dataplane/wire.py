@@ -113,6 +113,16 @@ class Geometry:
         """The payload of every FRAME message (checked on arrival)."""
         return self.sectors * self.sector_bytes
 
+    def is_frame(self, parts: Sequence) -> bool:
+        """Whether payload parts (buffers) are a whole frame: `sectors` parts of sector_bytes each."""
+        return len(parts) == self.sectors and all(memoryview(p).nbytes == self.sector_bytes for p in parts)
+
+    def frame(self, parts: Sequence) -> np.ndarray:
+        """A frame's sector buffers (as `is_frame` accepts them) joined left to right: (rows, cols) of dtype;
+        a view of the buffer when there is one sector, else a copy."""
+        strips = [np.frombuffer(p, self.dtype).reshape(self.sector_shape) for p in parts]
+        return strips[0] if len(strips) == 1 else np.hstack(strips)
+
 
 @dataclass
 class Message:

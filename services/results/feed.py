@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from detstream.services.dataplane.accounting import COMPLETE, PARTIAL
+from detstream.services.dataplane.wire import Geometry
 from detstream.services.model.session import SessionSpec
 from detstream.services.results.geometry import live_geometry
 from detstream.services.results.images import ScanImages
@@ -35,12 +36,8 @@ class LiveResults:
         if kind not in ("events", "frames"):
             raise ValueError(f"live results take events or frames, not {kind!r} results")
         self.kind = kind
-        detector = spec.detector
-        self.frame_shape = (detector.rows, detector.cols)
-        self.sector_shape = (detector.rows, detector.cols // detector.sectors)
-        self.sectors = detector.sectors
-        self.dtype = np.dtype(detector.dtype)
-        self.sector_bytes = self.sector_shape[0] * self.sector_shape[1] * self.dtype.itemsize
+        self.detector = Geometry.of(spec)  # what a raw frame result is
+        self.frame_shape = (self.detector.rows, self.detector.cols)
         self.geometry = live_geometry(spec.live_view.geometry, self.frame_shape)
         self.keep_bytes = spec.live_view.keep_mib * 2**20
         self.store = LiveStore(stage_table)
@@ -52,8 +49,7 @@ class LiveResults:
     def add(self, scan: int, scan_shape: tuple[int, int], position: int, parts: Sequence[Any], partial: bool) -> bool:
         """Note one written result (its buffers are kept until `flush`). False, and nothing noted, for raw frames
         that are not this session's `sectors` strips of the detector's shape (they are written, not shown)."""
-        if self.kind == "frames" and (len(parts) != self.sectors
-                                      or any(memoryview(p).nbytes != self.sector_bytes for p in parts)):
+        if self.kind == "frames" and not self.detector.is_frame(parts):
             return False
         batch = self.pending.get(scan)
         if batch is None:
@@ -74,9 +70,7 @@ class LiveResults:
                 events = np.frombuffer(b"".join(p[0] for p in parts), np.uint32)
                 images.add_events(positions, counts, events, status)
             else:
-                frames = np.stack([np.hstack([np.frombuffer(s, self.dtype).reshape(self.sector_shape) for s in p])
-                                   for p in parts])
-                images.add_frames(positions, frames, status)
+                images.add_frames(positions, np.stack([self.detector.frame(p) for p in parts]), status)
 
     def images(self, scan: int, scan_shape: tuple[int, int]) -> ScanImages:
         """The live images of `scan`, opened in the store at its first result."""

@@ -20,6 +20,7 @@ import h5py
 import hdf5plugin
 import numpy as np
 
+from detstream.services.dataplane.wire import Geometry
 from detstream.services.sinks.scan_file import ScanFile
 
 
@@ -31,7 +32,8 @@ class RawFramesFile(ScanFile):
 
     def __init__(self, path: Path, scan_shape: tuple[int, int], frame_shape: tuple[int, int],
                  metadata: dict | None = None, dtype: str = "uint16", sectors: int = 1):
-        self.dtype, self.sectors = np.dtype(dtype), sectors
+        self.geometry = Geometry(frame_shape[0], frame_shape[1], sectors, np.dtype(dtype).str,
+                                 scan_shape[0] * scan_shape[1])
         super().__init__(path, scan_shape, frame_shape, metadata)
 
     @classmethod
@@ -41,20 +43,13 @@ class RawFramesFile(ScanFile):
 
     def layout(self, file: h5py.File) -> None:
         rows, cols = self.frame_shape
-        self._frames = file.create_dataset("frames", (*self.scan_shape, rows, cols), dtype=self.dtype,
+        self._frames = file.create_dataset("frames", (*self.scan_shape, rows, cols), dtype=self.geometry.dtype,
                                            chunks=(1, 1, rows, cols), **hdf5plugin.Bitshuffle(cname="lz4"))
 
     @classmethod
     def refusal(cls, parts, spec):
         """As many parts as the detector has sectors, each a sector's bytes ("size")."""
-        d = spec.detector
-        sector_bytes = d.rows * (d.cols // d.sectors) * np.dtype(d.dtype).itemsize
-        if len(parts) != d.sectors or any(memoryview(p).nbytes != sector_bytes for p in parts):
-            return "size"
-        return None
+        return None if Geometry.of(spec).is_frame(parts) else "size"
 
     def write_result(self, position, parts):
-        rows, cols = self.frame_shape
-        strips = [np.frombuffer(p, self.dtype).reshape(rows, cols // self.sectors) for p in parts]
-        frame = strips[0] if self.sectors == 1 else np.hstack(strips)
-        self._frames[divmod(position, self.scan_shape[1])] = frame
+        self._frames[divmod(position, self.scan_shape[1])] = self.geometry.frame(parts)
