@@ -129,12 +129,17 @@ class SourceStage(Stage):
     def send(self, lane: int, header: Header, parts=(), wait: bool = True) -> bool:
         """Send to a lane, waiting while it is full (wait=False: not at all); False if not sent. An outside
         source whose lane never answered fails after FLUSH_S."""
+        on_wait = self.fail_if_unanswered(lane) if self.connect else None  # (none per send in a session)
+        return self.reactor.send(self.lanes[lane], header, parts, wait=wait, on_wait=on_wait)
+
+    def fail_if_unanswered(self, lane: int):
+        """A check, run while a send to `lane` waits: fail once FLUSH_S passed and the lane never answered."""
         give_up_at = time.monotonic() + FLUSH_S
 
-        def nobody_there():
-            if self.connect and time.monotonic() > give_up_at and not self.answered(lane, 0):
+        def check() -> None:
+            if time.monotonic() > give_up_at and not self.answered(lane, 0):
                 raise StageError(self.undelivered([lane], "nothing answered there"))
-        return self.reactor.send(self.lanes[lane], header, parts, wait=wait, on_wait=nobody_there)
+        return check
 
     def answered(self, lane: int, timeout_s: float) -> bool:
         """Whether a lane's address has answered (a ZeroMQ handshake), waiting up to `timeout_s` for it."""

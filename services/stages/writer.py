@@ -161,12 +161,13 @@ class WriterStage(Stage):
         if h.kind not in (RESULT, END_OF_SCAN):
             self.refuse("kind", msg)
             return
+        parts = [part.buffer for part in msg.parts]
         if h.kind == RESULT:
             # even for a result refused below: the frame must not stay in flight for ever (a plugin
             # returning bad results shows as frames unaccounted, which fails the session loudly)
             self.receipts.setdefault(h.frame % self.spec.lanes, []).append(frame_key(h.scan, h.frame))
-        if h.kind == RESULT and not self.valid_result(msg):
-            return
+            if not self.valid_result(msg, parts):
+                return
         if h.scan in self.accounts.closed:
             if h.kind == RESULT:
                 self.counters.outcomes["duplicate"] += 1
@@ -183,22 +184,22 @@ class WriterStage(Stage):
             time.sleep(self.write_delay)
         self.counters.frames_in += 1
         self.counters.bytes_in += msg.payload_bytes
-        if not self.accounts.result(scan, h.position, h.sector_mask, bool(h.flags & PARTIAL)):
+        partial = bool(h.flags & PARTIAL)
+        if not self.accounts.result(scan, h.position, h.sector_mask, partial):
             self.counters.outcomes["duplicate"] += 1
             return
         self.counters.outcomes["written"] += 1
-        if h.flags & PARTIAL:
+        if partial:
             self.counters.outcomes["partial"] += 1
-        parts = [part.buffer for part in msg.parts]
         if self.sink is not None:
             self.write(scan, h.position, parts)
         if self.live is not None and not self.live.add(scan.number, (scan.rows, scan.cols), h.position, parts,
-                                                       bool(h.flags & PARTIAL)):
+                                                       partial):
             self.refuse("size", msg, "a frames result that is not the detector's sectors: written, not shown live")
 
-    def valid_result(self, msg: Message) -> bool:
-        """A RESULT this writer can take: the session's result kind, a position in the scan, and parts its
-        sink takes (anything else is counted and dropped)."""
+    def valid_result(self, msg: Message, parts: list) -> bool:
+        """A RESULT this writer can take: the session's result kind, a position in the scan, and payload parts
+        (`parts`: its buffers) its sink takes (anything else is counted and dropped)."""
         h = msg.header
         reason = None
         if h.result != self.kind:
@@ -206,7 +207,7 @@ class WriterStage(Stage):
         elif h.position >= self.spec.scan.frames or h.frame >= self.spec.scan.frames:
             reason = "range"
         elif self.sink is not None:
-            reason = self.sink.refusal([part.buffer for part in msg.parts], self.spec)
+            reason = self.sink.refusal(parts, self.spec)
         if reason:
             self.refuse(reason, msg, "a result this writer cannot take")
         return reason is None

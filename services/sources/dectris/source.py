@@ -168,19 +168,23 @@ class Dectris(Source):
         start = self.starts.get(image.series_unique_id)
         frames = min(start.number_of_images, self.spec.scan.frames) if start is not None else self.spec.scan.frames
         taken = self.taken[scan]
-        where = f"image {image.image_id} of series {image.series_id}"
         if image.image_id >= frames:
-            return Refused("range", f"{where}: the scan has {frames} positions")
+            return Refused("range", f"{where(image)}: the scan has {frames} positions")
         if taken[image.image_id]:
-            return Refused("duplicate", f"{where} again")
+            return Refused("duplicate", f"{where(image)} again")
         pixels = next(iter(image.data.values()))   # the channel decoded (spec.source.dectris.channel)
         if pixels.shape != self.shape:
-            return Refused("size", f"{where}: {pixels.shape[0]}x{pixels.shape[1]} pixels, the detector has "
+            return Refused("size", f"{where(image)}: {pixels.shape[0]}x{pixels.shape[1]} pixels, the detector has "
                                    f"{self.shape[0]}x{self.shape[1]} (spec.detector)")
         if pixels.dtype != self.dtype:
-            return Refused("field", f"{where}: {pixels.dtype} pixels, the detector has {self.dtype}")
+            return Refused("field", f"{where(image)}: {pixels.dtype} pixels, the detector has {self.dtype}")
         taken[image.image_id] = True
         w = self.strip
         sectors = [(0, pixels)] if w == self.shape[1] else [
             (s, np.ascontiguousarray(pixels[:, s * w:(s + 1) * w])) for s in range(self.shape[1] // w)]
         return Frame(scan, image.image_id, sectors)
+
+
+def where(image: Image) -> str:
+    """An image, as refusals name it (formatted only when one is refused)."""
+    return f"image {image.image_id} of series {image.series_id}"
