@@ -127,11 +127,20 @@ class Reactor:
                 handler()
         for reader in self.readers:  # in the order of registration: the stage says what comes first
             if ready.get(reader.socket, 0) & POLLIN:
+                self._read_ready(reader)
+
+    def _read_ready(self, reader: Reader) -> None:
+        """Up to a batch from a socket the poll called readable. The poll's word can be stale by the time
+        the socket is read (ZeroMQ may announce input that a receive then does not find, e.g. on a ROUTER
+        whose peer left under CURVE; or a handler before this one read it): then there is nothing to read."""
+        try:
+            self._handle(reader, NOBLOCK)
+            for _ in range(reader.batch - 1):
+                if not cast(int, reader.socket.get(zmq.EVENTS)) & POLLIN:
+                    break
                 self._handle(reader, NOBLOCK)
-                for _ in range(reader.batch - 1):
-                    if not cast(int, reader.socket.get(zmq.EVENTS)) & POLLIN:
-                        break
-                    self._handle(reader, NOBLOCK)
+        except zmq.Again:
+            return
 
     def _handle(self, reader: Reader, flags: int) -> None:
         peer, msg = self._receive(reader.socket, reader.envelope, flags)
