@@ -19,6 +19,10 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RECEIPT: _ClassVar[Kind]
     SAMPLE: _ClassVar[Kind]
     CALIBRATION: _ClassVar[Kind]
+    WANT: _ClassVar[Kind]
+    ASSIGN: _ClassVar[Kind]
+    BLOCK: _ClassVar[Kind]
+    RELEASE: _ClassVar[Kind]
 
 class Flag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -26,6 +30,7 @@ class Flag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PARTIAL: _ClassVar[Flag]
     DUPLICATE: _ClassVar[Flag]
     DETECTOR_END: _ClassVar[Flag]
+    BLOCK_END: _ClassVar[Flag]
 KIND_UNSPECIFIED: Kind
 SECTOR: Kind
 FRAME: Kind
@@ -36,13 +41,18 @@ HEARTBEAT: Kind
 RECEIPT: Kind
 SAMPLE: Kind
 CALIBRATION: Kind
+WANT: Kind
+ASSIGN: Kind
+BLOCK: Kind
+RELEASE: Kind
 FLAG_NONE: Flag
 PARTIAL: Flag
 DUPLICATE: Flag
 DETECTOR_END: Flag
+BLOCK_END: Flag
 
 class Header(_message.Message):
-    __slots__ = ("version", "kind", "seq", "sender", "scan", "frame", "position", "sector", "sector_mask", "shape", "dtype", "flags", "scan_rows", "scan_cols", "expected", "sent", "partial", "lost", "credit", "acked", "result")
+    __slots__ = ("version", "kind", "seq", "sender", "scan", "frame", "position", "sector", "sector_mask", "shape", "dtype", "flags", "scan_rows", "scan_cols", "expected", "sent", "partial", "lost", "credit", "acked", "result", "block", "worker", "frames", "sectors")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +74,10 @@ class Header(_message.Message):
     CREDIT_FIELD_NUMBER: _ClassVar[int]
     ACKED_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    SECTORS_FIELD_NUMBER: _ClassVar[int]
     version: int
     kind: Kind
     seq: int
@@ -85,4 +99,8 @@ class Header(_message.Message):
     credit: int
     acked: _containers.RepeatedScalarFieldContainer[int]
     result: str
-    def __init__(self, version: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., seq: _Optional[int] = ..., sender: _Optional[str] = ..., scan: _Optional[int] = ..., frame: _Optional[int] = ..., position: _Optional[int] = ..., sector: _Optional[int] = ..., sector_mask: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., flags: _Optional[int] = ..., scan_rows: _Optional[int] = ..., scan_cols: _Optional[int] = ..., expected: _Optional[int] = ..., sent: _Optional[int] = ..., partial: _Optional[int] = ..., lost: _Optional[int] = ..., credit: _Optional[int] = ..., acked: _Optional[_Iterable[int]] = ..., result: _Optional[str] = ...) -> None: ...
+    block: int
+    worker: int
+    frames: _containers.RepeatedScalarFieldContainer[int]
+    sectors: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, version: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., seq: _Optional[int] = ..., sender: _Optional[str] = ..., scan: _Optional[int] = ..., frame: _Optional[int] = ..., position: _Optional[int] = ..., sector: _Optional[int] = ..., sector_mask: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., flags: _Optional[int] = ..., scan_rows: _Optional[int] = ..., scan_cols: _Optional[int] = ..., expected: _Optional[int] = ..., sent: _Optional[int] = ..., partial: _Optional[int] = ..., lost: _Optional[int] = ..., credit: _Optional[int] = ..., acked: _Optional[_Iterable[int]] = ..., result: _Optional[str] = ..., block: _Optional[int] = ..., worker: _Optional[int] = ..., frames: _Optional[_Iterable[int]] = ..., sectors: _Optional[_Iterable[int]] = ...) -> None: ...

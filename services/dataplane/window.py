@@ -1,0 +1,121 @@
+"""A source replica's window: the frames it keeps until the writer has them, and where each block goes.
+No sockets, no clock (docs/full-rate.md).
+
+A source keeps every frame (its own sectors of it) from the moment it has it until the lane forwards
+the writer's receipt (`release`), so a block whose worker dies can be sent again to another. It asks a
+block's lane for the block's worker on its first frame (`WANT`), sends the block's frames to that
+worker once it is known, in as few messages as it can, and ends the block (BLOCK_END) once it has
+gone past it: a frame of a later block, the end of the scan, or `flush` at the block timeout (which
+sends what is there without ending). The window is full at `limit` frames kept: then the source
+waits for releases (backpressure).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from detstream.services.dataplane.blocks import Blocks
+from detstream.services.dataplane.wire import frame_key
+
+
+class Send(NamedTuple):
+    """A BLOCK message to send: to worker `worker`, these frames of a block (their kept sectors), `end`:
+    the last of the block; `again`: a re-send after its first worker died."""
+    worker: int
+    scan: int
+    block: int
+    frames: list[int]
+    end: bool
+    again: bool
+
+
+@dataclass(eq=False)
+class OutBlock:
+    worker: int | None = None         # the worker the lane named (None: not yet)
+    again: bool = False
+    unsent: list[int] = field(default_factory=list)   # kept frames not yet sent to `worker`
+    sent: list[int] = field(default_factory=list)     # frames sent to `worker`
+    passed: bool = False              # the source has gone past it: no frame of it will come
+    ended: bool = False               # BLOCK_END sent to `worker`
+
+
+class SourceWindow:
+    """The window of one source replica over the session's `blocks`; at most `limit` frames kept."""
+
+    def __init__(self, blocks: Blocks, limit: int):
+        self.blocks, self.limit = blocks, limit
+        self.kept: dict[int, list[tuple[int, Any]]] = {}   # frame key -> [(sector, pixels)]
+        self.out: dict[tuple[int, int], OutBlock] = {}    # (scan, block) -> what goes where
+        self.current: tuple[int, int] | None = None       # the block frames come for now
+
+    @property
+    def full(self) -> bool:
+        return len(self.kept) >= self.limit
+
+    def frame(self, scan: int, frame: int, sectors: list[tuple[int, Any]]) -> tuple[tuple[int, int] | None, list[Send]]:
+        """Keep a frame. Returns the block to ask its lane for (a new one, else None) and what to send now."""
+        key = (scan, self.blocks.of(frame))
+        sends = self.pass_current() if key != self.current else []
+        self.current = key
+        self.kept[frame_key(scan, frame)] = sectors
+        out = self.out.get(key)
+        new = out is None
+        if new:
+            out = self.out[key] = OutBlock()
+        out.unsent.append(frame)
+        return (key if new else None), sends
+
+    def pass_current(self) -> list[Send]:
+        """The source has gone past the current block (end of scan, or a frame of another block)."""
+        if self.current is None:
+            return []
+        key, self.current = self.current, None
+        out = self.out.get(key)
+        if out is None:
+            return []
+        out.passed = True
+        return self.sends(key, out)
+
+    def assigned(self, scan: int, block: int, worker: int, again: bool) -> list[Send]:
+        """The lane named the block's worker (`again`: anew, after its first worker died): what to send."""
+        key = (scan, block)
+        out = self.out.get(key)
+        if out is None:
+            return []
+        if again or (out.worker is not None and out.worker != worker):
+            # everything still kept goes to the new worker, ended anew
+            kept = [f for f in sorted(set(out.sent) | set(out.unsent)) if frame_key(scan, f) in self.kept]
+            out.sent, out.unsent, out.ended, out.again = [], kept, False, True
+        out.worker = worker
+        return self.sends(key, out)
+
+    def flush(self) -> list[Send]:
+        """At the block timeout: send the current block's frames that can go, without ending it."""
+        if self.current is None or self.current not in self.out:
+            return []
+        out = self.out[self.current]
+        return self.sends(self.current, out, end=False)
+
+    def sends(self, key: tuple[int, int], out: OutBlock, end: bool = True) -> list[Send]:
+        if out.worker is None or out.ended:
+            return []
+        ending = end and out.passed
+        if not out.unsent and not ending:
+            return []
+        frames, out.unsent = out.unsent, []
+        out.sent.extend(frames)
+        out.ended = ending
+        return [Send(out.worker, key[0], key[1], frames, ending, out.again)]
+
+    def release(self, keys) -> None:
+        """The writer has these frames' results: drop them, and forget blocks with nothing left."""
+        for key in keys:
+            self.kept.pop(key, None)
+        for k in [k for k, out in self.out.items() if out.ended and not any(
+                frame_key(k[0], f) in self.kept for f in out.sent)]:
+            del self.out[k]
+
+    def sectors(self, scan: int, frame: int) -> list[tuple[int, Any]] | None:
+        """The kept sectors of a frame (None: released)."""
+        return self.kept.get(frame_key(scan, frame))
