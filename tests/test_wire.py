@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from detstream.services.dataplane.wire import (
+    BLOCK,
     END_OF_SCAN,
     FRAME,
     SECTOR,
@@ -95,6 +96,35 @@ def test_an_end_of_scan_names_its_lost_frames_as_a_bitmap():
     msg = decode(frames(Header(version=1, kind=END_OF_SCAN, lost=3), pack_frames(lost)), G)
     np.testing.assert_array_equal(unpack_frames(msg.parts[0], 16), lost)
     assert not decode(frames(Header(version=1, kind=END_OF_SCAN, lost=3)), G).parts  # a count alone is fine
+
+
+GB = Geometry(rows=8, cols=8, sectors=2, dtype="<u2", scan_frames=10, block_frames=4)  # blocks 0-3, 4-7, 8-9
+
+
+def block(block=1, frames=(4, 5), sectors=(1,), shape=(8, 4)):
+    return Header(version=1, kind=BLOCK, scan=0, block=block, frames=frames, sectors=sectors, shape=shape, dtype="<u2")
+
+
+def test_a_block_message_gives_views_of_its_frames_sectors():
+    pixels = [np.full((8, 4), i, "<u2") for i in range(4)]
+    msg = decode(frames(block(frames=(4, 5), sectors=(0, 1)), *(p.tobytes() for p in pixels)), GB)
+    assert [int(s[0, 0]) for s in msg.sectors] == [0, 1, 2, 3]   # frame 4 sectors 0, 1; frame 5 sectors 0, 1
+    assert decode(frames(block(block=2, frames=(8, 9)), bytes(64), bytes(64)), GB).header.frames == [8, 9]
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (frames(block(), bytes(64)), "parts"),                              # 2 frames x 1 sector: 2 parts
+    (frames(block(), bytes(64), bytes(62)), "size"),
+    (frames(block(shape=[4, 8]), bytes(64), bytes(64)), "geometry"),
+    (frames(block(frames=(3, 4)), bytes(64), bytes(64)), "range"),       # frame 3 is block 0's
+    (frames(block(block=2, frames=(10,)), bytes(64)), "range"),          # past the scan
+    (frames(block(sectors=(2,)), bytes(64), bytes(64)), "range"),
+    (frames(block(frames=(4,), sectors=(1, 1)), bytes(64), bytes(64)), "range"),
+])
+def test_malformed_block_messages_are_rejected_with_a_reason(raw, reason):
+    with pytest.raises(WireError) as err:
+        decode(raw, GB)
+    assert err.value.reason == reason
 
 
 def test_frame_key_and_gaps():

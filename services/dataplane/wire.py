@@ -17,6 +17,9 @@ import zmq
 
 from detstream.v1 import wire_pb2
 from detstream.v1.wire_pb2 import (
+    ASSIGN,
+    BLOCK,
+    BLOCK_END,
     CALIBRATION,
     CREDIT,
     DETECTOR_END,
@@ -26,9 +29,11 @@ from detstream.v1.wire_pb2 import (
     HEARTBEAT,
     PARTIAL,
     RECEIPT,
+    RELEASE,
     RESULT,
     SAMPLE,
     SECTOR,
+    WANT,
     Header,
 )
 
@@ -42,7 +47,7 @@ FRAME_BITS = 40  # a frame key is scan << 40 | frame: 10^12 frames per scan, 2^2
 __all__ = ["CALIBRATION", "CREDIT", "DETECTOR_END", "DUPLICATE", "END_OF_SCAN", "FRAME", "HEARTBEAT", "PARTIAL",
            "RECEIPT", "RESULT", "SAMPLE", "SECTOR", "Header", "WireError", "REJECT_REASONS", "Geometry", "Message",
            "Outbox", "frame_key", "decode", "receive_parts", "Gaps", "FRAME_BITS", "pack_frames", "unpack_frames",
-           "NOBLOCK", "POLLIN", "POLLOUT"]
+           "NOBLOCK", "POLLIN", "POLLOUT", "BLOCK", "WANT", "ASSIGN", "RELEASE", "BLOCK_END"]
 
 
 # Every reason a stage rejects a message for: the values of the `reason` label of
@@ -85,11 +90,13 @@ class Geometry:
     dtype: str
     scan_frames: int
     scans: int | None = None  # scans in the session: a message of a later scan is out of range
+    block_frames: int = 1     # frames per block (spec.transport.blockFrames)
 
     @classmethod
     def of(cls, spec) -> Geometry:
         d = spec.detector
-        return cls(d.rows, d.cols, d.sectors, np.dtype(d.dtype).str, spec.scan.frames, spec.scan.count)
+        return cls(d.rows, d.cols, d.sectors, np.dtype(d.dtype).str, spec.scan.frames, spec.scan.count,
+                   spec.transport.block_frames)
 
     @cached_property
     def sector_shape(self) -> tuple[int, int]:
@@ -140,7 +147,7 @@ class Message:
         return [np.frombuffer(p.buffer, dtype=self.header.dtype).reshape(shape) for p in self.parts]
 
 
-_PARTS = {SECTOR: 1, CREDIT: 0, HEARTBEAT: 0, RECEIPT: 0, CALIBRATION: 1}
+_PARTS = {SECTOR: 1, CREDIT: 0, HEARTBEAT: 0, RECEIPT: 0, CALIBRATION: 1, WANT: 0, ASSIGN: 0, RELEASE: 0}
 MAX_CALIBRATION_BYTES = 65536
 _KINDS = frozenset(wire_pb2.Kind.values()) - {wire_pb2.KIND_UNSPECIFIED}  # Kind.values() builds a list per call
 
@@ -162,6 +169,9 @@ def decode(raw: Sequence[zmq.Frame], geometry: Geometry | None = None) -> Messag
     parts = raw[1:]
     if geometry is not None and kind in (SECTOR, FRAME, SAMPLE):  # nearly every message: first
         _check_pixels(header, kind, parts, geometry)
+        return Message(header, parts)
+    if geometry is not None and kind == BLOCK:
+        _check_block(header, parts, geometry)
         return Message(header, parts)
     if kind not in _KINDS:
         raise WireError("kind", f"unknown message kind {kind}")
@@ -203,6 +213,28 @@ def _check_pixels(header: Header, kind: int, parts: Sequence[zmq.Frame], g: Geom
     if header.scan >= g.max_scan:
         raise WireError("range", f"scan {header.scan} of a session of {g.scans} scans" if g.scans is not None
                         else f"scan number {header.scan} too large")
+
+
+def _check_block(header: Header, parts: Sequence[zmq.Frame], g: Geometry) -> None:
+    """A BLOCK: parts = its frames x its sectors, each a sector of the session's; every frame in the block."""
+    frames, sectors = header.frames, header.sectors
+    if len(parts) != len(frames) * len(sectors):
+        raise WireError("parts", f"BLOCK of {len(frames)} frames x {len(sectors)} sectors with {len(parts)} parts")
+    if header.shape != g.sector_shape_list or header.dtype != g.dtype:
+        raise WireError("geometry", f"shape {tuple(header.shape)} {header.dtype!r}, session has "
+                                    f"{g.sector_shape} {g.dtype!r}")
+    size = g.sector_bytes
+    for part in parts:
+        if len(part) != size:
+            raise WireError("size", f"payload of {len(part)} bytes, expected {size}")
+    first = header.block * g.block_frames
+    if any(not first <= f < min(first + g.block_frames, g.scan_frames) for f in frames):
+        raise WireError("range", f"frames {list(frames)[:8]} outside block {header.block} of a scan of "
+                                 f"{g.scan_frames} frames in blocks of {g.block_frames}")
+    if any(s >= g.sectors for s in sectors) or len(set(sectors)) != len(sectors):
+        raise WireError("range", f"sectors {list(sectors)} of a {g.sectors}-sector detector")
+    if header.scan >= g.max_scan:
+        raise WireError("range", f"scan number {header.scan} out of range")
 
 
 def _check_lost_frames(header: Header, parts: Sequence[zmq.Frame], g: Geometry | None) -> None:

@@ -181,8 +181,9 @@ class Workers:
     """The shared pool of workers."""
     replicas: int = spec_field(2, doc="Worker processes (pods); `kubectl scale` changes it.", minimum=0,
                                maximum=4096)
-    credits: int = spec_field(4, doc="Frames a worker may hold from each distributor at once.", minimum=1,
-                              maximum=1024)
+    credits: int = spec_field(64, doc="Frames a worker may hold from each lane at once (at least "
+                                      "transport.blockFrames: a lane routes whole blocks).", minimum=1,
+                              maximum=65536)
 
 
 @dataclass(frozen=True)
@@ -202,9 +203,15 @@ class Transport:
     """Data-plane limits: every queue is bounded, every wait is timed."""
     high_water_mark: int = spec_field(16, doc="Messages a ZeroMQ socket queues per peer before the sender "
                                               "blocks (backpressure).", minimum=1, maximum=100000)
-    frame_timeout_s: float = spec_field(5.0, doc="Seconds the aggregator waits for a frame's missing "
-                                                 "sectors before passing it on zero-filled and partial.",
-                                        minimum=0.01)
+    frame_timeout_s: float = spec_field(5.0, doc="Seconds a worker waits for a frame's missing sectors "
+                                                 "before processing it zero-filled and partial (and for a "
+                                                 "silent source to end a block).", minimum=0.01)
+    block_frames: int = spec_field(16, doc="Frames per block: a lane routes a block to one worker, and each source "
+                                           "sends its sectors of a block in one message (docs/full-rate.md).",
+                                   minimum=1, maximum=4096)
+    block_timeout_s: float = spec_field(0.05, doc="Seconds after which a source sends what it has of a block "
+                                                  "that is still filling (low rates: bounded latency).",
+                                        minimum=0.001)
     heartbeat_s: float = spec_field(0.5, doc="Seconds between heartbeats of an idle worker.", minimum=0.01)
     worker_timeout_s: float = spec_field(5.0, doc="Seconds of silence after which a worker is declared dead "
                                                   "and its frames are sent to others.", minimum=0.05)
@@ -332,6 +339,10 @@ def check_spec(spec: SessionSpec, errors: list[FieldError]) -> None:
     if spec.source.replicas > spec.detector.sectors and not _sources().source_class(spec.source.kind).series:
         errors.append(FieldError("spec.source.replicas", f"must be <= detector.sectors "
                                  f"({spec.detector.sectors}): each source sends whole sectors"))
+    if spec.workers.credits < spec.transport.block_frames:
+        errors.append(FieldError("spec.workers.credits", f"must be >= transport.blockFrames "
+                                 f"({spec.transport.block_frames}): a lane routes whole blocks; got "
+                                 f"{spec.workers.credits} (raise it, or lower blockFrames)"))
     tomo = spec.tomography
     if tomo is not None and spec.scan.frames != tomo.frames:
         errors.append(FieldError("spec.scan", f"a tomography scan's positions are its {tomo.frames} frames "
