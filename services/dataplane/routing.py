@@ -6,8 +6,19 @@ there. A frame stays open (charged to the worker that holds its block) until the
 (`acknowledge`) or the worker's word that it never came (`absent`); either gives that frame's credit
 back. A worker declared dead (`dead`) leaves its blocks' open frames to be routed again, to other
 workers, before any new block: the sources still keep those frames, and send them to the new worker.
-A scan of the lane is finished once every source has ended it and none of its frames is open; its
-lost frames are then the lane's frames never acknowledged.
+A scan of the lane is finished once it has ended and none of its frames is open; its lost frames are
+then the lane's frames never acknowledged. A scan ends when every source has ended it (END_OF_SCAN),
+when it has had no input for the end-of-scan timeout, or on drain; with a detector that streams
+series (a DECTRIS DCU: one source replica hears the series' end, DETECTOR_END, naming its frame count)
+also once every frame of the lane below that count is done.
+
+Scans are streamed back to back, so a scan nobody ever started ends too: when no scan is open and
+nothing has come for the end-of-scan timeout since the last activity, the next scan of the session ends
+with all its frames lost, and so on, one timeout per scan, until the session's scan count is reached.
+The first scan waits for the sources as long as it takes (a session is started before its detector).
+A scan below an open one that never came here (this lane started mid-session) ends the same way, one
+timeout after it is noticed. With series, no scan ends as never started while none is open (scans start
+when the detector starts a series, however long after the previous one).
 """
 
 from __future__ import annotations
@@ -20,14 +31,16 @@ import numpy as np
 
 from detstream.services.dataplane.blocks import Blocks
 from detstream.services.dataplane.scans import Scan, ScanBook
-from detstream.services.dataplane.wire import FRAME_BITS, frame_key
+from detstream.services.dataplane.wire import FRAME_BITS
 
 
 @dataclass(eq=False)
 class Worker:
-    """A worker as the lane knows it: its ROUTER peer id and index (worker-N)."""
+    """A worker as the lane knows it: its ROUTER peer id, the address of its `data` port and the name of
+    its CURVE key (what the sources need to send it blocks)."""
     peer: bytes
-    index: int
+    address: str
+    key: str
     last_seen: float                  # when it last spoke (seconds, the stage's clock)
     credit: int = 0                   # frames it can take now
     blocks: set[Route] = field(default_factory=set)   # the blocks it holds with frames open
@@ -42,6 +55,7 @@ class Route:
     open: set[int]                    # frame numbers not acknowledged and not reported absent
     worker: Worker | None = None      # None while it waits for credit
     again: bool = False               # routed again after its worker died (its frames go flagged DUPLICATE)
+    askers: set[bytes] = field(default_factory=set)   # the sources that asked for it (ROUTER peer ids)
 
 
 class RoutingLedger:
@@ -51,7 +65,7 @@ class RoutingLedger:
     The stage asks `want(scan, block)` for a source, `route_waiting()` after credit came, and broadcasts
     every Route that got a worker to the sources (ASSIGN)."""
 
-    def __init__(self, lane: int, blocks: Blocks, rows: int, cols: int, max_credit: int):
+    def __init__(self, lane: int, blocks: Blocks, rows: int, cols: int, max_credit: int, series: bool = False):
         self.lane, self.blocks, self.rows, self.cols = lane, blocks, rows, cols
         self.lane_frames = np.zeros(rows * cols, bool)
         for b in blocks.lane_blocks(lane):
@@ -62,16 +76,20 @@ class RoutingLedger:
         self.waiting: deque[Route] = deque()             # blocks waiting for credit, re-routes first
         self.book = ScanBook(Scan)
         self.scans = self.book.open
+        self.series = series
+        self.why: dict[int, str] = {}                     # open scans that ended, and why
+        self.last_activity: float | None = None           # None until the first input: the first scan waits
+        self.skipped: tuple[int, float] | None = None     # a scan below an open one, never seen here; since when
 
     # workers
 
-    def heard(self, peer: bytes, index: int, credit: int, now: float) -> tuple[Worker, bool]:
-        """Worker `index` spoke (CREDIT or HEARTBEAT) offering `credit` more frames. Returns it, and
-        whether it is new."""
+    def heard(self, peer: bytes, address: str, key: str, credit: int, now: float) -> tuple[Worker, bool]:
+        """A worker spoke (CREDIT or HEARTBEAT, naming its `data` address and CURVE key) offering `credit`
+        more frames. Returns it, and whether it is new."""
         worker = self.workers.get(peer)
         new = worker is None
         if worker is None:
-            worker = self.workers[peer] = Worker(peer, index, now)
+            worker = self.workers[peer] = Worker(peer, address, key, now)
         worker.last_seen = now
         worker.credit = min(worker.credit + credit, self.max_credit)
         return worker, new
@@ -91,19 +109,21 @@ class RoutingLedger:
 
     # blocks
 
-    def want(self, scan: int, block: int) -> Route | None:
+    def want(self, scan: int, block: int, now: float) -> Route | None:
         """A source asks where `block` of `scan` goes: its route (routed, or waiting for credit; ask
-        `route_waiting` later), or None when the scan is finished here or the block is not this lane's."""
+        `route_waiting` later), or None when the scan is finished here, the block is not this lane's or
+        every frame of it is done already."""
         if scan in self.book.closed or self.blocks.lane(block) != self.lane or block >= self.blocks.count:
             return None
+        self.scan(scan, now).last_input = self.last_activity = now
         route = self.routes.get((scan, block))
         if route is None:
-            done = self.scan(scan).done
+            done = self.scan(scan, now).done
             frames = {f for f in self.blocks.frames(block) if not done[f]}
             if not frames:
                 return None
             route = self.routes[(scan, block)] = Route(scan, block, frames)
-            self.scan(scan).in_flight += len(frames)
+            self.scan(scan, now).in_flight += len(frames)
             self.waiting.append(route)
             self.route_waiting()
         return route
@@ -135,10 +155,9 @@ class RoutingLedger:
             scan.done[frame] = True
             scan.count += 1
 
-    def absent(self, worker: Worker, key: int) -> None:
-        """`worker`, which holds its block, says frame `key` never came from any source: no longer open
-        (it stays not done: lost, unless a copy of it is acknowledged later)."""
-        scan_number, frame = key >> FRAME_BITS, key & ((1 << FRAME_BITS) - 1)
+    def absent(self, worker: Worker, scan_number: int, frame: int) -> None:
+        """`worker`, which holds its block, says `frame` of scan `scan_number` never came from any source: no
+        longer open (it stays not done: lost, unless a copy of it is acknowledged later)."""
         route = self.routes.get((scan_number, self.blocks.of(frame)))
         if route is not None and route.worker is worker:
             self.close_frame(scan_number, frame)
@@ -164,21 +183,64 @@ class RoutingLedger:
 
     # scans
 
-    def scan(self, number: int) -> Scan:
-        return self.book.start(number, self.rows, self.cols, 0.0)  # (no clock here: unused)
+    def scan(self, number: int, now: float = 0.0) -> Scan:
+        return self.book.start(number, self.rows, self.cols, now)
 
-    def end(self, number: int, sender: str, end) -> None:
-        """A source's END_OF_SCAN (of a scan not finished)."""
-        self.scan(number).ended(sender, end)
+    def end(self, number: int, sender: str, now: float, images: int | None = None) -> bool:
+        """A source's END_OF_SCAN; `images`: the detector ended the scan (DETECTOR_END), which has that
+        many frames. False when the scan is finished here already (the message is late)."""
+        if number in self.book.closed:
+            self.last_activity = now  # a source is there (replaying old scans): keep the next one open
+            return False
+        scan = self.scan(number, now)
+        scan.last_input = self.last_activity = now
+        scan.ended(sender, True)
+        if images is not None and scan.images is None:   # the detector's first word on it stands
+            scan.images = min(images, scan.done.size)
+        return True
 
-    def finished(self, sources: int) -> Iterator[tuple[Scan, np.ndarray]]:
-        """Close and yield each scan that `sources` sources ended with no frame open, with its lost frames
-        (bool per frame: the lane's frames never acknowledged)."""
-        for number, scan in list(self.scans.items()):
-            if len(scan.ends) >= sources and scan.in_flight == 0:
-                self.book.close(number)
-                yield scan, self.lane_frames & ~scan.done
+    def sweep(self, now: float, sources: int, scan_timeout: float, scan_count: int, draining: bool) -> None:
+        """End the scans that `sources` sources ended, that the detector's frames completed, or that were
+        silent longer than scan_timeout; and the next scan of the session's `scan_count` when nobody started
+        it (not once draining). Call `finished` then."""
+        for number, scan in self.scans.items():
+            if number in self.why:
+                continue
+            if len(scan.ends) >= sources:
+                self.why[number] = "end of scan"
+            elif scan.images is not None and not (self.lane_frames[:scan.images] & ~scan.done[:scan.images]).any():
+                self.why[number] = f"the detector ended it: its {scan.images} frames are in"
+            elif scan.in_flight:      # frames of it are on their way: the pipeline is busy, not silent
+                scan.last_input = now
+            elif now - scan.last_input > scan_timeout:
+                self.why[number] = f"no input for {scan_timeout:g} s"
+        upcoming = self.book.next_open()
+        if upcoming in self.scans or upcoming >= scan_count or draining or (self.series and not self.scans):
+            return
+        if self.scans:  # open scans are all later: this one was over before this lane started
+            if self.skipped is None or self.skipped[0] != upcoming:
+                self.skipped = (upcoming, now)
+            elif now - self.skipped[1] > scan_timeout:
+                self.scan(upcoming, now)
+                self.why[upcoming] = ("never seen here: the detector went on to a later one" if self.series else
+                                      "never seen here: this lane started after it")
+        elif self.last_activity is not None and now - self.last_activity > scan_timeout:
+            self.scan(upcoming, now)
+            self.why[upcoming] = f"never started: no input for {scan_timeout:g} s"
 
-    def keys(self, route: Route) -> list[int]:
-        """The frame keys of a route's open frames, ascending."""
-        return [frame_key(route.scan, f) for f in sorted(route.open)]
+    def drain(self) -> None:
+        """End every open scan: nothing more comes."""
+        for number in self.scans:
+            self.why.setdefault(number, "drained")
+
+    def finished(self, now: float) -> Iterator[tuple[Scan, np.ndarray, str]]:
+        """Close and yield each ended scan with no frame open, in order: with its lost frames (bool per
+        frame: the lane's frames never acknowledged) and why it ended."""
+        for number in sorted(self.why):
+            scan = self.scans[number]
+            if scan.in_flight:
+                continue
+            self.book.close(number)
+            self.last_activity = now
+            yield scan, self.lane_frames & ~scan.done, self.why.pop(number)
+

@@ -20,9 +20,9 @@ from detstream.services.dataplane.wire import frame_key
 
 
 class Send(NamedTuple):
-    """A BLOCK message to send: to worker `worker`, these frames of a block (their kept sectors), `end`:
+    """A BLOCK message to send: to the worker whose `data` address is `worker`, these frames of a block (their kept sectors), `end`:
     the last of the block; `again`: a re-send after its first worker died."""
-    worker: int
+    worker: str
     scan: int
     block: int
     frames: list[int]
@@ -32,7 +32,7 @@ class Send(NamedTuple):
 
 @dataclass(eq=False)
 class OutBlock:
-    worker: int | None = None         # the worker the lane named (None: not yet)
+    worker: str | None = None         # the `data` address of the worker the lane named (None: not yet)
     again: bool = False
     unsent: list[int] = field(default_factory=list)   # kept frames not yet sent to `worker`
     sent: list[int] = field(default_factory=list)     # frames sent to `worker`
@@ -77,7 +77,7 @@ class SourceWindow:
         out.passed = True
         return self.sends(key, out)
 
-    def assigned(self, scan: int, block: int, worker: int, again: bool) -> list[Send]:
+    def assigned(self, scan: int, block: int, worker: str, again: bool) -> list[Send]:
         """The lane named the block's worker (`again`: anew, after its first worker died): what to send."""
         key = (scan, block)
         out = self.out.get(key)

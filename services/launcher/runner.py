@@ -348,7 +348,7 @@ def run_session(manifest: Path, output: Path, report: Path | None, quiet: bool =
                 print(f"detstream: live view of session {session.name} at {url}", file=sys.stderr, flush=True)
             local.start()
             if session.spec.source.kind == "external":
-                ingest = [local.plan.endpoint("aggregator", lane, "ingest") for lane in range(session.spec.lanes)]
+                ingest = [local.plan.endpoint("distributor", lane, "route") for lane in range(session.spec.lanes)]
                 progress.say(f"waiting for {session.spec.source.replicas} external source(s): "
                              f"detstream stage source --manifest {manifest} "
                              + " ".join(f"--connect {e}" for e in ingest))

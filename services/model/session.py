@@ -212,6 +212,11 @@ class Transport:
     block_timeout_s: float = spec_field(0.05, doc="Seconds after which a source sends what it has of a block "
                                                   "that is still filling (low rates: bounded latency).",
                                         minimum=0.001)
+    source_window_frames: int = spec_field(256, doc="Frames a source replica keeps until the writer has their "
+                                                    "results (so a dead worker's frames can be sent again); "
+                                                    "past it the source waits (backpressure). Memory: this "
+                                                    "times the replica's share of a frame.",
+                                           minimum=1, maximum=1 << 20)
     heartbeat_s: float = spec_field(0.5, doc="Seconds between heartbeats of an idle worker.", minimum=0.01)
     worker_timeout_s: float = spec_field(5.0, doc="Seconds of silence after which a worker is declared dead "
                                                   "and its frames are sent to others.", minimum=0.05)

@@ -165,7 +165,8 @@ class WriterStage(Stage):
         if h.kind == RESULT:
             # even for a result refused below: the frame must not stay in flight for ever (a plugin
             # returning bad results shows as frames unaccounted, which fails the session loudly)
-            self.receipts.setdefault(h.frame % self.spec.lanes, []).append(frame_key(h.scan, h.frame))
+            lane = (h.frame // self.spec.transport.block_frames) % self.spec.lanes   # the lane of its block
+            self.receipts.setdefault(lane, []).append(frame_key(h.scan, h.frame))
             if not self.valid_result(msg, parts):
                 return
         if h.scan in self.accounts.closed:
