@@ -27,6 +27,7 @@ import zmq
 
 from detstream.services.dataplane.blocks import Blocks
 from detstream.services.dataplane.security import EXTERNAL
+from detstream.services.dataplane.window import Send, SourceWindow
 from detstream.services.dataplane.wire import (
     ASSIGN,
     BLOCK,
@@ -41,7 +42,6 @@ from detstream.services.dataplane.wire import (
     Message,
     Outbox,
 )
-from detstream.services.dataplane.window import Send, SourceWindow
 from detstream.services.plugins import plugin_class
 from detstream.services.runtime.stage import Stage, StageError
 from detstream.services.sources import Frame, Refused, ScanEnd, SourceError, source_class
