@@ -20,8 +20,8 @@ from detstream.services.dataplane.wire import frame_key
 
 
 class Send(NamedTuple):
-    """A BLOCK message to send: to the worker whose `data` address is `worker`, these frames of a block (their kept sectors), `end`:
-    the last of the block; `again`: a re-send after its first worker died."""
+    """A BLOCK message to send: to the worker whose `data` address is `worker`, these frames of a block
+    (their kept sectors); `end`: the last of the block; `again`: a re-send after its first worker died."""
     worker: str
     scan: int
     block: int
