@@ -272,12 +272,11 @@ def requests(cpu: str, memory: str, memory_limit: str) -> Any:
 class Resources:
     """Resource requests and limits of the stage pods, per role; a role given here replaces that
     role's default whole."""
-    source: dict = spec_field(default_factory=requests("250m", "256Mi", "1Gi"), free_form=True,
-                              doc="Of each source pod (a simulator or replay process).")
-    aggregator: dict = spec_field(default_factory=requests("500m", "512Mi", "2Gi"), free_form=True,
-                                  doc="Of each aggregator pod (holds frames being reassembled).")
+    source: dict = spec_field(default_factory=requests("500m", "512Mi", "2Gi"), free_form=True,
+                              doc="Of each source pod (a detector client, simulator or replay; keeps its window "
+                                  "of frames, transport.sourceWindowFrames).")
     distributor: dict = spec_field(default_factory=requests("250m", "256Mi", "1Gi"), free_form=True,
-                                   doc="Of each distributor pod.")
+                                   doc="Of each distributor pod (routes its lane's blocks; no pixel data).")
     worker: dict = spec_field(default_factory=requests("1", "512Mi", "2Gi"), free_form=True,
                               doc="Of each worker pod (runs the plugin on its frames).")
     writer: dict = spec_field(default_factory=requests("250m", "512Mi", "2Gi"), free_form=True,
@@ -302,10 +301,12 @@ class Kubernetes:
                                                 "\"true\", as the chart's are) its control ports, and "
                                                 "monitoring their metrics ports.")
     external_source_ranges: list[str] = spec_field(default_factory=list, doc="external sources: CIDR ranges "
-                                                   "of the acquisition machines allowed to reach the ingest port "
-                                                   "(required with a NetworkPolicy; 0.0.0.0/0 allows any).")
-    ingest_service_type: str = spec_field("ClusterIP", doc="Service type exposing the aggregators' ingest "
-                                                           "port to external sources.",
+                                                   "of the acquisition machines allowed to reach the distributors' "
+                                                   "route ports and the workers' data ports (required with a "
+                                                   "NetworkPolicy; 0.0.0.0/0 allows any).")
+    ingest_service_type: str = spec_field("ClusterIP", doc="Service type exposing the distributors' route "
+                                                           "ports to external sources (which also send to the "
+                                                           "workers' pod addresses: see README).",
                                           enum=("ClusterIP", "NodePort", "LoadBalancer"))
 
 
@@ -377,7 +378,7 @@ def check_name(name: Any, errors: list[FieldError]) -> None:
     if not isinstance(name, str) or not DNS_1035_LABEL.fullmatch(name) or len(name) > NAME_MAX:
         errors.append(FieldError("metadata.name", f"must start with a letter, hold only lower-case letters, digits "
                                  f"and '-', end with a letter or digit and have at most {NAME_MAX} characters (it "
-                                 f"names the session's Kubernetes Services, e.g. NAME-aggregator-0); got {name!r}"))
+                                 f"names the session's Kubernetes Services, e.g. NAME-distributor-0); got {name!r}"))
 
 
 def check_kubernetes(spec: SessionSpec, errors: list[FieldError]) -> None:
