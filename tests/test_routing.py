@@ -30,62 +30,72 @@ def lane(max_credit=8):
 
 def test_a_block_waits_for_a_worker_with_credit_for_all_its_frames():
     book = lane()
-    route = book.want(0, 0)
+    route = book.want(0, 0, 0.0)
     assert route.worker is None                       # nobody there yet
-    w, _ = book.heard(b"w", 0, 3, now=0.0)
+    w, _ = book.heard(b"w", "tcp://w:1", "worker-0", 3, now=0.0)
     assert book.route_waiting() == []                 # 3 credits, 4 frames
-    book.heard(b"w", 0, 1, now=0.0)
+    book.heard(b"w", "tcp://w:1", "worker-0", 1, now=0.0)
     assert book.route_waiting() == [route] and route.worker is w and w.credit == 0
-    assert book.want(0, 0) is route                   # a second source asking gets the same route
+    assert book.want(0, 0, 0.0) is route                   # a second source asking gets the same route
 
 
 def test_blocks_go_to_the_least_loaded_worker():
     book = lane()
-    a, _ = book.heard(b"a", 0, 8, now=0.0)
-    b, _ = book.heard(b"b", 1, 4, now=0.0)
-    assert book.want(0, 0).worker is a                # a: 8 -> 4
-    assert book.want(0, 1).worker in (a, b)           # both 4
+    a, _ = book.heard(b"a", "tcp://a:1", "worker-0", 8, now=0.0)
+    b, _ = book.heard(b"b", "tcp://b:1", "worker-1", 4, now=0.0)
+    first, second = book.want(0, 0, 0.0), book.want(0, 1, 0.0)
+    assert book.route_waiting() == [first, second]
+    assert first.worker is a and second.worker in (a, b)   # a: 8 -> 4, then both have 4
     assert a.credit + b.credit == 4
 
 
 def test_receipts_and_absent_frames_give_credit_back_and_only_receipts_count_done():
     book = lane()
-    w, _ = book.heard(b"w", 0, 4, now=0.0)
-    book.want(0, 0)
+    w, _ = book.heard(b"w", "tcp://w:1", "worker-0", 4, now=0.0)
+    book.want(0, 0, 0.0)
+    book.route_waiting()
     for f in (0, 1, 2):
         book.acknowledge(frame_key(0, f))
     book.acknowledge(frame_key(0, 1))                 # again: nothing changes
     assert w.credit == 3
-    book.absent(w, frame_key(0, 3))
+    book.absent(w, 0, 3)
     assert w.credit == 4 and not book.routes
-    book.end(0, "source-0", None)
-    ((scan, lost),) = list(book.finished(sources=1))
+    book.end(0, "source-0", now=0.0)
+    book.sweep(0.0, sources=1, scan_timeout=30, scan_count=1, draining=False)
+    ((scan, lost, why),) = list(book.finished(0.0))
+    assert why == "end of scan"
     assert scan.count == 3
     assert np.flatnonzero(lost).tolist() == [3, 4, 5, 6, 7, 8, 9]   # 3 absent; blocks 1, 2 never asked
 
 
 def test_a_scan_is_not_finished_while_frames_are_open_or_a_source_has_not_ended_it():
     book = lane()
-    book.heard(b"w", 0, 8, now=0.0)
-    book.want(0, 2)
-    book.end(0, "source-0", None)
-    assert list(book.finished(sources=2)) == []
-    book.end(0, "source-1", None)
-    assert list(book.finished(sources=2)) == []       # frames 8, 9 open
+    book.heard(b"w", "tcp://w:1", "worker-0", 8, now=0.0)
+    book.want(0, 2, 0.0)
+    book.route_waiting()
+
+    def finished():
+        book.sweep(0.0, sources=2, scan_timeout=30, scan_count=1, draining=False)
+        return [s.number for s, _, _ in book.finished(0.0)]
+    book.end(0, "source-0", now=0.0)
+    assert finished() == []
+    book.end(0, "source-1", now=0.0)
+    assert finished() == []                           # frames 8, 9 open
     book.acknowledge(frame_key(0, 8))
     book.acknowledge(frame_key(0, 9))
-    assert [s.number for s, _ in book.finished(sources=2)] == [0]
-    assert book.want(0, 2) is None                    # finished here
+    assert finished() == [0]
+    assert book.want(0, 2, 0.0) is None                    # finished here
 
 
 def test_a_dead_workers_open_frames_are_routed_again_first():
     book = lane()
-    a, _ = book.heard(b"a", 0, 8, now=0.0)
-    first = book.want(0, 0)
+    a, _ = book.heard(b"a", "tcp://a:1", "worker-0", 8, now=0.0)
+    first = book.want(0, 0, 0.0)
     book.acknowledge(frame_key(0, 0))
-    later = book.want(0, 1)
+    later = book.want(0, 1, 0.0)
+    book.route_waiting()
     assert later.worker is a and a.credit == 1
-    b, _ = book.heard(b"b", 1, 4, now=1.0)
+    b, _ = book.heard(b"b", "tcp://b:1", "worker-1", 4, now=1.0)
     again = book.dead(a)
     assert again == [first, later] and all(r.again for r in again)
     assert book.route_waiting() == [first]            # 3 open frames: b has 4; then 1 left, block 1 waits
@@ -101,16 +111,16 @@ def test_credit_is_conserved_and_every_frame_is_done_or_lost_once(ops):
     book = lane(max_credit=100)
     peers = [b"w0", b"w1"]
     for i, p in enumerate(peers):
-        book.heard(p, i, 8, now=0.0)
+        book.heard(p, f"tcp://w{i}:1", f"worker-{i}", 8, now=0.0)
     for op, n in ops:
         if op == "want":
-            book.want(0, n % BLOCKS.count)
+            book.want(0, n % BLOCKS.count, 0.0)
         elif op == "credit":
-            book.heard(peers[n % 2], n % 2, 1, now=0.0)
+            book.heard(peers[n % 2], f"tcp://w{n % 2}:1", f"worker-{n % 2}", 1, now=0.0)
         elif op == "ack":
             book.acknowledge(frame_key(0, n))
         elif op == "absent" and book.workers:
-            book.absent(next(iter(book.workers.values())), frame_key(0, n))
+            book.absent(next(iter(book.workers.values())), 0, n)
         elif op == "dead" and len(book.workers) > 1 and peers[n % 2] in book.workers:
             book.dead(book.workers[peers[n % 2]])
         book.route_waiting()

@@ -44,7 +44,6 @@ class Worker:
     last_seen: float                  # when it last spoke (seconds, the stage's clock)
     credit: int = 0                   # frames it can take now
     blocks: set[Route] = field(default_factory=set)   # the blocks it holds with frames open
-    samples_sent: int = 0             # of the lane's sample frames, in their order
 
 
 @dataclass(eq=False)
@@ -110,8 +109,8 @@ class RoutingLedger:
     # blocks
 
     def want(self, scan: int, block: int, now: float) -> Route | None:
-        """A source asks where `block` of `scan` goes: its route (routed, or waiting for credit; ask
-        `route_waiting` later), or None when the scan is finished here, the block is not this lane's or
+        """A source asks where `block` of `scan` goes: its route (routed already, or waiting: `route_waiting`
+        routes it as credit allows), or None when the scan is finished here, the block is not this lane's or
         every frame of it is done already."""
         if scan in self.book.closed or self.blocks.lane(block) != self.lane or block >= self.blocks.count:
             return None
@@ -125,7 +124,6 @@ class RoutingLedger:
             route = self.routes[(scan, block)] = Route(scan, block, frames)
             self.scan(scan, now).in_flight += len(frames)
             self.waiting.append(route)
-            self.route_waiting()
         return route
 
     def route_waiting(self) -> list[Route]:

@@ -109,11 +109,12 @@ class SourceWindow:
         return [Send(out.worker, key[0], key[1], frames, ending, out.again)]
 
     def release(self, keys) -> None:
-        """The writer has these frames' results: drop them, and forget blocks with nothing left."""
+        """The writer has these frames' results (or their scan is closed): drop them, and forget the blocks
+        gone past with nothing left."""
         for key in keys:
             self.kept.pop(key, None)
-        for k in [k for k, out in self.out.items() if out.ended and not any(
-                frame_key(k[0], f) in self.kept for f in out.sent)]:
+        for k in [k for k, out in self.out.items() if (out.ended or out.passed) and not any(
+                frame_key(k[0], f) in self.kept for f in out.sent + out.unsent)]:
             del self.out[k]
 
     def sectors(self, scan: int, frame: int) -> list[tuple[int, Any]] | None:

@@ -8,6 +8,7 @@ reason that the stage counts (metric `detstream_rejected_messages_total{reason}`
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -25,29 +26,27 @@ from detstream.v1.wire_pb2 import (
     DETECTOR_END,
     DUPLICATE,
     END_OF_SCAN,
-    FRAME,
     HEARTBEAT,
     PARTIAL,
     RECEIPT,
     RELEASE,
     RESULT,
     SAMPLE,
-    SECTOR,
     WANT,
     Header,
 )
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 MAX_HEADER_BYTES = 4096
 # ZeroMQ's flags as plain ints: an operation on pyzmq's IntFlag members (`zmq.NOBLOCK | zmq.SNDMORE`,
 # `events & zmq.POLLIN`) runs Python code of the enum module, ~2-5 us each, several per message.
 NOBLOCK, POLLIN, POLLOUT, _SNDMORE = int(zmq.NOBLOCK), int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.SNDMORE)
 FRAME_BITS = 40  # a frame key is scan << 40 | frame: 10^12 frames per scan, 2^24 scans
 
-__all__ = ["CALIBRATION", "CREDIT", "DETECTOR_END", "DUPLICATE", "END_OF_SCAN", "FRAME", "HEARTBEAT", "PARTIAL",
-           "RECEIPT", "RESULT", "SAMPLE", "SECTOR", "Header", "WireError", "REJECT_REASONS", "Geometry", "Message",
-           "Outbox", "frame_key", "decode", "receive_parts", "Gaps", "FRAME_BITS", "pack_frames", "unpack_frames",
-           "NOBLOCK", "POLLIN", "POLLOUT", "BLOCK", "WANT", "ASSIGN", "RELEASE", "BLOCK_END"]
+__all__ = ["ASSIGN", "BLOCK", "BLOCK_END", "CALIBRATION", "CREDIT", "DETECTOR_END", "DUPLICATE", "END_OF_SCAN",
+           "HEARTBEAT", "PARTIAL", "RECEIPT", "RELEASE", "RESULT", "SAMPLE", "WANT", "Header", "WireError",
+           "REJECT_REASONS", "Geometry", "Message", "Outbox", "frame_key", "is_tcp_address", "decode", "receive_parts",
+           "Gaps", "FRAME_BITS", "pack_frames", "unpack_frames", "NOBLOCK", "POLLIN", "POLLOUT"]
 
 
 # Every reason a stage rejects a message for: the values of the `reason` label of
@@ -58,6 +57,8 @@ REJECT_REASONS = (
     "empty", "header", "version", "kind", "parts", "range", "geometry", "size",
     # well-formed, but the stage cannot take it (Stage.refuse)
     "late", "misrouted", "duplicate-sector", "result", "lost",
+    # a worker's CREDIT, or a lane's ASSIGN, naming no valid `data` address (tcp://HOST:PORT) or CURVE key
+    "address",
     # from a detector (a DECTRIS DCU, at a source of kind dectris): not stream v2 (stream2.REJECT_REASONS:
     # cbor, not-map, type, field, compression; and size), or a message the session cannot place: an image
     # before its series' start (one source replica), of a series already ended; an image the detector
@@ -75,6 +76,15 @@ class WireError(ValueError):
     def __init__(self, reason: str, detail: str):
         self.reason = reason
         super().__init__(f"{reason}: {detail}")
+
+
+TCP_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})")
+
+
+def is_tcp_address(text: str) -> bool:
+    """Whether `text` is a ZeroMQ TCP endpoint a socket may connect to: tcp://HOST:PORT, PORT 1 to 65535."""
+    match = TCP_ADDRESS.fullmatch(text)
+    return match is not None and 0 < int(match.group(2)) < 65536
 
 
 def frame_key(scan: int, frame: int) -> int:
@@ -117,7 +127,7 @@ class Geometry:
 
     @cached_property
     def frame_bytes(self) -> int:
-        """The payload of every FRAME message (checked on arrival)."""
+        """The pixels of a whole frame, in bytes."""
         return self.sectors * self.sector_bytes
 
     def is_frame(self, parts: Sequence) -> bool:
@@ -147,7 +157,7 @@ class Message:
         return [np.frombuffer(p.buffer, dtype=self.header.dtype).reshape(shape) for p in self.parts]
 
 
-_PARTS = {SECTOR: 1, CREDIT: 0, HEARTBEAT: 0, RECEIPT: 0, CALIBRATION: 1, WANT: 0, ASSIGN: 0, RELEASE: 0}
+_PARTS = {CREDIT: 0, HEARTBEAT: 0, RECEIPT: 0, CALIBRATION: 1, WANT: 0, ASSIGN: 0, RELEASE: 0}
 MAX_CALIBRATION_BYTES = 65536
 _KINDS = frozenset(wire_pb2.Kind.values()) - {wire_pb2.KIND_UNSPECIFIED}  # Kind.values() builds a list per call
 
@@ -167,10 +177,7 @@ def decode(raw: Sequence[zmq.Frame], geometry: Geometry | None = None) -> Messag
         raise WireError("version", f"wire version {header.version}, this stage speaks {WIRE_VERSION}")
     kind = header.kind
     parts = raw[1:]
-    if geometry is not None and kind in (SECTOR, FRAME, SAMPLE):  # nearly every message: first
-        _check_pixels(header, kind, parts, geometry)
-        return Message(header, parts)
-    if geometry is not None and kind == BLOCK:
+    if geometry is not None and kind in (BLOCK, SAMPLE):  # the messages with pixels: first
         _check_block(header, parts, geometry)
         return Message(header, parts)
     if kind not in _KINDS:
@@ -194,29 +201,9 @@ def _wrong_parts(kind: int, parts: Sequence, expected: int) -> WireError:
     return WireError("parts", f"{wire_pb2.Kind.Name(kind)} with {len(parts)} parts, expected {expected}")
 
 
-def _check_pixels(header: Header, kind: int, parts: Sequence[zmq.Frame], g: Geometry) -> None:
-    expected_parts = 1 if kind == SECTOR else g.sectors
-    if len(parts) != expected_parts:
-        raise _wrong_parts(kind, parts, expected_parts)
-    if header.shape != g.sector_shape_list or header.dtype != g.dtype:
-        raise WireError("geometry", f"shape {tuple(header.shape)} {header.dtype!r}, session has "
-                                    f"{g.sector_shape} {g.dtype!r}")
-    size = g.sector_bytes
-    for part in parts:
-        if len(part) != size:
-            raise WireError("size", f"payload of {len(part)} bytes, expected {size}")
-    if header.frame >= g.scan_frames or header.position >= g.scan_frames:
-        raise WireError("range", f"frame {header.frame} / position {header.position} outside a scan "
-                                 f"of {g.scan_frames} frames")
-    if kind == SECTOR and header.sector >= g.sectors:
-        raise WireError("range", f"sector {header.sector} of a {g.sectors}-sector detector")
-    if header.scan >= g.max_scan:
-        raise WireError("range", f"scan {header.scan} of a session of {g.scans} scans" if g.scans is not None
-                        else f"scan number {header.scan} too large")
-
-
 def _check_block(header: Header, parts: Sequence[zmq.Frame], g: Geometry) -> None:
-    """A BLOCK: parts = its frames x its sectors, each a sector of the session's; every frame in the block."""
+    """A BLOCK (or SAMPLE): parts = its frames x its sectors, each a sector of the session's; every frame in
+    the block."""
     frames, sectors = header.frames, header.sectors
     if len(parts) != len(frames) * len(sectors):
         raise WireError("parts", f"BLOCK of {len(frames)} frames x {len(sectors)} sectors with {len(parts)} parts")

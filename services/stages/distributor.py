@@ -48,6 +48,8 @@ from detstream.services.dataplane.wire import (
     Header,
     Message,
     Outbox,
+    frame_key,
+    is_tcp_address,
     pack_frames,
 )
 from detstream.services.model.plan import lane_routing_id
@@ -70,7 +72,7 @@ class DistributorStage(Stage):
         self.ledger = RoutingLedger(self.me.index, self.blocks, spec.scan.rows, spec.scan.cols, spec.workers.credits,
                                     series=source_class(spec.source.kind).series)
         self.sources: dict[bytes, str] = {}        # ROUTER peer id -> source name, of every source that spoke
-        self.ends: dict[int, Header] = {}          # the latest END_OF_SCAN of each open scan (for its counts)
+        self.worker_keys = {s.name for s in self.plan.of_role("worker")}  # the CURVE keys workers may name
         # In this order: receipts free credits, workers offer them, so both come before the sources' asks.
         self.reactor.on_message(self.writer.socket, self.from_writer)
         self.reactor.on_message(self.work, self.from_worker, envelope=True)
@@ -96,11 +98,15 @@ class DistributorStage(Stage):
         if h.kind == WANT:
             route = self.ledger.want(h.scan, h.block, now)
             if route is None:
-                self.refuse("late" if h.scan in self.ledger.book.closed else "misrouted", msg,
-                            f"block {h.block} of scan {h.scan}: finished in this lane, not its, or done")
+                if h.scan in self.ledger.book.closed:  # the source may drop the block's frames: nothing takes them
+                    self.refuse("late", msg, f"block {h.block} of scan {h.scan}: the scan is closed in this lane")
+                    self.to_source(peer, Header(kind=RELEASE, acked=[frame_key(h.scan, f)
+                                                                     for f in self.blocks.frames(h.block)]))
+                elif h.block >= self.blocks.count or self.blocks.lane(h.block) != self.me.index:
+                    self.refuse("misrouted", msg, f"block {h.block} of scan {h.scan} is not this lane's")
                 return
             route.askers.add(peer)
-            if route.worker is not None:
+            if route.worker is not None:   # routed already: tell this source too
                 self.assign(route, [peer])
             self.assign_routed()
         elif h.kind == END_OF_SCAN:
@@ -112,7 +118,7 @@ class DistributorStage(Stage):
             self.refuse("kind", msg)
 
     def assign(self, route: Route, peers) -> None:
-        """Tell these sources where the block goes."""
+        """Tell these sources where the block goes (counted once per routing, as the block's frames out)."""
         worker = route.worker
         header = Header(kind=ASSIGN, scan=route.scan, block=route.block, address=worker.address, key=worker.key,
                         flags=DUPLICATE if route.again else 0)
@@ -122,6 +128,7 @@ class DistributorStage(Stage):
     def assign_routed(self) -> None:
         """Route the blocks waiting for credit, as far as credit goes, and tell their sources."""
         for route in self.ledger.route_waiting():
+            self.counters.frames_out += len(route.open)
             self.assign(route, route.askers)
 
     def to_source(self, peer: bytes, header: Header) -> None:
@@ -136,6 +143,9 @@ class DistributorStage(Stage):
         h = msg.header
         if h.kind not in (CREDIT, HEARTBEAT):
             self.refuse("kind", msg)
+            return
+        if not is_tcp_address(h.address) or h.key not in self.worker_keys:
+            self.refuse("address", msg, f"data address {h.address[:80]!r}, key {h.key[:40]!r}")
             return
         worker, new = self.ledger.heard(peer, h.address, h.key, h.credit, time.monotonic())
         if new:
@@ -191,7 +201,7 @@ class DistributorStage(Stage):
                                               sent=scan.count, lost=count, scan_rows=scan.rows, scan_cols=scan.cols),
                           [pack_frames(lost)] if count else ())
         log = self.log.warning if count else self.log.info
-        log("scan %d done in this lane (%s): %d frames, %d lost", scan.number, why, scan.count, count)
+        log("scan %d closed (%s): %d frames written, %d lost", scan.number, why, scan.count, count)
 
     def update_gauges(self) -> None:
         c = self.counters

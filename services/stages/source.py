@@ -41,6 +41,7 @@ from detstream.services.dataplane.wire import (
     Header,
     Message,
     Outbox,
+    is_tcp_address,
 )
 from detstream.services.plugins import plugin_class
 from detstream.services.runtime.stage import Stage, StageError
@@ -73,6 +74,7 @@ class SourceStage(Stage):
         for outbox in self.lanes:
             self.reactor.on_message(outbox.socket, self.from_lane, batch=64)
         self.workers: dict[str, Outbox] = {}  # data address -> a PUSH to that worker
+        self.worker_keys = {s.name for s in self.plan.of_role("worker")}  # the CURVE keys workers may name
         self.blocks = Blocks(spec.scan.frames, spec.transport.block_frames, spec.lanes)
         self.window = SourceWindow(self.blocks, spec.transport.source_window_frames)
         self.block_header = Header(kind=BLOCK, shape=self.geometry.sector_shape, dtype=self.geometry.dtype)
@@ -162,6 +164,9 @@ class SourceStage(Stage):
     def from_lane(self, msg: Message) -> None:
         h = msg.header
         if h.kind == ASSIGN:
+            if not is_tcp_address(h.address) or h.key not in self.worker_keys:
+                self.refuse("address", msg, f"data address {h.address[:80]!r}, key {h.key[:40]!r}")
+                return
             self.worker(h.address, h.key)
             self.send_all(self.window.assigned(h.scan, h.block, h.address, bool(h.flags & DUPLICATE)))
         elif h.kind == RELEASE:
@@ -186,11 +191,13 @@ class SourceStage(Stage):
     # the workers
 
     def worker(self, address: str, key: str) -> Outbox:
-        """The PUSH to a worker's data port (connected on first use; it gets the session's samples first)."""
+        """The PUSH to a worker's data port (connected on first use; the session's samples go there on each
+        connection)."""
         outbox = self.workers.get(address)
-        if outbox is None:
-            outbox = self.workers[address] = Outbox(self.socket(zmq.PUSH, connect=[address], server=key), self.name)
-            self.send_samples(address, self.samples)
+        if outbox is None:  # the samples go on each connection: a worker restarted at the address needs them again
+            outbox = self.workers[address] = Outbox(self.socket(
+                zmq.PUSH, connect=[address], server=key,
+                on_connect=lambda: self.send_samples(address, self.samples)), self.name)
         return outbox
 
     def send_all(self, sends: list[Send]) -> None:

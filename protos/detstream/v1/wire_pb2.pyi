@@ -10,8 +10,6 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     KIND_UNSPECIFIED: _ClassVar[Kind]
-    SECTOR: _ClassVar[Kind]
-    FRAME: _ClassVar[Kind]
     RESULT: _ClassVar[Kind]
     END_OF_SCAN: _ClassVar[Kind]
     CREDIT: _ClassVar[Kind]
@@ -32,8 +30,6 @@ class Flag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DETECTOR_END: _ClassVar[Flag]
     BLOCK_END: _ClassVar[Flag]
 KIND_UNSPECIFIED: Kind
-SECTOR: Kind
-FRAME: Kind
 RESULT: Kind
 END_OF_SCAN: Kind
 CREDIT: Kind
@@ -52,7 +48,7 @@ DETECTOR_END: Flag
 BLOCK_END: Flag
 
 class Header(_message.Message):
-    __slots__ = ("version", "kind", "seq", "sender", "scan", "frame", "position", "sector", "sector_mask", "shape", "dtype", "flags", "scan_rows", "scan_cols", "expected", "sent", "partial", "lost", "credit", "acked", "result", "block", "address", "frames", "sectors", "key")
+    __slots__ = ("version", "kind", "seq", "sender", "scan", "frame", "position", "sector_mask", "shape", "dtype", "flags", "scan_rows", "scan_cols", "expected", "sent", "partial", "lost", "credit", "acked", "result", "block", "address", "frames", "sectors", "key")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -60,7 +56,6 @@ class Header(_message.Message):
     SCAN_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
-    SECTOR_FIELD_NUMBER: _ClassVar[int]
     SECTOR_MASK_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -86,7 +81,6 @@ class Header(_message.Message):
     scan: int
     frame: int
     position: int
-    sector: int
     sector_mask: int
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
@@ -105,4 +99,4 @@ class Header(_message.Message):
     frames: _containers.RepeatedScalarFieldContainer[int]
     sectors: _containers.RepeatedScalarFieldContainer[int]
     key: str
-    def __init__(self, version: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., seq: _Optional[int] = ..., sender: _Optional[str] = ..., scan: _Optional[int] = ..., frame: _Optional[int] = ..., position: _Optional[int] = ..., sector: _Optional[int] = ..., sector_mask: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., flags: _Optional[int] = ..., scan_rows: _Optional[int] = ..., scan_cols: _Optional[int] = ..., expected: _Optional[int] = ..., sent: _Optional[int] = ..., partial: _Optional[int] = ..., lost: _Optional[int] = ..., credit: _Optional[int] = ..., acked: _Optional[_Iterable[int]] = ..., result: _Optional[str] = ..., block: _Optional[int] = ..., address: _Optional[str] = ..., frames: _Optional[_Iterable[int]] = ..., sectors: _Optional[_Iterable[int]] = ..., key: _Optional[str] = ...) -> None: ...
+    def __init__(self, version: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., seq: _Optional[int] = ..., sender: _Optional[str] = ..., scan: _Optional[int] = ..., frame: _Optional[int] = ..., position: _Optional[int] = ..., sector_mask: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., flags: _Optional[int] = ..., scan_rows: _Optional[int] = ..., scan_cols: _Optional[int] = ..., expected: _Optional[int] = ..., sent: _Optional[int] = ..., partial: _Optional[int] = ..., lost: _Optional[int] = ..., credit: _Optional[int] = ..., acked: _Optional[_Iterable[int]] = ..., result: _Optional[str] = ..., block: _Optional[int] = ..., address: _Optional[str] = ..., frames: _Optional[_Iterable[int]] = ..., sectors: _Optional[_Iterable[int]] = ..., key: _Optional[str] = ...) -> None: ...
