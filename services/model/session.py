@@ -316,8 +316,8 @@ class SessionSpec:
     scan: Scan = spec_field(doc="The scan grid and number of scans.")
     detector: Detector = spec_field(default_factory=Detector, doc="Detector geometry.")
     source: Source = spec_field(default_factory=Source, doc="Where frames come from.")
-    lanes: int = spec_field(1, doc="Aggregator/distributor pairs; frames are split among them by frame "
-                                   "number so no single process caps the throughput.", minimum=1, maximum=64)
+    lanes: int = spec_field(1, doc="Distributors routing the session's blocks of frames (block b to lane "
+                                   "b % lanes), so no single process caps the throughput.", minimum=1, maximum=64)
     workers: Workers = spec_field(default_factory=Workers, doc="The worker pool.")
     plugin: Plugin = spec_field(default_factory=Plugin, doc="Processing applied to each frame.")
     tomography: Tomography | None = spec_field(None, doc="A tomography scan (absent for 4D-STEM): what its "

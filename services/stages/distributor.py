@@ -73,11 +73,20 @@ class DistributorStage(Stage):
                                     series=source_class(spec.source.kind).series)
         self.sources: dict[bytes, str] = {}        # ROUTER peer id -> source name, of every source that spoke
         self.worker_keys = {s.name for s in self.plan.of_role("worker")}  # the CURVE keys workers may name
+        self.held_since = 0.0   # since when blocks wait for a worker's credit (0: none waits)
         # In this order: receipts free credits, workers offer them, so both come before the sources' asks.
         self.reactor.on_message(self.writer.socket, self.from_writer)
         self.reactor.on_message(self.work, self.from_worker, envelope=True)
         self.reactor.on_message(self.route.socket, self.from_source, envelope=True)
+        self.reactor.every(0, self.count_backpressure)
         self.reactor.every(HOUSEKEEPING_S, self.housekeeping)
+
+    def count_backpressure(self, now: float) -> None:
+        """Count the time blocks wait unrouted (detstream_backpressure_seconds_total): every turn routes what
+        credit allows, so a block still waiting after it has no worker with credit for it, and its sources wait."""
+        if self.held_since:
+            self.counters.backpressure_s += now - self.held_since
+        self.held_since = now if self.ledger.waiting else 0.0
 
     def housekeeping(self, now: float) -> None:
         self.check_workers(now)

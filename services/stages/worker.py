@@ -160,6 +160,8 @@ class WorkerStage(Stage):
         if self.process_delay:
             time.sleep(self.process_delay)
         self.metrics.latency.observe(time.perf_counter() - t0)
+        # a turn may process many blocks (a slow plugin: seconds): the lanes must not read that as silence
+        self.heartbeat(time.monotonic())
         result = Header(kind=RESULT, scan=scan, frame=frame, position=frame,
                         flags=PARTIAL if mask != self.assembly.all_sectors else 0, sector_mask=mask,
                         scan_rows=self.spec.scan.rows, scan_cols=self.spec.scan.cols, result=self.plugin_cls.result)
