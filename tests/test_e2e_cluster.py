@@ -346,7 +346,7 @@ def test_a_killed_or_stopped_worker_loses_nothing_and_duplicates_nothing(e2e, ho
     counted = check_file(folder / f"{how}-scan0000.h5", 24, 576)
     assert all(len(frames) == 1 for frames in counted.data)  # every position once: nothing duplicated
     e2e.delete(how)
-    resent = [int(n) for n in re.findall(r"worker declared dead .*; re-sending its (\d+) frames",
+    resent = [int(n) for n in re.findall(r"worker declared dead .*: routing its (\d+) frames again",
                                          pod_log(e2e, f"{how}-distributor-0"))]
     assert resent and resent[0] >= 15, resent
 

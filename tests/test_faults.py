@@ -72,7 +72,7 @@ def kill_worker(live, after: int) -> None:
 
 
 def resent_in(log: str) -> int:
-    return sum(int(n) for n in re.findall(r"re-sending its (\d+) frames", log))
+    return sum(int(n) for n in re.findall(r"routing its (\d+) frames again", log))
 
 
 def test_a_killed_worker_loses_nothing_and_every_frame_is_written_once(tmp_path):
@@ -156,7 +156,7 @@ def test_a_slow_writer_backpressures_the_source_and_memory_stays_bounded(tmp_pat
 
 def test_when_the_policy_says_drop_every_drop_is_counted_and_reported(tmp_path):
     doc = manifest("drop", scan={"rows": 16, "cols": 16}, workers={"replicas": 2}, plugin={"name": "noop"},
-                   transport={**FAST, "highWaterMark": 2, "onFull": "drop"})
+                   transport={**FAST, "highWaterMark": 2, "onFull": "drop", "sourceWindowFrames": 32})
     _, err, report, scan = run_exact(doc, tmp_path, failpoints="writer-0:write-delay=0.01")
     assert report["dropped"] > 0
     assert report["dropped"] == scan["lost"] + scan["partial"]   # one source: a dropped frame is lost or partial

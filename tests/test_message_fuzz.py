@@ -12,7 +12,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from detstream.services.dataplane.wire import WireError, decode
+from detstream.services.dataplane.wire import WIRE_VERSION, WireError, decode
 from detstream.services.launcher.runner import free_ports
 from detstream.services.model.plan import LocalNetwork, build_plan
 from detstream.services.model.session import load_session
@@ -59,7 +59,7 @@ PEERS = [b"peer-a", b"peer-b", b"\x00"]
 def build(kind, scan, frame, sector, mutation, target, seed):
     """A message of `kind` as the session would carry it, then (by `mutation`) broken in one way."""
     rng = np.random.default_rng(seed)
-    h = Header(version=1, kind=kind, scan=scan, frame=frame, position=frame, sector=sector, scan_rows=4, scan_cols=4,
+    h = Header(version=WIRE_VERSION, kind=kind, scan=scan, frame=frame, position=frame, scan_rows=4, scan_cols=4,
                sender=["source-0", "distributor-0", "worker-0", "x"][seed % 4])
     parts = []
     if kind in (wire_pb2.BLOCK, wire_pb2.SAMPLE):   # blocks of 4 frames; one or both sectors of 1-2 frames
@@ -93,7 +93,7 @@ def build(kind, scan, frame, sector, mutation, target, seed):
         h.acked.extend(int(scan) << 40 | int(f) for f in rng.integers(0, 16, int(rng.integers(0, 4))))
         h.frames.extend(int(f) for f in rng.integers(0, 17, int(rng.integers(0, 3))))   # a worker's absent frames
     if mutation == 6:
-        h.version = 2
+        h.version = 1
     elif mutation == 7 and parts:
         parts.pop()
     elif mutation == 8 and parts:

@@ -29,28 +29,33 @@ def lane(max_credit=8):
 
 
 def test_a_block_waits_for_a_worker_with_credit_for_all_its_frames():
-    book = lane()
+    book = lane(max_credit=4)
     route = book.want(0, 0, 0.0)
-    assert route.worker is None                       # nobody there yet
-    w, _ = book.heard(b"w", "tcp://w:1", "worker-0", 3, now=0.0)
-    assert book.route_waiting() == []                 # 3 credits, 4 frames
-    book.heard(b"w", "tcp://w:1", "worker-0", 1, now=0.0)
+    assert book.route_waiting() == [] and route.worker is None   # nobody there yet
+    w, _ = book.heard(b"w", "tcp://w:1", "worker-0", 0, now=0.0)  # a new worker has the full credit (4)
     assert book.route_waiting() == [route] and route.worker is w and w.credit == 0
     assert book.want(0, 0, 0.0) is route                   # a second source asking gets the same route
+    later = book.want(0, 1, 0.0)
+    for f in (0, 1, 2):
+        book.acknowledge(frame_key(0, f))
+    assert book.route_waiting() == [] and w.credit == 3    # 3 credits, 4 frames: it waits
+    book.acknowledge(frame_key(0, 3))
+    assert book.route_waiting() == [later] and later.worker is w
 
 
-def test_blocks_go_to_the_least_loaded_worker():
+def test_blocks_go_round_robin_to_workers_with_credit_for_them():
     book = lane()
     a, _ = book.heard(b"a", "tcp://a:1", "worker-0", 8, now=0.0)
-    b, _ = book.heard(b"b", "tcp://b:1", "worker-1", 4, now=0.0)
-    first, second = book.want(0, 0, 0.0), book.want(0, 1, 0.0)
-    assert book.route_waiting() == [first, second]
-    assert first.worker is a and second.worker in (a, b)   # a: 8 -> 4, then both have 4
-    assert a.credit + b.credit == 4
+    b, _ = book.heard(b"b", "tcp://b:1", "worker-1", 8, now=0.0)
+    routes = [book.want(0, n, 0.0) for n in range(3)]
+    assert book.route_waiting() == routes
+    assert [r.worker for r in routes] == [a, b, a]          # blocks of 4, 4 and 2 frames
+    assert (a.credit, b.credit) == (2, 4)
+    assert book.want(1, 0, 0.0).worker is None and book.route_waiting()[0].worker is b   # a has too little
 
 
 def test_receipts_and_absent_frames_give_credit_back_and_only_receipts_count_done():
-    book = lane()
+    book = lane(max_credit=4)
     w, _ = book.heard(b"w", "tcp://w:1", "worker-0", 4, now=0.0)
     book.want(0, 0, 0.0)
     book.route_waiting()
@@ -88,19 +93,18 @@ def test_a_scan_is_not_finished_while_frames_are_open_or_a_source_has_not_ended_
 
 
 def test_a_dead_workers_open_frames_are_routed_again_first():
-    book = lane()
-    a, _ = book.heard(b"a", "tcp://a:1", "worker-0", 8, now=0.0)
+    book = lane(max_credit=4)
+    a, _ = book.heard(b"a", "tcp://a:1", "worker-0", 4, now=0.0)
     first = book.want(0, 0, 0.0)
+    assert book.route_waiting() == [first] and first.worker is a
     book.acknowledge(frame_key(0, 0))
-    later = book.want(0, 1, 0.0)
-    book.route_waiting()
-    assert later.worker is a and a.credit == 1
+    second = book.want(0, 1, 0.0)
+    assert book.route_waiting() == [] and a.credit == 1     # 4 frames, 1 credit: block 1 waits
+    assert book.dead(a) == [first] and first.again
     b, _ = book.heard(b"b", "tcp://b:1", "worker-1", 4, now=1.0)
-    again = book.dead(a)
-    assert again == [first, later] and all(r.again for r in again)
-    assert book.route_waiting() == [first]            # 3 open frames: b has 4; then 1 left, block 1 waits
-    assert first.worker is b and first.open == {1, 2, 3}
-    book.acknowledge(frame_key(0, 0))                 # a late copy: nothing changes
+    assert book.route_waiting() == [first]                 # the re-route first: its 3 open frames
+    assert first.worker is b and first.open == {1, 2, 3} and second.worker is None
+    book.acknowledge(frame_key(0, 0))                      # a late copy: nothing changes
     assert b.credit == 1
 
 

@@ -54,6 +54,7 @@ class Route:
     open: set[int]                    # frame numbers not acknowledged and not reported absent
     worker: Worker | None = None      # None while it waits for credit
     again: bool = False               # routed again after its worker died (its frames go flagged DUPLICATE)
+    taken: bool = False               # its worker has had a first message of it (it is being worked on)
     askers: set[bytes] = field(default_factory=set)   # the sources that asked for it (ROUTER peer ids)
 
 
@@ -71,6 +72,7 @@ class RoutingLedger:
             self.lane_frames[blocks.frames(b).start:blocks.frames(b).stop] = True
         self.max_credit = max_credit
         self.workers: dict[bytes, Worker] = {}
+        self.rotation: deque[bytes] = deque()            # the workers in turn (round robin)
         self.routes: dict[tuple[int, int], Route] = {}   # (scan, block) -> its route, while frames are open
         self.waiting: deque[Route] = deque()             # blocks waiting for credit, re-routes first
         self.book = ScanBook(Scan)
@@ -84,11 +86,13 @@ class RoutingLedger:
 
     def heard(self, peer: bytes, address: str, key: str, credit: int, now: float) -> tuple[Worker, bool]:
         """A worker spoke (CREDIT or HEARTBEAT, naming its `data` address and CURVE key) offering `credit`
-        more frames. Returns it, and whether it is new."""
+        more frames. A worker new here starts with the full credit (what a worker offers on connecting; and one
+        declared dead that speaks again holds nothing of this lane any more). Returns it, and whether it is new."""
         worker = self.workers.get(peer)
         new = worker is None
-        if worker is None:
-            worker = self.workers[peer] = Worker(peer, address, key, now)
+        if worker is None:  # (a worker declared dead that speaks again starts afresh: its blocks went elsewhere)
+            worker = self.workers[peer] = Worker(peer, address, key, now, credit=self.max_credit)
+            self.rotation.append(peer)
         worker.last_seen = now
         worker.credit = min(worker.credit + credit, self.max_credit)
         return worker, new
@@ -100,9 +104,10 @@ class RoutingLedger:
     def dead(self, worker: Worker) -> list[Route]:
         """Forget `worker`: its blocks with open frames go to be routed again, first. Returns them."""
         del self.workers[worker.peer]
+        self.rotation.remove(worker.peer)
         again = sorted(worker.blocks, key=lambda r: (r.scan, r.block), reverse=True)
         for route in again:
-            route.worker, route.again = None, True
+            route.worker, route.again, route.taken = None, True, False
             self.waiting.appendleft(route)
         return again[::-1]
 
@@ -112,7 +117,10 @@ class RoutingLedger:
         """A source asks where `block` of `scan` goes: its route (routed already, or waiting: `route_waiting`
         routes it as credit allows), or None when the scan is finished here, the block is not this lane's or
         every frame of it is done already."""
-        if scan in self.book.closed or self.blocks.lane(block) != self.lane or block >= self.blocks.count:
+        if scan in self.book.closed:
+            self.last_activity = now  # a source is there (replaying old scans): keep the next one open
+            return None
+        if self.blocks.lane(block) != self.lane or block >= self.blocks.count:
             return None
         self.scan(scan, now).last_input = self.last_activity = now
         route = self.routes.get((scan, block))
@@ -127,13 +135,13 @@ class RoutingLedger:
         return route
 
     def route_waiting(self) -> list[Route]:
-        """Give waiting blocks, in order, each to the worker with the most credit (the least loaded), once it
-        has credit for all the block's open frames. Returns the blocks routed now."""
+        """Give waiting blocks, in order, each to the next worker in turn (round robin) with credit for all the
+        block's open frames: a worker gets work as fast as it gives credit back. Returns the blocks routed now."""
         routed = []
         while self.waiting:
             route = self.waiting[0]
-            worker = max(self.workers.values(), key=lambda w: w.credit, default=None)
-            if worker is None or worker.credit < len(route.open):
+            worker = self.next_worker(len(route.open))
+            if worker is None:
                 break
             self.waiting.popleft()
             worker.credit -= len(route.open)
@@ -141,6 +149,15 @@ class RoutingLedger:
             route.worker = worker
             routed.append(route)
         return routed
+
+    def next_worker(self, need: int) -> Worker | None:
+        """The next worker in turn with at least `need` credits (it goes to the back of the turn), or None."""
+        for _ in range(len(self.rotation)):
+            peer = self.rotation[0]
+            self.rotation.rotate(-1)
+            if self.workers[peer].credit >= need:
+                return self.workers[peer]
+        return None
 
     def acknowledge(self, key: int) -> None:
         """The writer has the result of frame `key`: done, its credit back to the worker that holds its
@@ -152,6 +169,13 @@ class RoutingLedger:
         if self.close_frame(scan_number, frame):
             scan.done[frame] = True
             scan.count += 1
+
+    def taken(self, worker: Worker, scan_number: int, block: int, now: float) -> None:
+        """`worker` has had the first message of a block routed to it: the block is being worked on."""
+        route = self.routes.get((scan_number, block))
+        if route is not None and route.worker is worker:
+            route.taken = True
+            self.scans[scan_number].last_input = now
 
     def absent(self, worker: Worker, scan_number: int, frame: int) -> None:
         """`worker`, which holds its block, says `frame` of scan `scan_number` never came from any source: no
@@ -170,7 +194,7 @@ class RoutingLedger:
         self.scans[scan_number].in_flight -= 1
         worker = route.worker
         if worker is not None and worker.peer in self.workers:
-            worker.credit += 1
+            worker.credit = min(worker.credit + 1, self.max_credit)
         if not route.open:
             del self.routes[(scan_number, route.block)]
             if worker is not None:
@@ -208,10 +232,11 @@ class RoutingLedger:
                 self.why[number] = "end of scan"
             elif scan.images is not None and not (self.lane_frames[:scan.images] & ~scan.done[:scan.images]).any():
                 self.why[number] = f"the detector ended it: its {scan.images} frames are in"
-            elif scan.in_flight:      # frames of it are on their way: the pipeline is busy, not silent
+            elif any(r.taken for r in self.routes_of(number)):  # workers are on it: busy, not silent
                 scan.last_input = now
             elif now - scan.last_input > scan_timeout:
                 self.why[number] = f"no input for {scan_timeout:g} s"
+                self.abandon(number)
         upcoming = self.book.next_open()
         if upcoming in self.scans or upcoming >= scan_count or draining or (self.series and not self.scans):
             return
@@ -230,6 +255,18 @@ class RoutingLedger:
         """End every open scan: nothing more comes."""
         for number in self.scans:
             self.why.setdefault(number, "drained")
+            self.abandon(number)
+
+    def routes_of(self, number: int) -> list[Route]:
+        return [r for (scan, _), r in self.routes.items() if scan == number]
+
+    def abandon(self, number: int) -> None:
+        """Give up the blocks of scan `number` that no worker has had a message of (their sources went
+        silent, or drain): their open frames close undone (lost), their credit goes back."""
+        for route in self.routes_of(number):
+            if not route.taken:
+                for frame in sorted(route.open):
+                    self.close_frame(number, frame)
 
     def finished(self, now: float) -> Iterator[tuple[Scan, np.ndarray, str]]:
         """Close and yield each ended scan with no frame open, in order: with its lost frames (bool per

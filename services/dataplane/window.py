@@ -7,7 +7,8 @@ block's lane for the block's worker on its first frame (`WANT`), sends the block
 worker once it is known, in as few messages as it can, and ends the block (BLOCK_END) once it has
 gone past it: a frame of a later block, the end of the scan, or `flush` at the block timeout (which
 sends what is there without ending). The window is full at `limit` frames kept: then the source
-waits for releases (backpressure).
+waits for releases (backpressure). A lane that has closed a scan already (a source that comes back
+replays scans the session has given up) says so, and the window drops that scan's frames of the lane.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from detstream.services.dataplane.blocks import Blocks
+from detstream.services.dataplane.scans import ClosedScans
 from detstream.services.dataplane.wire import frame_key
 
 
@@ -48,15 +50,20 @@ class SourceWindow:
         self.kept: dict[int, list[tuple[int, Any]]] = {}   # frame key -> [(sector, pixels)]
         self.out: dict[tuple[int, int], OutBlock] = {}    # (scan, block) -> what goes where
         self.current: tuple[int, int] | None = None       # the block frames come for now
+        self.closed = [ClosedScans() for _ in range(blocks.lanes)]   # per lane, the scans it has closed
 
     @property
     def full(self) -> bool:
         return len(self.kept) >= self.limit
 
-    def frame(self, scan: int, frame: int, sectors: list[tuple[int, Any]]) -> tuple[tuple[int, int] | None, list[Send]]:
-        """Keep a frame. Returns the block to ask its lane for (a new one, else None) and what to send now."""
+    def frame(self, scan: int, frame: int,
+              sectors: list[tuple[int, Any]]) -> tuple[tuple[int, int] | None, list[Send]] | None:
+        """Keep a frame. Returns the block to ask its lane for (a new one, else None) and what to send now; or
+        None, keeping nothing, when its lane has closed the scan (`closed`)."""
         key = (scan, self.blocks.of(frame))
         sends = self.pass_current() if key != self.current else []
+        if scan in self.closed[self.blocks.lane(key[1])]:
+            return None
         self.current = key
         self.kept[frame_key(scan, frame)] = sectors
         out = self.out.get(key)
@@ -107,6 +114,16 @@ class SourceWindow:
         out.sent.extend(frames)
         out.ended = ending
         return [Send(out.worker, key[0], key[1], frames, ending, out.again)]
+
+    def close(self, scan: int, lane: int) -> None:
+        """Lane `lane` has closed `scan` (its frames were late): drop what is kept of it there, keep nothing more."""
+        self.closed[lane].add(scan)
+        for key in [k for k in self.out if k[0] == scan and self.blocks.lane(k[1]) == lane]:
+            out = self.out.pop(key)
+            for frame in out.sent + out.unsent:
+                self.kept.pop(frame_key(scan, frame), None)
+        if self.current is not None and self.current[0] == scan and self.blocks.lane(self.current[1]) == lane:
+            self.current = None
 
     def release(self, keys) -> None:
         """The writer has these frames' results (or their scan is closed): drop them, and forget the blocks

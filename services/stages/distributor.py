@@ -44,11 +44,11 @@ from detstream.services.dataplane.wire import (
     HEARTBEAT,
     RECEIPT,
     RELEASE,
+    TAKEN,
     WANT,
     Header,
     Message,
     Outbox,
-    frame_key,
     is_tcp_address,
     pack_frames,
 )
@@ -107,10 +107,9 @@ class DistributorStage(Stage):
         if h.kind == WANT:
             route = self.ledger.want(h.scan, h.block, now)
             if route is None:
-                if h.scan in self.ledger.book.closed:  # the source may drop the block's frames: nothing takes them
+                if h.scan in self.ledger.book.closed:  # the source drops the scan's frames: nothing takes them
                     self.refuse("late", msg, f"block {h.block} of scan {h.scan}: the scan is closed in this lane")
-                    self.to_source(peer, Header(kind=RELEASE, acked=[frame_key(h.scan, f)
-                                                                     for f in self.blocks.frames(h.block)]))
+                    self.to_source(peer, Header(kind=END_OF_SCAN, scan=h.scan))
                 elif h.block >= self.blocks.count or self.blocks.lane(h.block) != self.me.index:
                     self.refuse("misrouted", msg, f"block {h.block} of scan {h.scan} is not this lane's")
                 return
@@ -150,6 +149,11 @@ class DistributorStage(Stage):
 
     def from_worker(self, peer: bytes, msg: Message) -> None:
         h = msg.header
+        if h.kind == TAKEN:
+            worker = self.ledger.workers.get(peer)
+            if worker is not None:  # (one declared dead: what it took went elsewhere)
+                self.ledger.taken(worker, h.scan, h.block, time.monotonic())
+            return
         if h.kind not in (CREDIT, HEARTBEAT):
             self.refuse("kind", msg)
             return
@@ -187,10 +191,11 @@ class DistributorStage(Stage):
 
     def declare_dead(self, worker: Worker, why: str) -> None:
         again = self.ledger.dead(worker)
+        frames = sum(len(r.open) for r in again)
         self.counters.workers_lost += 1
-        self.counters.resent += sum(len(r.open) for r in again)
-        self.log.warning("worker at %s declared dead (%s); routing its %d blocks again", worker.address, why,
-                         len(again))
+        self.counters.resent += frames
+        self.log.warning("worker declared dead (%s; data at %s): routing its %d frames again (%d blocks)", why,
+                         worker.address, frames, len(again))
         self.assign_routed()
 
     # scans

@@ -71,8 +71,8 @@ class SourceStage(Stage):
         self.lanes = [Outbox(self.socket(zmq.DEALER, connect=[peer], server=f"distributor-{lane}",
                                          on_connect=partial(self.lane_connected, lane)), self.name)
                       for lane, peer in enumerate(lanes)]
-        for outbox in self.lanes:
-            self.reactor.on_message(outbox.socket, self.from_lane, batch=64)
+        for lane, outbox in enumerate(self.lanes):
+            self.reactor.on_message(outbox.socket, partial(self.from_lane, lane), batch=64)
         self.workers: dict[str, Outbox] = {}  # data address -> a PUSH to that worker
         self.worker_keys = {s.name for s in self.plan.of_role("worker")}  # the CURVE keys workers may name
         self.blocks = Blocks(spec.scan.frames, spec.transport.block_frames, spec.lanes)
@@ -127,7 +127,10 @@ class SourceStage(Stage):
             # (a source in a session goes on answering its lanes: a dead worker's blocks may come back)
 
     def frame(self, item: Frame) -> None:
-        ask, sends = self.window.frame(item.scan, item.frame, item.sectors)
+        taken = self.window.frame(item.scan, item.frame, item.sectors)
+        if taken is None:  # late: its lane has closed the scan
+            return
+        ask, sends = taken
         self.ends.setdefault(item.scan, [0] * len(self.lanes))[self.blocks.lane(self.blocks.of(item.frame))] += 1
         if ask is not None:
             self.tell(self.blocks.lane(ask[1]), Header(kind=WANT, scan=ask[0], block=ask[1]))
@@ -161,7 +164,7 @@ class SourceStage(Stage):
 
     # the lanes
 
-    def from_lane(self, msg: Message) -> None:
+    def from_lane(self, lane: int, msg: Message) -> None:
         h = msg.header
         if h.kind == ASSIGN:
             if not is_tcp_address(h.address) or h.key not in self.worker_keys:
@@ -171,6 +174,10 @@ class SourceStage(Stage):
             self.send_all(self.window.assigned(h.scan, h.block, h.address, bool(h.flags & DUPLICATE)))
         elif h.kind == RELEASE:
             self.window.release(h.acked)
+        elif h.kind == END_OF_SCAN:  # the lane closed the scan already: its frames there are late
+            if h.scan not in self.window.closed[lane]:
+                self.log.info("lane %d has closed scan %d already: its frames there are not sent", lane, h.scan)
+            self.window.close(h.scan, lane)
         else:
             self.refuse("kind", msg)
 

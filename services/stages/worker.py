@@ -50,6 +50,7 @@ from detstream.services.dataplane.wire import (
     PARTIAL,
     RESULT,
     SAMPLE,
+    TAKEN,
     Header,
     Message,
     Outbox,
@@ -97,7 +98,7 @@ class WorkerStage(Stage):
         self.outgoing: deque[tuple[Header, list]] = deque()   # results the writer's queue cannot take yet
         self.process_delay = failpoint(self.name, self.role, "process-delay")
         self.report_calibration()  # fixed thresholds are known now
-        self.reactor.on_message(self.data, self.from_source, batch=64)
+        self.reactor.on_message(self.data, self.from_source, batch=8)
         # the writer's socket is watched only while results wait for room there
         self.reactor.on_writable(self.writer.socket, self.flush, when=lambda: bool(self.outgoing))
         self.reactor.every(0, self.apply_updates)
@@ -124,6 +125,8 @@ class WorkerStage(Stage):
         self.last_frame = time.monotonic()
         if h.kind == BLOCK:
             self.counters.bytes_in += self.geometry.sector_bytes * len(msg.parts)
+            if (h.scan, h.block) not in self.assembly.blocks:  # the lane then knows the block is being worked on
+                self.tell(self.blocks.lane(h.block), Header(kind=TAKEN, scan=h.scan, block=h.block))
         assembly = self.assembly if h.kind == BLOCK else self.sample_assembly
         for reason, detail in assembly.block(h.scan, h.block, self.blocks.frames(h.block), h.sender, h.frames,
                                              h.sectors, msg.parts, bool(h.flags & BLOCK_END), self.last_frame):
@@ -140,7 +143,8 @@ class WorkerStage(Stage):
     def absent(self, scan: int, frames: list[int]) -> None:
         """Frames of a block routed here of which no sector came (the assembly's on_absent): the lane gives
         their credit back, and counts them lost unless a copy comes."""
-        self.tell(self.blocks.lane(self.blocks.of(frames[0])), Header(kind=CREDIT, scan=scan, frames=frames))
+        self.tell(self.blocks.lane(self.blocks.of(frames[0])), Header(kind=CREDIT, scan=scan, frames=frames,
+                                                                      address=self.address, key=self.key_name))
 
     def sample(self, scan: int, frame: int, parts: list, mask: int) -> None:
         """One of the session's sample frames (the same for every worker)."""

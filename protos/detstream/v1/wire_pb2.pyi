@@ -21,6 +21,7 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ASSIGN: _ClassVar[Kind]
     BLOCK: _ClassVar[Kind]
     RELEASE: _ClassVar[Kind]
+    TAKEN: _ClassVar[Kind]
 
 class Flag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -41,6 +42,7 @@ WANT: Kind
 ASSIGN: Kind
 BLOCK: Kind
 RELEASE: Kind
+TAKEN: Kind
 FLAG_NONE: Flag
 PARTIAL: Flag
 DUPLICATE: Flag
