@@ -7,8 +7,9 @@ block's frames of which no sector came are named absent (the lane then counts th
 copy comes). A source that never ends a block (it died) is waited for `frame_timeout` seconds of the
 block's silence; a frame missing sectors is handed on partial `frame_timeout` seconds after its first
 sector, whatever the block does. A frame handed on and sent again while its block is open here (a
-source's duplicate) is refused; a block that comes again after it finished here is assembled anew
-(the writer drops the second result).
+source's duplicate) is refused, unless it comes as a re-send (its lane routed the block anew: the first
+result may have been acknowledged to a lane that died); a block that comes again after it finished here is
+assembled anew. The writer drops second results.
 """
 
 from __future__ import annotations
@@ -53,9 +54,11 @@ class Assembly:
         self.blocks: dict[tuple[int, int], BlockState] = {}
 
     def block(self, scan: int, block: int, frames_of_block: range, sender: str, frames: Sequence[int],
-              sectors: Sequence[int], parts: Sequence[Any], end: bool, now: float) -> list[Refusal]:
+              sectors: Sequence[int], parts: Sequence[Any], end: bool, now: float,
+              again: bool = False) -> list[Refusal]:
         """Take a BLOCK message: sectors `sectors` of each of `frames` (all in `frames_of_block`), parts frame
-        by frame; `end`: the sender's last of this block. Returns what was refused, per frame."""
+        by frame; `end`: the sender's last of this block; `again`: a re-send (its lane routed the block anew),
+        whose frames go on again even if they went on before. Returns what was refused, per frame."""
         state = self.blocks.get((scan, block))
         if state is None:
             state = self.blocks[(scan, block)] = BlockState(frames_of_block, now)
@@ -65,9 +68,10 @@ class Assembly:
         for i, frame in enumerate(frames):
             if frame not in state.frames:
                 refused.append(("misrouted", f"frame {frame} is not in block {block}"))
-            elif frame in state.handed:
+            elif frame in state.handed and not again:
                 refused.append(("duplicate", f"frame {frame} again"))
             else:
+                state.handed.discard(frame)
                 problem = self.take(state, scan, frame, sectors, parts[i * k:(i + 1) * k], now)
                 if problem:
                     refused.append(problem)

@@ -221,6 +221,11 @@ class RoutingLedger:
             scan.images = min(images, scan.done.size)
         return True
 
+    def source_held(self, now: float) -> None:
+        """A source is there, held by backpressure: the open scans wait for the pipeline, they are not silent."""
+        for scan in self.scans.values():
+            scan.last_input = now
+
     def sweep(self, now: float, sources: int, scan_timeout: float, scan_count: int, draining: bool) -> None:
         """End the scans that `sources` sources ended, that the detector's frames completed, or that were
         silent longer than scan_timeout; and the next scan of the session's `scan_count` when nobody started
@@ -269,12 +274,12 @@ class RoutingLedger:
                     self.close_frame(number, frame)
 
     def finished(self, now: float) -> Iterator[tuple[Scan, np.ndarray, str]]:
-        """Close and yield each ended scan with no frame open, in order: with its lost frames (bool per
-        frame: the lane's frames never acknowledged) and why it ended."""
+        """Close and yield each ended scan with no frame open, in scan order (a scan waits for the ones before
+        it): with its lost frames (bool per frame: the lane's frames never acknowledged) and why it ended."""
         for number in sorted(self.why):
             scan = self.scans[number]
-            if scan.in_flight:
-                continue
+            if scan.in_flight or any(n < number for n in self.scans if n not in self.why):
+                return
             self.book.close(number)
             self.last_activity = now
             yield scan, self.lane_frames & ~scan.done, self.why.pop(number)

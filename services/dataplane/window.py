@@ -91,11 +91,24 @@ class SourceWindow:
         if out is None:
             return []
         if again or (out.worker is not None and out.worker != worker):
-            # everything still kept goes to the new worker, ended anew
-            kept = [f for f in sorted(set(out.sent) | set(out.unsent)) if frame_key(scan, f) in self.kept]
-            out.sent, out.unsent, out.ended, out.again = [], kept, False, True
+            self.send_again(scan, out)
         out.worker = worker
         return self.sends(key, out)
+
+    def send_again(self, scan: int, out: OutBlock) -> None:
+        """Everything still kept of a block goes (to the worker named next), flagged as a re-send, ended anew."""
+        out.unsent = [f for f in sorted(set(out.sent) | set(out.unsent)) if frame_key(scan, f) in self.kept]
+        out.sent, out.ended, out.again = [], False, True
+
+    def ask_again(self, lane: int) -> list[tuple[int, int]]:
+        """Lane `lane` restarted: it knows nothing of its blocks. Each block of it still kept goes, once the
+        lane names a worker again, whole (what is kept of it) and flagged as a re-send. Returns those blocks,
+        to ask it for."""
+        blocks = [key for key in self.out if self.blocks.lane(key[1]) == lane]
+        for scan, block in blocks:
+            self.send_again(scan, self.out[(scan, block)])
+            self.out[(scan, block)].worker = None
+        return blocks
 
     def flush(self) -> list[Send]:
         """At the block timeout: send the current block's frames that can go, without ending it."""

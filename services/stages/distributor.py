@@ -117,6 +117,8 @@ class DistributorStage(Stage):
             if route.worker is not None:   # routed already: tell this source too
                 self.assign(route, [peer])
             self.assign_routed()
+        elif h.kind == HEARTBEAT:  # a source held by backpressure: its scans wait, they are not silent
+            self.ledger.source_held(now)
         elif h.kind == END_OF_SCAN:
             if not self.ledger.end(h.scan, h.sender, now, h.expected if h.flags & DETECTOR_END else None):
                 self.refuse("late", msg, "the scan is finished in this lane")

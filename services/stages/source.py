@@ -20,6 +20,7 @@ early (their END_OF_SCAN says how much was sent, so the rest is reported lost) a
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator
 from functools import partial
 
@@ -35,6 +36,7 @@ from detstream.services.dataplane.wire import (
     DETECTOR_END,
     DUPLICATE,
     END_OF_SCAN,
+    HEARTBEAT,
     RELEASE,
     SAMPLE,
     WANT,
@@ -47,7 +49,8 @@ from detstream.services.plugins import plugin_class
 from detstream.services.runtime.stage import Stage, StageError
 from detstream.services.sources import Frame, Refused, ScanEnd, SourceError, source_class
 
-ANSWER_POLL_S = 0.01  # how often a wait for a lane's answer looks
+ANSWER_POLL_S = 0.01  # how often an outside source looks whether the session has everything
+ENDS_KEPT = 8  # ends of scans sent again to a restarted lane: more than it ever has open
 FLUSH_S = 10.0  # an outside source exits once the session has its frames, or fails after this long
 
 
@@ -86,8 +89,11 @@ class SourceStage(Stage):
         self.work = self.items()
         self.more = True   # the kind may yield more
         self.reactor.busy = lambda: self.more and not self.window.full
+        self.last_beat = 0.0
+        self.ends_sent: deque[list[Header]] = deque(maxlen=ENDS_KEPT)  # the last scans' ends, per lane
         self.reactor.every(0, self.send_next)
         self.reactor.every(spec.transport.block_timeout_s, lambda now: self.send_all(self.window.flush()))
+        self.reactor.every(spec.transport.heartbeat_s / 2, self.beat_if_held)
 
     # what the kind yields
 
@@ -118,20 +124,31 @@ class SourceStage(Stage):
 
     def send_next(self, now: float) -> None:
         """A turn: take the next item the source yields, or finish."""
+        if not self.more:
+            return  # (a source in a session goes on answering its lanes: a dead worker's blocks may come back)
         if next(self.work, StopIteration) is StopIteration:
             self.work, self.more = iter(()), False
             self.finish()
             if self.connect:  # an outside source has no launcher to stop it: wait until the session has it all
-                self.deliver()
-                self.stopping.set()
-            # (a source in a session goes on answering its lanes: a dead worker's blocks may come back)
+                self.deliver_by = now + FLUSH_S
+                self.reactor.every(ANSWER_POLL_S, self.deliver)
+
+    def beat_if_held(self, now: float) -> None:
+        """While backpressure holds this source (its window full), tell the lanes it is there: its scans are
+        not silent, only waiting."""
+        if self.window.full and now - self.last_beat >= self.spec.transport.heartbeat_s:
+            self.last_beat = now
+            for lane in range(len(self.lanes)):
+                self.tell(lane, Header(kind=HEARTBEAT))
 
     def frame(self, item: Frame) -> None:
         taken = self.window.frame(item.scan, item.frame, item.sectors)
         if taken is None:  # late: its lane has closed the scan
             return
         ask, sends = taken
-        self.ends.setdefault(item.scan, [0] * len(self.lanes))[self.blocks.lane(self.blocks.of(item.frame))] += 1
+        lane = self.blocks.lane(self.blocks.of(item.frame))
+        self.ends.setdefault(item.scan, [0] * len(self.lanes))[lane] += 1
+        self.lane_sent[lane] += 1
         if ask is not None:
             self.tell(self.blocks.lane(ask[1]), Header(kind=WANT, scan=ask[0], block=ask[1]))
         self.send_all(sends)
@@ -156,10 +173,11 @@ class SourceStage(Stage):
         self.send_all(self.window.pass_current())
         sent = self.ends.pop(scan, [0] * len(self.lanes))
         spec = self.spec
-        for lane in range(len(self.lanes)):
-            self.tell(lane, Header(kind=END_OF_SCAN, scan=scan, expected=frames, sent=sent[lane],
-                                   scan_rows=spec.scan.rows, scan_cols=spec.scan.cols,
-                                   flags=DETECTOR_END if final else 0))
+        ends = [Header(kind=END_OF_SCAN, scan=scan, expected=frames, sent=sent[lane], scan_rows=spec.scan.rows,
+                       scan_cols=spec.scan.cols, flags=DETECTOR_END if final else 0) for lane in range(len(self.lanes))]
+        for lane, end in enumerate(ends):
+            self.tell(lane, end)
+        self.ends_sent.append(ends)
         self.log.info("scan %d: %d frames sent, %d dropped so far", scan, sum(sent), self.counters.dropped)
 
     # the lanes
@@ -183,14 +201,16 @@ class SourceStage(Stage):
 
     def lane_connected(self, lane: int) -> None:
         """A lane answered (the first time, or a restarted one): ask it again for the blocks still kept
-        of its lane (a restarted lane knows nothing of them)."""
+        of its lane and send it the last scans' ends again (a restarted lane knows nothing of them; what it
+        finished already it refuses as late)."""
         first = not self.reached[lane]
         self.reached[lane] = True
         if first:
             return
-        for scan, block in list(self.window.out):
-            if self.blocks.lane(block) == lane:
-                self.tell(lane, Header(kind=WANT, scan=scan, block=block))
+        for scan, block in self.window.ask_again(lane):
+            self.tell(lane, Header(kind=WANT, scan=scan, block=block))
+        for ends in self.ends_sent:
+            self.tell(lane, ends[lane])
 
     def tell(self, lane: int, header: Header) -> None:
         self.reactor.send(self.lanes[lane], header, on_wait=self.fail_if_unanswered(lane) if self.connect else None)
@@ -257,20 +277,17 @@ class SourceStage(Stage):
 
     def undelivered(self, lanes: list[int], why: str) -> str:
         addresses = self.connect or []
-        return "; ".join(f"frames sent to {addresses[lane]} (lane {lane}) did not reach a session: {why} within "
-                         f"{FLUSH_S:g} s (check the address against the session's status.ingest, and that the "
-                         f"session is running)" for lane in lanes)
+        return "; ".join(f"{self.lane_sent[lane]} frame(s) sent to {addresses[lane]} (lane {lane}) did not reach a "
+                         f"session: {why} within {FLUSH_S:g} s (check the address against the session's "
+                         f"status.ingest, and that the session is running)" for lane in lanes)
 
-    def deliver(self) -> None:
-        """An outside source has no launcher to account for its data: it succeeds only once the session has
-        the result of every frame it sent (the window is empty) within FLUSH_S; else it fails naming why."""
-        deadline = time.monotonic() + FLUSH_S
-        while self.window.kept and time.monotonic() < deadline:
-            self.reactor.turn()
-            self.check_connections()
+    def deliver(self, now: float) -> None:
+        """An outside source has no launcher to account for its data: it succeeds (stops) once every lane
+        answered and the session has the result of every frame it sent (its window is empty), and fails
+        naming why when that has not happened FLUSH_S after its last frame."""
         silent = [lane for lane, reached in enumerate(self.reached) if not reached]
-        if silent:
-            raise StageError(self.undelivered(silent, "nothing answered there"))
-        if self.window.kept:
-            raise StageError(self.undelivered(list(range(len(self.lanes))),
-                                              f"the session did not confirm {len(self.window.kept)} frames"))
+        if not silent and not self.window.kept:
+            self.stopping.set()
+        elif now > self.deliver_by:
+            raise StageError(self.undelivered(silent, "nothing answered there") if silent else self.undelivered(
+                list(range(len(self.lanes))), f"the session did not confirm {len(self.window.kept)} frames"))

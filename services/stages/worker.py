@@ -46,6 +46,7 @@ from detstream.services.dataplane.wire import (
     BLOCK_END,
     CALIBRATION,
     CREDIT,
+    DUPLICATE,
     HEARTBEAT,
     PARTIAL,
     RESULT,
@@ -129,7 +130,8 @@ class WorkerStage(Stage):
                 self.tell(self.blocks.lane(h.block), Header(kind=TAKEN, scan=h.scan, block=h.block))
         assembly = self.assembly if h.kind == BLOCK else self.sample_assembly
         for reason, detail in assembly.block(h.scan, h.block, self.blocks.frames(h.block), h.sender, h.frames,
-                                             h.sectors, msg.parts, bool(h.flags & BLOCK_END), self.last_frame):
+                                             h.sectors, msg.parts, bool(h.flags & BLOCK_END), self.last_frame,
+                                             again=bool(h.flags & DUPLICATE)):
             self.refuse(reason, msg, detail)
 
     def frame(self, scan: int, frame: int, parts: list, mask: int) -> None:
