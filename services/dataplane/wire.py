@@ -41,9 +41,9 @@ NOBLOCK, POLLIN, POLLOUT, _SNDMORE = int(zmq.NOBLOCK), int(zmq.POLLIN), int(zmq.
 FRAME_BITS = 40  # a frame key is scan << 40 | frame: 10^12 frames per scan, 2^24 scans
 
 __all__ = ["CALIBRATION", "CREDIT", "DETECTOR_END", "DUPLICATE", "END_OF_SCAN", "FRAME", "HEARTBEAT", "PARTIAL",
-           "PATTERN", "RECEIPT", "RESULT", "SAMPLE", "SECTOR", "Header", "WireError", "REJECT_REASONS", "Geometry", "Message",
-           "Outbox", "frame_key", "decode", "receive_parts", "Gaps", "FRAME_BITS", "pack_frames", "unpack_frames",
-           "NOBLOCK", "POLLIN", "POLLOUT"]
+           "PATTERN", "RECEIPT", "RESULT", "SAMPLE", "SECTOR", "Header", "WireError", "REJECT_REASONS",
+           "Geometry", "Message", "Outbox", "frame_key", "decode", "receive_parts", "Gaps", "FRAME_BITS",
+           "pack_frames", "unpack_frames", "NOBLOCK", "POLLIN", "POLLOUT"]
 
 
 # Every reason a stage rejects a message for: the values of the `reason` label of

@@ -18,13 +18,13 @@ counting emits them, 1 wherever any frame had an event).
 Positions not arrived yet (PENDING) or lost (MISSING) are NaN in every image; `status` gives each
 position's state with the codes of the scan file's accounting/position_status, plus PENDING.
 
-A new geometry is applied to the whole scan so far without re-acquisition, from the events the
-accumulator keeps: 4 bytes per event plus 8 per position. A 1024 x 1024 scan at ~40 events per frame keeps ~160 MiB of events + 8 MiB. The kept data
-is bounded by `keep_bytes` (default 256 MiB; while the buffer grows, one copy of it exists for a moment):
-past it the accumulator frees what it kept, keeps filling in the images with the current geometry, and
-refuses geometry changes for that scan (`RecomputeUnavailable`, naming the bound to raise). A raw-frame scan
-holds only the records its workers made for the session's geometry, so it refuses every new geometry
-(`RecomputeUnavailable`, saying so): set spec.liveView.geometry for the next session.
+A new geometry is applied to the whole scan so far without re-acquisition, from the events the accumulator
+keeps: 4 bytes per event plus 8 per position. A 1024 x 1024 scan at ~40 events per frame keeps ~160 MiB of
+events + 8 MiB. The kept data is bounded by `keep_bytes` (default 256 MiB; while the buffer grows, one copy of
+it exists for a moment): past it the accumulator frees what it kept, keeps filling in the images with the
+current geometry, and refuses geometry changes for that scan (`RecomputeUnavailable`, naming the bound to
+raise). A raw-frame scan holds only the records its workers made for the session's geometry, so it refuses
+every new geometry (`RecomputeUnavailable`, saying so): set spec.liveView.geometry for the next session.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ class ScanImages:
 
     scan_shape = (rows, cols) of scan positions, position p = row * cols + col; frame_shape = (rows, cols)
     of detector pixels. Add data with `add_events` (counted), or `add_reduced` and `add_patterns` (raw frames as
-    the workers reduce them; `add_frames` reduces raw frames here), mark lost positions with `mark_lost`; read with `array(name)` (names in `array_names`); `version` grows with every change.
+    the workers reduce them; `add_frames` reduces raw frames here), mark lost positions with `mark_lost`; read
+    with `array(name)` (names in `array_names`); `version` grows with every change.
     Bad input raises ValueError naming the argument; nothing is changed then.
     """
 

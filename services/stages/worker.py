@@ -24,8 +24,9 @@ A plugin whose results are raw frames (noop) sends the writer no pixels unless s
 them: with the live view on, the worker reduces each frame where it lies (results/reduction.py) and its RESULT
 carries the frame's record (detector sums, total, moments: a few dozen bytes) instead; each scan's summed and
 maximum patterns follow in a PATTERN message every PATTERN_S while frames come, and once this worker's input
-pauses for PAUSE_S (the end of a scan: the writer waits for them before it closes the scan). A result's parts are [record (empty with the live view off)] + [the frame's strips, with
-keepFrames]: the writer still gets one result per frame, so the accounting is the same.
+pauses for PAUSE_S (the end of a scan: the writer waits for them before it closes the scan). A result's parts
+are [record (empty with the live view off)] + [the frame's strips, with keepFrames]: the writer still gets one
+result per frame, so the accounting is the same.
 """
 
 from __future__ import annotations
