@@ -189,3 +189,32 @@ def test_page_in_chromium_fills_in_and_redraws_for_a_new_radius(live):
                      what="the page to show the dragged radius")
         finally:
             browser.close()
+
+
+def test_page_of_a_raw_frame_scan_says_its_geometry_is_the_manifests():
+    """Raw frames are reduced in the workers for the session's geometry: the page says so, and an edit shows the
+    server's refusal while the images stay as they are."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    store = LiveStore(lambda: [{"stage": "writer-0"}])
+    images = store.open_scan("scan-0", (4, 4), (32, 32), DetectorGeometry(5, ((5, 12),)))
+    images.add_frames(np.arange(16), np.random.default_rng(3).poisson(2.0, (16, 32, 32)).astype(np.uint16))
+    server = LiveServer(store, interval=0.05)
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+            try:
+                page = browser.new_page()
+                page.goto(server.url)
+                progress = page.locator("#progress")
+                wait_for(lambda: "reduced in the workers" in progress.inner_text(), what="the raw-frames note")
+                assert "patterns of 16 frames" in progress.inner_text()
+                version = images.version
+                page.fill("#bf", "9")
+                page.click("#apply")
+                wait_for(lambda: "spec.liveView.geometry" in page.locator("#error").inner_text(),
+                         what="the refusal shown")
+                assert images.geometry.bright_field == 5 and images.version == version
+            finally:
+                browser.close()
+    finally:
+        server.stop()
