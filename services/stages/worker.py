@@ -20,12 +20,12 @@ sample never comes, the worker calibrates on those it has once the stream pauses
 kept for the session, so new parameters (a new plugin instance) calibrate again on the same frames.
 What the plugin derived (`calibration()`) goes to the writer (CALIBRATION), for the scan's file.
 
-A plugin whose results are raw frames (noop) sends the writer no pixels unless spec.output.keepFrames asks for
-them: with the live view on, the worker reduces each frame where it lies (results/reduction.py) and its RESULT
+A plugin whose results are raw frames (noop) sends the writer no pixels unless the session keeps them
+(spec.output.keepFrames, or a sink registered for frames: `sinks.session_sink`): with the live view on, the worker reduces each frame where it lies (results/reduction.py) and its RESULT
 carries the frame's record (detector sums, total, moments: a few dozen bytes) instead; each scan's summed and
 maximum patterns follow in a PATTERN message every PATTERN_S while frames come, and once this worker's input
 pauses for PAUSE_S (the end of a scan: the writer waits for them before it closes the scan). A result's parts
-are [record (empty with the live view off)] + [the frame's strips, with keepFrames]: the writer still gets one
+are [record (empty with the live view off)] + [the frame's strips, when kept]: the writer still gets one
 result per frame, so the accounting is the same.
 """
 
@@ -56,6 +56,7 @@ from detstream.services.plugins import PluginContext, plugin_class
 from detstream.services.results.geometry import live_geometry
 from detstream.services.results.reduction import PATTERN_S, FrameReducer, ScanPatterns
 from detstream.services.runtime.faults import failpoint
+from detstream.services.sinks import session_sink
 from detstream.services.runtime.stage import HOUSEKEEPING_S, Stage
 
 CALIBRATION_IDLE_S = 0.5  # calibrate on the samples there are when the stream pauses this long
@@ -83,7 +84,7 @@ class WorkerStage(Stage):
         self.outgoing: deque[tuple[Header, list]] = deque()   # results the writer's queue cannot take yet
         self.process_delay = failpoint(self.name, self.role, "process-delay")
         raw = self.plugin_cls.result == "frames"
-        self.keep_frames = raw and spec.output.keep_frames
+        self.keep_frames = raw and session_sink(spec, "frames") is not None  # the writer writes them
         self.reducer = FrameReducer((spec.detector.rows, spec.detector.cols),
                                     live_geometry(spec.live_view.geometry, (spec.detector.rows, spec.detector.cols)),
                                     spec.detector.dtype, spec.detector.sectors) \

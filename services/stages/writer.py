@@ -28,8 +28,9 @@ turn's new results go into the session's live store, served on the writer's `liv
 STEM images go into its file at close (`stem/`, stempy's layout). Duplicates and refused results are not shown.
 
 Raw frames (the `frames` result kind: noop) are reduced in the workers (results/reduction.py), so such a
-result carries no pixels unless spec.output.keepFrames asks for the frames: its parts are [the frame's live
-record (empty with the live view off)] + [the frame's sector strips, with keepFrames]. The workers' PATTERN
+result carries no pixels unless the session keeps the frames (a sink for them: spec.output.keepFrames, or a
+registered one): its parts are [the frame's live record (empty with the live view off)] + [the frame's sector
+strips, when kept]. The workers' PATTERN
 messages carry the scans' summed and maximum patterns; a raw-frame scan waits for them before it closes (at most
 feed.PATTERN_WAIT_S).
 
@@ -173,7 +174,7 @@ class WriterStage(Stage):
             return
         parts = [part.buffer for part in msg.parts]
         live_parts = parts
-        if h.kind == RESULT and self.kind == "frames":  # [the live record] + [the frame, with keepFrames]
+        if h.kind == RESULT and self.kind == "frames":  # [the live record] + [the frame, when a sink keeps it]
             live_parts, parts = parts[:1], parts[1:]
         if h.kind == RESULT:
             # even for a result refused below: the frame must not stay in flight for ever (a plugin
