@@ -1,10 +1,11 @@
-"""The writer's live results: each turn's results into the session's `LiveStore`, served by a `LiveServer`.
+"""The writer's live results: its results, every FLUSH_S, into the session's `LiveStore` a `LiveServer` serves.
 
 Per result the writer only notes it (`add`: the scan, position, payload buffers and whether the frame is
-partial); once per turn (`flush`) each scan's batch becomes one `ScanImages.add_events` (counted data: one
-uint32 payload part of linear pixel indices per frame) or `add_reduced` (raw frames, e.g. from the noop plugin:
-the record the worker reduced the frame to, reduction.py; the writer gets no pixels for the live view). So the
-per-message cost is a few list appends, and the numpy work is per batch (of up to the writer's TURN messages).
+partial); at most every FLUSH_S (`flush`, after a turn) each scan's batch becomes one `ScanImages.add_events`
+(counted data: one uint32 payload part of linear pixel indices per frame) or `add_reduced` (raw frames, e.g.
+from the noop plugin: the record the worker reduced the frame to, reduction.py; the writer gets no pixels for
+the live view). So the per-message cost is a few list appends, and the numpy work is per batch (at a noop
+session's rate a turn holds a result or two: a flush per turn cost the writer more than the results themselves).
 
 Raw frames' summed and maximum patterns come from each worker in PATTERN messages (`add_pattern`), after the
 results of the frames they cover. One is merged only when the writer took every frame it lists from that worker
@@ -36,6 +37,7 @@ from detstream.services.results.web import LiveServer
 __all__ = ["LiveResults", "PATTERN_WAIT_S"]
 
 PATTERN_WAIT_S = 4 * PATTERN_S  # a scan whose frames are all here waits this long at most for their patterns
+FLUSH_S = 0.05  # the results noted go into the images at most this long after they came (the view's ~1 s)
 
 
 class LiveResults:
@@ -59,6 +61,7 @@ class LiveResults:
         self.unpatterned: dict[str, set[int]] = {}  # worker -> keys of raw frames taken from it, not in a pattern
         self.unpatterned_scans: Counter[int] = Counter()  # scan -> how many of those are its frames
         self.settling_since: dict[int, float] = {}
+        self.flushed = 0.0  # monotonic time of the last flush
         self.server = LiveServer(self.store, host, port, prefix=prefix)
         self.url = self.server.url
 
@@ -79,8 +82,13 @@ class LiveResults:
         batch[3].append(partial)
         return True
 
-    def flush(self) -> None:
-        """Add the results noted since the last flush to their scans' images (one numpy call per scan)."""
+    def flush(self, now: float | None = None) -> None:
+        """Add the results noted since the last flush to their scans' images (one numpy call per scan); given the
+        time `now` (monotonic), only if FLUSH_S has passed since the last flush."""
+        if now is not None:
+            if now - self.flushed < FLUSH_S:
+                return
+            self.flushed = now
         pending, self.pending = self.pending, {}
         for scan, (scan_shape, positions, parts, partial) in pending.items():
             images = self.images(scan, scan_shape)

@@ -21,12 +21,13 @@ kept for the session, so new parameters (a new plugin instance) calibrate again 
 What the plugin derived (`calibration()`) goes to the writer (CALIBRATION), for the scan's file.
 
 A plugin whose results are raw frames (noop) sends the writer no pixels unless the session keeps them
-(spec.output.keepFrames, or a sink registered for frames: `sinks.session_sink`): with the live view on, the worker reduces each frame where it lies (results/reduction.py) and its RESULT
-carries the frame's record (detector sums, total, moments: a few dozen bytes) instead; each scan's summed and
-maximum patterns follow in a PATTERN message every PATTERN_S while frames come, and once this worker's input
-pauses for PAUSE_S (the end of a scan: the writer waits for them before it closes the scan). A result's parts
-are [record (empty with the live view off)] + [the frame's strips, when kept]: the writer still gets one
-result per frame, so the accounting is the same.
+(spec.output.keepFrames, or a sink registered for frames: `sinks.session_sink`): with the live view on, the
+worker reduces each frame where it lies (results/reduction.py) and its RESULT carries the frame's record
+(detector sums, total, moments: a few dozen bytes) instead; each scan's summed and maximum patterns follow in a
+PATTERN message every PATTERN_S while frames come, and once this worker's input pauses for PAUSE_S (the end of a
+scan: the writer waits for them before it closes the scan). A result's parts are [record (empty with the live
+view off)] + [the frame's strips, when kept]: the writer still gets one result per frame, so the accounting is
+the same.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ from detstream.services.plugins import PluginContext, plugin_class
 from detstream.services.results.geometry import live_geometry
 from detstream.services.results.reduction import PATTERN_S, FrameReducer, ScanPatterns
 from detstream.services.runtime.faults import failpoint
-from detstream.services.sinks import session_sink
 from detstream.services.runtime.stage import HOUSEKEEPING_S, Stage
+from detstream.services.sinks import session_sink
 
 CALIBRATION_IDLE_S = 0.5  # calibrate on the samples there are when the stream pauses this long
 PAUSE_S = 0.05  # raw frames' patterns go to the writer when no frame came for this long (or every PATTERN_S)

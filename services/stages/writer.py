@@ -147,7 +147,7 @@ class WriterStage(Stage):
         lane's results are here before its end)."""
         self.send_receipts()
         if self.live is not None:
-            self.live.flush()
+            self.live.flush(now)
         if self.lane_ended:
             self.housekeeping(now)
 
