@@ -223,9 +223,9 @@ class ScanImages:
             self._check_kind("frames")
             if self.recomputable:
                 self.forget_events()  # nothing to keep: a raw-frame scan is never recomputed
-            np.add.at(self._values, (slice(None), positions), records[:, :-3].T)
+            np.add.at(self._values.T, positions, records[:, :-3])  # (transposed views: rows by position)
             np.add.at(self._total, positions, records[:, -3])
-            np.add.at(self._com_sum, (slice(None), positions), records[:, -2:].T)
+            np.add.at(self._com_sum.T, positions, records[:, -2:])
             self.status[positions] = status
             self.version += 1
 
