@@ -24,10 +24,11 @@ A plugin whose results are raw frames (noop) sends the writer no pixels unless t
 (spec.output.keepFrames, or a sink registered for frames: `sinks.session_sink`): with the live view on, the
 worker reduces each frame where it lies (results/reduction.py) and its RESULT carries the frame's record
 (detector sums, total, moments: a few dozen bytes) instead; each scan's summed and maximum patterns follow in a
-PATTERN message every PATTERN_S while frames come, and once this worker's input pauses for PAUSE_S (the end of a
-scan: the writer waits for them before it closes the scan). A result's parts are [record (empty with the live
-view off)] + [the frame's strips, when kept]: the writer still gets one result per frame, so the accounting is
-the same.
+PATTERN message every PATTERN_S while frames come, and as soon as this worker's input pauses (PAUSE_S) after it
+had one of the scan's last frames (the writer waits for the patterns before it closes the scan; a pattern is 2
+MB at 576x576, three frames' worth, so not at every pause of a slow stream). A result's parts are [record (empty
+with the live view off)] + [the frame's strips, when kept]: the writer still gets one result per frame, so the
+accounting is the same.
 """
 
 from __future__ import annotations
@@ -57,11 +58,11 @@ from detstream.services.plugins import PluginContext, plugin_class
 from detstream.services.results.geometry import live_geometry
 from detstream.services.results.reduction import PATTERN_S, FrameReducer, ScanPatterns
 from detstream.services.runtime.faults import failpoint
-from detstream.services.runtime.stage import HOUSEKEEPING_S, Stage
+from detstream.services.runtime.stage import HOUSEKEEPING_S, POLL_MS, Stage
 from detstream.services.sinks import session_sink
 
 CALIBRATION_IDLE_S = 0.5  # calibrate on the samples there are when the stream pauses this long
-PAUSE_S = 0.05  # raw frames' patterns go to the writer when no frame came for this long (or every PATTERN_S)
+PAUSE_S = 0.02  # a scan's last patterns go to the writer when no frame came for this long (else every PATTERN_S)
 
 
 class WorkerStage(Stage):
@@ -91,6 +92,9 @@ class WorkerStage(Stage):
                                     spec.detector.dtype, spec.detector.sectors) \
             if raw and spec.live_view.enabled else None
         self.patterns: dict[int, ScanPatterns] = {}  # scan -> its patterns since the last PATTERN sent
+        # a frame numbered from here on is among a scan's last ones (as many as can be in flight at once)
+        self.scan_end = spec.scan.frames - spec.lanes * spec.workers.credits * max(spec.workers.replicas, 1)
+        self.ending: set[int] = set()  # scans of which this worker had one of the last frames
         self.report_calibration()  # fixed thresholds are known now
         for lane, outbox in enumerate(self.lanes):
             # a refused message still used a credit: give it back
@@ -167,21 +171,27 @@ class WorkerStage(Stage):
             if patterns is None:
                 patterns = self.patterns[h.scan] = ScanPatterns(self.reducer)
             patterns.add(strips, frame_key(h.scan, h.frame), time.monotonic())
+            if h.frame >= self.scan_end:
+                self.ending.add(h.scan)
         return [record, *parts] if self.keep_frames else [record]
 
     def send_patterns(self, now: float) -> None:
         """After a turn: each scan's patterns to the writer (behind the results they cover) when PATTERN_S has
-        passed since their first frame, they hold as many frames as they can, or no frame came for PAUSE_S.
-        Not on every pause between two frames: a pattern is 2 MB at 576x576, three frames' worth."""
+        passed since their first frame, they hold as many frames as they can, or the scan is ending here and no
+        frame came for PAUSE_S. Meanwhile the turns wait PAUSE_S at most, so that pause is seen when it comes."""
         if not self.patterns:
             return
         paused = time.monotonic() - self.last_frame >= PAUSE_S
         for scan, patterns in list(self.patterns.items()):
-            if patterns.keys and (paused or patterns.full or now - patterns.since >= PATTERN_S):
+            ending = scan in self.ending
+            if patterns.keys and (patterns.full or now - patterns.since >= PATTERN_S or (paused and ending)):
                 self.outgoing.append((Header(kind=PATTERN, scan=scan), patterns.take()))
-            if paused:
+            if paused and not patterns.keys:
                 del self.patterns[scan]  # a scan's buffers are not kept for ever
+                self.ending.discard(scan)
         self.flush()
+        waiting = any(self.patterns[scan].keys for scan in self.ending if scan in self.patterns)
+        self.reactor.poll_ms = int(PAUSE_S * 1000) if waiting else POLL_MS
 
     def flush(self) -> None:
         """Hand queued results to the writer's socket, as far as its queue takes them (never blocks)."""
