@@ -25,6 +25,7 @@ from detstream.v1.wire_pb2 import (
     FRAME,
     HEARTBEAT,
     PARTIAL,
+    PATTERN,
     RECEIPT,
     RESULT,
     SAMPLE,
@@ -40,9 +41,9 @@ NOBLOCK, POLLIN, POLLOUT, _SNDMORE = int(zmq.NOBLOCK), int(zmq.POLLIN), int(zmq.
 FRAME_BITS = 40  # a frame key is scan << 40 | frame: 10^12 frames per scan, 2^24 scans
 
 __all__ = ["CALIBRATION", "CREDIT", "DETECTOR_END", "DUPLICATE", "END_OF_SCAN", "FRAME", "HEARTBEAT", "PARTIAL",
-           "RECEIPT", "RESULT", "SAMPLE", "SECTOR", "Header", "WireError", "REJECT_REASONS", "Geometry", "Message",
-           "Outbox", "frame_key", "decode", "receive_parts", "Gaps", "FRAME_BITS", "pack_frames", "unpack_frames",
-           "NOBLOCK", "POLLIN", "POLLOUT"]
+           "PATTERN", "RECEIPT", "RESULT", "SAMPLE", "SECTOR", "Header", "WireError", "REJECT_REASONS",
+           "Geometry", "Message", "Outbox", "frame_key", "decode", "receive_parts", "Gaps", "FRAME_BITS",
+           "pack_frames", "unpack_frames", "NOBLOCK", "POLLIN", "POLLOUT"]
 
 
 # Every reason a stage rejects a message for: the values of the `reason` label of
@@ -140,7 +141,7 @@ class Message:
         return [np.frombuffer(p.buffer, dtype=self.header.dtype).reshape(shape) for p in self.parts]
 
 
-_PARTS = {SECTOR: 1, CREDIT: 0, HEARTBEAT: 0, RECEIPT: 0, CALIBRATION: 1}
+_PARTS = {SECTOR: 1, CREDIT: 0, HEARTBEAT: 0, RECEIPT: 0, CALIBRATION: 1, PATTERN: 3}
 MAX_CALIBRATION_BYTES = 65536
 _KINDS = frozenset(wire_pb2.Kind.values()) - {wire_pb2.KIND_UNSPECIFIED}  # Kind.values() builds a list per call
 

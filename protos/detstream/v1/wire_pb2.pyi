@@ -19,6 +19,7 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RECEIPT: _ClassVar[Kind]
     SAMPLE: _ClassVar[Kind]
     CALIBRATION: _ClassVar[Kind]
+    PATTERN: _ClassVar[Kind]
 
 class Flag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -36,6 +37,7 @@ HEARTBEAT: Kind
 RECEIPT: Kind
 SAMPLE: Kind
 CALIBRATION: Kind
+PATTERN: Kind
 FLAG_NONE: Flag
 PARTIAL: Flag
 DUPLICATE: Flag
