@@ -5,8 +5,8 @@
 Measured, alternated in rounds (the machine is shared: only ratios within a run mean something):
   throughput  the same session with spec.liveView on and off: a 4D-STEM counting session (electron-counting
               on simulated 576x576 frames: the writer adds each turn's events to the live images) and a noop
-              session (raw frames: the writer reduces every whole frame), timed from the sources' Start to
-              the writer's end; ratio on / off (target >= 0.95)
+              session (raw frames: each worker reduces its frames to records and patterns, the writer places
+              them), timed from the sources' Start to the writer's end; ratio on / off (target >= 0.95)
   delay       a counting session at a detector's pace (--rate frames/s), its source's sent count and the live
               view's arrived positions (GET /api/scans, what the page reads) sampled together every 20 ms:
               for each frame number n, the time from the source having sent n frames to the view showing n

@@ -1,5 +1,7 @@
 """Live 4D-STEM images (detstream.services.results) against stempy on the same counted data and raw frames."""
 
+from functools import partial
+
 import h5py
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from detstream.services.results.images import (
     ScanImages,
     phase_from_com,
 )
+from detstream.services.results.reduction import FrameReducer, ScanPatterns, sum_dtype
 from detstream.services.results.stem_file import write_stem_images
 
 STEMPY_MASK_VALUE = 0xFFFF  # stempy sums its mask value per electron on counted data (image.h)
@@ -123,7 +126,7 @@ def test_partial_lost_and_pending_positions():
     assert (progress["complete"], progress["partial"], progress["lost"], progress["pending"]) == (2, 1, 2, 11)
 
 
-def test_raw_frames_equal_stempy_and_recompute():
+def test_raw_frames_equal_stempy_and_refuse_a_new_geometry():
     rng = np.random.default_rng(11)
     frames = rng.poisson(0.4, (20, 24, 24)).astype(np.uint16)  # photon-counting-like raw frames
     images = ScanImages((4, 5), (24, 24), DetectorGeometry(4, ((3, 9),), (11, 13)))
@@ -131,22 +134,63 @@ def test_raw_frames_equal_stempy_and_recompute():
     for start in (0, 7, 15):
         chosen = order[start:start + {0: 7, 7: 8, 15: 5}[start]]
         images.add_frames(chosen, frames[chosen])
-
-    def check(centre, radii):
-        expected = stim.create_stem_images(frames, [r[0] for r in radii], [r[1] for r in radii],
-                                           scan_dimensions=(5, 4), center=centre)
-        for name, image in zip(images.geometry.names, expected):
-            np.testing.assert_array_equal(images.array(name), image, err_msg=name)
-    check((11, 13), [(0, 4), (3, 9)])
+    expected = stim.create_stem_images(frames, [0, 3], [4, 9], scan_dimensions=(5, 4), center=(11, 13))
+    for name, image in zip(images.geometry.names, expected):
+        np.testing.assert_array_equal(images.array(name), image, err_msg=name)
     com = stim.com_dense(frames)
     np.testing.assert_allclose(images.array("com_x").ravel(), com[0])
     np.testing.assert_allclose(images.array("com_y").ravel(), com[1])
     np.testing.assert_array_equal(images.array("sum"), frames.sum(axis=0))
     np.testing.assert_array_equal(images.array("max"), frames.max(axis=0))
-    images.set_geometry(DetectorGeometry(2, ((2, 6), (6, 12)), (12, 12)))
-    check((12, 12), [(0, 2), (2, 6), (6, 12)])
+    assert images.pattern_frames == 20
+    # the workers reduced the frames for the session's geometry; the writer has no pixels to apply another to
+    version = images.version
+    with pytest.raises(RecomputeUnavailable, match="reduced in the workers.*spec.liveView.geometry"):
+        images.set_geometry(DetectorGeometry(2, ((2, 6),), (12, 12)))
+    assert images.geometry.bright_field == 4 and images.version == version
     with pytest.raises(ValueError, match="same kind"):
         images.add_events([0], [1], [3])
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "uint32", "float32"])
+@pytest.mark.parametrize("sectors", [1, 4])
+def test_a_worker_reduces_raw_frames_in_its_strips_as_numpy_on_the_whole_frame(dtype, sectors):
+    """What a worker sends for raw frames (a record per frame, patterns per batch) gives the images a direct
+    numpy computation on the whole frames gives: detector sums over the masks, COM, summed and maximum pattern."""
+    rng = np.random.default_rng(5)
+    rows, cols = 24, 32
+    top = 60000.0 if dtype == "float32" else np.iinfo(dtype).max
+    frames = (rng.random((12, rows, cols)) ** 8 * top).astype(dtype)
+    frames[3] = 0  # a frame without counts: NaN COM
+    geometry = DetectorGeometry(5, ((5, 9), (9.5, 15)), (13.5, 10))
+    reducer = FrameReducer((rows, cols), geometry, dtype, sectors)
+    images = ScanImages((3, 4), (rows, cols), geometry)
+    for batch in np.array_split(rng.permutation(12), 3):
+        patterns = ScanPatterns(reducer)
+        records = []
+        for position in batch:
+            strips = np.hsplit(frames[position], sectors)  # the column strips a FRAME message carries
+            records.append(reducer.record(strips))
+            patterns.add(strips, int(position), 0.0)
+        images.add_reduced(batch, records)
+        parts = patterns.take()
+        assert not patterns.keys and not any(s.any() for s in patterns.sums)
+        images.add_patterns(np.frombuffer(parts[0], sum_dtype(dtype)).reshape(rows, cols),
+                            np.frombuffer(parts[1], dtype).reshape(rows, cols), len(batch))
+        assert sorted(np.frombuffer(parts[2], np.uint64)) == sorted(batch)
+    flat = frames.reshape(12, -1).astype(np.float64)
+    # integer pixels are summed exactly; float ones in float64, in another order than numpy's
+    equal = np.testing.assert_array_equal if dtype != "float32" else partial(np.testing.assert_allclose, rtol=1e-13)
+    for name, mask in zip(geometry.names, geometry.masks((rows, cols))):
+        equal(images.array(name).ravel(), flat[:, mask].sum(axis=1), err_msg=name)
+    y, x = np.indices((rows, cols))
+    with np.errstate(invalid="ignore"):
+        com = np.stack([flat @ x.ravel(), flat @ y.ravel()]) / flat.sum(axis=1)
+    np.testing.assert_allclose(np.stack([images.array("com_x").ravel(), images.array("com_y").ravel()]), com)
+    assert np.isnan(images.array("com_x").ravel()[3])
+    equal(images.array("sum"), frames.astype(np.float64).sum(axis=0))
+    np.testing.assert_array_equal(images.array("max"), frames.max(axis=0))
+    assert images.progress()["pattern_frames"] == 12
 
 
 def test_past_keep_bytes_images_go_on_and_a_geometry_change_is_refused_by_name():

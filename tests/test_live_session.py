@@ -7,12 +7,14 @@ import threading
 import urllib.parse
 
 import h5py
+import hdf5plugin  # noqa: F401  (the frames file's bitshuffle filter)
 import numpy as np
 import pytest
 import stempy.image
 import stempy.io
 
-from detstream.services.results.client import LiveClient
+from detstream.services.results.client import LiveClient, LiveViewError
+from detstream.services.results.geometry import DetectorGeometry
 from detstream.services.results.images import COMPLETE
 
 from helpers import manifest, wait_for
@@ -160,3 +162,47 @@ def test_ten_viewers_read_while_the_session_completes_with_exact_accounting(tmp_
     for viewer in viewers[:10]:
         viewer.join(30)
         assert viewer.events >= 3, "a viewer saw the session change fewer than 3 times"
+
+
+def raw_session(name, keep_frames):
+    return manifest(name, scan={"rows": 8, "cols": 8, "count": 2}, detector={"rows": 64, "cols": 64, "sectors": 4},
+                    workers={"replicas": 2}, plugin={"name": "noop"}, source={"rate": 40},
+                    output={"keepFrames": keep_frames},
+                    liveView={"geometry": {"bright_field": 6, "annuli": [[6, 14], [14.5, 30]], "centre": [30, 33.5]}})
+
+
+def test_raw_frames_are_reduced_in_the_workers_and_the_file_matches_numpy(tmp_path):
+    """A noop session (raw frames): the workers reduce each frame, so the writer gets a 48-byte record per frame and
+    no pixels; with keepFrames it also gets the frames, and its stem/ images equal numpy's on them; a new geometry
+    is refused, saying why."""
+    record = 8 * (3 + 3)  # three detectors, total, x and y moments
+    for keep in (False, True):
+        live = Live(raw_session(f"raw{int(keep)}", keep), tmp_path / f"keep{int(keep)}")
+        client = LiveClient(live.plan.live_url(), timeout=5)
+        try:
+            live.wait_started(frames=10)
+            status = live.status("writer-0")
+            per_frame = 64 * 64 * 2 if keep else 0
+            assert status.bytes_in == status.frames_in * (record + per_frame)
+            with pytest.raises(LiveViewError, match="reduced in the workers.*spec.liveView.geometry"):
+                client.set_geometry(10, [(10, 20)])
+            code, stderr, report = live.finish(timeout=120)
+        finally:
+            live.kill()
+        assert code == 0, stderr
+        assert [(s["expected"], s["written"], s["lost"]) for s in report["scans"]] == [(64, 64, 0)] * 2
+    geometry = DetectorGeometry(6, ((6, 14), (14.5, 30)), (30, 33.5))
+    masks = geometry.masks((64, 64))
+    y, x = np.indices((64, 64))
+    for scan in report["scans"]:
+        with h5py.File(scan["file"]) as f:
+            frames = f["frames"][()].reshape(64, 64 * 64).astype(np.float64)
+            images, com, status = f["stem/images"][()], f["stem/com"][()], f["stem/position_status"][()]
+            sum_pattern, max_pattern = f["stem/sum_pattern"], f["stem/max_pattern"][()]
+            assert (status == COMPLETE).all() and sum_pattern.attrs["frames"] == 64
+            np.testing.assert_array_equal(sum_pattern[()], frames.sum(axis=0).reshape(64, 64))
+            np.testing.assert_array_equal(max_pattern, frames.max(axis=0).reshape(64, 64))
+        for image, mask in zip(images, masks):
+            np.testing.assert_array_equal(image.ravel(), frames[:, mask].sum(axis=1))
+        expected_com = np.stack([frames @ x.ravel(), frames @ y.ravel()]) / frames.sum(axis=1)
+        np.testing.assert_allclose(com.reshape(2, -1), expected_com)

@@ -6,6 +6,7 @@ import re
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -27,6 +28,20 @@ def wait_for(condition, timeout=60.0, what="condition"):
             raise AssertionError(f"gave up waiting for {what}")
         time.sleep(0.05)
     return result
+
+
+@contextmanager
+def chromium_page(url):
+    """A page of Debian's chromium (Playwright, nothing downloaded) opened at `url`."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()
 
 
 class Feeder(threading.Thread):
@@ -127,65 +142,79 @@ def test_a_viewer_that_stops_reading_is_dropped():
 
 
 def test_page_in_chromium_fills_in_and_redraws_for_a_new_radius(live):
-    playwright = pytest.importorskip("playwright.sync_api")
     server, store, images, feeder = live
     client = LiveClient(server.url)
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-        try:
-            page = browser.new_page()
-            page.goto(server.url)
-            bright = page.locator('.panel[data-name="bright_field"]')
+    with chromium_page(server.url) as page:
+        bright = page.locator('.panel[data-name="bright_field"]')
 
-            def drawn_pixels():
-                """Pixels of the bright-field canvas not in the page's colour for 'no data yet'."""
-                return page.evaluate("""() => {
-                    const c = document.querySelector('.panel[data-name="bright_field"] canvas.image');
-                    if (!c) return 0;
-                    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-                    let n = 0;
-                    for (let i = 0; i < d.length; i += 4) if (!(d[i] === 40 && d[i+1] === 60 && d[i+2] === 90)) n++;
-                    return n; }""")
+        def drawn_pixels():
+            """Pixels of the bright-field canvas not in the page's colour for 'no data yet'."""
+            return page.evaluate("""() => {
+                const c = document.querySelector('.panel[data-name="bright_field"] canvas.image');
+                if (!c) return 0;
+                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                let n = 0;
+                for (let i = 0; i < d.length; i += 4) if (!(d[i] === 40 && d[i+1] === 60 && d[i+2] === 90)) n++;
+                return n; }""")
 
-            feeder.go(6)
-            wait_for(lambda: feeder.rows_done == 6, what="6 rows")
-            wait_for(lambda: drawn_pixels() == 6 * SCAN[1], what="6 rows drawn")
-            feeder.go(SCAN[0])
-            wait_for(lambda: drawn_pixels() == SCAN[0] * SCAN[1], what="the whole scan drawn")
-            assert "576 complete, 0 partial, 0 lost" in page.locator("#progress").inner_text()
-            assert "writer" in page.locator("#stages").inner_text()
+        feeder.go(6)
+        wait_for(lambda: feeder.rows_done == 6, what="6 rows")
+        wait_for(lambda: drawn_pixels() == 6 * SCAN[1], what="6 rows drawn")
+        feeder.go(SCAN[0])
+        wait_for(lambda: drawn_pixels() == SCAN[0] * SCAN[1], what="the whole scan drawn")
+        assert "576 complete, 0 partial, 0 lost" in page.locator("#progress").inner_text()
+        assert "writer" in page.locator("#stages").inner_text()
 
-            def shown_total():
-                return float(bright.locator(".total").inner_text() or "nan")
-            wait_for(lambda: shown_total() == np.nansum(client.array("bright_field").astype(float)),
-                     what="the total shown to match the array")
-            before = shown_total()
+        def shown_total():
+            return float(bright.locator(".total").inner_text() or "nan")
+        wait_for(lambda: shown_total() == np.nansum(client.array("bright_field").astype(float)),
+                 what="the total shown to match the array")
+        before = shown_total()
 
-            page.fill("#bf", "12")
+        page.fill("#bf", "12")
+        page.click("#apply")
+        wait_for(lambda: images.geometry.bright_field == 12, what="the typed radius applied")
+        after = wait_for(lambda: shown_total() != before and shown_total(), what="the image redrawn")
+        assert after == np.nansum(client.array("bright_field").astype(float))
+
+        # a number shown under the pointer equals the array's value there
+        box = bright.locator("canvas.image").bounding_box()
+        row, col = 7, 17
+        page.mouse.move(box["x"] + (col + 0.5) * box["width"] / SCAN[1],
+                        box["y"] + (row + 0.5) * box["height"] / SCAN[0])
+        shown = re.fullmatch(r"\((\d+), (\d+)\) = (\S+) complete", bright.locator(".hover").inner_text())
+        assert (int(shown[1]), int(shown[2])) == (row, col)
+        assert float(shown[3]) == client.array("bright_field")[row, col]
+
+        # dragging the outer circle of the annulus outwards widens it on the server
+        pattern = page.locator("#pattern-canvas").bounding_box()
+        scale = pattern["width"] / SIZE
+        x0, y0 = pattern["x"] + (CENTRE[0] + 0.5) * scale, pattern["y"] + (CENTRE[1] + 0.5) * scale
+        page.mouse.move(x0 + 24 * scale, y0)
+        page.mouse.down()
+        page.mouse.move(x0 + 28 * scale, y0, steps=4)
+        page.mouse.up()
+        wait_for(lambda: images.geometry.annuli == ((10, 28),), what="the dragged radius applied")
+        wait_for(lambda: json.loads(page.evaluate("JSON.stringify(scans[0].geometry.annuli)")) == [[10, 28]],
+                 what="the page to show the dragged radius")
+
+
+def test_page_of_a_raw_frame_scan_says_its_geometry_is_the_manifests():
+    """Raw frames are reduced in the workers for the session's geometry: the page says so, and an edit shows the
+    server's refusal while the images stay as they are."""
+    store = LiveStore(lambda: [{"stage": "writer-0"}])
+    images = store.open_scan("scan-0", (4, 4), (32, 32), DetectorGeometry(5, ((5, 12),)))
+    images.add_frames(np.arange(16), np.random.default_rng(3).poisson(2.0, (16, 32, 32)).astype(np.uint16))
+    server = LiveServer(store, interval=0.05)
+    try:
+        with chromium_page(server.url) as page:
+            progress = page.locator("#progress")
+            wait_for(lambda: "reduced in the workers" in progress.inner_text(), what="the raw-frames note")
+            assert "patterns of 16 frames" in progress.inner_text()
+            version = images.version
+            page.fill("#bf", "9")
             page.click("#apply")
-            wait_for(lambda: images.geometry.bright_field == 12, what="the typed radius applied")
-            after = wait_for(lambda: shown_total() != before and shown_total(), what="the image redrawn")
-            assert after == np.nansum(client.array("bright_field").astype(float))
-
-            # a number shown under the pointer equals the array's value there
-            box = bright.locator("canvas.image").bounding_box()
-            row, col = 7, 17
-            page.mouse.move(box["x"] + (col + 0.5) * box["width"] / SCAN[1],
-                            box["y"] + (row + 0.5) * box["height"] / SCAN[0])
-            shown = re.fullmatch(r"\((\d+), (\d+)\) = (\S+) complete", bright.locator(".hover").inner_text())
-            assert (int(shown[1]), int(shown[2])) == (row, col)
-            assert float(shown[3]) == client.array("bright_field")[row, col]
-
-            # dragging the outer circle of the annulus outwards widens it on the server
-            pattern = page.locator("#pattern-canvas").bounding_box()
-            scale = pattern["width"] / SIZE
-            x0, y0 = pattern["x"] + (CENTRE[0] + 0.5) * scale, pattern["y"] + (CENTRE[1] + 0.5) * scale
-            page.mouse.move(x0 + 24 * scale, y0)
-            page.mouse.down()
-            page.mouse.move(x0 + 28 * scale, y0, steps=4)
-            page.mouse.up()
-            wait_for(lambda: images.geometry.annuli == ((10, 28),), what="the dragged radius applied")
-            wait_for(lambda: json.loads(page.evaluate("JSON.stringify(scans[0].geometry.annuli)")) == [[10, 28]],
-                     what="the page to show the dragged radius")
-        finally:
-            browser.close()
+            wait_for(lambda: "spec.liveView.geometry" in page.locator("#error").inner_text(), what="the refusal shown")
+            assert images.geometry.bright_field == 5 and images.version == version
+    finally:
+        server.stop()

@@ -59,6 +59,10 @@ BAD = [
     ({"source": {"simulator": {"seed": 2**64}}}, "spec.source.simulator.seed", "fits in 64 bits"),
     # The simulator draws each electron event with its 3x3 neighbourhood inside the frame.
     ({"detector": {"rows": 2, "cols": 8, "sectors": 1}}, "spec.detector.rows", ">= 3 with the simulator"),
+    # The simulator's bank of distinct frames: at least one, and within a source replica's memory.
+    ({"source": {"simulator": {"distinctFrames": 0}}}, "spec.source.simulator.distinctFrames", ">= 1"),
+    ({"source": {"simulator": {"distinctFrames": 1000}}}, "spec.source.simulator.distinctFrames",
+     "1000 frames of 576x576 uint16 would hold 633 MiB in a source replica (at most 512 MiB): lower it to 809"),
     # Field case 02: the counting plugin cannot count float frames right (stempy wraps them).
     ({"detector": {"dtype": "float32"}}, "spec.detector.dtype", "electron-counting handles uint8, uint16, uint32 "
                                                                 "frames; got float32"),
@@ -148,7 +152,9 @@ def test_every_schema_limit_is_carried_by_the_wire_the_plan_and_the_cluster():
     sectors = detector["sectors"]
     doc = manifest("a" * 40, scan={"rows": scan["rows"], "cols": scan["cols"], "count": scan["count"]},
                    detector={"rows": detector["rows"], "cols": sectors * 1024, "sectors": sectors},
-                   lanes=limits(SessionSpec)["lanes"], source={"replicas": limits(Source)["replicas"]},
+                   lanes=limits(SessionSpec)["lanes"],
+                   # one distinct simulated frame: a sector of this detector is 128 MiB
+                   source={"replicas": limits(Source)["replicas"], "simulator": {"distinctFrames": 1}},
                    workers={"replicas": workers["replicas"], "credits": workers["credits"]},
                    transport={"highWaterMark": limits(Transport)["high_water_mark"]})
     session = load_session(doc)

@@ -81,6 +81,11 @@ class Simulator:
     pedestal: float = spec_field(20.0, doc="Counts every pixel sits above its dark reference, as on a real "
                                            "detector (stempy's threshold fit needs frames above the dark).",
                                  minimum=0)
+    distinct_frames: int = spec_field(64, doc="Distinct frames the simulator renders when it starts, events included; "
+                                              "frames then repeat with this period, so that making one costs no "
+                                              "CPU while streaming. Each source replica holds its sectors of them "
+                                              "(576x576 uint16: 0.66 MB a frame; at most 512 MiB).",
+                                      minimum=1, maximum=65536)
 
 
 @dataclass(frozen=True)

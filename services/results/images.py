@@ -1,7 +1,8 @@
 """Live 4D-STEM images of one scan, filled in position by position, in any order.
 
 Per scan position, from its counted events (uint32 linear pixel indices p = row * cols + col, as the
-electron_counting plugin emits them) or from its raw frame (noop / photon-counting data):
+electron_counting plugin emits them) or from its raw frame (noop / photon-counting data), which the worker that
+holds it reduces to a small record (reduction.py: the writer gets no pixels):
   - virtual images: the sum of the frame over each detector of a `DetectorGeometry` (bright-field disc,
     annular dark fields), in electrons: `stempy.image.create_stem_images` on the same counted data gives
     exactly 65535 x these (it sums its mask value 0xFFFF per electron: stempy/image.h,
@@ -17,12 +18,13 @@ counting emits them, 1 wherever any frame had an event).
 Positions not arrived yet (PENDING) or lost (MISSING) are NaN in every image; `status` gives each
 position's state with the codes of the scan file's accounting/position_status, plus PENDING.
 
-A new geometry is applied to the whole scan so far without re-acquisition, from the events the
-accumulator keeps: 4 bytes per event (8 per non-zero pixel of a raw frame: index and value) plus 8 per
-position. A 1024 x 1024 scan at ~40 events per frame keeps ~160 MiB of events + 8 MiB. The kept data
-is bounded by `keep_bytes` (default 256 MiB; while the buffer grows, one copy of it exists for a moment):
-past it the accumulator frees what it kept, keeps filling in the images with the current geometry, and
-refuses geometry changes for that scan (`RecomputeUnavailable`, naming the bound to raise).
+A new geometry is applied to the whole scan so far without re-acquisition, from the events the accumulator
+keeps: 4 bytes per event plus 8 per position. A 1024 x 1024 scan at ~40 events per frame keeps ~160 MiB of
+events + 8 MiB. The kept data is bounded by `keep_bytes` (default 256 MiB; while the buffer grows, one copy of
+it exists for a moment): past it the accumulator frees what it kept, keeps filling in the images with the
+current geometry, and refuses geometry changes for that scan (`RecomputeUnavailable`, naming the bound to
+raise). A raw-frame scan holds only the records its workers made for the session's geometry, so it refuses
+every new geometry (`RecomputeUnavailable`, saying so): set spec.liveView.geometry for the next session.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import numpy as np
 
 from detstream.services.dataplane.accounting import COMPLETE, MISSING, PARTIAL
 from detstream.services.results.geometry import DetectorGeometry, find_centre
+from detstream.services.results.reduction import FrameReducer, ScanPatterns
 
 __all__ = ["ScanImages", "RecomputeUnavailable", "phase_from_com", "PENDING", "COMPLETE", "PARTIAL",
            "MISSING", "DEFAULT_KEEP_BYTES"]
@@ -90,8 +93,9 @@ class ScanImages:
     """The live images of one scan, thread-safe: one thread adds positions, others read and change geometry.
 
     scan_shape = (rows, cols) of scan positions, position p = row * cols + col; frame_shape = (rows, cols)
-    of detector pixels. Add data with `add_events` (counted) or `add_frames` (raw), mark lost positions
-    with `mark_lost`; read with `array(name)` (names in `array_names`); `version` grows with every change.
+    of detector pixels. Add data with `add_events` (counted), or `add_reduced` and `add_patterns` (raw frames as
+    the workers reduce them; `add_frames` reduces raw frames here), mark lost positions with `mark_lost`; read
+    with `array(name)` (names in `array_names`); `version` grows with every change.
     Bad input raises ValueError naming the argument; nothing is changed then.
     """
 
@@ -113,16 +117,15 @@ class ScanImages:
         self._pixel_x, self._pixel_y = (np.arange(self.pixels) % self.frame_shape[1],
                                         np.arange(self.pixels) // self.frame_shape[1])
         self._kept_pixels = _Growable(np.uint32)
-        self._kept_values: _Growable | None = None  # values only for raw frames
         self._record_position, self._record_length = _Growable(np.uint32), _Growable(np.uint32)
         self.recomputable = True
         self.kind: str | None = None  # "events" or "frames", fixed by the first add
+        self.pattern_frames = 0  # raw frames in the sum and max patterns (a pattern of re-sent frames is left out)
         self.version = 0
 
     # --- geometry --------------------------------------------------------------------------------
     def _set_geometry(self, geometry: DetectorGeometry) -> None:
         self._masks = geometry.masks(self.frame_shape)  # validates the centre against the frame
-        self._weights_cache: np.ndarray | None = None
         self.geometry = geometry
         self._values = np.zeros((len(self._masks), self.positions))
 
@@ -142,6 +145,10 @@ class ScanImages:
         outside the state lock (adds go on), then the positions added meanwhile are caught up.
         Raises GeometryError (bad geometry for these frames) or RecomputeUnavailable (events not kept)."""
         masks = geometry.masks(self.frame_shape)
+        if self.kind == "frames":
+            raise RecomputeUnavailable(
+                "raw frames are reduced in the workers for the session's geometry (spec.liveView.geometry) and the "
+                "writer keeps no pixels: this scan's images cannot be recomputed; set the geometry in the manifest")
         with self._recompute_lock:
             with self._lock:
                 self._check_recomputable()
@@ -152,7 +159,6 @@ class ScanImages:
                 self._check_recomputable()
                 values += self._reduce_records(masks, *self._kept_arrays(), done, self._record_position.size)
                 self._masks, self.geometry, self._values = masks, geometry, values
-                self._weights_cache = None
                 self.version += 1
 
     def _check_recomputable(self) -> None:
@@ -161,11 +167,10 @@ class ScanImages:
                 f"this scan's events exceeded keep_bytes ({self.keep_bytes / 2**20:.0f} MiB) and were not kept, so "
                 "its images cannot be recomputed for a new geometry; raise keep_bytes (live results) for the next scan")
 
-    def _kept_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-        values = None if self._kept_values is None else self._kept_values.data
-        return (self._record_position.data, self._record_length.data, self._kept_pixels.data, values)
+    def _kept_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self._record_position.data, self._record_length.data, self._kept_pixels.data
 
-    def _reduce_records(self, masks, record_position, record_length, pixels, values, first, last) -> np.ndarray:
+    def _reduce_records(self, masks, record_position, record_length, pixels, first, last) -> np.ndarray:
         """Detector sums (detectors, positions) of kept records [first, last), in blocks of ~_RECOMPUTE_BLOCK events."""
         result = np.zeros((len(masks), self.positions))
         lengths = record_length[:last].astype(np.int64)
@@ -176,10 +181,8 @@ class ScanImages:
             stop = min(max(stop, start + 1), last)
             span = slice(offsets[start], offsets[stop])
             local = np.repeat(np.arange(stop - start), lengths[start:stop])
-            weight = None if values is None else values[span]
             for d, mask in enumerate(masks):
-                sums = np.bincount(local, mask[pixels[span]] if weight is None else mask[pixels[span]] * weight,
-                                   minlength=stop - start)
+                sums = np.bincount(local, mask[pixels[span]], minlength=stop - start)
                 np.add.at(result[d], record_position[start:stop], sums)
             start = stop
         return result
@@ -203,46 +206,54 @@ class ScanImages:
             self._check_kind("events")
             for d, mask in enumerate(self._masks):
                 self._values[d, unique] += np.bincount(local, mask[events], minlength=unique.size)
-            self._add_common(positions, status, unique, local, events, None)
-            self._keep(positions, counts, events, None)
+            self._add_common(positions, status, unique, local, events)
+            self._keep(positions, counts, events)
 
-    def add_frames(self, positions, frames, status=COMPLETE) -> None:
-        """Raw frames: positions (n,), frames (n, rows, cols) of any real dtype (pixel values, e.g. photon counts);
-        status COMPLETE or PARTIAL (scalar or (n,)). Kept for recomputation as their non-zero pixels when the whole
-        scan would fit in keep_bytes at the density seen so far (a raw 576x576 frame with a pedestal is 2.6 MB:
-        ~100 frames in the default bound; sparse photon-counting frames fit many more).
-        One float64 matrix product per call gives every detector sum, the totals and the COM sums (exact for
-        integer pixel values: sums below 2**53); ~1 ms per 576x576 frame on one core."""
+    def add_reduced(self, positions, records, status=COMPLETE) -> None:
+        """Raw frames as the workers reduce them (`FrameReducer.record`): positions (n,), records (n, detectors + 3)
+        float64 (the geometry's detector sums, total, x moment, y moment); status COMPLETE or PARTIAL (scalar or
+        (n,)). The records must be of this scan's geometry (the session's: it never changes for raw frames)."""
         positions, status = self._check_positions(positions, status)
-        frames = np.asarray(frames)
-        if frames.shape != (positions.size, *self.frame_shape) or not np.isrealobj(frames):
-            raise ValueError(f"frames: must be real numbers of shape ({positions.size}, {self.frame_shape[0]}, "
-                             f"{self.frame_shape[1]}); got {frames.dtype} {frames.shape}")
-        flat = frames.reshape(positions.size, self.pixels).astype(np.float64)
-        unique, slot = np.unique(positions, return_inverse=True)
-        with self._lock:
+        records = np.asarray(records, np.float64)
+        width = len(self._masks) + 3
+        if records.shape != (positions.size, width):
+            raise ValueError(f"records: must be ({positions.size}, {width}) float64 for this geometry; "
+                             f"got {records.shape}")
+        with self._lock:  # a turn's few records each time: np.add.at (exact for a position twice) is the cheapest
             self._check_kind("frames")
-            sums = flat @ self._weights.T  # (n, detectors + 3): the detectors, then total, x and y moments
-            for d in range(len(self._masks)):
-                self._values[d, unique] += np.bincount(slot, sums[:, d], minlength=unique.size)
-            for row, target in ((-3, self._total), (-2, self._com_sum[0]), (-1, self._com_sum[1])):
-                target[unique] += np.bincount(slot, sums[:, row], minlength=unique.size)
-            self.sum_pattern += flat.sum(axis=0)
-            np.maximum(self.max_pattern, flat.max(axis=0), out=self.max_pattern)
+            if self.recomputable:
+                self.forget_events()  # nothing to keep: a raw-frame scan is never recomputed
+            np.add.at(self._values.T, positions, records[:, :-3])  # (transposed views: rows by position)
+            np.add.at(self._total, positions, records[:, -3])
+            np.add.at(self._com_sum.T, positions, records[:, -2:])
             self.status[positions] = status
             self.version += 1
-            # a scan whose frames, at this batch's density, would not all fit keeps nothing from the start (raw
-            # frames with a pedestal: 2.6 MB per 576x576 frame): keeping them would cost for nothing
-            density = 8 * (np.count_nonzero(flat) / positions.size + 1)
-            if self.recomputable and max(self.kept_bytes + density * positions.size,
-                                         density * self.positions) > self.keep_bytes:
-                self.forget_events()
-            if self.recomputable:
-                if self._kept_values is None:
-                    self._kept_values = _Growable(np.float32)
-                frame, pixels = np.nonzero(flat)
-                self._keep(positions, np.bincount(frame, minlength=positions.size), pixels.astype(np.uint32),
-                           flat[frame, pixels])
+
+    def add_patterns(self, sum_pattern, max_pattern, frames: int) -> None:
+        """Merge raw frames' summed and maximum patterns, each (frame rows, frame cols), over `frames` frames."""
+        sum_pattern, max_pattern = np.asarray(sum_pattern), np.asarray(max_pattern)
+        if sum_pattern.shape != self.frame_shape or max_pattern.shape != self.frame_shape:
+            raise ValueError(f"patterns: must be {self.frame_shape}; got {sum_pattern.shape} and {max_pattern.shape}")
+        with self._lock:
+            self._check_kind("frames")
+            self.sum_pattern += sum_pattern.ravel()
+            np.maximum(self.max_pattern, max_pattern.ravel(), out=self.max_pattern)
+            self.pattern_frames += int(frames)
+            self.version += 1
+
+    def add_frames(self, positions, frames, status=COMPLETE) -> None:
+        """Raw frames reduced here, as a worker reduces them (`add_reduced` + `add_patterns`): positions (n,),
+        frames (n, rows, cols) of any real dtype (pixel values, e.g. photon counts); status as `add_reduced`."""
+        frames = np.asarray(frames)
+        if frames.shape != (np.size(positions), *self.frame_shape) or not np.isrealobj(frames):
+            raise ValueError(f"frames: must be real numbers of shape ({np.size(positions)}, {self.frame_shape[0]}, "
+                             f"{self.frame_shape[1]}); got {frames.dtype} {frames.shape}")
+        reducer = FrameReducer(self.frame_shape, self.geometry, frames.dtype)
+        patterns = ScanPatterns(reducer)
+        for frame in frames:
+            patterns.add([frame], 0, 0.0)
+        self.add_reduced(positions, [reducer.record([frame]) for frame in frames], status)
+        self.add_patterns(patterns.sums[0], patterns.maxima[0], len(frames))
 
     def mark_lost(self, positions) -> None:
         """Positions whose frame will never come (lost): MISSING, NaN in the images."""
@@ -257,7 +268,7 @@ class ScanImages:
                                or positions.min() < 0 or positions.max() >= self.positions):
             raise ValueError(f"positions: must be integers in [0, {self.positions}) for a {self.scan_shape} scan")
         status = np.broadcast_to(np.asarray(status, np.uint8), positions.shape)
-        if not np.isin(status, (COMPLETE, PARTIAL)).all():
+        if not ((status == COMPLETE) | (status == PARTIAL)).all():  # (np.isin: 15 us on a few values)
             raise ValueError(f"status: must be COMPLETE ({COMPLETE}) or PARTIAL ({PARTIAL})")
         return positions.astype(np.int64), status
 
@@ -266,11 +277,11 @@ class ScanImages:
             raise ValueError(f"{kind}: this scan has {self.kind}; add the same kind for a whole scan")
         self.kind = kind
 
-    def _add_common(self, positions, status, unique, local, pixels, weights) -> None:
-        """COM sums, totals, summed pattern and status of pixels (values `weights`, None for counted events) at
-        scan positions unique[local]; caller holds the lock. Sums per unique position, so fancy += is exact."""
+    def _add_common(self, positions, status, unique, local, pixels) -> None:
+        """COM sums, totals, summed pattern and status of counted events `pixels` at scan positions unique[local];
+        caller holds the lock. Sums per unique position, so fancy += is exact."""
         n = unique.size
-        ones = np.ones(pixels.size) if weights is None else weights
+        ones = np.ones(pixels.size)
         self._total[unique] += np.bincount(local, ones, minlength=n)
         self._com_sum[0, unique] += np.bincount(local, ones * self._pixel_x[pixels], minlength=n)
         self._com_sum[1, unique] += np.bincount(local, ones * self._pixel_y[pixels], minlength=n)
@@ -278,19 +289,16 @@ class ScanImages:
         self.status[positions] = status
         self.version += 1
 
-    def _keep(self, positions, lengths, pixels, values) -> None:
+    def _keep(self, positions, lengths, pixels) -> None:
         """Keep what a recompute needs, within keep_bytes; past it free all and stop; caller holds the lock."""
         if not self.recomputable:
             return
-        per_pixel = 4 if values is None else 8
-        if self.kept_bytes + pixels.size * per_pixel + positions.size * 8 > self.keep_bytes:
+        if self.kept_bytes + pixels.size * 4 + positions.size * 8 > self.keep_bytes:
             self.forget_events()
             return
         self._record_position.extend(positions)
         self._record_length.extend(lengths)
         self._kept_pixels.extend(pixels)
-        if values is not None and self._kept_values is not None:
-            self._kept_values.extend(values)
 
     def forget_events(self) -> None:
         """Free the kept events: the images go on filling in with the current geometry, but a new geometry is
@@ -298,21 +306,11 @@ class ScanImages:
         needs to recompute (see LiveStore.close_scan). The caller holds the lock, or the scan takes no more data."""
         self.recomputable = False
         self._kept_pixels, self._record_position, self._record_length = (_Growable(np.uint32) for _ in range(3))
-        self._kept_values = None
-
-    @property
-    def _weights(self) -> np.ndarray:
-        """float64 (detectors + 3, pixels): the detector masks, then ones, pixel x and pixel y (for add_frames)."""
-        if self._weights_cache is None:
-            self._weights_cache = np.vstack([self._masks, np.ones(self.pixels), self._pixel_x, self._pixel_y]) \
-                .astype(np.float64)
-        return self._weights_cache
 
     @property
     def kept_bytes(self) -> int:
-        """Bytes of events (and raw pixel values) and per-position records kept for recomputation."""
-        values = 0 if self._kept_values is None else self._kept_values.nbytes
-        return self._kept_pixels.nbytes + values + self._record_position.nbytes + self._record_length.nbytes
+        """Bytes of events and per-position records kept for recomputation."""
+        return self._kept_pixels.nbytes + self._record_position.nbytes + self._record_length.nbytes
 
     # --- reading ---------------------------------------------------------------------------------
     @property
@@ -356,4 +354,5 @@ class ScanImages:
             counts = np.bincount(self.status, minlength=4)
             return {"positions": self.positions, "complete": int(counts[COMPLETE]), "partial": int(counts[PARTIAL]),
                     "lost": int(counts[MISSING]), "pending": int(counts[PENDING]), "version": self.version,
-                    "kept_bytes": self.kept_bytes, "keep_bytes": self.keep_bytes, "recomputable": self.recomputable}
+                    "kept_bytes": self.kept_bytes, "keep_bytes": self.keep_bytes, "recomputable": self.recomputable,
+                    "kind": self.kind, "pattern_frames": self.pattern_frames}

@@ -10,7 +10,9 @@ and beside it (detstream's own; stempy ignores them):
   stem/com              float64 (2, scan rows, scan cols): centre of mass, [0] = x (column), [1] = y (row), in
                         pixels, as stempy.image.com_sparse(..., replace_nans=False) orders it
   stem/idpc             float64 (scan rows, scan cols): iDPC phase (radians, up to a constant)
-  stem/sum_pattern      float64 (frame rows, frame cols): summed diffraction pattern
+  stem/sum_pattern      float64 (frame rows, frame cols): summed diffraction pattern; for raw frames, attr
+                        frames = how many frames it and max_pattern hold (the written ones, less any whose
+                        worker's pattern never came or that a re-send processed twice: see results/feed.py)
   stem/max_pattern      float64 (frame rows, frame cols): maximum diffraction pattern
   stem/position_status  uint8 (scan rows, scan cols): COMPLETE, PARTIAL or MISSING, the codes of
                         accounting/position_status; mask the images with `position_status == COMPLETE`
@@ -40,7 +42,9 @@ def write_stem_images(h5: h5py.File, scan: ScanImages) -> None:
     images.attrs["centre"] = scan.centre
     stem.create_dataset("com", data=np.stack([scan.array("com_x"), scan.array("com_y")]))
     stem.create_dataset("idpc", data=scan.array("idpc"))
-    stem.create_dataset("sum_pattern", data=scan.array("sum"))
+    pattern = stem.create_dataset("sum_pattern", data=scan.array("sum"))
+    if scan.kind == "frames":
+        pattern.attrs["frames"] = scan.pattern_frames
     stem.create_dataset("max_pattern", data=scan.array("max"))
     status = scan.array("status")
     status[status == PENDING] = MISSING

@@ -1,9 +1,9 @@
 """The live store: what a session's live view serves, in the session's own process.
 
 The sink that collects a scan's results opens it here (`open_scan`) and feeds the returned `ScanImages`
-(`add_events` / `add_frames` / `mark_lost`); it may attach the scan's accounting (`set_accounting`). The
-web app (`detstream.services.results.web`) only reads, except for a scan's detector geometry, which
-changes what the images show and nothing of the session.
+(`add_events`, or `add_reduced` + `add_patterns` for raw frames the workers reduced; `mark_lost`); it may attach
+the scan's accounting (`set_accounting`). The web app (`detstream.services.results.web`) only reads, except for
+a scan's detector geometry, which changes what the images show and nothing of the session.
 """
 
 from __future__ import annotations

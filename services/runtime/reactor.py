@@ -53,7 +53,7 @@ class Reactor:
     def __init__(self, receive: Callable, waiting: Callable[[], bool], poll_ms: int):
         self._receive = receive
         self._waiting = waiting
-        self.poll_ms = poll_ms
+        self.poll_ms = poll_ms  # a stage polling several sockets may shorten it for a while (a worker's patterns)
         self.readers: list[Reader] = []
         self.writables: list[tuple[zmq.Socket, Callable[[], None], Callable[[], bool]]] = []
         self.tasks: list[Task] = []

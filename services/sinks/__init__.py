@@ -10,7 +10,8 @@ The writer opens one sink per scan (`open`, at the scan's first result), gives i
 (`write_result`), then at the scan's close its metadata (`add_metadata`), what arrived where
 (`record_arrivals`), its live images (`add_images`, with spec.liveView on) and `close`; or `abort` when the
 scan cannot be finished. A result kind with no sink ("frames", from the noop plugin) is counted and not kept,
-unless spec.output.keepFrames: then raw_frames.py writes them (`session_sink`).
+unless spec.output.keepFrames: then raw_frames.py writes them (`session_sink`). Only then do the workers send
+the writer the frames themselves (a frames result is otherwise a small record for the live view).
 
 What every sink guarantees: it never writes over an existing file (the constructor refuses), and a file
 at its path is complete (it writes elsewhere until `close`; `abort` leaves nothing behind).

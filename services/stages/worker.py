@@ -21,11 +21,20 @@ restarted distributor comes back (its predecessor's credits died with it).
 A plugin that calibrates (electron counting with fitted thresholds) does so on the session's sample
 frames: the first `samples` frames of the first scan, which every source sends to every worker it
 learns of (SAMPLE, the BLOCK layout), so all workers calibrate on the same frames in the same order, run
-after run. Until then frames are held (and credit given back for them, so the samples can come) up to
-that many; if some sample never comes, the worker calibrates on those it has once the stream pauses.
-The samples are kept for the session, so new parameters (a new plugin instance) calibrate again on the
-same frames. What the plugin derived (`calibration()`) goes to the writer (CALIBRATION), for the scan's
-file.
+after run. Until then frames are held; if some sample never comes, the worker calibrates on those it has
+once the stream pauses. The samples are kept for the session, so new parameters (a new plugin instance)
+calibrate again on the same frames. What the plugin derived (`calibration()`) goes to the writer
+(CALIBRATION), for the scan's file.
+
+A plugin whose results are raw frames (noop) sends the writer no pixels unless the session keeps them
+(spec.output.keepFrames, or a sink registered for frames: `sinks.session_sink`): with the live view on, the
+worker reduces each frame where it lies (results/reduction.py) and its RESULT carries the frame's record
+(detector sums, total, moments: a few dozen bytes) instead; each scan's summed and maximum patterns follow in a
+PATTERN message every PATTERN_S while frames come, and as soon as this worker's input pauses (PAUSE_S) after it
+had one of the scan's last frames (the writer waits for the patterns before it closes the scan; a pattern is 2
+MB at 576x576, three frames' worth, so not at every pause of a slow stream). A result's parts are [record (empty
+with the live view off)] + [the frame's strips, when kept]: the writer still gets one result per frame, so the
+accounting is the same.
 """
 
 from __future__ import annotations
@@ -49,18 +58,24 @@ from detstream.services.dataplane.wire import (
     DUPLICATE,
     HEARTBEAT,
     PARTIAL,
+    PATTERN,
     RESULT,
     SAMPLE,
     TAKEN,
     Header,
     Message,
     Outbox,
+    frame_key,
 )
 from detstream.services.plugins import PluginContext, plugin_class
+from detstream.services.results.geometry import live_geometry
+from detstream.services.results.reduction import PATTERN_S, FrameReducer, ScanPatterns
 from detstream.services.runtime.faults import failpoint
-from detstream.services.runtime.stage import HOUSEKEEPING_S, Stage
+from detstream.services.runtime.stage import HOUSEKEEPING_S, POLL_MS, Stage
+from detstream.services.sinks import session_sink
 
 CALIBRATION_IDLE_S = 0.5  # calibrate on the samples there are when the stream pauses this long
+PAUSE_S = 0.02  # a scan's last patterns go to the writer when no frame came for this long (else every PATTERN_S)
 
 
 class Held(NamedTuple):
@@ -98,11 +113,23 @@ class WorkerStage(Stage):
         self.housekeeping_s = min(HOUSEKEEPING_S, spec.transport.heartbeat_s / 2)  # heartbeats, calibration, gauges
         self.outgoing: deque[tuple[Header, list]] = deque()   # results the writer's queue cannot take yet
         self.process_delay = failpoint(self.name, self.role, "process-delay")
+        raw = self.plugin_cls.result == "frames"
+        self.keep_frames = raw and session_sink(spec, "frames") is not None  # the writer writes them
+        self.reducer = FrameReducer((spec.detector.rows, spec.detector.cols),
+                                    live_geometry(spec.live_view.geometry, (spec.detector.rows, spec.detector.cols)),
+                                    spec.detector.dtype, spec.detector.sectors) \
+            if raw and spec.live_view.enabled else None
+        self.patterns: dict[int, ScanPatterns] = {}  # scan -> its patterns since the last PATTERN sent
+        # a frame numbered from here on is among a scan's last ones (as many as can be in flight at once)
+        self.scan_end = spec.scan.frames - spec.lanes * spec.workers.credits * max(spec.workers.replicas, 1)
+        self.ending: set[int] = set()  # scans of which this worker had one of the last frames
         self.report_calibration()  # fixed thresholds are known now
         self.reactor.on_message(self.data, self.from_source, batch=8)
         # the writer's socket is watched only while results wait for room there
         self.reactor.on_writable(self.writer.socket, self.flush, when=lambda: bool(self.outgoing))
         self.reactor.every(0, self.apply_updates)
+        if self.reducer is not None:
+            self.reactor.every(0, self.send_patterns)
         self.reactor.every(self.housekeeping_s, self.housekeeping)
 
     def housekeeping(self, now: float) -> None:
@@ -163,6 +190,8 @@ class WorkerStage(Stage):
     def process(self, scan: int, frame: int, parts: list, mask: int) -> None:
         t0 = time.perf_counter()
         out = self.plugin.process(self.views(parts), parts)
+        if self.plugin_cls.result == "frames":
+            out = self.raw_result(scan, frame, out)
         if self.process_delay:
             time.sleep(self.process_delay)
         self.metrics.latency.observe(time.perf_counter() - t0)
@@ -173,6 +202,39 @@ class WorkerStage(Stage):
                         scan_rows=self.spec.scan.rows, scan_cols=self.spec.scan.cols, result=self.plugin_cls.result)
         self.outgoing.append((result, list(out)))
         self.flush()
+
+    def raw_result(self, scan: int, frame: int, parts) -> list:
+        """A raw frame's result parts: [its live record (b"" with the live view off, or for parts that are not
+        this detector's frame: the writer refuses it for the view)] + [the frame, with keepFrames]."""
+        record = b""
+        if self.reducer is not None and self.geometry.is_frame(parts):
+            strips = self.views(parts)
+            record = self.reducer.record(strips).tobytes()
+            patterns = self.patterns.get(scan)
+            if patterns is None:
+                patterns = self.patterns[scan] = ScanPatterns(self.reducer)
+            patterns.add(strips, frame_key(scan, frame), time.monotonic())
+            if frame >= self.scan_end:
+                self.ending.add(scan)
+        return [record, *parts] if self.keep_frames else [record]
+
+    def send_patterns(self, now: float) -> None:
+        """After a turn: each scan's patterns to the writer (behind the results they cover) when PATTERN_S has
+        passed since their first frame, they hold as many frames as they can, or the scan is ending here and no
+        frame came for PAUSE_S. Meanwhile the turns wait PAUSE_S at most, so that pause is seen when it comes."""
+        if not self.patterns:
+            return
+        paused = time.monotonic() - self.last_frame >= PAUSE_S
+        for scan, patterns in list(self.patterns.items()):
+            ending = scan in self.ending
+            if patterns.keys and (patterns.full or now - patterns.since >= PATTERN_S or (paused and ending)):
+                self.outgoing.append((Header(kind=PATTERN, scan=scan), patterns.take()))
+            if paused and not patterns.keys:
+                del self.patterns[scan]  # a scan's buffers are not kept for ever
+                self.ending.discard(scan)
+        self.flush()
+        waiting = any(self.patterns[scan].keys for scan in self.ending if scan in self.patterns)
+        self.reactor.poll_ms = int(PAUSE_S * 1000) if waiting else POLL_MS
 
     def flush(self) -> None:
         """Hand queued results to the writer's socket, as far as its queue takes them (never blocks)."""

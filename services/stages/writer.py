@@ -27,6 +27,13 @@ With spec.liveView on (the default) the writer also makes the live results (serv
 turn's new results go into the session's live store, served on the writer's `live` port, and each scan's
 STEM images go into its file at close (`stem/`, stempy's layout). Duplicates and refused results are not shown.
 
+Raw frames (the `frames` result kind: noop) are reduced in the workers (results/reduction.py), so such a
+result carries no pixels unless the session keeps the frames (a sink for them: spec.output.keepFrames, or a
+registered one): its parts are [the frame's live record (empty with the live view off)] + [the frame's sector
+strips, when kept]. The workers' PATTERN
+messages carry the scans' summed and maximum patterns; a raw-frame scan waits for them before it closes (at most
+feed.PATTERN_WAIT_S).
+
 Workers send what their plugin derived from the session's sample frames (CALIBRATION: e.g. the fitted
 electron-counting thresholds); each scan's file records it under `metadata/` when it closes. All workers
 calibrate on the same samples, so they agree; if they ever did not, the writer says so in its log.
@@ -48,6 +55,7 @@ from detstream.services.dataplane.wire import (
     CALIBRATION,
     END_OF_SCAN,
     PARTIAL,
+    PATTERN,
     RECEIPT,
     RESULT,
     Header,
@@ -139,7 +147,7 @@ class WriterStage(Stage):
         lane's results are here before its end)."""
         self.send_receipts()
         if self.live is not None:
-            self.live.flush()
+            self.live.flush(now)
         if self.lane_ended:
             self.housekeeping(now)
 
@@ -158,10 +166,16 @@ class WriterStage(Stage):
         if h.kind == CALIBRATION:
             self.take_calibration(msg)
             return
+        if h.kind == PATTERN:
+            self.take_pattern(msg)
+            return
         if h.kind not in (RESULT, END_OF_SCAN):
             self.refuse("kind", msg)
             return
         parts = [part.buffer for part in msg.parts]
+        live_parts = parts
+        if h.kind == RESULT and self.kind == "frames":  # [the live record] + [the frame, when a sink keeps it]
+            live_parts, parts = parts[:1], parts[1:]
         if h.kind == RESULT:
             # even for a result refused below: the frame must not stay in flight for ever (a plugin
             # returning bad results shows as frames unaccounted, which fails the session loudly)
@@ -194,9 +208,9 @@ class WriterStage(Stage):
             self.counters.outcomes["partial"] += 1
         if self.sink is not None:
             self.write(scan, h.position, parts)
-        if self.live is not None and not self.live.add(scan.number, (scan.rows, scan.cols), h.position, parts,
-                                                       partial):
-            self.refuse("size", msg, "a frames result that is not the detector's sectors: written, not shown live")
+        if self.live is not None and not self.live.add(scan.number, (scan.rows, scan.cols), h.position, live_parts,
+                                                       partial, h.sender, frame_key(h.scan, h.frame)):
+            self.refuse("size", msg, "a frames result without a live record of this geometry: written, not shown live")
 
     def valid_result(self, msg: Message, parts: list) -> bool:
         """A RESULT this writer can take: the session's result kind, a position in the scan, and payload parts
@@ -212,6 +226,16 @@ class WriterStage(Stage):
         if reason:
             self.refuse(reason, msg, "a result this writer cannot take")
         return reason is None
+
+    def take_pattern(self, msg: Message) -> None:
+        """A worker's summed and maximum patterns of raw frames (feed.LiveResults.add_pattern)."""
+        if self.live is None or self.kind != "frames":
+            self.refuse("kind", msg, "a PATTERN without a live view of raw frames")
+            return
+        reason = self.live.add_pattern(msg.header.sender, msg.header.scan, [part.buffer for part in msg.parts])
+        if reason:
+            self.refuse(reason, msg, "a PATTERN whose parts are not this session's patterns")
+        self.lane_ended = True  # a scan waiting for its patterns may close now
 
     def take_calibration(self, msg: Message) -> None:
         """A worker's calibration: a JSON object of groups (dicts) of numbers, strings and booleans."""
@@ -274,6 +298,8 @@ class WriterStage(Stage):
     def close_ready(self, now: float) -> None:
         for scan, silent in self.accounts.due(now, self.last_input if self.streaming else None,
                                               self.draining.is_set()):
+            if silent is None and self.live is not None and self.live.settling(scan.number, now):
+                continue  # its raw frames' patterns are on their way
             if silent is None:
                 self.close(scan)
             else:

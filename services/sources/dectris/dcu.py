@@ -251,8 +251,9 @@ def simulated(args: argparse.Namespace) -> Source:
         raise ValueError(f"--shape {args.shape!r}: expected ROWSxCOLS, e.g. 576x576") from None
     if not (0 < rows <= 65536 and 0 < cols <= 65536):
         raise ValueError(f"--shape {args.shape!r}: rows and columns from 1 to 65536")
-    simulator = Simulator(Settings(seed=args.seed), Detector(rows=rows, cols=cols, sectors=1, dtype=args.dtype))
     images = args.images or 100
+    simulator = Simulator(Settings(seed=args.seed, distinct_frames=min(images, BANK)),
+                          Detector(rows=rows, cols=cols, sectors=1, dtype=args.dtype))
     compression = {None: "bslz4", "none": None}.get(args.compression, args.compression)
     bank = [array_tag(simulator.frame(0, i), compression) for i in range(min(images, BANK))]
     frame_ticks = round(TIME_BASE / args.rate) if args.rate > 0 else TIME_BASE // 1000
