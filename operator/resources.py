@@ -203,7 +203,8 @@ def network_policy(session: Session) -> dict:
         ingress.append({"ports": port(LIVE_PORT)})
     ranges = session.spec.kubernetes.external_source_ranges
     if session.spec.source.kind == "external" and ranges:
-        ingress.append({"from": [{"ipBlock": {"cidr": cidr}} for cidr in ranges], "ports": port("route") + port("data")})
+        ingress.append({"from": [{"ipBlock": {"cidr": cidr}} for cidr in ranges],
+                        "ports": port("route") + port("data")})
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": f"{session.name}-stages", "namespace": session.namespace, "labels": labels(session)},
             "spec": {"podSelector": {"matchLabels": {"detstream.io/session": session.name}},

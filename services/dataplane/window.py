@@ -61,17 +61,17 @@ class SourceWindow:
         """Keep a frame. Returns the block to ask its lane for (a new one, else None) and what to send now; or
         None, keeping nothing, when its lane has closed the scan (`closed`)."""
         key = (scan, self.blocks.of(frame))
-        sends = self.pass_current() if key != self.current else []
         if scan in self.closed[self.blocks.lane(key[1])]:
             return None
+        sends = self.pass_current() if key != self.current else []
         self.current = key
         self.kept[frame_key(scan, frame)] = sectors
         out = self.out.get(key)
-        new = out is None
-        if new:
+        ask = key if out is None else None
+        if out is None:
             out = self.out[key] = OutBlock()
         out.unsent.append(frame)
-        return (key if new else None), sends
+        return ask, sends
 
     def pass_current(self) -> list[Send]:
         """The source has gone past the current block (end of scan, or a frame of another block)."""

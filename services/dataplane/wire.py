@@ -64,7 +64,7 @@ REJECT_REASONS = (
     # from a detector (a DECTRIS DCU, at a source of kind dectris): not stream v2 (stream2.REJECT_REASONS:
     # cbor, not-map, type, field, compression; and size), or a message the session cannot place: an image
     # before its series' start (one source replica), of a series already ended; an image the detector
-    # sent twice (also at the aggregator: a whole frame again)
+    # sent twice (also at the worker: a whole frame again)
     "cbor", "not-map", "type", "field", "compression", "no-start", "ended", "duplicate",
     # not a data message: a failed ZeroMQ handshake (without CURVE / with a wrong key), a bad
     # request to the metrics endpoint, a refused control call

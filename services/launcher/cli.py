@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     stage.add_argument("--manifest", type=Path,
                        help="source outside the session (an acquisition machine): the session's manifest")
     stage.add_argument("--connect", action="append", default=[],
-                       help="source outside the session: an aggregator's ingest address, one per lane, e.g. "
-                            "tcp://demo-aggregator-0.facility.example:7200 (see the session's status.ingest)")
+                       help="source outside the session: a distributor's route address, one per lane, e.g. "
+                            "tcp://demo-distributor-0.facility.example:7200 (see the session's status.ingest)")
     stage.add_argument("--replay", help="external source: replay frames from this .npy/HDF5 file instead of "
                                         "simulating them")
     stage.add_argument("--dataset", default="", help="external source: the HDF5 dataset to replay")

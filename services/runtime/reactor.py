@@ -5,7 +5,7 @@ turns. A stage then holds only its own logic.
 
 One turn waits at most `poll_ms` for input, hands what arrived to the handlers, then runs the
 tasks that are due. How it waits is chosen for speed, as measured on the pipeline benchmark: with
-one socket to read (the aggregator, the writer) it waits inside the receive (the socket's receive
+one socket to read (the writer) it waits inside the receive (the socket's receive
 timeout), without a poll; with several it polls once and reads each ready socket. Reading a socket
 until ZeroMQ refuses (zmq.Again, a Python exception) is never done per message: a handler reads at
 most `batch` messages a turn, the first of them announced by the poll or the blocking receive.

@@ -130,6 +130,8 @@ class DistributorStage(Stage):
     def assign(self, route: Route, peers) -> None:
         """Tell these sources where the block goes (counted once per routing, as the block's frames out)."""
         worker = route.worker
+        if worker is None:  # (waiting for credit: it is told when routed)
+            return
         header = Header(kind=ASSIGN, scan=route.scan, block=route.block, address=worker.address, key=worker.key,
                         flags=DUPLICATE if route.again else 0)
         for peer in peers:

@@ -233,7 +233,9 @@ class SourceStage(Stage):
 
     def send_block(self, send: Send) -> None:
         """One BLOCK message: this replica's sectors of the frames still kept (a released frame is done)."""
-        frames, parts, sectors = [], [], None
+        frames: list[int] = []
+        parts: list = []
+        sectors: list[int] | None = None
         for frame in send.frames:
             kept = self.window.sectors(send.scan, frame)
             if kept is None:

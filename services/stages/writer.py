@@ -9,7 +9,7 @@ the lanes name as lost (each lane's END_OF_SCAN carries them as a bitmap) that a
 session.
 
 A lane's end of scan can die with a distributor restarted mid-session (a pod restarted by
-Kubernetes); its aggregator sends it again to the new one. As a last resort, a scan stale for
+Kubernetes); the sources send their ends again to the new one. As a last resort, a scan stale for
 STALE_TIMEOUTS x (end-of-scan + worker timeout) + STALE_MARGIN_S closes anyway, its missing frames
 counted lost and the lanes that never ended it named; a scan of which nothing came at all, below
 an open one (or, once streaming, with no input for as long), is opened for that.
