@@ -129,7 +129,7 @@ def deliver(stages, target, raw, peer):
         stage.reject(exc)
         return
     if target == "source":
-        stage.from_lane(msg)
+        stage.from_lane(0, msg)
     elif target == "distributor-route":
         stage.from_source(peer, msg)
     elif target == "distributor-work":

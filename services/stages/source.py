@@ -257,7 +257,9 @@ class SourceStage(Stage):
         return list(getattr(self.source, "sectors", range(self.geometry.sectors)))
 
     def send_samples(self, address: str, frames: list[Frame]) -> None:
-        h = Header(kind=SAMPLE, shape=self.geometry.sector_shape, dtype=self.geometry.dtype, flags=BLOCK_END)
+        """Sample frames to a worker, one message each (not ended: other sources send the same frames' other
+        sectors)."""
+        h = Header(kind=SAMPLE, shape=self.geometry.sector_shape, dtype=self.geometry.dtype)
         for item in frames:
             h.scan, h.block = item.scan, self.blocks.of(item.frame)
             del h.frames[:]

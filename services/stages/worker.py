@@ -176,8 +176,9 @@ class WorkerStage(Stage):
                                                                       address=self.address, key=self.key_name))
 
     def sample(self, scan: int, frame: int, parts: list, mask: int) -> None:
-        """One of the session's sample frames (the same for every worker)."""
-        if frame < self.samples_expected and frame not in self.samples:
+        """One of the session's sample frames (the same for every worker); one that did not come whole is
+        not a sample (its zero-filled sectors would be taken for signal)."""
+        if frame < self.samples_expected and frame not in self.samples and mask == self.assembly.all_sectors:
             self.samples[frame] = self.views(parts)
             if self.plugin.samples_wanted and len(self.samples) == self.samples_expected:
                 self.calibrate()
