@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
             run.local.start()
             for scan in range(args.scans):
                 t_last = scan_sent(log, scan, 120)
-                written = writer.status().frames_in - scan * rows * cols
+                written = next((s.written for s in writer.status().scans if s.scan == scan), 0)
                 t_file = wait_for(Path(tmp) / f"turnaround-scan{scan:04d}.h5", 120)
                 results.append({"scan": scan, "turnaround_s": t_file - t_last,
                                 "acquisition_s": rows * cols / args.rate, "lag_frames": rows * cols - written})

@@ -32,7 +32,7 @@ def test_a_block_waits_for_a_worker_with_credit_for_all_its_frames():
     book = lane(max_credit=4)
     route = book.want(0, 0, 0.0)
     assert book.route_waiting() == [] and route.worker is None   # nobody there yet
-    w, _ = book.heard(b"w", "tcp://w:1", "worker-0", 0, now=0.0)  # a new worker has the full credit (4)
+    w, _ = book.heard(b"w", "tcp://w:1", "worker-0", None, now=0.0)  # a heartbeat: a new worker has the full credit
     assert book.route_waiting() == [route] and route.worker is w and w.credit == 0
     assert book.want(0, 0, 0.0) is route                   # a second source asking gets the same route
     later = book.want(0, 1, 0.0)
@@ -41,6 +41,19 @@ def test_a_block_waits_for_a_worker_with_credit_for_all_its_frames():
     assert book.route_waiting() == [] and w.credit == 3    # 3 credits, 4 frames: it waits
     book.acknowledge(frame_key(0, 3))
     assert book.route_waiting() == [later] and later.worker is w
+
+
+def test_an_offer_after_a_heartbeat_does_not_add_to_the_credit():
+    # A worker's first word may be a heartbeat (it has full credit then); its offer (CREDIT: all it may hold
+    # from the lane) that follows counts what it holds already.
+    book = lane(max_credit=8)
+    w, _ = book.heard(b"w", "tcp://w:1", "worker-0", None, now=0.0)
+    first = book.want(0, 0, 0.0)
+    assert book.route_waiting() == [first] and w.credit == 4
+    book.heard(b"w", "tcp://w:1", "worker-0", 8, now=0.1)
+    assert w.credit == 4                                   # 8 in all, 4 of them in block 0
+    book.heard(b"w", "tcp://w:1", "worker-0", None, now=0.2)
+    assert w.credit == 4
 
 
 def test_blocks_go_round_robin_to_workers_with_credit_for_them():

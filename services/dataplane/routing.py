@@ -84,17 +84,19 @@ class RoutingLedger:
 
     # workers
 
-    def heard(self, peer: bytes, address: str, key: str, credit: int, now: float) -> tuple[Worker, bool]:
-        """A worker spoke (CREDIT or HEARTBEAT, naming its `data` address and CURVE key) offering `credit`
-        more frames. A worker new here starts with the full credit (what a worker offers on connecting; and one
-        declared dead that speaks again holds nothing of this lane any more). Returns it, and whether it is new."""
+    def heard(self, peer: bytes, address: str, key: str, offer: int | None, now: float) -> tuple[Worker, bool]:
+        """A worker spoke (CREDIT or HEARTBEAT), naming its `data` address and CURVE key; `offer` (a CREDIT's):
+        the frames it may hold from this lane in all, of which those of its blocks still open are taken. A worker
+        new here holds nothing of this lane, so it has the full credit (one declared dead that speaks again: its
+        blocks went elsewhere). Returns it, and whether it is new."""
         worker = self.workers.get(peer)
         new = worker is None
-        if worker is None:  # (a worker declared dead that speaks again starts afresh: its blocks went elsewhere)
+        if worker is None:
             worker = self.workers[peer] = Worker(peer, address, key, now, credit=self.max_credit)
             self.rotation.append(peer)
         worker.last_seen = now
-        worker.credit = min(worker.credit + credit, self.max_credit)
+        if offer is not None:
+            worker.credit = min(offer, self.max_credit) - sum(len(r.open) for r in worker.blocks)
         return worker, new
 
     def silent(self, now: float, timeout: float) -> list[Worker]:

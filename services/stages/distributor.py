@@ -36,6 +36,7 @@ from detstream.services.dataplane.blocks import Blocks
 from detstream.services.dataplane.routing import Route, RoutingLedger, Worker
 from detstream.services.dataplane.scans import Scan
 from detstream.services.dataplane.wire import (
+    ABSENT,
     ASSIGN,
     CREDIT,
     DETECTOR_END,
@@ -153,10 +154,17 @@ class DistributorStage(Stage):
 
     def from_worker(self, peer: bytes, msg: Message) -> None:
         h = msg.header
-        if h.kind == TAKEN:
+        if h.kind in (TAKEN, ABSENT):
             worker = self.ledger.workers.get(peer)
-            if worker is not None:  # (one declared dead: what it took went elsewhere)
+            if worker is None:  # (one declared dead: what it had went elsewhere)
+                return
+            if h.kind == TAKEN:
                 self.ledger.taken(worker, h.scan, h.block, time.monotonic())
+                return
+            for frame in h.frames:   # frames of a block it holds that never came
+                self.ledger.absent(worker, h.scan, frame)
+            self.assign_routed()
+            self.finish_scans(time.monotonic())
             return
         if h.kind not in (CREDIT, HEARTBEAT):
             self.refuse("kind", msg)
@@ -164,14 +172,11 @@ class DistributorStage(Stage):
         if not is_tcp_address(h.address) or h.key not in self.worker_keys:
             self.refuse("address", msg, f"data address {h.address[:80]!r}, key {h.key[:40]!r}")
             return
-        worker, new = self.ledger.heard(peer, h.address, h.key, h.credit, time.monotonic())
+        _, new = self.ledger.heard(peer, h.address, h.key, h.credit if h.kind == CREDIT else None,
+                                   time.monotonic())
         if new:
             self.log.info("worker %s joined (data at %s)", h.sender, h.address)
-        for frame in h.frames:   # frames of a block it holds that never came
-            self.ledger.absent(worker, h.scan, frame)
         self.assign_routed()
-        if h.frames:
-            self.finish_scans(time.monotonic())
 
     def from_writer(self, msg: Message) -> None:
         """The writer's RECEIPT: it has the results of these frames. Each is done, its credit goes back to
@@ -225,5 +230,5 @@ class DistributorStage(Stage):
         c = self.counters
         c.workers = len(self.ledger.workers)
         c.credits = sum(w.credit for w in self.ledger.workers.values())
-        c.in_flight = sum(s.in_flight for s in self.ledger.scans.values())
+        c.in_flight = sum(len(r.open) for r in self.ledger.routes.values() if r.worker is not None)  # with workers
         c.queue_depth = len(self.ledger.waiting)

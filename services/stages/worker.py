@@ -51,6 +51,7 @@ import zmq
 from detstream.services.dataplane.assembly import Assembly
 from detstream.services.dataplane.blocks import Blocks
 from detstream.services.dataplane.wire import (
+    ABSENT,
     BLOCK,
     BLOCK_END,
     CALIBRATION,
@@ -141,7 +142,8 @@ class WorkerStage(Stage):
         self.counters.in_flight = len(self.held) + len(self.outgoing) + self.assembly.waiting
 
     def offer(self, lane: int) -> None:
-        """Connected to the lane's distributor: offer it our credits, and where to send blocks."""
+        """Connected to the lane's distributor: offer it our credits (all we may hold from it), and where to send
+        blocks."""
         self.tell(lane, Header(kind=CREDIT, credit=self.spec.workers.credits, address=self.address,
                                key=self.key_name))
 
@@ -172,8 +174,7 @@ class WorkerStage(Stage):
     def absent(self, scan: int, frames: list[int]) -> None:
         """Frames of a block routed here of which no sector came (the assembly's on_absent): the lane gives
         their credit back, and counts them lost unless a copy comes."""
-        self.tell(self.blocks.lane(self.blocks.of(frames[0])), Header(kind=CREDIT, scan=scan, frames=frames,
-                                                                      address=self.address, key=self.key_name))
+        self.tell(self.blocks.lane(self.blocks.of(frames[0])), Header(kind=ABSENT, scan=scan, frames=frames))
 
     def sample(self, scan: int, frame: int, parts: list, mask: int) -> None:
         """One of the session's sample frames (the same for every worker); one that did not come whole is

@@ -22,6 +22,7 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BLOCK: _ClassVar[Kind]
     RELEASE: _ClassVar[Kind]
     TAKEN: _ClassVar[Kind]
+    ABSENT: _ClassVar[Kind]
     PATTERN: _ClassVar[Kind]
 
 class Flag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
@@ -44,6 +45,7 @@ ASSIGN: Kind
 BLOCK: Kind
 RELEASE: Kind
 TAKEN: Kind
+ABSENT: Kind
 PATTERN: Kind
 FLAG_NONE: Flag
 PARTIAL: Flag
