@@ -5,7 +5,7 @@
 Two measurements, each plain and encrypted in the same run, alternated, best of --repeats:
   socket   one PUSH -> PULL pair (two contexts, so the encryption runs in each side's I/O thread),
            --messages 4D Camera sectors of 576x144 uint16 (165,888 bytes): the transport alone
-  session  a whole `detstream run` (simulator -> aggregator -> distributor -> 2 workers -> writer,
+  session  a whole `detstream run` (simulator => 2 workers => writer, routed by a distributor,
            the noop plugin so the framework is what is measured) over a --scan x --scan scan of
            576x576 frames: every data-plane hop encrypted, what a user sees
 Printed: GB/s of each, and the ratio encrypted/plain; written to benchmarks/results/curve.json.

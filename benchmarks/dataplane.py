@@ -1,4 +1,4 @@
-"""Data-plane shapes measured in bare pyzmq before building one (the full-rate issue), same run.
+"""Data-plane shapes measured in bare pyzmq (the full-rate issue chose `direct`), same run.
 
     python -m benchmarks.dataplane [--frames 2048] [--repeats 3] [--workers 2] [--batch 16]
                                    [--source-only] [--source-against REV]
@@ -6,7 +6,8 @@
 Every shape moves the same 576x576 uint16 frames (4 sectors) from detstream's simulator, each stage
 a process (benchmarks/bare.py):
   one hop        PUSH -> PULL of whole ready frames, tcp and ipc: the transport ceiling
-  today          source -> aggregator -> distributor -> workers -> writer, a sector per message
+  staged         wire version 1's shape: source -> aggregator -> distributor -> workers -> writer, a
+                 sector per message (the shape before issue 15, kept as the comparison)
   direct         sources -> the worker that takes the frame -> writer, BATCH frames per message;
                  the writer gets the frames back (as the noop plugin returns them) or only a receipt
                  per block (as a plugin whose results are small: counting, virtual images)
@@ -43,7 +44,7 @@ def shapes(frames: int, workers: int, batch: int) -> dict[str, bare.Topology]:
     def direct(**kw) -> bare.Topology:
         return bare.Topology(frames=frames, workers=workers, direct=True, **kw)
     return {
-        "today (tcp, 3 data hops + result)": bare.Topology(frames=frames, workers=workers),
+        "staged, wire v1 (tcp, 3 data hops + result)": bare.Topology(frames=frames, workers=workers),
         "direct, frames back, batch 1 (tcp)": direct(batch=1),
         f"direct, frames back, batch {batch} (tcp)": direct(batch=batch),
         f"direct, frames back, batch {batch} (ipc)": direct(batch=batch, transport="ipc"),

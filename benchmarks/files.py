@@ -8,8 +8,8 @@ Measured twice: with frames as fast as the simulator makes them (the machine is 
 small machine both ways compete for the same cores), and at a detector's rate (RATE frames/s,
 as a camera delivers them: acquisition takes as long either way, what differs is what comes
 after the last frame).
-  streaming  a detstream session: simulator source -> aggregator -> distributor => WORKERS workers
-             counting electrons => writer; no raw file anywhere
+  streaming  a detstream session: simulator source => WORKERS workers counting electrons (blocks
+             routed by a distributor) => writer; no raw file anywhere
   files      the way it is done without streaming, on the same machine, as fast as it goes:
              1. acquisition: the same simulator writes each frame's 4 sectors to 4 raw files
                 (one per 4D Camera receiver: a 16-byte record header, then the sector), fsync'ed

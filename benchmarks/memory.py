@@ -5,7 +5,8 @@ hold stays within the limits the session configures.
 
 A `noop` session (--sources simulator sources, 1 lane, 2 workers, default high-water mark and credits)
 streams --scans scans of --scan x --scan 576x576 frames back to back, as fast as it goes, while
-this process samples every stage's resident memory (VmRSS) and the distributor's frames in flight.
+this process samples every stage's resident memory (VmRSS) and the distributor's frames in flight (routed
+to a worker, not yet acknowledged by the writer).
 
 Printed per stage:
   growth   the largest RSS over the whole run against the largest over its first quarter
@@ -33,19 +34,18 @@ FRAME = 4 * SECTOR
 MB = 1 << 20
 
 
-def bounds(hwm: int, credits: int, workers: int, lanes: int = 1, sources: int = 1) -> dict[str, int]:
-    """Bytes each stage may hold by the session's limits (ZeroMQ queues a high-water mark of messages
-    per peer and direction; a worker holds at most `credits` frames of each lane), plus the message
-    it has in hand and the one being received. The aggregator's frames waiting for sectors of
-    other sources are bounded by time (transport.frameTimeoutS), not by a size: with one source
-    they are the frame being assembled."""
+def bounds(hwm: int, credits: int, workers: int, window: int, lanes: int = 1, sources: int = 1) -> dict[str, int]:
+    """Bytes each stage may hold by the session's limits, plus the message it has in hand and the one being
+    received. A source keeps at most `window` frames (its share of each) until the writer has them; its send
+    queues hold those same buffers (zero-copy). A lane routes a worker at most `credits` frames, so that bounds
+    what waits in the worker's receive queue and its assembly. A distributor handles small messages only.
+    A noop result is a small record (live view off: empty), so the writer's queues hold little."""
     hand = 2 * FRAME
     return {
-        "source": lanes * hwm * SECTOR * 4 // sources + hand,        # send queue to each lane, its sectors
-        "aggregator": sources * hwm * SECTOR + hwm * FRAME + hand,   # ingest queue per source, send queue
-        "distributor": hwm * FRAME + workers * credits * FRAME + hand,  # receive queue, frames in flight (kept)
-        "worker": lanes * credits * FRAME + credits * FRAME + hand,  # frames held, results queued (noop: frames)
-        "writer": workers * hwm * FRAME + hand,                      # receive queue per worker
+        "source": window * FRAME // sources + hand,                  # its window of frames
+        "distributor": hand,                                         # no pixel data
+        "worker": lanes * credits * FRAME + hand,                    # frames routed to it, queued or assembling
+        "writer": workers * hwm * FRAME + hand,                      # receive queue per worker (generous)
     }
 
 
@@ -55,8 +55,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--scan", type=int, default=32, help="scans of SCAN x SCAN frames (default 32)")
     parser.add_argument("--interval", type=float, default=0.1, help="seconds between samples")
     parser.add_argument("--sources", type=int, default=1,
-                        help="source processes (default 1); with more, the aggregator also holds the frames whose "
-                             "other sectors are still on their way, bounded by frameTimeoutS, not by a size")
+                        help="source processes (default 1); each keeps its share of every frame in its window")
     args = parser.parse_args(argv)
     frames = args.scans * args.scan * args.scan
     doc = manifest("memory", scan={"rows": args.scan, "cols": args.scan, "count": args.scans},
@@ -66,7 +65,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="detstream-bench-") as tmp, SessionRun(doc, Path(tmp)) as run:
         spec = run.local.session.spec
         limits = bounds(spec.transport.high_water_mark, spec.workers.credits, spec.workers.replicas,
-                        sources=args.sources)
+                        spec.transport.source_window_frames, sources=args.sources)
         pids = run.pids
         before = {name: memory(pid)[0] for name, pid in pids.items()}
         distributor = next(p.client for p in run.local.stages if p.stage.role == "distributor")

@@ -10,7 +10,7 @@ both measured in this run (target >= 0.9). The service time keeps 4 workers well
 transport ceiling (benchmarks.pipeline) so that the distribution is what is measured.
 
 Lanes: the `noop` session with 1 and 2 lanes (as many sources as lanes, 2 workers). More lanes
-add aggregator/distributor pairs; frames are split among them by frame number. Printed: the rate
+add distributors; blocks of frames are split among them by block number. Printed: the rate
 of each, and the CPU share of the busiest process against the whole session's (a process at one
 full core would be a ceiling; on a machine with fewer cores than processes, the cores are).
 Results: benchmarks/results/scaling.json.

@@ -8,7 +8,7 @@ electrons into one HDF5 file per scan, for --minutes. Every --interval seconds i
 throughput over the interval, the resident memory of every stage and the accounting so far; at
 the end, per stage the peak resident memory and its growth (median RSS over the last third of
 the run minus the median over the second third: after warm-up, a leak or a growing queue shows
-as growth that scales with the run, while the frames an aggregator holds for a source that lags
+as growth that scales with the run, while the frames a worker holds for a source that lags
 the others, at most rate x frameTimeoutS, come and go), and the accounting of every scan. Results go to
 benchmarks/results/soak.json (or --json). Exit status 0 when every frame is written (none lost,
 none unaccounted, no duplicate) and no stage grew by more than --max-growth-mb.
@@ -38,14 +38,15 @@ from detstream.services.model.session import load_session
 RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
 
 
-def queue_depth(port: int) -> float:
-    """A stage's detstream_queue_depth (frames waiting inside it), from its metrics endpoint."""
+def in_flight(port: int) -> float:
+    """A stage's detstream_in_flight_frames (a worker: frames it holds, assembling, processing or queued),
+    from its metrics endpoint."""
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
     except OSError:
         return 0.0
     return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == "detstream_queue_depth")
+               if s.name == "detstream_in_flight_frames")
 
 
 def manifest(args) -> dict:
@@ -100,13 +101,13 @@ def main(argv=None) -> int:
             writer = local.writer().status
             written = sum(s.written for s in writer.scans) if writer else 0
             memory = {p.stage.name: processes.memory(p.proc.pid)[0] for p in local.stages}
-            waiting = {p.stage.name: queue_depth(p.stage.ports["metrics"]) for p in local.stages
-                       if p.stage.role == "aggregator"}
+            waiting = {p.stage.name: in_flight(p.stage.ports["metrics"]) for p in local.stages
+                       if p.stage.role == "worker"}
             sample = {"t": round(now - t0, 2), "written": written,
                       "frames_per_second": (written - last_written) / (now - last_t),
                       "lost": sum(s.lost for s in writer.scans) if writer else 0,
                       "scans_closed": sum(s.complete for s in writer.scans) if writer else 0, "rss": memory,
-                      "aggregator_pending_frames": waiting}
+                      "worker_frames_held": waiting}
             samples.append(sample)
             last_t, last_written = now, written
             print(f"{sample['t']:7.0f} s  {written:>9,}/{total:,} written  "

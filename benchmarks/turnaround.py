@@ -2,13 +2,12 @@
 
     python -m benchmarks.turnaround [--scan 64] [--rate 250] [--scans 2]
 
-A counting session (electron-counting with fixed thresholds, 2 workers, 1 lane) takes its frames
-from an outside source: this process, sending the 4D Camera simulator's sectors through the
-session's ingest address at --rate frames/s (below what the pipeline processes, so it keeps up;
-the lag printed says whether it did). The clock starts when the scan's last message (its
-END_OF_SCAN, after the last sector) has been handed to ZeroMQ, and stops when the scan's file
-appears under its final name (the writer writes NAME.partial and renames it once complete).
---scans scans are sent back to back; each has its own file and turnaround.
+A counting session (electron-counting with fixed thresholds, 2 workers, 1 lane) streams --scans scans
+from its simulator source at --rate frames/s (below what the pipeline processes, so it keeps up; the lag
+printed says whether it did). The clock starts when the source has handed a scan's last message (its
+END_OF_SCAN, after the last block) to ZeroMQ, which its log line "scan N: ... frames sent" stamps, and
+stops when the scan's file appears under its final name (the writer writes NAME.partial and renames it
+once complete). Both are read on the wall clock, to the millisecond.
 
 Baselines in the same run: the scan's acquisition time at that rate (turnaround / acquisition),
 and the time this process takes to write and close the same events into the same HDF5 layout
@@ -20,16 +19,15 @@ benchmarks/results/turnaround.json.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
-
-import zmq
 
 from benchmarks.report import Report
 from benchmarks.sessions import COUNTING, THRESHOLDS, SessionRun, manifest
-from detstream.services.dataplane.wire import END_OF_SCAN, SECTOR, Header, Outbox
 from detstream.services.model.session import Detector
 from detstream.services.model.session import Simulator as SimulatorSettings
 from detstream.services.plugins.counting import Counter, Thresholds
@@ -37,29 +35,25 @@ from detstream.services.sinks.electron_events import ElectronEventsFile
 from detstream.services.sources.simulator import Simulator
 
 
-def send_scan(out: Outbox, sim: Simulator, scan: int, rows: int, cols: int, rate: float) -> float:
-    """Send one scan paced at `rate` frames/s; the time its last message was handed to ZeroMQ."""
-    t0 = time.monotonic()
-    sent = 0
-    for frame in range(rows * cols):
-        delay = t0 + frame / rate - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        for sector in range(4):
-            out.send(Header(kind=SECTOR, scan=scan, frame=frame, position=frame, sector=sector, shape=[576, 144],
-                            dtype="<u2", scan_rows=rows, scan_cols=cols), [sim.sector(scan, frame, sector)])
-            sent += 1
-    out.send(Header(kind=END_OF_SCAN, scan=scan, expected=rows * cols, sent=sent, scan_rows=rows, scan_cols=cols))
-    return time.monotonic()
+def scan_sent(log: Path, scan: int, timeout: float) -> float:
+    """When the source logged that it sent scan `scan`'s last message (wall clock, seconds)."""
+    pattern = re.compile(rf"^(\S+ \S+) INFO detstream\.source-0: scan {scan}: \d+ frames sent", re.M)
+    deadline = time.monotonic() + timeout
+    while not (found := pattern.search(log.read_text(errors="replace"))):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the source did not send scan {scan} within {timeout:g} s")
+        time.sleep(0.01)
+    return datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 def wait_for(path: Path, timeout: float) -> float:
+    """When `path` appeared (wall clock, seconds)."""
     deadline = time.monotonic() + timeout
     while not path.exists():
         if time.monotonic() > deadline:
             raise RuntimeError(f"{path} did not appear within {timeout:g} s")
         time.sleep(0.001)
-    return time.monotonic()
+    return time.time()
 
 
 def floor_seconds(sim: Simulator, rows: int, cols: int, folder: Path) -> float:
@@ -83,30 +77,20 @@ def main(argv=None) -> dict:
     rows = cols = args.scan
     report = Report("turnaround", scan=[rows, cols], rate=args.rate, scans=args.scans)
     doc = manifest("turnaround", scan={"rows": rows, "cols": cols, "count": args.scans},
-                   source={"kind": "external", "replicas": 1},
-                   plugin=COUNTING)
+                   source={"rate": args.rate}, plugin=COUNTING)
     sim = Simulator(SimulatorSettings(), Detector())
     results = []
     with tempfile.TemporaryDirectory(prefix="detstream-bench-") as tmp:
         with SessionRun(doc, Path(tmp)) as run:
-            run.local.start()
-            ctx = zmq.Context()
-            push = ctx.socket(zmq.PUSH)
-            push.setsockopt(zmq.SNDHWM, 16)
-            push.connect(run.local.plan.endpoint("aggregator", 0, "ingest"))
-            out = Outbox(push, "bench-source")
+            log = run.local.run_dir / "logs" / "source-0.log"
             writer = run.local.writer().client
-            try:
-                for scan in range(args.scans):
-                    t_first = time.monotonic()
-                    t_last = send_scan(out, sim, scan, rows, cols, args.rate)
-                    written = writer.status().frames_in - scan * rows * cols
-                    t_file = wait_for(Path(tmp) / f"turnaround-scan{scan:04d}.h5", 120)
-                    results.append({"scan": scan, "turnaround_s": t_file - t_last, "acquisition_s": t_last - t_first,
-                                    "lag_frames": rows * cols - written})
-            finally:
-                push.close(linger=0)
-                ctx.term()
+            run.local.start()
+            for scan in range(args.scans):
+                t_last = scan_sent(log, scan, 120)
+                written = next((s.written for s in writer.status().scans if s.scan == scan), 0)
+                t_file = wait_for(Path(tmp) / f"turnaround-scan{scan:04d}.h5", 120)
+                results.append({"scan": scan, "turnaround_s": t_file - t_last,
+                                "acquisition_s": rows * cols / args.rate, "lag_frames": rows * cols - written})
             accounts = list(writer.status().scans)
         floor = floor_seconds(sim, rows, cols, Path(tmp))
     for a in accounts:

@@ -86,7 +86,7 @@ def crd() -> dict:
                 "name": API_VERSION, "served": True, "storage": True,
                 "schema": {"openAPIV3Schema": {
                     "type": "object",
-                    "description": "A detector streaming session: sources, aggregators, distributors, workers "
+                    "description": "A detector streaming session: sources, distributors, workers "
                                    "and a writer, run as pods and reconciled by the detstream operator.",
                     "required": ["spec"],
                     "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},

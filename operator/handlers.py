@@ -261,8 +261,8 @@ def observe(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.P
     if live is not None:
         new["liveView"] = live
     if session.spec.source.kind == "external":
-        new["ingest"] = ingest_addresses(cluster().services(session.namespace, session.name, "aggregator"),
-                                         CLUSTER_PORTS["ingest"])
+        new["ingest"] = ingest_addresses(cluster().services(session.namespace, session.name, "distributor"),
+                                         CLUSTER_PORTS["route"])
     overdue = startup_overdue(observed)
     if overdue and reason_of(status, "StagesReady") != "StartupTimeout":
         # reported, not fatal: on a cluster a pod may be slow for a while (an image pull, scheduling)

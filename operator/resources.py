@@ -1,6 +1,6 @@
 """Pure builders: a session and its plan in, the Kubernetes objects that run it out.
 
-Per session: a ConfigMap holding the plan; per indexed role (source, aggregator, distributor,
+Per session: a ConfigMap holding the plan; per indexed role (source, distributor,
 writer) a StatefulSet with a headless Service, plus one Service per replica named as the plan
 addresses it (`SESSION-ROLE-INDEX`); the worker pool is a Deployment (scaled by the session's
 scale subresource). Pods bind to their own IP ($POD_IP) and are probed over HTTP on their metrics
@@ -23,7 +23,7 @@ from detstream.services.plugins import plugin_class
 
 PLAN_DIR = "/etc/detstream"
 OUTPUT_DIR = "/data"
-INDEXED_ROLES = ("source", "aggregator", "distributor", "writer")
+INDEXED_ROLES = ("source", "distributor", "writer")
 SPEC_HASH = "detstream.io/spec-hash"
 UID = 10001
 # The live view's Ingress, set by `detstream operator --live-ingress-host/--live-ingress-class` (the chart's
@@ -146,7 +146,7 @@ def services(session: Session, plan: Plan) -> list[dict]:
                     "spec": {"clusterIP": "None", "selector": selector(session, role),
                              "ports": [{"name": "control", "port": CLUSTER_PORTS["control"], "protocol": "TCP"}]}})
         for stage in stages:
-            external = role == "aggregator" and session.spec.source.kind == "external"
+            external = role == "distributor" and session.spec.source.kind == "external"
             spec = {"selector": {"statefulset.kubernetes.io/pod-name": stage.host},
                     "ports": [{"name": name, "port": port, "targetPort": port, "protocol": "TCP"}
                               for name, port in stage.ports.items()],
@@ -191,7 +191,8 @@ def cluster_problems(session: Session) -> list[str]:
 
 def network_policy(session: Session) -> dict:
     """Ingress to the session's pods: its own stages (every port), the operator (control), any
-    monitoring (metrics), anyone the live view, and for external sources the declared ranges (ingest)."""
+    monitoring (metrics), anyone the live view, and for external sources the declared ranges (the lanes'
+    route ports and the workers' data ports)."""
     def port(name):
         return [{"port": CLUSTER_PORTS[name], "protocol": "TCP"}]
     ingress = [{"from": [{"podSelector": {"matchLabels": {"detstream.io/session": session.name}}}]},
@@ -202,7 +203,8 @@ def network_policy(session: Session) -> dict:
         ingress.append({"ports": port(LIVE_PORT)})
     ranges = session.spec.kubernetes.external_source_ranges
     if session.spec.source.kind == "external" and ranges:
-        ingress.append({"from": [{"ipBlock": {"cidr": cidr}} for cidr in ranges], "ports": port("ingest")})
+        ingress.append({"from": [{"ipBlock": {"cidr": cidr}} for cidr in ranges],
+                        "ports": port("route") + port("data")})
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": f"{session.name}-stages", "namespace": session.namespace, "labels": labels(session)},
             "spec": {"podSelector": {"matchLabels": {"detstream.io/session": session.name}},

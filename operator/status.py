@@ -190,7 +190,7 @@ def status_patch(o: Observed, old_status: dict, generation: int | None, selector
 
 
 def ingest_addresses(services: list[dict], port: int) -> list[str]:
-    """Where outside sources connect, one per lane, from the aggregators' Services."""
+    """Where outside sources connect, one per lane, from the distributors' Services (their route ports)."""
     out = []
     for svc in services:
         meta, spec = svc["metadata"], svc.get("spec") or {}

@@ -14,8 +14,9 @@ import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
+from detstream.services.dataplane.wire import WIRE_VERSION
 from detstream.v1 import control_pb2
-from detstream.v1.wire_pb2 import END_OF_SCAN, FRAME, RESULT, SECTOR, Header
+from detstream.v1.wire_pb2 import BLOCK, END_OF_SCAN, RESULT, WANT, Header
 
 from helpers import DETSTREAM, manifest, no_stage_left, wait_for
 
@@ -33,14 +34,15 @@ def rejected(port) -> dict[str, float]:
 
 def h(**fields) -> bytes:
     shape = fields.pop("shape", None)
-    header = Header(version=fields.pop("version", 1), **fields)
+    header = Header(version=fields.pop("version", WIRE_VERSION), **fields)
     if shape is not None:
         header.shape.extend(shape)
     return header.SerializeToString()
 
 
-def sector(**over):
-    fields = dict(kind=SECTOR, scan=0, frame=1, position=1, sector=0, shape=[64, 32], dtype="<u2",
+def block(**over):
+    """A BLOCK of one sector of frame 1 (block 0)."""
+    fields = dict(kind=BLOCK, scan=0, block=0, frames=[1], sectors=[0], shape=[64, 32], dtype="<u2",
                   scan_rows=8, scan_cols=8)
     fields.update(over)
     return h(**fields)
@@ -50,20 +52,21 @@ def sector(**over):
 BAD = [
     ("header", [b"\xff\xff\xff\xff"]),
     ("header", [os.urandom(5000)]),
-    ("version", [sector(version=2), bytes(SECTOR_BYTES)]),
+    ("version", [block(version=1), bytes(SECTOR_BYTES)]),
     ("kind", [h(kind=99)]),
     ("kind", [h(kind=0)]),
-    ("parts", [sector()]),
-    ("parts", [sector(), bytes(SECTOR_BYTES), bytes(SECTOR_BYTES)]),
+    ("parts", [block()]),
+    ("parts", [block(), bytes(SECTOR_BYTES), bytes(SECTOR_BYTES)]),
     ("parts", [h(kind=END_OF_SCAN, scan=0), b"extra"]),
-    ("parts", [h(kind=FRAME, scan=0, frame=1, shape=[64, 32], dtype="<u2"), bytes(SECTOR_BYTES)]),
-    ("size", [sector(), bytes(SECTOR_BYTES - 1)]),
-    ("size", [sector(), bytes(SECTOR_BYTES * 3)]),
-    ("geometry", [sector(shape=[32, 64]), bytes(SECTOR_BYTES)]),
-    ("geometry", [sector(dtype="<f4"), bytes(SECTOR_BYTES * 2)]),
-    ("range", [sector(frame=64, position=64), bytes(SECTOR_BYTES)]),
-    ("range", [sector(sector=7), bytes(SECTOR_BYTES)]),
-    ("range", [sector(scan=5), bytes(SECTOR_BYTES)]),
+    ("parts", [h(kind=WANT, scan=0), b"extra"]),
+    ("size", [block(), bytes(SECTOR_BYTES - 1)]),
+    ("size", [block(), bytes(SECTOR_BYTES * 3)]),
+    ("geometry", [block(shape=[32, 64]), bytes(SECTOR_BYTES)]),
+    ("geometry", [block(dtype="<f4"), bytes(SECTOR_BYTES * 2)]),
+    ("range", [block(frames=[64]), bytes(SECTOR_BYTES)]),
+    ("range", [block(frames=[20]), bytes(SECTOR_BYTES)]),          # not in block 0
+    ("range", [block(sectors=[7]), bytes(SECTOR_BYTES)]),
+    ("range", [block(scan=5), bytes(SECTOR_BYTES)]),
 ]
 
 
@@ -93,8 +96,8 @@ def test_garbage_on_every_port_while_streaming_is_rejected_counted_and_the_scan_
     wait_for(lambda: local.writer().status is not None and local.writer().status.frames_in > 2)
     rng = np.random.default_rng(11)
     ctx = zmq.Context()
-    data_ports = {("aggregator", "ingest"): zmq.PUSH, ("distributor", "frames"): zmq.PUSH,
-                  ("distributor", "work"): zmq.DEALER, ("writer", "results"): zmq.DEALER}
+    data_ports = {("distributor", "route"): zmq.DEALER, ("distributor", "work"): zmq.DEALER,
+                  ("worker", "data"): zmq.PUSH, ("writer", "results"): zmq.DEALER}
     try:
         for (role, port), kind in data_ports.items():
             stage = local.plan.stage(role, 0)
@@ -133,18 +136,17 @@ def test_garbage_on_every_port_while_streaming_is_rejected_counted_and_the_scan_
             [(0, 64, 0, 0, 0), (1, 64, 0, 0, 0)]
         assert all(p.proc.poll() is None for p in local.stages), "a stage died"
         counts = {p.stage.name: rejected(p.stage.ports["metrics"]) for p in local.stages}
-        for name in ("aggregator-0", "distributor-0", "writer-0"):
+        for name in ("distributor-0", "worker-0", "writer-0"):
             reasons = counts[name]
             for reason in ("header", "version", "kind", "parts", "handshake", "http", "control"):
                 assert reasons.get(reason, 0) >= 1, (name, reason, reasons)
         for reason in ("size", "geometry", "range"):
-            assert counts["aggregator-0"].get(reason, 0) >= 1, (reason, counts["aggregator-0"])
+            assert counts["worker-0"].get(reason, 0) >= 1, (reason, counts["worker-0"])
         for reason in ("result", "size", "range"):
             assert counts["writer-0"].get(reason, 0) >= 1, (reason, counts["writer-0"])
-        for name in ("source-0", "worker-0"):
-            assert counts[name].get("http", 0) >= 1 and counts[name].get("control", 0) >= 1
+        assert counts["source-0"].get("http", 0) >= 1 and counts["source-0"].get("control", 0) >= 1
         # logged once per kind, not once per message
-        log = (local.run_dir / "logs" / "aggregator-0.log").read_text()
+        log = (local.run_dir / "logs" / "distributor-0.log").read_text()
         assert log.count("rejected a message (header:") == 1
     finally:
         ctx.destroy(linger=0)

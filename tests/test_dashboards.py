@@ -288,6 +288,8 @@ class Live:
     backlog_report: dict    # what `detstream run` reports for backlog (its summary)
     rejected_at: float      # when dash got the malformed message and the non-ZeroMQ connection
     dash_stages: int        # how many stage processes dash has
+    dash_sources: int       # how many source replicas dash has
+    frame_bytes: int        # the pixels of one detector frame of backlog, in bytes
     failed_metrics: str     # what backlog's failed writer served 3 s after it failed
 
 
@@ -379,12 +381,12 @@ def live(tmp_path_factory):
         closed = read_accounting(accounting_file(backlog.output / backlog_session.spec.output.path, BACKLOG))
         backlog_report = json.loads(Summary.of(backlog_session, final, 1.0, "failed", closed=closed).to_json())
 
-        # one malformed message and one connection that does not speak ZeroMQ, to dash's aggregator
+        # one malformed message and one connection that does not speak ZeroMQ, to a worker's data port
         rejected_at = time.time()
         push = zmq.Context.instance().socket(zmq.PUSH)
-        push.connect(dash.plan.endpoint("aggregator", 0, "ingest"))
+        push.connect(dash.plan.endpoint("worker", 0, "data"))
         push.send(b"not a detstream header")
-        host, port_ = dash.plan.endpoint("aggregator", 0, "ingest").removeprefix("tcp://").rsplit(":", 1)
+        host, port_ = dash.plan.endpoint("worker", 0, "data").removeprefix("tcp://").rsplit(":", 1)
         with socket.create_connection((host, int(port_)), timeout=5) as s:
             # a ZMTP 3.0 greeting asking for CURVE, which this (plain) session's sockets do not speak
             s.sendall(b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"CURVE".ljust(20, b"\0") + bytes(32))
@@ -401,7 +403,8 @@ def live(tmp_path_factory):
                        ' >= 5'],
                       60)
         assert not dash.finished(), "dash ended before the tests: give it a longer scan"
-        yield Live(prom, t0, backlog_status, backlog_report, rejected_at, len(dash.stages), failed_metrics)
+        yield Live(prom, t0, backlog_status, backlog_report, rejected_at, len(dash.stages),
+                   len(dash.plan.of_role("source")), backlog_session.spec.detector.frame_bytes, failed_metrics)
     finally:
         if push is not None:
             push.close(linger=0)
@@ -520,7 +523,7 @@ def test_stage_states_show_the_last_states_after_the_stages_stopped(live):
         (table,) = evaluate(live.prom, live, panel(dashboard(name), "Stage states"), {"session": BACKLOG})
         states = {(s["metric"]["stage"], s["metric"]["replica"]): int(float(s["value"][1])) for s in table}
         assert states[("writer", f"{BACKLOG}-writer-0")] == 5, states   # failed
-        assert {stage for stage, _ in states} == {"source", "aggregator", "distributor", "worker", "writer"}
+        assert {stage for stage, _ in states} == {"source", "distributor", "worker", "writer"}
 
 
 def test_stat_colours_mean_something(live):
@@ -544,19 +547,30 @@ def test_stat_colours_mean_something(live):
     assert last(series) == 1 and colour(failed, last(series)) == "red"
 
 
-def test_frames_and_sectors_on_separate_panels_with_units(live):
+def test_frames_per_stage_and_from_the_sources_with_units(live):
     pipeline = dashboard("pipeline")
     per_panel = {}
-    for title in ("Frames received/s", "Frames sent/s", "Sectors/s"):
+    for title in ("Frames received/s", "Frames sent/s", "Frames from sources/s"):
         p = panel(pipeline, title)
-        unit = "sectors/s" if title == "Sectors/s" else "frames/s"
-        assert p["fieldConfig"]["defaults"]["unit"] == f"suffix: {unit}", title
+        assert p["fieldConfig"]["defaults"]["unit"] == "suffix: frames/s", title
         results = evaluate(live.prom, live, p, {"session": DASH})
         per_panel[title] = {s["metric"].get("stage") for r in results for s in r}
-    assert per_panel["Frames received/s"] == {"distributor", "worker", "writer"}
-    assert per_panel["Frames sent/s"] == {"aggregator", "distributor", "worker"}
-    (sent, received) = evaluate(live.prom, live, panel(pipeline, "Sectors/s"), {"session": DASH})
-    assert sent and received
+    assert per_panel["Frames received/s"] == {"worker", "writer"}        # assembled; results
+    assert per_panel["Frames sent/s"] == {"distributor", "worker"}       # routed; results
+    (sent, assembled) = evaluate(live.prom, live, panel(pipeline, "Frames from sources/s"), {"session": DASH})
+    assert len(sent) == live.dash_sources and len(assembled) == 1   # a line per source, the workers' sum
+
+
+def test_ingest_shows_the_raw_detector_bytes_the_workers_received(live):
+    """backlog's one source sent whole frames, so its worker received exactly a frame's pixels per frame it
+    assembled: what the Ingest panels sum, read as totals instead of rates."""
+    for title in ("Ingest", "Ingest bytes/s"):
+        expr = panel(dashboard("overview"), title)["targets"][0]["expr"].replace("rate(", "last_over_time(")
+        (total,) = live.prom.result(substitute(expr, {"session": BACKLOG, "__rate_interval": "10m"}))
+        (frames,) = live.prom.result(f'sum(last_over_time(detstream_frames_received_total{{session="{BACKLOG}", '
+                                     'stage="worker"}[10m]))')
+        assert float(frames["value"][1]) > 0
+        assert float(total["value"][1]) == float(frames["value"][1]) * live.frame_bytes, title
 
 
 def test_the_latency_panel_resolves_a_20_ms_delay(live):
@@ -598,9 +612,9 @@ def test_the_troubled_session_fires_its_alerts_with_cluster_labels(live):
 
 def test_one_rejected_message_and_one_bad_connection_fire_the_alerts(live):
     (header,) = [m for m in fired(live.prom, "DetstreamMessagesRejected") if m["session"] == DASH]
-    assert (header["stage"], header["reason"], header["severity"]) == ("aggregator", "header", "warning")
+    assert (header["stage"], header["reason"], header["severity"]) == ("worker", "header", "warning")
     (handshake,) = [m for m in fired(live.prom, "DetstreamUnauthenticatedPeer") if m["session"] == DASH]
-    assert (handshake["stage"], handshake["reason"], handshake["severity"]) == ("aggregator", "handshake", "critical")
+    assert (handshake["stage"], handshake["reason"], handshake["severity"]) == ("worker", "handshake", "critical")
     others = {s["metric"]["alertname"] for s in live.prom.result(f'ALERTS{{session="{DASH}"}}')}
     assert others <= {"DetstreamMessagesRejected", "DetstreamUnauthenticatedPeer"}, "dash is otherwise healthy"
 
@@ -616,9 +630,17 @@ def test_the_lost_count_reaches_prometheus_exactly(live):
     assert float(written[0]["value"][1]) == sum(s["written"] for s in live.backlog_report["scans"])
 
 
+def test_the_distributors_count_the_lost_frames_exactly(live):
+    """What the dashboards and DetstreamFramesLost show without an operator (local runs): the lanes' count."""
+    lost = sum(s["lost"] for s in live.backlog_report["scans"])
+    (counted,) = live.prom.result(f'sum(last_over_time(detstream_frames_outcome_total{{session="{BACKLOG}", '
+                                  'stage="distributor", outcome="lost"}[10m]))')
+    assert lost > 0 and float(counted["value"][1]) == lost
+
+
 def test_every_labelled_counter_exports_every_label_value_from_the_start(live):
     from detstream.services.dataplane.wire import REJECT_REASONS
-    for stage in ("source", "aggregator", "distributor", "worker", "writer"):
+    for stage in ("source", "distributor", "worker", "writer"):
         reasons = {s["metric"]["reason"] for s in live.prom.result(
             f'detstream_rejected_messages_total{{session="{DASH}", stage="{stage}"}}')}
         assert reasons == set(REJECT_REASONS), stage

@@ -87,10 +87,10 @@ def test_missing_and_duplicated_images_are_accounted_exactly(replicas, tmp_path)
     wait_for(lambda: accounting.exists() and len(accounting.read_text().splitlines()) == 2, 60, "two scans closed")
     sources = [f"source-{i}" for i in range(replicas)]
     duplicates = {stage: live.metric(stage, "detstream_rejected_messages_total", reason="duplicate")
-                  for stage in [*sources, "aggregator-0"]}
+                  for stage in [*sources, "worker-0"]}
     assert sum(duplicates.values()) == 4             # 2 per series, dropped where they met their first copy:
     sent = sum(live.metric(s, "detstream_frames_sent_total") for s in sources)   # the replica that had it,
-    assert sent == 2 * 62 + duplicates["aggregator-0"]                           # or the aggregator
+    assert sent == 2 * 62 + duplicates["worker-0"]                               # or the worker that had it
     second, _ = start_dcu("--shape", "32x32", "--images", "64", "--wait-clients", str(replicas), "--bind", address)
     code, stderr, report = live.finish()
     assert second.wait(30) == 0

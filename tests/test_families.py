@@ -171,10 +171,10 @@ def test_sinks_by_result_kind_never_overwrite(tmp_path):
 
 def test_roles_are_defined_once():
     assert [stage_class(role).role for role in ROLES] == list(ROLES)
-    with pytest.raises(LookupError, match="the roles: source, aggregator"):
+    with pytest.raises(LookupError, match="the roles: source, distributor, worker, writer"):
         stage_class("collector")
     result = subprocess.run(DETSTREAM + ["stage", "collector"], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "choose from 'source', 'aggregator'" in result.stderr
+    assert result.returncode == 2 and "choose from 'source', 'distributor'" in result.stderr
 
 
 def test_a_kind_registered_by_an_installed_package_is_a_kind(tiny_kinds, monkeypatch):

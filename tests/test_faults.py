@@ -12,16 +12,14 @@ import h5py
 import numpy as np
 import pytest
 import stempy.io
-import zmq
 
 from detstream.services.dataplane.accounting import COMPLETE, MISSING, PARTIAL
-from detstream.services.dataplane.wire import END_OF_SCAN, SECTOR, Header, Outbox
 from detstream.services.model.session import Detector
 from detstream.services.model.session import Simulator as SimulatorSettings
 from detstream.services.plugins.counting import Counter, Thresholds
 from detstream.services.sources.simulator import Simulator
 
-from helpers import DETSTREAM, manifest, wait_for
+from helpers import DETSTREAM, DetectorSender, manifest, wait_for
 from live import Live
 
 SMALL = {"rows": 128, "cols": 128, "sectors": 4}
@@ -74,7 +72,7 @@ def kill_worker(live, after: int) -> None:
 
 
 def resent_in(log: str) -> int:
-    return sum(int(n) for n in re.findall(r"re-sending its (\d+) frames", log))
+    return sum(int(n) for n in re.findall(r"routing its (\d+) frames again", log))
 
 
 def test_a_killed_worker_loses_nothing_and_every_frame_is_written_once(tmp_path):
@@ -158,7 +156,7 @@ def test_a_slow_writer_backpressures_the_source_and_memory_stays_bounded(tmp_pat
 
 def test_when_the_policy_says_drop_every_drop_is_counted_and_reported(tmp_path):
     doc = manifest("drop", scan={"rows": 16, "cols": 16}, workers={"replicas": 2}, plugin={"name": "noop"},
-                   transport={**FAST, "highWaterMark": 2, "onFull": "drop"})
+                   transport={**FAST, "highWaterMark": 2, "onFull": "drop", "sourceWindowFrames": 32})
     _, err, report, scan = run_exact(doc, tmp_path, failpoints="writer-0:write-delay=0.01")
     assert report["dropped"] > 0
     assert report["dropped"] == scan["lost"] + scan["partial"]   # one source: a dropped frame is lost or partial
@@ -173,20 +171,16 @@ def test_the_file_marks_the_positions_that_did_not_arrive_whole(local_session):
     doc = manifest("marks", scan={"rows": 4, "cols": 4}, detector=SMALL, source={"kind": "external", "replicas": 1},
                    plugin=COUNTING, transport=FAST)
     local = local_session(doc)
-    push = zmq.Context.instance().socket(zmq.PUSH)
-    push.connect(local.plan.endpoint("aggregator", 0, "ingest"))
-    out = Outbox(push, "detector-0")
+    detector = DetectorSender(local.plan)
     sim = Simulator(SimulatorSettings(), Detector(**SMALL))
-    withheld, lost, sent = {3: {2}, 9: {0, 3}}, {5, 12}, 0   # position -> sectors never sent; frames never sent
-    for p in sorted(set(range(16)) - lost):
-        for sector, pixels in enumerate(np.split(sim.frame(0, p), 4, axis=1)):
-            if sector not in withheld.get(p, ()):
-                out.send(Header(kind=SECTOR, scan=0, frame=p, position=p, sector=sector, shape=[128, 32],
-                                dtype="<u2", scan_rows=4, scan_cols=4), [np.ascontiguousarray(pixels)])
-                sent += 1
-    out.send(Header(kind=END_OF_SCAN, scan=0, expected=16, sent=sent, scan_rows=4, scan_cols=4))
+    withheld, lost = {3: {2}, 9: {0, 3}}, {5, 12}   # position -> sectors never sent; frames never sent
+    detector.send_scan(0, {p: [(sector, np.ascontiguousarray(pixels))
+                               for sector, pixels in enumerate(np.split(sim.frame(0, p), 4, axis=1))
+                               if sector not in withheld.get(p, ())]
+                           for p in sorted(set(range(16)) - lost)}, rows=4, cols=4)
+    detector.end_scan(0, expected=16, rows=4, cols=4)
     wait_for(local.finished, 60, "the scan to close")
-    push.close()
+    detector.close()
     (scan,) = local.writer().client.status().scans
     assert (scan.written, scan.partial, scan.lost) == (14, 2, 2)
 
@@ -215,7 +209,7 @@ def test_the_file_marks_the_positions_that_did_not_arrive_whole(local_session):
 
 
 def external_source(live: Live, tmp_path):
-    ingest = [f"--connect={live.plan.endpoint('aggregator', 0, 'ingest')}"]
+    ingest = [f"--connect={live.plan.endpoint('distributor', 0, 'route')}"]
     return subprocess.Popen(DETSTREAM + ["stage", "source", "--manifest", str(live.manifest), "--index", "0",
                                          *ingest], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -253,9 +247,9 @@ def test_a_source_that_vanishes_mid_scan_its_scans_close_as_lost_and_the_session
     assert 40 <= s1["written"] < 256 and s1["lost"] == 256 - s1["written"]   # closed by timeout
     assert (s2["written"], s2["lost"], s2["file"]) == (0, 256, "")           # never started: no file
     assert (s3["written"], s3["lost"]) == (256, 0)                           # the session went on
-    aggregator = live.log("aggregator-0")
-    assert "scan 1 closed (no input for 4 s)" in aggregator
-    assert "scan 2 closed (never started: no input for 4 s)" in aggregator
+    lane = live.log("distributor-0")
+    assert "scan 1 closed (no input for 4 s)" in lane
+    assert "scan 2 closed (never started: no input for 4 s)" in lane
     assert_file_matches_truth(s3["file"], 3, 256)
 
 
@@ -284,7 +278,7 @@ def test_a_vanished_source_fails_the_session_when_the_policy_says_so(tmp_path):
     assert not report["ok"] and "writer-0" in report["failure"]
 
 
-@pytest.mark.parametrize("victim", ["aggregator-0", "distributor-0", "writer-0"])
+@pytest.mark.parametrize("victim", ["distributor-0", "writer-0"])
 def test_a_killed_pipeline_stage_fails_the_session_naming_it(tmp_path, victim):
     doc = manifest("crit", scan={"rows": 32, "cols": 32}, detector=SMALL, source={"rate": 200},
                    plugin={"name": "noop"}, transport=FAST)
@@ -317,7 +311,7 @@ def test_a_hung_distributor_fails_the_session_instead_of_hanging_it(tmp_path):
 def test_stages_starting_slowly_and_in_any_order_still_start_together(tmp_path):
     doc = manifest("slowstart", scan={"rows": 8, "cols": 8}, detector=SMALL, plugin={"name": "noop"},
                    transport=FAST)
-    # the consumers come up last: the source and aggregator connect to ports nobody listens on yet
+    # the consumers come up last: the source connects to ports nobody listens on yet
     _, _, _, scan = run_exact(doc, tmp_path, failpoints="writer-0:setup-delay=3,distributor-0:setup-delay=2,"
                                                       "worker-0:setup-delay=1,source-0:setup-delay=0.5")
     assert scan["written"] == 64

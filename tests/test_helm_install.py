@@ -186,7 +186,7 @@ def test_the_chart_rbac_is_enough_for_the_operator_and_no_more(mode, kubectl, he
         # A session: children created and owned, status written (Pending: no kubelet).
         doc = manifest("rbac", lanes=2)
         kubectl("apply", "-n", sessions, "-f", "-", input=yaml.safe_dump(doc))
-        lanes2 = {("Service", "rbac-aggregator-1"), ("Service", "rbac-distributor-1")}
+        lanes2 = {("Service", "rbac-distributor-1")}  # the second lane's Service
         wanted = {("ConfigMap", "rbac-plan"), ("Deployment", "rbac-worker"), ("StatefulSet", "rbac-writer"),
                   ("NetworkPolicy", "rbac-stages"), ("Service", "rbac-writer-0"), *lanes2}
         wait_until(lambda: wanted <= children(kubectl, sessions, "rbac"), "the session's children", timeout=90)

@@ -108,7 +108,7 @@ def test_a_killed_stage_stops_the_session(tmp_path, write_manifest):
     plan = tmp_path / ".detstream" / "killed" / "plan.json"
     victim = None
     for _ in range(200):
-        victims = subprocess.run(["pgrep", "-f", f"stage aggregator --plan {plan}"], capture_output=True,
+        victims = subprocess.run(["pgrep", "-f", f"stage distributor --plan {plan}"], capture_output=True,
                                  text=True).stdout.split()
         if victims and (tmp_path / ".detstream/killed/logs/source-0.log").stat().st_size:
             victim = victims[0]
@@ -118,7 +118,7 @@ def test_a_killed_stage_stops_the_session(tmp_path, write_manifest):
     subprocess.run(["kill", "-9", victim], check=True)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
-    assert "aggregator-0 exited with code -9" in err
+    assert "distributor-0 exited with code -9" in err
     assert not no_stage_left(str(plan))
 
 

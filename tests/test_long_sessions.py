@@ -11,7 +11,7 @@ import numpy as np
 import zmq
 
 from detstream.operator.status import Observed, PodView, status_patch
-from detstream.services.dataplane.wire import END_OF_SCAN, RESULT, Header, decode
+from detstream.services.dataplane.wire import END_OF_SCAN, RESULT, WIRE_VERSION, Header, decode
 from detstream.services.launcher.runner import free_ports
 from detstream.services.model.plan import LocalNetwork, build_plan
 from detstream.services.model.session import load_session
@@ -27,11 +27,11 @@ def feed(writer: WriterStage, scan: int) -> None:
     """One scan of one frame: its result, then its lane's end (every other scan's frame lost)."""
     written = scan % 2 == 0
     if written:
-        result = Header(version=1, kind=RESULT, sender="worker-0", scan=scan, result="frames", scan_rows=1,
+        result = Header(version=WIRE_VERSION, kind=RESULT, sender="worker-0", scan=scan, result="frames", scan_rows=1,
                         scan_cols=1)
         writer.handle(decode([zmq.Frame(result.SerializeToString()), zmq.Frame(b"")], writer.geometry))
-    end = Header(version=1, kind=END_OF_SCAN, sender="distributor-0", scan=scan, expected=1, sent=int(written),
-                 lost=int(not written), scan_rows=1, scan_cols=1)
+    end = Header(version=WIRE_VERSION, kind=END_OF_SCAN, sender="distributor-0", scan=scan, expected=1,
+                 sent=int(written), lost=int(not written), scan_rows=1, scan_cols=1)
     parts = [] if written else [zmq.Frame(np.packbits([True]).tobytes())]
     writer.handle(decode([zmq.Frame(end.SerializeToString()), *parts], writer.geometry))
     writer.close_ready(time.monotonic())

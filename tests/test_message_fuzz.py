@@ -2,8 +2,8 @@
 mostly well-formed enough to get past the header codec into the stages' own logic: nothing may
 raise, every bad message is counted, and the stages' books stay consistent.
 
-The four pipeline stages run in this process on real sockets (their own ports, as in a session),
-so what one stage emits reaches the next when they are pumped."""
+The pipeline's stages run in this process on real sockets (their own ports, as in a session), so
+what one stage emits reaches the next when they are pumped."""
 
 
 import numpy as np
@@ -12,11 +12,11 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from detstream.services.dataplane.wire import WireError, decode
+from detstream.services.dataplane.wire import WIRE_VERSION, WireError, decode
 from detstream.services.launcher.runner import free_ports
 from detstream.services.model.plan import LocalNetwork, build_plan
 from detstream.services.model.session import load_session
-from detstream.services.stages import aggregator, distributor, worker, writer
+from detstream.services.stages import distributor, source, worker, writer
 from detstream.v1 import wire_pb2
 from detstream.v1.wire_pb2 import Header
 
@@ -31,11 +31,11 @@ def stages(tmp_path_factory):
                    workers={"replicas": 1, "credits": 4}, source={"replicas": 1},
                    plugin={"name": "electron-counting", "params": {"backgroundThreshold": 2, "xrayThreshold": 9}},
                    transport={"highWaterMark": 100000, "frameTimeoutS": 0.05, "endOfScanTimeoutS": 0.2,
-                              "workerTimeoutS": 0.2, "heartbeatS": 0.05})
+                              "workerTimeoutS": 0.2, "heartbeatS": 0.05, "blockFrames": 4})
     plan = build_plan(load_session(doc), LocalNetwork(free_ports()))
     out = tmp_path_factory.mktemp("fuzz")
     built = {"writer": writer.WriterStage(plan, 0, output=out), "worker": worker.WorkerStage(plan, 0),
-             "distributor": distributor.DistributorStage(plan, 0), "aggregator": aggregator.AggregatorStage(plan, 0)}
+             "distributor": distributor.DistributorStage(plan, 0), "source": source.SourceStage(plan, 0)}
     for stage in built.values():
         stage.reactor.poll_ms = 0  # a turn takes what is there and returns
         stage.setup()
@@ -45,25 +45,35 @@ def stages(tmp_path_factory):
         stage.ctx.destroy(linger=0)
 
 
-TARGETS = ["aggregator", "distributor-frames", "distributor-work", "distributor-receipts", "worker", "writer"]
-NATURAL = {wire_pb2.SECTOR: ["aggregator"], wire_pb2.FRAME: ["distributor-frames", "worker"],
-           wire_pb2.RESULT: ["writer"], wire_pb2.END_OF_SCAN: ["aggregator", "distributor-frames", "writer"],
+TARGETS = ["source", "distributor-route", "distributor-work", "distributor-receipts", "worker", "writer"]
+NATURAL = {wire_pb2.BLOCK: ["worker"], wire_pb2.SAMPLE: ["worker"], wire_pb2.WANT: ["distributor-route"],
+           wire_pb2.ASSIGN: ["source"], wire_pb2.RELEASE: ["source"],
+           wire_pb2.RESULT: ["writer"], wire_pb2.END_OF_SCAN: ["distributor-route", "writer"],
            wire_pb2.CREDIT: ["distributor-work"], wire_pb2.HEARTBEAT: ["distributor-work"],
-           wire_pb2.RECEIPT: ["distributor-receipts"], wire_pb2.SAMPLE: ["worker"], wire_pb2.CALIBRATION: ["writer"]}
+           wire_pb2.RECEIPT: ["distributor-receipts"], wire_pb2.CALIBRATION: ["writer"]}
+ADDRESSES = ["tcp://127.0.0.1:1", "tcp://127.0.0.1:0", "tcp://nowhere", "ipc:///tmp/x", "", "tcp://[::1]:5"]
+KEYS = ["worker-0", "worker-7", "", "../../etc/passwd"]
 PEERS = [b"peer-a", b"peer-b", b"\x00"]
 
 
 def build(kind, scan, frame, sector, mutation, target, seed):
     """A message of `kind` as the session would carry it, then (by `mutation`) broken in one way."""
     rng = np.random.default_rng(seed)
-    h = Header(version=1, kind=kind, scan=scan, frame=frame, position=frame, sector=sector, scan_rows=4, scan_cols=4,
+    h = Header(version=WIRE_VERSION, kind=kind, scan=scan, frame=frame, position=frame, scan_rows=4, scan_cols=4,
                sender=["source-0", "distributor-0", "worker-0", "x"][seed % 4])
     parts = []
-    if kind in (wire_pb2.SECTOR, wire_pb2.FRAME, wire_pb2.SAMPLE):
+    if kind in (wire_pb2.BLOCK, wire_pb2.SAMPLE):   # blocks of 4 frames; one or both sectors of 1-2 frames
         h.shape.extend([8, 4])
         h.dtype = "<u2"
-        parts = [rng.integers(0, 12, 32, dtype=np.uint16).tobytes() for _ in range(1 if kind == wire_pb2.SECTOR else 2)]
-        h.flags = int(rng.integers(0, 2))
+        h.block = frame // 4
+        h.frames.extend(sorted({frame, min(frame + seed % 2, h.block * 4 + 3)}))
+        h.sectors.extend([sector % 2] if seed % 3 else [0, 1])
+        parts = [rng.integers(0, 12, 32, dtype=np.uint16).tobytes() for _ in range(len(h.frames) * len(h.sectors))]
+        h.flags = int(rng.integers(0, 16))
+    elif kind in (wire_pb2.WANT, wire_pb2.ASSIGN):
+        h.block = frame // 4 + seed % 2
+        h.address, h.key = ADDRESSES[seed % len(ADDRESSES)], KEYS[seed % len(KEYS)]
+        h.flags = int(rng.integers(0, 4))
     elif kind == wire_pb2.RESULT:
         h.result = "events"
         parts = [np.unique(rng.integers(0, 64, int(rng.integers(0, 5)))).astype(np.uint32).tobytes()]
@@ -77,11 +87,13 @@ def build(kind, scan, frame, sector, mutation, target, seed):
     elif kind == wire_pb2.CALIBRATION:  # a worker's, or JSON of the wrong shape, or not JSON at all
         parts = [[b'{"electron_counting": {"background_threshold": 32.5, "threshold_calculated": true}}',
                   b'{"electron_counting": [1, 2]}', b'[]', b'{"a": {"b": null}}', b'\xff{'][seed % 5]]
-    elif kind in (wire_pb2.CREDIT, wire_pb2.RECEIPT):
+    elif kind in (wire_pb2.CREDIT, wire_pb2.HEARTBEAT, wire_pb2.RECEIPT, wire_pb2.RELEASE):
         h.credit = int(rng.integers(0, 6)) if kind == wire_pb2.CREDIT else 0
+        h.address, h.key = ADDRESSES[seed % len(ADDRESSES)], KEYS[seed % len(KEYS)]
         h.acked.extend(int(scan) << 40 | int(f) for f in rng.integers(0, 16, int(rng.integers(0, 4))))
+        h.frames.extend(int(f) for f in rng.integers(0, 17, int(rng.integers(0, 3))))   # a worker's absent frames
     if mutation == 6:
-        h.version = 2
+        h.version = 1
     elif mutation == 7 and parts:
         parts.pop()
     elif mutation == 8 and parts:
@@ -116,10 +128,10 @@ def deliver(stages, target, raw, peer):
     except WireError as exc:
         stage.reject(exc)
         return
-    if target == "aggregator":
-        stage.handle(msg)
-    elif target == "distributor-frames":
-        stage.from_aggregator(msg)
+    if target == "source":
+        stage.from_lane(0, msg)
+    elif target == "distributor-route":
+        stage.from_source(peer, msg)
     elif target == "distributor-work":
         stage.from_worker(peer, msg)
     elif target == "distributor-receipts":
@@ -127,18 +139,19 @@ def deliver(stages, target, raw, peer):
     elif target == "writer":
         stage.handle(msg)
     else:
-        stage.from_distributor(0, msg)
+        stage.from_source(msg)
 
 
 def check_books(stages):
     d = stages["distributor"]
     assert all(s.in_flight >= 0 and s.count <= s.done.size for s in d.ledger.scans.values())
-    assert all(0 <= w.credit <= d.spec.workers.credits for w in d.ledger.workers.values())
+    assert all(w.credit <= d.spec.workers.credits for w in d.ledger.workers.values())   # (below 0: it owes)
     w = stages["writer"]
     assert all(s.count == s.done.sum() <= s.done.size for s in w.accounts.scans.values())
     assert all(a.written + a.lost <= a.expected for a in w.accounts.recent)
-    a = stages["aggregator"].reassembly
-    assert all(s.count <= a.lane_frames for s in a.scans.values())
+    assert all(s.in_flight == sum(len(r.open) for r in d.ledger.routes.values() if r.scan == n)
+               for n, s in d.ledger.scans.items())
+    assert len(stages["source"].window.kept) <= stages["source"].window.limit   # the window stays bounded
 
 
 @settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))

@@ -36,12 +36,12 @@ def test_every_stage_requests_the_crd_default_resources_unless_its_role_is_given
     schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     defaults = {role: prop["default"] for role, prop in
                 schema["properties"]["spec"]["properties"]["kubernetes"]["properties"]["resources"]["properties"].items()}
-    assert set(defaults) == {"source", "aggregator", "distributor", "worker", "writer"}
+    assert set(defaults) == {"source", "distributor", "worker", "writer"}
     mine = {"requests": {"cpu": "3", "memory": "4Gi"}}
     for s, expected in ((session(), defaults), (session(kubernetes={"resources": {"worker": mine}}),
                                                 {**defaults, "worker": mine})):
         workloads = [o for o in resources.children(s, "img") if o["kind"] in ("StatefulSet", "Deployment")]
-        assert len(workloads) == 5
+        assert len(workloads) == 4
         for obj in workloads:
             (stage,) = obj["spec"]["template"]["spec"]["containers"]
             assert stage["resources"] == expected[obj["spec"]["template"]["metadata"]["labels"][
@@ -60,8 +60,9 @@ def test_crd_has_short_name_columns_and_scale():
 def test_children_validate_against_kubernetes_schemas():
     objs = resources.children(session(lanes=2, source={"replicas": 2}), "example/detstream:1")
     kinds = sorted(o["kind"] + "/" + o["metadata"]["name"] for o in objs)
-    assert "Deployment/s1-worker" in kinds and "StatefulSet/s1-aggregator" in kinds and "ConfigMap/s1-plan" in kinds
-    assert "Service/s1-aggregator-1" in kinds and "Service/s1-writer-0" in kinds
+    assert "Deployment/s1-worker" in kinds and "StatefulSet/s1-distributor" in kinds and "ConfigMap/s1-plan" in kinds
+    assert "Service/s1-distributor-1" in kinds and "Service/s1-writer-0" in kinds
+    assert not any("aggregator" in k for k in kinds)
     for obj in objs:
         kubernetes_validate.validate(obj, K8S, strict=True)
 
@@ -87,9 +88,11 @@ def test_pods_are_restricted_and_bind_their_own_ip():
 def test_external_source_exposes_ingest_with_the_chosen_service_type():
     objs = resources.children(session(source={"kind": "external", "replicas": 2},
                                       kubernetes={"ingestServiceType": "LoadBalancer"}), "img")
-    ingest = next(o for o in objs if o["metadata"]["name"] == "s1-aggregator-0")
+    ingest = next(o for o in objs if o["metadata"]["name"] == "s1-distributor-0")
     assert ingest["spec"]["type"] == "LoadBalancer"
-    assert 7200 in [p["port"] for p in ingest["spec"]["ports"]]
+    assert 7200 in [p["port"] for p in ingest["spec"]["ports"]]  # the lane's route port
+    writer = next(o for o in objs if o["metadata"]["name"] == "s1-writer-0")
+    assert writer["spec"].get("type", "ClusterIP") == "ClusterIP"  # only the lanes face the acquisition machines
     assert not any(o["metadata"]["name"] == "s1-source" for o in objs)
 
 
@@ -115,19 +118,19 @@ def stage(role, state, **kw):
     return StageStatus(stage=role, state=state, **kw)
 
 
-DESIRED = {"aggregator": 1, "writer": 1}
+DESIRED = {"distributor": 1, "writer": 1}
 
 
 @pytest.mark.parametrize("pods, stages, started, expected", [
     ([], {}, False, "Pending"),
-    ([PodView("a", "aggregator", phase="Running")], {}, False, "Starting"),
-    ([PodView("a", "aggregator", "1", True, "Running"), PodView("w", "writer", "2", True, "Running")],
-     {"a": stage("aggregator", CONFIGURED), "w": stage("writer", CONFIGURED)}, False, "Ready"),
-    ([PodView("a", "aggregator", "1", True, "Running")], {"a": stage("aggregator", RUNNING)}, True, "Streaming"),
+    ([PodView("a", "distributor", phase="Running")], {}, False, "Starting"),
+    ([PodView("a", "distributor", "1", True, "Running"), PodView("w", "writer", "2", True, "Running")],
+     {"a": stage("distributor", CONFIGURED), "w": stage("writer", CONFIGURED)}, False, "Ready"),
+    ([PodView("a", "distributor", "1", True, "Running")], {"a": stage("distributor", RUNNING)}, True, "Streaming"),
     ([], {"w": stage("writer", FINISHED, scans=[ScanAccount(expected=4, written=3, lost=1)])}, True, "Succeeded"),
     ([], {"w": stage("writer", FINISHED, scans=[ScanAccount(expected=4, written=2, lost=1)])}, True, "Failed"),
-    ([], {"a": stage("aggregator", FAILED, message="boom")}, True, "Failed"),
-    ([PodView("a", "aggregator", problem="pod a: CrashLoopBackOff: bad")], {}, False, "Failed"),
+    ([], {"a": stage("distributor", FAILED, message="boom")}, True, "Failed"),
+    ([PodView("a", "distributor", problem="pod a: CrashLoopBackOff: bad")], {}, False, "Failed"),
 ])
 def test_phase(pods, stages, started, expected):
     assert phase(Observed(DESIRED, pods, stages, started))[0] == expected
@@ -135,8 +138,8 @@ def test_phase(pods, stages, started, expected):
 
 @pytest.mark.parametrize("started, waited, overdue", [(False, 5.0, False), (False, 61.0, True), (True, 61.0, False)])
 def test_startup_is_overdue_only_before_the_start_and_past_the_timeout(started, waited, overdue):
-    pods = [PodView("a", "aggregator", "1", True, "Running"), PodView("w", "writer", phase="Pending")]
-    o = Observed(DESIRED, pods, {"a": stage("aggregator", CONFIGURED)}, started, waited_s=waited, startup_timeout_s=60)
+    pods = [PodView("a", "distributor", "1", True, "Running"), PodView("w", "writer", phase="Pending")]
+    o = Observed(DESIRED, pods, {"a": stage("distributor", CONFIGURED)}, started, waited_s=waited, startup_timeout_s=60)
     expected = ("not every stage is healthy after 60 s (spec.transport.startupTimeoutS): writer 0/1; "
                 "not ready: w (Pending)")
     assert startup_overdue(o) == (expected if overdue else "")
@@ -173,9 +176,9 @@ def test_ingest_addresses_follow_the_service_type():
         return {"metadata": {"name": name, "namespace": "lab"},
                 "spec": {"type": type_, "ports": [{"port": 7200, "nodePort": node_port}]},
                 "status": {"loadBalancer": {"ingress": ingress or []}}}
-    assert ingest_addresses([svc("s-aggregator-0", "ClusterIP"), svc("s-aggregator-1", "NodePort", 31000),
-                             svc("s-aggregator-2", "LoadBalancer", 31001, [{"ip": "10.1.2.3"}])], 7200) == [
-        "tcp://s-aggregator-0.lab.svc:7200", "tcp://NODE-ADDRESS:31000", "tcp://10.1.2.3:7200"]
+    assert ingest_addresses([svc("s-distributor-0", "ClusterIP"), svc("s-distributor-1", "NodePort", 31000),
+                             svc("s-distributor-2", "LoadBalancer", 31001, [{"ip": "10.1.2.3"}])], 7200) == [
+        "tcp://s-distributor-0.lab.svc:7200", "tcp://NODE-ADDRESS:31000", "tcp://10.1.2.3:7200"]
 
 
 def test_network_policy_admits_only_the_session_the_operator_and_declared_sources():
@@ -185,12 +188,30 @@ def test_network_policy_admits_only_the_session_the_operator_and_declared_source
     kubernetes_validate.validate(policy, K8S, strict=True)
     assert policy["spec"]["podSelector"] == {"matchLabels": {"detstream.io/session": "s1"}}
     rules = policy["spec"]["ingress"]
+    # the session's own pods: every port (no `ports` in the rule)
     assert rules[0] == {"from": [{"podSelector": {"matchLabels": {"detstream.io/session": "s1"}}}]}
-    by_port = {r["ports"][0]["port"]: r.get("from") for r in rules[1:]}
+    by_port = {p["port"]: r.get("from") for r in rules[1:] for p in r["ports"]}
     assert by_port[8080] is None  # the live view: from anywhere (see the test below)
     assert by_port[7100][0]["podSelector"]["matchLabels"] == {"detstream.io/operator": "true"}
-    assert by_port[7200] == [{"ipBlock": {"cidr": "192.0.2.0/24"}}]
-    assert 7201 not in by_port and 7203 not in by_port  # data ports: the session's own stages only
+    # the acquisition machines: the lanes' route port and the workers' data port
+    assert by_port[7200] == by_port[7204] == [{"ipBlock": {"cidr": "192.0.2.0/24"}}]
+    assert 7202 not in by_port and 7203 not in by_port  # work, results: the session's own stages only
+
+
+def test_every_stage_exposes_its_plan_ports_the_worker_its_data_port():
+    s = session(lanes=2)
+    plan = resources.cluster_plan(s)
+    for obj in resources.children(s, "img"):
+        if obj["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        role = obj["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+        (c,) = obj["spec"]["template"]["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        for stage in plan.of_role(role):
+            assert ports == stage.ports, obj["metadata"]["name"]
+    (worker,) = [o for o in resources.children(s, "img") if o["kind"] == "Deployment"]
+    (c,) = worker["spec"]["template"]["spec"]["containers"]
+    assert {"name": "data", "containerPort": 7204, "protocol": "TCP"} in c["ports"]
 
 
 def test_the_writer_serves_the_live_view_on_its_service_open_to_any_client():

@@ -42,13 +42,13 @@ def test_a_pod_mounts_only_its_roles_secrets(made, tmp_path):
     session, plan, secret = made
     files = keys.role_files(session, plan, "worker")
     assert "tls/ca.key" not in files and not any("launcher" in f for f in files)
-    assert not any(f.startswith("curve/private/aggregator") or f.startswith("tls/writer") for f in files)
+    assert not any(f.startswith("curve/private/distributor") or f.startswith("tls/writer") for f in files)
     worker = mount(secret, files, tmp_path)
     worker.curve_secret("worker-0")                   # its own keys load
     worker.server_credentials("worker-0")
-    assert worker.curve_public("aggregator-1")        # every public key is there
+    assert worker.curve_public("distributor-1")       # every public key is there
     with pytest.raises(KeysMissing):
-        worker.curve_secret("aggregator-0")           # nobody else's secret
+        worker.curve_secret("distributor-0")          # nobody else's secret
 
 
 def test_a_new_lane_needs_new_keys(made):

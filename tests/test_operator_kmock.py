@@ -61,8 +61,8 @@ RESOURCE_OF = {kind: res for res, (kind, _, _) in KINDS.items()}
 SESSIONS_URL = f"/apis/detstream.io/v1alpha1/namespaces/{NS}/streamingsessions"
 # The children of a default one-lane session named demo, as tests/test_operator_cluster.py sees them.
 CHILDREN = {("ConfigMap", "demo-plan"), ("NetworkPolicy", "demo-stages"), ("Deployment", "demo-worker"),
-            *{("StatefulSet", f"demo-{r}") for r in ("source", "aggregator", "distributor", "writer")},
-            *{("Service", f"demo-{r}{i}") for r in ("source", "aggregator", "distributor", "writer")
+            *{("StatefulSet", f"demo-{r}") for r in ("source", "distributor", "writer")},
+            *{("Service", f"demo-{r}{i}") for r in ("source", "distributor", "writer")
               for i in ("", "-0")}}
 
 class Emulator(km.KubernetesEmulator):
@@ -226,7 +226,7 @@ async def test_resume_applies_every_child_owned_prunes_strays_and_scales_without
     kmock = api
     spec = {"scan": {"rows": 8, "cols": 8}, "workers": {"replicas": 2}}
     kmock.objects[SESSIONS, NS, "demo"] = resumed(spec)
-    strays = {("Service", "demo-aggregator-1"), ("Service", "demo-distributor-1")}  # a lane removed
+    strays = {("Service", "demo-distributor-1")}  # a lane removed: its distributor's Service
     seed_children(kmock, CHILDREN | strays)
 
     async with operator():
@@ -251,7 +251,7 @@ async def test_resume_applies_every_child_owned_prunes_strays_and_scales_without
         (owner,) = request.data["metadata"]["ownerReferences"]
         assert owner["uid"] == "uid-demo" and owner["controller"] is True, target(request)
     deleted = {(r.url.path.split("/")[-2], r.name) for r in kmock if r.method == "DELETE"}
-    assert deleted == {("services", "demo-aggregator-1"), ("services", "demo-distributor-1")}
+    assert deleted == {("services", "demo-distributor-1")}
 
     def by_target(requests):
         return {target(r): r.data for r in requests}

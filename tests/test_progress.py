@@ -53,4 +53,4 @@ def test_live_table_shows_a_steady_rate_near_the_source_rate(tmp_path):
     console = Console(width=200, record=True)
     console.print(table)
     text = console.export_text()
-    assert "(source: sectors)" in text and "(aggregator: sectors)" in text
+    assert "(frames)" in text and "distributor-0" in text

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from detstream.services.dataplane.security import Keys
-from detstream.services.dataplane.wire import SECTOR, Header, Outbox
+from detstream.services.dataplane.wire import WANT, Header, Outbox
 from detstream.services.runtime.control import StageClient
 
 from helpers import DETSTREAM, manifest, wait_for
@@ -27,9 +27,8 @@ def rejected(port, reason):
                if s.name == "detstream_rejected_messages_total" and s.labels.get("reason") == reason)
 
 
-def sector_message():
-    return Header(kind=SECTOR, scan=0, frame=0, position=0, sector=0, shape=[64, 32], dtype="<u2", scan_rows=8,
-                  scan_cols=8), [bytes(64 * 32 * 2)]
+def want_message():
+    return Header(kind=WANT, scan=0, block=0)
 
 
 def test_outsiders_are_refused_and_counted_while_the_session_streams_exactly(local_session, tmp_path):
@@ -37,26 +36,26 @@ def test_outsiders_are_refused_and_counted_while_the_session_streams_exactly(loc
                    plugin={"name": "noop"}, security=SECURE)
     local = local_session(doc)
     keys = Keys(local.run_dir / "keys")
-    aggregator = local.plan.stage("aggregator", 0)
-    ingest = local.plan.endpoint("aggregator", 0, "ingest")
+    lane = local.plan.stage("distributor", 0)
+    ingest = local.plan.endpoint("distributor", 0, "route")
     ctx = zmq.Context()
     try:
         outsiders = []
-        plain = ctx.socket(zmq.PUSH)                       # no CURVE at all
-        stranger = ctx.socket(zmq.PUSH)                    # CURVE, knows the server key, but not a session key
+        plain = ctx.socket(zmq.DEALER)                     # no CURVE at all
+        stranger = ctx.socket(zmq.DEALER)                  # CURVE, knows the server key, but not a session key
         stranger.curve_publickey, stranger.curve_secretkey = zmq.curve_keypair()
-        stranger.curve_serverkey = keys.curve_public("aggregator-0")
-        intruder = ctx.socket(zmq.PUSH)                    # a session key, of a role that never sends here
-        keys.curve_client(intruder, "worker-0", "aggregator-0")
+        stranger.curve_serverkey = keys.curve_public("distributor-0")
+        intruder = ctx.socket(zmq.DEALER)                  # a session key, of a role that never sends here
+        keys.curve_client(intruder, "worker-0", "distributor-0")
         for sock in (plain, stranger, intruder):
             sock.linger = 0
             sock.connect(ingest)
             outsiders.append(Outbox(sock, "outsider"))
             try:
-                sock.send_multipart([sector_message()[0].SerializeToString(), *sector_message()[1]], flags=zmq.NOBLOCK)
+                sock.send(want_message().SerializeToString(), flags=zmq.NOBLOCK)
             except zmq.Again:
                 pass  # never connected: that is the point
-        wait_for(lambda: rejected(aggregator.ports["metrics"], "auth") >= 3)
+        wait_for(lambda: rejected(lane.ports["metrics"], "auth") >= 3)
 
         # the session's own detector-side sender, with the `external` key, streams the scan
         path = tmp_path / "secure.yaml"
@@ -70,7 +69,7 @@ def test_outsiders_are_refused_and_counted_while_the_session_streams_exactly(loc
         (account,) = local.writer().client.status().scans
         assert (account.expected, account.written, account.lost, account.partial) == (64, 64, 0, 0)
         assert local.writer().client.status().frames_in == 64   # nothing of the outsiders got in
-        assert rejected(aggregator.ports["metrics"], "auth") >= 3
+        assert rejected(lane.ports["metrics"], "auth") >= 3
     finally:
         ctx.destroy(linger=0)
 

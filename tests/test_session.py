@@ -6,7 +6,7 @@ import json
 import pytest
 
 from detstream.operator.resources import cluster_plan, plan_configmap
-from detstream.services.dataplane.wire import FRAME, FRAME_BITS, Geometry, Header, frame_key
+from detstream.services.dataplane.wire import BLOCK, FRAME_BITS, Geometry, Header, frame_key
 from detstream.services.model.plan import ClusterNetwork, LocalNetwork, Plan, build_plan
 from detstream.services.model.schema import SpecError, openapi
 from detstream.services.model.session import (
@@ -95,8 +95,8 @@ def test_plan_local_has_every_stage_with_distinct_ports():
     session = load_session(manifest(lanes=2, source={"replicas": 2}, workers={"replicas": 3}))
     plan = build_plan(session, LocalNetwork(iter(range(30000, 31000))))
     names = [s.name for s in plan.stages]
-    assert names == ["source-0", "source-1", "aggregator-0", "aggregator-1", "distributor-0", "distributor-1",
-                     "worker-0", "worker-1", "worker-2", "writer-0"]
+    assert names == ["source-0", "source-1", "distributor-0", "distributor-1", "worker-0", "worker-1", "worker-2",
+                     "writer-0"]
     ports = [p for s in plan.stages for p in s.ports.values()]
     assert len(ports) == len(set(ports))
     assert plan.endpoint("distributor", 1, "work").startswith("tcp://127.0.0.1:")
@@ -108,7 +108,8 @@ def test_plan_cluster_uses_service_names_and_fixed_ports():
     session = load_session(manifest(name="s1"))
     plan = build_plan(session, ClusterNetwork())
     assert plan.endpoint("writer", 0, "results") == "tcp://s1-writer-0:7203"
-    assert plan.stage("aggregator", 0).ports["ingest"] == 7200
+    assert plan.stage("distributor", 0).ports["route"] == 7200
+    assert plan.stage("worker", 0).ports["data"] == 7204
 
 
 def test_external_source_has_no_source_stage():
@@ -159,8 +160,9 @@ def test_every_schema_limit_is_carried_by_the_wire_the_plan_and_the_cluster():
     session = load_session(doc)
     spec = session.spec
     frames = spec.scan.frames
-    header = Header(kind=FRAME, scan=spec.scan.count - 1, frame=frames - 1, position=frames - 1,
-                    sector=sectors - 1, sector_mask=(1 << sectors) - 1, shape=[detector["rows"], 1024],
+    header = Header(kind=BLOCK, scan=spec.scan.count - 1, frame=frames - 1, position=frames - 1,
+                    block=(frames - 1) // spec.transport.block_frames, frames=[frames - 1], sectors=[sectors - 1],
+                    sector_mask=(1 << sectors) - 1, shape=[detector["rows"], 1024],
                     scan_rows=spec.scan.rows, scan_cols=spec.scan.cols, expected=frames, sent=frames,
                     lost=frames, credit=spec.workers.credits, acked=[frame_key(spec.scan.count - 1, frames - 1)])
     assert Header.FromString(header.SerializeToString()) == header

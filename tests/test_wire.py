@@ -7,9 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from detstream.services.dataplane.wire import (
+    BLOCK,
     END_OF_SCAN,
-    FRAME,
-    SECTOR,
+    WANT,
+    WIRE_VERSION,
     Gaps,
     Geometry,
     Header,
@@ -20,47 +21,47 @@ from detstream.services.dataplane.wire import (
     unpack_frames,
 )
 
-G = Geometry(rows=8, cols=8, sectors=2, dtype="<u2", scan_frames=16)
+G = Geometry(rows=8, cols=8, sectors=2, dtype="<u2", scan_frames=16, block_frames=4)
 
 
-def sector(frame=3, sector=1, **over):
-    h = Header(version=1, kind=SECTOR, scan=0, frame=frame, position=frame, sector=sector, shape=[8, 4], dtype="<u2")
-    for k, v in over.items():
-        setattr(h, k, v) if not isinstance(v, list) else (h.ClearField(k), getattr(h, k).extend(v))
-    return h
+def block(block=1, frames=(4, 5), sectors=(1,), shape=(8, 4), **over):
+    fields = dict(version=WIRE_VERSION, kind=BLOCK, scan=0, dtype="<u2") | over
+    return Header(block=block, frames=frames, sectors=sectors, shape=shape, **fields)
 
 
 def frames(header, *payloads):
     return [zmq.Frame(header.SerializeToString()), *(zmq.Frame(p) for p in payloads)]
 
 
-def test_sector_round_trip_gives_a_view_of_the_payload():
-    pixels = np.arange(32, dtype="<u2").reshape(8, 4)
-    msg = decode(frames(sector(), pixels.tobytes()), G)
-    assert msg.header.frame == 3 and msg.header.sector == 1
-    np.testing.assert_array_equal(msg.sectors[0], pixels)
+def test_a_block_message_gives_views_of_its_frames_sectors():
+    pixels = [np.full((8, 4), i, "<u2") for i in range(4)]
+    msg = decode(frames(block(frames=(4, 5), sectors=(0, 1)), *(p.tobytes() for p in pixels)), G)
+    assert [int(s[0, 0]) for s in msg.sectors] == [0, 1, 2, 3]   # frame 4 sectors 0, 1; frame 5 sectors 0, 1
     assert not msg.sectors[0].flags.owndata  # a view over the ZeroMQ buffer, not a copy
+    assert decode(frames(block(block=3, frames=(15,)), bytes(64)), G).header.frames == [15]
 
 
 @pytest.mark.parametrize("raw, reason", [
     ([], "empty"),
     ([zmq.Frame(b"\xff\xff\xff")], "header"),
     ([zmq.Frame(b"x" * 5000)], "header"),
-    (frames(sector(version=2), bytes(64)), "version"),
-    (frames(sector(kind=99), bytes(64)), "kind"),
-    (frames(sector(kind=0), bytes(64)), "kind"),
-    (frames(sector()), "parts"),
-    (frames(sector(), bytes(64), bytes(64)), "parts"),
-    (frames(sector(), bytes(63)), "size"),
-    (frames(sector(), bytes(6400)), "size"),
-    (frames(sector(shape=[4, 8]), bytes(64)), "geometry"),
-    (frames(sector(dtype="<f4"), bytes(128)), "geometry"),
-    (frames(sector(frame=16), bytes(64)), "range"),
-    (frames(sector(sector=2), bytes(64)), "range"),
-    (frames(Header(version=1, kind=FRAME, shape=[8, 4], dtype="<u2"), bytes(64)), "parts"),
-    (frames(Header(version=1, kind=END_OF_SCAN), b"extra"), "parts"),
-    (frames(Header(version=1, kind=END_OF_SCAN, lost=1), bytes(2), bytes(2)), "parts"),
-    (frames(Header(version=1, kind=END_OF_SCAN, lost=1), bytes(3)), "size"),
+    (frames(block(version=1), bytes(64), bytes(64)), "version"),
+    (frames(block(kind=99), bytes(64)), "kind"),
+    (frames(block(kind=0), bytes(64)), "kind"),
+    (frames(block(), bytes(64)), "parts"),                              # 2 frames x 1 sector: 2 parts
+    (frames(block(), bytes(64), bytes(64), bytes(64)), "parts"),
+    (frames(block(), bytes(64), bytes(62)), "size"),
+    (frames(block(), bytes(64), bytes(6400)), "size"),
+    (frames(block(shape=[4, 8]), bytes(64), bytes(64)), "geometry"),
+    (frames(block(dtype="<f4"), bytes(128), bytes(128)), "geometry"),
+    (frames(block(frames=(3, 4)), bytes(64), bytes(64)), "range"),       # frame 3 is block 0's
+    (frames(block(block=4, frames=(16,)), bytes(64)), "range"),          # past the scan
+    (frames(block(sectors=(2,)), bytes(64), bytes(64)), "range"),
+    (frames(block(frames=(4,), sectors=(1, 1)), bytes(64), bytes(64)), "range"),
+    (frames(Header(version=WIRE_VERSION, kind=WANT, scan=0), b"extra"), "parts"),
+    (frames(Header(version=WIRE_VERSION, kind=END_OF_SCAN), b"extra"), "parts"),
+    (frames(Header(version=WIRE_VERSION, kind=END_OF_SCAN, lost=1), bytes(2), bytes(2)), "parts"),
+    (frames(Header(version=WIRE_VERSION, kind=END_OF_SCAN, lost=1), bytes(3)), "size"),
 ])
 def test_malformed_messages_are_rejected_with_a_reason(raw, reason):
     with pytest.raises(WireError) as err:
@@ -78,23 +79,27 @@ def test_garbage_never_escapes_as_anything_but_wire_error(parts):
 
 
 @settings(max_examples=1000, deadline=None)
-@given(frame=st.integers(0, 2**40), sec=st.integers(0, 2**32 - 1), size=st.integers(0, 200),
+@given(number=st.integers(0, 2**40), listed=st.lists(st.integers(0, 2**40), max_size=3),
+       sectors=st.lists(st.integers(0, 2**32 - 1), max_size=3), size=st.integers(0, 200),
        shape=st.lists(st.integers(0, 2**32 - 1), max_size=3))
-def test_fuzzed_sector_headers_are_accepted_only_when_consistent(frame, sec, size, shape):
-    raw = frames(sector(frame=frame, sector=sec, shape=shape), bytes(size))
+def test_fuzzed_block_headers_are_accepted_only_when_consistent(number, listed, sectors, size, shape):
+    raw = frames(block(block=number, frames=listed, sectors=sectors, shape=shape),
+                 *[bytes(size)] * (len(listed) * len(sectors)))
     try:
         msg = decode(raw, G)
     except WireError:
         return
-    assert msg.header.frame < 16 and msg.header.sector < 2 and len(msg.parts[0]) == 64
+    h = msg.header
+    assert all(h.block * 4 <= f < min(h.block * 4 + 4, 16) for f in h.frames)
+    assert all(s < 2 for s in h.sectors) and all(len(p) == 64 for p in msg.parts)
 
 
 def test_an_end_of_scan_names_its_lost_frames_as_a_bitmap():
     lost = np.zeros(16, bool)
     lost[[0, 7, 15]] = True
-    msg = decode(frames(Header(version=1, kind=END_OF_SCAN, lost=3), pack_frames(lost)), G)
+    msg = decode(frames(Header(version=WIRE_VERSION, kind=END_OF_SCAN, lost=3), pack_frames(lost)), G)
     np.testing.assert_array_equal(unpack_frames(msg.parts[0], 16), lost)
-    assert not decode(frames(Header(version=1, kind=END_OF_SCAN, lost=3)), G).parts  # a count alone is fine
+    assert not decode(frames(Header(version=WIRE_VERSION, kind=END_OF_SCAN, lost=3)), G).parts  # a count alone is fine
 
 
 def test_frame_key_and_gaps():

@@ -1,9 +1,9 @@
 """The scan records the stages keep: one `Scan` per open scan, and which scans are closed.
 
 Each stage holds the scans it has open in a `ScanBook`, by number, with `ClosedScans` beside it: the
-aggregator (frames passed on), the distributor (frames acknowledged by the writer) and the writer
-(frames written, the file). A scan is open until the stage's own rule closes it (reassembly.py,
-credits.py, accounting.py); once closed, its number stays closed for the session.
+distributor (frames acknowledged by the writer) and the writer (frames written, the file). A scan is
+open until the stage's own rule closes it (routing.py, accounting.py); once closed, its number stays
+closed for the session; a source keeps, per lane, the scans a lane told it it has closed (window.py).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ class ClosedScans:
 
 @dataclass(eq=False)
 class Scan:
-    """An open scan as a stage holds it. `done` is a bool per frame of the scan (rows x cols): passed on
-    (aggregator), acknowledged by the writer (distributor) or written (writer); `count` the frames done,
+    """An open scan as a stage holds it. `done` is a bool per frame of the scan (rows x cols):
+    acknowledged by the writer (distributor) or written (writer); `count` the frames done,
     each counted once. `ends` holds the END_OF_SCAN headers received, by sender, in order of arrival."""
     number: int
     rows: int
@@ -54,7 +54,7 @@ class Scan:
     in_flight: int = 0                # (distributor) frames with a worker, not yet acknowledged
     ends: dict[str, Any] = field(default_factory=dict)
     last_input: float = 0.0           # when input for it last came (seconds, on the stage's clock)
-    images: int | None = None         # (aggregator) the frames the detector said the scan has (DETECTOR_END)
+    images: int | None = None         # (distributor) the frames the detector said the scan has (DETECTOR_END)
 
     def ended(self, sender: str, end) -> None:
         """Record `sender`'s END_OF_SCAN (again: its latest, last in order)."""

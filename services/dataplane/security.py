@@ -40,7 +40,7 @@ EXTERNAL = "external"   # the CURVE identity of senders outside the session
 LAUNCHER = "launcher"   # the TLS client identity of the local runner (the operator, on Kubernetes)
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 # who may connect to each bound data port: roles (by the key's name) per ZAP domain
-ACCEPTS = {"ingest": ("source", EXTERNAL), "frames": ("aggregator",), "work": ("worker",),
+ACCEPTS = {"route": ("source", EXTERNAL), "data": ("source", EXTERNAL), "work": ("worker",),
            "results": ("worker", "distributor")}
 CERT_DAYS = 30
 

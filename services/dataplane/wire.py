@@ -8,6 +8,7 @@ reason that the stage counts (metric `detstream_rejected_messages_total{reason}`
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,33 +18,39 @@ import zmq
 
 from detstream.v1 import wire_pb2
 from detstream.v1.wire_pb2 import (
+    ABSENT,
+    ASSIGN,
+    BLOCK,
+    BLOCK_END,
     CALIBRATION,
     CREDIT,
     DETECTOR_END,
     DUPLICATE,
     END_OF_SCAN,
-    FRAME,
     HEARTBEAT,
     PARTIAL,
     PATTERN,
     RECEIPT,
+    RELEASE,
     RESULT,
     SAMPLE,
-    SECTOR,
+    TAKEN,
+    WANT,
     Header,
 )
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 MAX_HEADER_BYTES = 4096
 # ZeroMQ's flags as plain ints: an operation on pyzmq's IntFlag members (`zmq.NOBLOCK | zmq.SNDMORE`,
 # `events & zmq.POLLIN`) runs Python code of the enum module, ~2-5 us each, several per message.
 NOBLOCK, POLLIN, POLLOUT, _SNDMORE = int(zmq.NOBLOCK), int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.SNDMORE)
 FRAME_BITS = 40  # a frame key is scan << 40 | frame: 10^12 frames per scan, 2^24 scans
 
-__all__ = ["CALIBRATION", "CREDIT", "DETECTOR_END", "DUPLICATE", "END_OF_SCAN", "FRAME", "HEARTBEAT", "PARTIAL",
-           "PATTERN", "RECEIPT", "RESULT", "SAMPLE", "SECTOR", "Header", "WireError", "REJECT_REASONS",
-           "Geometry", "Message", "Outbox", "frame_key", "decode", "receive_parts", "Gaps", "FRAME_BITS",
-           "pack_frames", "unpack_frames", "NOBLOCK", "POLLIN", "POLLOUT"]
+__all__ = ["ABSENT", "ASSIGN", "BLOCK", "BLOCK_END", "CALIBRATION", "CREDIT", "DETECTOR_END", "DUPLICATE",
+           "END_OF_SCAN", "HEARTBEAT", "PARTIAL", "PATTERN", "RECEIPT", "RELEASE", "RESULT", "SAMPLE", "TAKEN", "WANT",
+           "Header", "WireError", "REJECT_REASONS", "Geometry", "Message", "Outbox", "frame_key", "is_tcp_address",
+           "decode", "receive_parts", "Gaps", "FRAME_BITS", "pack_frames", "unpack_frames", "NOBLOCK", "POLLIN",
+           "POLLOUT"]
 
 
 # Every reason a stage rejects a message for: the values of the `reason` label of
@@ -54,10 +61,12 @@ REJECT_REASONS = (
     "empty", "header", "version", "kind", "parts", "range", "geometry", "size",
     # well-formed, but the stage cannot take it (Stage.refuse)
     "late", "misrouted", "duplicate-sector", "result", "lost",
+    # a worker's CREDIT, or a lane's ASSIGN, naming no valid `data` address (tcp://HOST:PORT) or CURVE key
+    "address",
     # from a detector (a DECTRIS DCU, at a source of kind dectris): not stream v2 (stream2.REJECT_REASONS:
     # cbor, not-map, type, field, compression; and size), or a message the session cannot place: an image
     # before its series' start (one source replica), of a series already ended; an image the detector
-    # sent twice (also at the aggregator: a whole frame again)
+    # sent twice (also at the worker: a whole frame again)
     "cbor", "not-map", "type", "field", "compression", "no-start", "ended", "duplicate",
     # not a data message: a failed ZeroMQ handshake (without CURVE / with a wrong key), a bad
     # request to the metrics endpoint, a refused control call
@@ -73,6 +82,15 @@ class WireError(ValueError):
         super().__init__(f"{reason}: {detail}")
 
 
+TCP_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})")
+
+
+def is_tcp_address(text: str) -> bool:
+    """Whether `text` is a ZeroMQ TCP endpoint a socket may connect to: tcp://HOST:PORT, PORT 1 to 65535."""
+    match = TCP_ADDRESS.fullmatch(text)
+    return match is not None and 0 < int(match.group(2)) < 65536
+
+
 def frame_key(scan: int, frame: int) -> int:
     return scan << FRAME_BITS | frame
 
@@ -86,11 +104,13 @@ class Geometry:
     dtype: str
     scan_frames: int
     scans: int | None = None  # scans in the session: a message of a later scan is out of range
+    block_frames: int = 1     # frames per block (spec.transport.blockFrames)
 
     @classmethod
     def of(cls, spec) -> Geometry:
         d = spec.detector
-        return cls(d.rows, d.cols, d.sectors, np.dtype(d.dtype).str, spec.scan.frames, spec.scan.count)
+        return cls(d.rows, d.cols, d.sectors, np.dtype(d.dtype).str, spec.scan.frames, spec.scan.count,
+                   spec.transport.block_frames)
 
     @cached_property
     def sector_shape(self) -> tuple[int, int]:
@@ -111,7 +131,7 @@ class Geometry:
 
     @cached_property
     def frame_bytes(self) -> int:
-        """The payload of every FRAME message (checked on arrival)."""
+        """The pixels of a whole frame, in bytes."""
         return self.sectors * self.sector_bytes
 
     def is_frame(self, parts: Sequence) -> bool:
@@ -141,7 +161,8 @@ class Message:
         return [np.frombuffer(p.buffer, dtype=self.header.dtype).reshape(shape) for p in self.parts]
 
 
-_PARTS = {SECTOR: 1, CREDIT: 0, HEARTBEAT: 0, RECEIPT: 0, CALIBRATION: 1, PATTERN: 3}
+_PARTS = {ABSENT: 0, CREDIT: 0, HEARTBEAT: 0, RECEIPT: 0, CALIBRATION: 1, WANT: 0, ASSIGN: 0, RELEASE: 0, TAKEN: 0,
+          PATTERN: 3}
 MAX_CALIBRATION_BYTES = 65536
 _KINDS = frozenset(wire_pb2.Kind.values()) - {wire_pb2.KIND_UNSPECIFIED}  # Kind.values() builds a list per call
 
@@ -161,8 +182,8 @@ def decode(raw: Sequence[zmq.Frame], geometry: Geometry | None = None) -> Messag
         raise WireError("version", f"wire version {header.version}, this stage speaks {WIRE_VERSION}")
     kind = header.kind
     parts = raw[1:]
-    if geometry is not None and kind in (SECTOR, FRAME, SAMPLE):  # nearly every message: first
-        _check_pixels(header, kind, parts, geometry)
+    if geometry is not None and kind in (BLOCK, SAMPLE):  # the messages with pixels: first
+        _check_block(header, parts, geometry)
         return Message(header, parts)
     if kind not in _KINDS:
         raise WireError("kind", f"unknown message kind {kind}")
@@ -185,10 +206,12 @@ def _wrong_parts(kind: int, parts: Sequence, expected: int) -> WireError:
     return WireError("parts", f"{wire_pb2.Kind.Name(kind)} with {len(parts)} parts, expected {expected}")
 
 
-def _check_pixels(header: Header, kind: int, parts: Sequence[zmq.Frame], g: Geometry) -> None:
-    expected_parts = 1 if kind == SECTOR else g.sectors
-    if len(parts) != expected_parts:
-        raise _wrong_parts(kind, parts, expected_parts)
+def _check_block(header: Header, parts: Sequence[zmq.Frame], g: Geometry) -> None:
+    """A BLOCK (or SAMPLE): parts = its frames x its sectors, each a sector of the session's; every frame in
+    the block."""
+    frames, sectors = header.frames, header.sectors
+    if len(parts) != len(frames) * len(sectors):
+        raise WireError("parts", f"BLOCK of {len(frames)} frames x {len(sectors)} sectors with {len(parts)} parts")
     if header.shape != g.sector_shape_list or header.dtype != g.dtype:
         raise WireError("geometry", f"shape {tuple(header.shape)} {header.dtype!r}, session has "
                                     f"{g.sector_shape} {g.dtype!r}")
@@ -196,14 +219,14 @@ def _check_pixels(header: Header, kind: int, parts: Sequence[zmq.Frame], g: Geom
     for part in parts:
         if len(part) != size:
             raise WireError("size", f"payload of {len(part)} bytes, expected {size}")
-    if header.frame >= g.scan_frames or header.position >= g.scan_frames:
-        raise WireError("range", f"frame {header.frame} / position {header.position} outside a scan "
-                                 f"of {g.scan_frames} frames")
-    if kind == SECTOR and header.sector >= g.sectors:
-        raise WireError("range", f"sector {header.sector} of a {g.sectors}-sector detector")
+    first = header.block * g.block_frames
+    if any(not first <= f < min(first + g.block_frames, g.scan_frames) for f in frames):
+        raise WireError("range", f"frames {list(frames)[:8]} outside block {header.block} of a scan of "
+                                 f"{g.scan_frames} frames in blocks of {g.block_frames}")
+    if any(s >= g.sectors for s in sectors) or len(set(sectors)) != len(sectors):
+        raise WireError("range", f"sectors {list(sectors)} of a {g.sectors}-sector detector")
     if header.scan >= g.max_scan:
-        raise WireError("range", f"scan {header.scan} of a session of {g.scans} scans" if g.scans is not None
-                        else f"scan number {header.scan} too large")
+        raise WireError("range", f"scan number {header.scan} out of range")
 
 
 def _check_lost_frames(header: Header, parts: Sequence[zmq.Frame], g: Geometry | None) -> None:

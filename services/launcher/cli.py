@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -34,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     stage.add_argument("--manifest", type=Path,
                        help="source outside the session (an acquisition machine): the session's manifest")
     stage.add_argument("--connect", action="append", default=[],
-                       help="source outside the session: an aggregator's ingest address, one per lane, e.g. "
-                            "tcp://demo-aggregator-0.facility.example:7200 (see the session's status.ingest)")
+                       help="source outside the session: a distributor's route address, one per lane, e.g. "
+                            "tcp://demo-distributor-0.facility.example:7200 (see the session's status.ingest)")
     stage.add_argument("--replay", help="external source: replay frames from this .npy/HDF5 file instead of "
                                         "simulating them")
     stage.add_argument("--dataset", default="", help="external source: the HDF5 dataset to replay")
@@ -109,11 +108,9 @@ def run_stage(args) -> int:
     return cls(plan, stage_index(args.index), bind_host=args.bind, **extra).run()
 
 
-INGEST_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d{1,5}")
-
-
 def run_external_source(args, cls) -> int:
     """A source on an acquisition machine, joining a running session through its ingest addresses."""
+    from detstream.services.dataplane.wire import is_tcp_address
     from detstream.services.launcher.runner import free_ports
     from detstream.services.model.plan import LocalNetwork, build_plan
     from detstream.services.model.session import read_manifest
@@ -121,7 +118,7 @@ def run_external_source(args, cls) -> int:
     if args.role != "source" or args.manifest is None:
         print("detstream stage: --connect is for `stage source --manifest SESSION.yaml`", file=sys.stderr)
         return 2
-    wrong = [a for a in args.connect if not INGEST_ADDRESS.fullmatch(a) or not 0 < int(a.rsplit(":", 1)[1]) < 65536]
+    wrong = [a for a in args.connect if not is_tcp_address(a)]
     if wrong:
         print(f"detstream stage source: --connect {wrong[0]}: give the address as tcp://HOST:PORT (PORT 1 to "
               f"65535), as the session's status.ingest lists it", file=sys.stderr)

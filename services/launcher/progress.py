@@ -23,9 +23,8 @@ from detstream.v1.control_pb2 import StageState
 
 PLAIN_EVERY_S = 5.0
 RATE_WINDOW_S = 2.0  # rates are averaged over this much of a stage's time (4 status intervals)
-# Sources send sectors, which aggregators receive and send on as frames: the columns say so.
-COLUMNS = ("stage", "state", "in\n(aggregator: sectors)", "out\n(source: sectors)", "out/s\n(source: sectors)",
-           "GB/s out", "in flight", "rejected")
+# Frames into and out of each stage; a distributor's are the frames it routed (their pixels go past it).
+COLUMNS = ("stage", "state", "in\n(frames)", "out\n(frames)", "out/s\n(frames)", "GB/s out", "in flight", "rejected")
 
 
 def console() -> Console:

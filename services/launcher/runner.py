@@ -6,10 +6,10 @@ them all. A stage that dies, a start-up that times out, or Ctrl-C stops everythi
 stage processes also die with the launcher itself (PR_SET_PDEATHSIG), so none is left behind.
 
 A worker may be lost at any moment without failing the session, starting up included (its distributor
-re-sends its frames to the others; all workers gone fails the session); once streaming, so may a
+routes its blocks again to the others; all workers gone fails the session); once streaming, so may a
 source that exits (its lanes close its scans by timeout and report the frames lost, then go on
 with the next scan, or fail by `transport.onLoss`). Each such loss is reported (`incidents`).
-An aggregator, distributor or writer that exits fails the session at once, naming it. A stage
+A distributor or writer that exits fails the session at once, naming it. A stage
 in state failed is not stopped: it exits by itself once it has served its failed state to
 monitoring for $DETSTREAM_FAILED_LINGER_S seconds (see services/runtime/stage.py).
 The peak resident memory (VmHWM) of every stage process is sampled and reported.
@@ -348,7 +348,7 @@ def run_session(manifest: Path, output: Path, report: Path | None, quiet: bool =
                 print(f"detstream: live view of session {session.name} at {url}", file=sys.stderr, flush=True)
             local.start()
             if session.spec.source.kind == "external":
-                ingest = [local.plan.endpoint("aggregator", lane, "ingest") for lane in range(session.spec.lanes)]
+                ingest = [local.plan.endpoint("distributor", lane, "route") for lane in range(session.spec.lanes)]
                 progress.say(f"waiting for {session.spec.source.replicas} external source(s): "
                              f"detstream stage source --manifest {manifest} "
                              + " ".join(f"--connect {e}" for e in ingest))

@@ -3,10 +3,11 @@
 `build_plan` is pure: a session and a `Network` (how stages are addressed: ports on 127.0.0.1
 locally, Service names on Kubernetes) give the full list of stages. The local runner starts
 them as processes, the operator turns them into Kubernetes objects; every stage reads the same
-plan to find its peers. Topology, per lane l (frames with frame % lanes == l):
+plan to find its peers. Topology (docs/full-rate.md), per lane l (blocks with block % lanes == l):
 
-    source x S --PUSH--> aggregator[l] (binds ingest) --PUSH--> distributor[l] (binds frames)
-    distributor[l] (binds work, ROUTER) <--DEALER-- worker x M (each connects to every lane)
+    source x S --DEALER--> distributor[l] (binds route, ROUTER): WANT, END_OF_SCAN; ASSIGN, RELEASE back
+    source x S --PUSH--> worker (binds data, PULL; the address its lanes name in ASSIGN): BLOCK, the pixels
+    distributor[l] (binds work, ROUTER) <--DEALER-- worker x M (each connects to every lane): credits
     worker --DEALER--> writer (binds results, ROUTER) <--DEALER-- distributor[l] (ends of scan; the
         writer's RECEIPTs of the lane's results come back on it: they acknowledge the frames)
 """
@@ -23,12 +24,12 @@ from detstream.services.model.schema import parse, to_manifest
 from detstream.services.model.session import Session, SessionSpec
 
 # The pipeline's roles, in the data's order; each is a Stage subclass in services/stages/ROLE.py.
-ROLES = ("source", "aggregator", "distributor", "worker", "writer")
+ROLES = ("source", "distributor", "worker", "writer")
 START_ORDER = tuple(reversed(ROLES))  # consumers before producers
-DATA_PORTS = {"aggregator": ("ingest",), "distributor": ("frames", "work"), "writer": ("results",)}
+DATA_PORTS = {"distributor": ("route", "work"), "worker": ("data",), "writer": ("results",)}
 LIVE_PORT = "live"  # the writer's HTTP port of the live view (spec.liveView), when enabled
-CLUSTER_PORTS = {"control": 7100, "metrics": 9100, "ingest": 7200, "frames": 7201, "work": 7202,
-                 "results": 7203, LIVE_PORT: 8080}
+CLUSTER_PORTS = {"control": 7100, "metrics": 9100, "route": 7200, "work": 7202, "results": 7203, "data": 7204,
+                 LIVE_PORT: 8080}
 
 
 def port_names(session: Session, role: str) -> tuple[str, ...]:
@@ -111,7 +112,7 @@ class Plan:
         return parse(SessionSpec, self.spec, "spec")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
+        return json.dumps(asdict(self), separators=(",", ":"))  # compact: 4096 workers fit a ConfigMap
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
@@ -128,7 +129,6 @@ def replicas(session: Session) -> dict[str, int]:
     spec = session.spec
     return {
         "source": 0 if spec.source.kind == "external" else spec.source.replicas,
-        "aggregator": spec.lanes,
         "distributor": spec.lanes,
         "worker": spec.workers.replicas,
         "writer": 1,

@@ -186,8 +186,9 @@ class Workers:
     """The shared pool of workers."""
     replicas: int = spec_field(2, doc="Worker processes (pods); `kubectl scale` changes it.", minimum=0,
                                maximum=4096)
-    credits: int = spec_field(4, doc="Frames a worker may hold from each distributor at once.", minimum=1,
-                              maximum=1024)
+    credits: int = spec_field(64, doc="Frames a worker may hold from each lane at once (at least "
+                                      "transport.blockFrames: a lane routes whole blocks).", minimum=1,
+                              maximum=65536)
 
 
 @dataclass(frozen=True)
@@ -207,9 +208,20 @@ class Transport:
     """Data-plane limits: every queue is bounded, every wait is timed."""
     high_water_mark: int = spec_field(16, doc="Messages a ZeroMQ socket queues per peer before the sender "
                                               "blocks (backpressure).", minimum=1, maximum=100000)
-    frame_timeout_s: float = spec_field(5.0, doc="Seconds the aggregator waits for a frame's missing "
-                                                 "sectors before passing it on zero-filled and partial.",
-                                        minimum=0.01)
+    frame_timeout_s: float = spec_field(5.0, doc="Seconds a worker waits for a frame's missing sectors "
+                                                 "before processing it zero-filled and partial (and for a "
+                                                 "silent source to end a block).", minimum=0.01)
+    block_frames: int = spec_field(16, doc="Frames per block: a lane routes a block to one worker, and each source "
+                                           "sends its sectors of a block in one message (docs/full-rate.md).",
+                                   minimum=1, maximum=4096)
+    block_timeout_s: float = spec_field(0.05, doc="Seconds after which a source sends what it has of a block "
+                                                  "that is still filling (low rates: bounded latency).",
+                                        minimum=0.001)
+    source_window_frames: int = spec_field(256, doc="Frames a source replica keeps until the writer has their "
+                                                    "results (so a dead worker's frames can be sent again); "
+                                                    "past it the source waits (backpressure). Memory: this "
+                                                    "times the replica's share of a frame.",
+                                           minimum=1, maximum=1 << 20)
     heartbeat_s: float = spec_field(0.5, doc="Seconds between heartbeats of an idle worker.", minimum=0.01)
     worker_timeout_s: float = spec_field(5.0, doc="Seconds of silence after which a worker is declared dead "
                                                   "and its frames are sent to others.", minimum=0.05)
@@ -265,12 +277,11 @@ def requests(cpu: str, memory: str, memory_limit: str) -> Any:
 class Resources:
     """Resource requests and limits of the stage pods, per role; a role given here replaces that
     role's default whole."""
-    source: dict = spec_field(default_factory=requests("250m", "256Mi", "1Gi"), free_form=True,
-                              doc="Of each source pod (a simulator or replay process).")
-    aggregator: dict = spec_field(default_factory=requests("500m", "512Mi", "2Gi"), free_form=True,
-                                  doc="Of each aggregator pod (holds frames being reassembled).")
+    source: dict = spec_field(default_factory=requests("500m", "512Mi", "2Gi"), free_form=True,
+                              doc="Of each source pod (a detector client, simulator or replay; keeps its window "
+                                  "of frames, transport.sourceWindowFrames).")
     distributor: dict = spec_field(default_factory=requests("250m", "256Mi", "1Gi"), free_form=True,
-                                   doc="Of each distributor pod.")
+                                   doc="Of each distributor pod (routes its lane's blocks; no pixel data).")
     worker: dict = spec_field(default_factory=requests("1", "512Mi", "2Gi"), free_form=True,
                               doc="Of each worker pod (runs the plugin on its frames).")
     writer: dict = spec_field(default_factory=requests("250m", "512Mi", "2Gi"), free_form=True,
@@ -295,10 +306,12 @@ class Kubernetes:
                                                 "\"true\", as the chart's are) its control ports, and "
                                                 "monitoring their metrics ports.")
     external_source_ranges: list[str] = spec_field(default_factory=list, doc="external sources: CIDR ranges "
-                                                   "of the acquisition machines allowed to reach the ingest port "
-                                                   "(required with a NetworkPolicy; 0.0.0.0/0 allows any).")
-    ingest_service_type: str = spec_field("ClusterIP", doc="Service type exposing the aggregators' ingest "
-                                                           "port to external sources.",
+                                                   "of the acquisition machines allowed to reach the distributors' "
+                                                   "route ports and the workers' data ports (required with a "
+                                                   "NetworkPolicy; 0.0.0.0/0 allows any).")
+    ingest_service_type: str = spec_field("ClusterIP", doc="Service type exposing the distributors' route "
+                                                           "ports to external sources (which also send to the "
+                                                           "workers' pod addresses: see README).",
                                           enum=("ClusterIP", "NodePort", "LoadBalancer"))
 
 
@@ -308,8 +321,8 @@ class SessionSpec:
     scan: Scan = spec_field(doc="The scan grid and number of scans.")
     detector: Detector = spec_field(default_factory=Detector, doc="Detector geometry.")
     source: Source = spec_field(default_factory=Source, doc="Where frames come from.")
-    lanes: int = spec_field(1, doc="Aggregator/distributor pairs; frames are split among them by frame "
-                                   "number so no single process caps the throughput.", minimum=1, maximum=64)
+    lanes: int = spec_field(1, doc="Distributors routing the session's blocks of frames (block b to lane "
+                                   "b % lanes), so no single process caps the throughput.", minimum=1, maximum=64)
     workers: Workers = spec_field(default_factory=Workers, doc="The worker pool.")
     plugin: Plugin = spec_field(default_factory=Plugin, doc="Processing applied to each frame.")
     tomography: Tomography | None = spec_field(None, doc="A tomography scan (absent for 4D-STEM): what its "
@@ -337,6 +350,10 @@ def check_spec(spec: SessionSpec, errors: list[FieldError]) -> None:
     if spec.source.replicas > spec.detector.sectors and not _sources().source_class(spec.source.kind).series:
         errors.append(FieldError("spec.source.replicas", f"must be <= detector.sectors "
                                  f"({spec.detector.sectors}): each source sends whole sectors"))
+    if spec.workers.credits < spec.transport.block_frames:
+        errors.append(FieldError("spec.workers.credits", f"must be >= transport.blockFrames "
+                                 f"({spec.transport.block_frames}): a lane routes whole blocks; got "
+                                 f"{spec.workers.credits} (raise it, or lower blockFrames)"))
     tomo = spec.tomography
     if tomo is not None and spec.scan.frames != tomo.frames:
         errors.append(FieldError("spec.scan", f"a tomography scan's positions are its {tomo.frames} frames "
@@ -366,7 +383,7 @@ def check_name(name: Any, errors: list[FieldError]) -> None:
     if not isinstance(name, str) or not DNS_1035_LABEL.fullmatch(name) or len(name) > NAME_MAX:
         errors.append(FieldError("metadata.name", f"must start with a letter, hold only lower-case letters, digits "
                                  f"and '-', end with a letter or digit and have at most {NAME_MAX} characters (it "
-                                 f"names the session's Kubernetes Services, e.g. NAME-aggregator-0); got {name!r}"))
+                                 f"names the session's Kubernetes Services, e.g. NAME-distributor-0); got {name!r}"))
 
 
 def check_kubernetes(spec: SessionSpec, errors: list[FieldError]) -> None:

@@ -41,7 +41,7 @@ class Counters:
     workers: int = 0
     workers_lost: int = 0
     resent: int = 0
-    backpressure_s: float = 0.0   # a distributor's time with frames waiting and no worker credit
+    backpressure_s: float = 0.0   # a distributor's time with blocks waiting and no worker credit
     dropped: int = 0
     scan_progress: float = 0.0
     state: int = 0
@@ -61,8 +61,8 @@ class StageCollector:
 
     def collect(self):
         c, C, G = self.c, CounterMetricFamily, GaugeMetricFamily
-        yield self._family(C, "detstream_frames_received", "Frames (or sectors) received.", c.frames_in)
-        yield self._family(C, "detstream_frames_sent", "Frames (or sectors) sent on.", c.frames_out)
+        yield self._family(C, "detstream_frames_received", "Frames received (a worker: frames assembled).", c.frames_in)
+        yield self._family(C, "detstream_frames_sent", "Frames sent on (a distributor: frames routed).", c.frames_out)
         yield self._family(C, "detstream_bytes_received", "Payload bytes received.", c.bytes_in)
         yield self._family(C, "detstream_bytes_sent", "Payload bytes sent on.", c.bytes_out)
         yield self._family(C, "detstream_sequence_gaps", "Messages missing from a sender's sequence.",
@@ -74,7 +74,7 @@ class StageCollector:
         yield self._family(C, "detstream_workers_lost", "Workers declared dead.", c.workers_lost)
         yield self._family(C, "detstream_frames_resent", "Frames re-sent after their worker was declared dead.",
                            c.resent)
-        yield self._family(C, "detstream_backpressure_seconds", "Seconds a distributor held frames back "
+        yield self._family(C, "detstream_backpressure_seconds", "Seconds a distributor held blocks back "
                                                                 "because no worker had credit.", c.backpressure_s)
         yield self._family(G, "detstream_queue_depth", "Frames waiting inside the stage.", c.queue_depth)
         yield self._family(G, "detstream_in_flight_frames", "Frames handed on and not yet acknowledged.",

@@ -5,7 +5,7 @@ turns. A stage then holds only its own logic.
 
 One turn waits at most `poll_ms` for input, hands what arrived to the handlers, then runs the
 tasks that are due. How it waits is chosen for speed, as measured on the pipeline benchmark: with
-one socket to read (the aggregator, the writer) it waits inside the receive (the socket's receive
+one socket to read (the writer) it waits inside the receive (the socket's receive
 timeout), without a poll; with several it polls once and reads each ready socket. Reading a socket
 until ZeroMQ refuses (zmq.Again, a Python exception) is never done per message: a handler reads at
 most `batch` messages a turn, the first of them announced by the poll or the blocking receive.
@@ -60,6 +60,9 @@ class Reactor:
         self.poller = zmq.Poller()
         self._writable_watched: dict[zmq.Socket, bool] = {}
         self.stalled_s = 0.0  # seconds spent waiting for room downstream, over the stage's life
+        # Whether a task has work now (a source with frames to send): then a turn only looks at its sockets
+        # and does not wait for input.
+        self.busy: Callable[[], bool] = lambda: False
 
     # -- registration ----------------------------------------------------------------------------
     def on_message(self, sock: zmq.Socket, handler: Handler, *, envelope: bool = False, batch: int = 1,
@@ -82,24 +85,25 @@ class Reactor:
 
     # -- the loop --------------------------------------------------------------------------------
     def turn(self) -> None:
-        """Wait at most poll_ms for input, handle it, run the tasks that are due."""
+        """Wait at most poll_ms for input (not at all while `busy()`), handle it, run the tasks that are due."""
+        wait_ms = 0 if self.busy() else self.poll_ms
         if len(self.readers) == 1 and not self.writables:
-            self._read_one(self.readers[0])
+            self._read_one(self.readers[0], wait_ms)
         elif self.readers or self.writables:
-            self._poll()
+            self._poll(wait_ms)
         now = time.monotonic()
         for task in self.tasks:
             if now >= task.due:
                 task.due = now + task.period
                 task.run(now)
 
-    def _read_one(self, reader: Reader) -> None:
-        """The only socket: the first message waits inside the receive, the rest of the batch is what is
-        queued already."""
+    def _read_one(self, reader: Reader, wait_ms: int) -> None:
+        """The only socket: the first message waits inside the receive (up to wait_ms), the rest of the batch
+        is what is queued already."""
         if reader.when is not None and not reader.when():
-            time.sleep(self.poll_ms / 1000)
+            time.sleep(wait_ms / 1000)
             return
-        flags = 0
+        flags = 0 if wait_ms else NOBLOCK
         for _ in range(reader.batch):
             try:
                 self._handle(reader, flags)
@@ -107,7 +111,7 @@ class Reactor:
                 return
             flags = NOBLOCK
 
-    def _poll(self) -> None:
+    def _poll(self, wait_ms: int) -> None:
         for reader in self.readers:
             if reader.when is not None:
                 watch = reader.when()
@@ -119,7 +123,7 @@ class Reactor:
             if watch != self._writable_watched[sock]:
                 self.poller.register(sock, POLLOUT if watch else 0)
                 self._writable_watched[sock] = watch
-        ready = dict(self.poller.poll(self.poll_ms))
+        ready = dict(self.poller.poll(wait_ms))
         if not ready:
             return
         for sock, handler, _ in self.writables:

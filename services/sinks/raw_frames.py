@@ -26,7 +26,7 @@ from detstream.services.sinks.scan_file import ScanFile
 
 class RawFramesFile(ScanFile):
     """One scan's frames (see the module's docstring). A result is the frame's `sectors` column strips, each
-    (rows, cols / sectors) of `dtype`, as the aggregator passes them on."""
+    (rows, cols / sectors) of `dtype`, as the worker assembled them."""
 
     result = "frames"
 

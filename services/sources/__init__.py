@@ -50,7 +50,7 @@ class Frame(NamedTuple):
 class ScanEnd(NamedTuple):
     """This source has sent all it will of `scan`, a scan of `frames` positions. `final`: the detector
     ended the scan, which has `frames` frames (positions 0 .. frames-1); with several replicas on one
-    detector only one hears of it (sent as DETECTOR_END: the aggregators then close the scan once
+    detector only one hears of it (sent as DETECTOR_END: the lanes then close the scan once
     those frames are in, without waiting for the other replicas' ends)."""
     scan: int
     frames: int
@@ -127,7 +127,7 @@ def schedule(rate: float):
     """A wait(n) that sleeps until frame n of the session is due at `rate` frames/s (0: never sleeps).
     One schedule for the whole session, not one per scan: a source held up for a moment (a busy core)
     catches up afterwards instead of staying behind the other sources for good, which would leave the
-    aggregators holding half frames (up to frameTimeoutS) for the rest of the run."""
+    workers holding half frames (up to frameTimeoutS) for the rest of the run."""
     t0 = time.monotonic()
 
     def wait(n: int) -> None:

@@ -2,8 +2,9 @@
 
 The session runs no source of its own (its plan has no source stages); acquisition machines run
 `detstream stage source --manifest SESSION.yaml --connect ADDRESS ...` (a simulator or replay source
-of their own) and connect to the aggregators' ingest ports, which the operator then exposes
-(spec.kubernetes.ingestServiceType, externalSourceRanges).
+of their own) and connect to the distributors' route ports, which the operator then exposes
+(spec.kubernetes.ingestServiceType, externalSourceRanges), and send their pixels to the workers' data
+ports (see README "Detectors outside the cluster").
 """
 
 from __future__ import annotations

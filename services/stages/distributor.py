@@ -1,29 +1,28 @@
-"""The distributor of one lane: gives frames only to workers that asked for them (credits).
+"""The distributor of one lane: routes the lane's blocks to workers with credit, with small messages only
+(docs/full-rate.md). No pixel passes through it.
 
-Workers connect a DEALER to this ROUTER and offer credits; a frame is sent only against a
-credit, and stays "in flight" (its buffers kept, no copy) until the writer acknowledges it: the
-writer answers the results of this lane with RECEIPTs on the distributor's own connection to it,
-and each receipt gives the credit back to the worker that held the frame. So a frame is done only
-once its result is in the writer's hands (a worker killed with results still queued loses
-nothing), the lane's end of scan, sent to the writer once every frame of the scan is
-acknowledged, always arrives after the results it accounts for, and a worker sends nothing per
-frame but its result. With no credit anywhere the distributor stops reading from its aggregator,
-so backpressure reaches the sources instead of memory growing. A worker silent past the worker
-timeout (no heartbeat) is declared dead and its in-flight frames go to others (the writer drops
-the duplicates a late worker may still produce).
-The credits, the frames in flight and the lane's scans are `CreditLedger` in `dataplane/credits.py`;
-this module holds the sockets, the clock and the samples.
+A source asks where a block goes (WANT, on its `route` port); the distributor picks a worker with
+credit for the block's frames (its `work` port: workers offer credits there, naming their `data`
+address) and answers every source that asked (ASSIGN); the sources send their sectors of the block
+straight to that worker. A frame stays open until the writer's RECEIPT (on the distributor's own
+connection to the writer), which gives its credit back and goes on to every source (RELEASE: they may
+drop the frame); a worker's word that a frame of its block never came (absent) gives the credit back
+too. So a frame is done only once its result is in the writer's hands, the lane's end of scan (sent
+to the writer once every frame of the scan is done or named absent) always arrives after the results it
+accounts for, and a worker sends nothing per frame but its result. With no credit anywhere, blocks
+wait unrouted and the sources, which keep a bounded window of frames, wait: that is the backpressure.
+A worker silent past the worker timeout (no heartbeat) is declared dead and its blocks' open frames are
+routed again, to other workers (ASSIGN flagged DUPLICATE; the writer drops the copies a late worker may
+still produce).
+The routing, the credits, the open frames and the lane's scans are `RoutingLedger` in
+`dataplane/routing.py`; this module holds the sockets and the clock.
 
-The lane's end of scan names its lost frames exactly: every frame of the lane this distributor never
-saw acknowledged, as a bitmap, which the writer reads against the frames it has. That covers what
-the aggregator never received and, after a restart of the aggregator or of this stage (a pod
-restarted by Kubernetes), what died with the previous process: frames it had passed on are
-written, the rest are lost, none is unaccounted. Frames of a scan finished here are refused late.
-
-For a plugin that calibrates, the lane's share of the session's sample frames (frame numbers below the
-plugin's `samples`, of the first scan this lane sees) is kept for the session and copied to every
-worker as SAMPLE, also to a worker that joins later: so every worker calibrates on the same frames.
-That costs `samples / lanes` frames of memory here.
+The lane's end of scan names its lost frames exactly: every frame of the lane never acknowledged, as a
+bitmap, which the writer reads against the frames it has. That covers frames no source sent, frames of
+a source that died, and, after a restart of this stage (a pod restarted by Kubernetes), what died with
+the previous process: the sources ask again for the blocks they still keep, frames written before are
+acknowledged again by the writer's copies, the rest are lost, none is unaccounted. Messages of a scan
+finished here are refused late.
 """
 
 from __future__ import annotations
@@ -33,149 +32,166 @@ import time
 import numpy as np
 import zmq
 
-from detstream.services.dataplane.credits import CreditLedger, Worker
+from detstream.services.dataplane.blocks import Blocks
+from detstream.services.dataplane.routing import Route, RoutingLedger, Worker
 from detstream.services.dataplane.scans import Scan
 from detstream.services.dataplane.wire import (
+    ABSENT,
+    ASSIGN,
     CREDIT,
+    DETECTOR_END,
+    DUPLICATE,
     END_OF_SCAN,
-    FRAME,
     HEARTBEAT,
-    POLLIN,
     RECEIPT,
-    SAMPLE,
+    RELEASE,
+    TAKEN,
+    WANT,
     Header,
     Message,
     Outbox,
+    is_tcp_address,
     pack_frames,
 )
 from detstream.services.model.plan import lane_routing_id
-from detstream.services.plugins import plugin_class
 from detstream.services.runtime.stage import HOUSEKEEPING_S, Stage
+from detstream.services.sources import source_class
 
 
 class DistributorStage(Stage):
     role = "distributor"
 
     def setup(self):
-        self.frames = self.socket(zmq.PULL, bind="frames")
-        work = self.socket(zmq.ROUTER, bind="work")
-        work.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished worker raises instead of dropping
-        self.work = Outbox(work, self.name)
+        spec = self.spec
+        route = self.socket(zmq.ROUTER, bind="route")
+        route.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished source raises instead of dropping
+        self.route = Outbox(route, self.name)
+        self.work = self.socket(zmq.ROUTER, bind="work")
         self.writer = Outbox(self.socket(zmq.DEALER, connect=[("writer", 0, "results")],
                                          routing_id=lane_routing_id(self.me.index)), self.name)
-        self.ledger = CreditLedger(self.me.index, self.spec.lanes, self.spec.scan.rows, self.spec.scan.cols,
-                                   self.spec.workers.credits)
-        self.workers, self.ready, self.resend = self.ledger.workers, self.ledger.ready, self.ledger.resend
-        self.samples_wanted = min(plugin_class(self.spec.plugin.name).samples(self.spec.plugin.params),
-                                  self.geometry.scan_frames)
-        self.samples: list[Message] = []              # this lane's sample frames, as SAMPLE messages
-        self.sample_scan: int | None = None
-        self.held_since = 0.0                         # since when frames wait for a credit (0: they do not)
-        # In this order: receipts free credits, worker messages offer them, so both come before frames;
-        # frames are read only while a worker has credit and no frame of a dead worker waits.
+        self.blocks = Blocks(spec.scan.frames, spec.transport.block_frames, spec.lanes)
+        self.ledger = RoutingLedger(self.me.index, self.blocks, spec.scan.rows, spec.scan.cols, spec.workers.credits,
+                                    series=source_class(spec.source.kind).series)
+        self.sources: dict[bytes, str] = {}        # ROUTER peer id -> source name, of every source that spoke
+        self.worker_keys = {s.name for s in self.plan.of_role("worker")}  # the CURVE keys workers may name
+        self.held_since = 0.0   # since when blocks wait for a worker's credit (0: none waits)
+        # In this order: receipts free credits, workers offer them, so both come before the sources' asks.
         self.reactor.on_message(self.writer.socket, self.from_writer)
-        self.reactor.on_message(self.work.socket, self.from_worker, envelope=True)
-        self.reactor.on_message(self.frames, self.from_aggregator, when=lambda: bool(self.ready) and not self.resend)
-        self.reactor.every(0, self.after_turn)
+        self.reactor.on_message(self.work, self.from_worker, envelope=True)
+        self.reactor.on_message(self.route.socket, self.from_source, envelope=True)
+        self.reactor.every(0, self.count_backpressure)
         self.reactor.every(HOUSEKEEPING_S, self.housekeeping)
 
-    def after_turn(self, now: float) -> None:
-        """Re-send dead workers' frames as credit allows; count the time frames wait for credit."""
-        while self.resend and self.ready:
-            self.dispatch(self.resend.popleft())
+    def count_backpressure(self, now: float) -> None:
+        """Count the time blocks wait unrouted (detstream_backpressure_seconds_total): every turn routes what
+        credit allows, so a block still waiting after it has no worker with credit for it, and its sources wait."""
         if self.held_since:
             self.counters.backpressure_s += now - self.held_since
-        self.held_since = now if self.held_back() else 0.0
+        self.held_since = now if self.ledger.waiting else 0.0
 
     def housekeeping(self, now: float) -> None:
         self.check_workers(now)
+        self.finish_scans(now)
+        if self.draining.is_set():
+            self.ledger.drain()
+            self.finish_scans(now)
+            if not self.ledger.scans:
+                self.finish()
         self.update_gauges()
 
-    def held_back(self) -> bool:
-        """Whether frames wait here for a worker's credit (queued from the aggregator, or to re-send)
-        and no worker has any."""
-        return not self.ready and bool(self.resend or self.frames.get(zmq.EVENTS) & POLLIN)
+    # sources
 
-    def from_aggregator(self, msg: Message) -> None:
+    def from_source(self, peer: bytes, msg: Message) -> None:
         h = msg.header
-        if h.scan in self.ledger.closed:
-            self.refuse("late", msg, "the scan is finished in this lane")
-        elif h.kind == END_OF_SCAN:
-            self.ledger.end(h)
-            self.finish_scans()
-        elif h.kind == FRAME:
-            if not self.ledger.take(h):
-                self.refuse("late", msg, "frame done or in flight already")
+        self.sources[peer] = h.sender
+        now = time.monotonic()
+        if h.kind == WANT:
+            route = self.ledger.want(h.scan, h.block, now)
+            if route is None:
+                if h.scan in self.ledger.book.closed:  # the source drops the scan's frames: nothing takes them
+                    self.refuse("late", msg, f"block {h.block} of scan {h.scan}: the scan is closed in this lane")
+                    self.to_source(peer, Header(kind=END_OF_SCAN, scan=h.scan))
+                elif h.block >= self.blocks.count or self.blocks.lane(h.block) != self.me.index:
+                    self.refuse("misrouted", msg, f"block {h.block} of scan {h.scan} is not this lane's")
                 return
-            self.counters.frames_in += 1
-            self.counters.bytes_in += self.geometry.frame_bytes
-            if h.frame < self.samples_wanted:
-                self.keep_sample(msg)
-            self.dispatch(msg)
+            route.askers.add(peer)
+            if route.worker is not None:   # routed already: tell this source too
+                self.assign(route, [peer])
+            self.assign_routed()
+        elif h.kind == HEARTBEAT:  # a source held by backpressure: its scans wait, they are not silent
+            self.ledger.source_held(now)
+        elif h.kind == END_OF_SCAN:
+            if not self.ledger.end(h.scan, h.sender, now, h.expected if h.flags & DETECTOR_END else None):
+                self.refuse("late", msg, "the scan is finished in this lane")
+                return
+            self.finish_scans(now)
         else:
             self.refuse("kind", msg)
 
-    def keep_sample(self, msg: Message) -> None:
-        """A sample frame of the first scan seen: kept, and copied to every worker (no credit needed)."""
-        if self.sample_scan is None:
-            self.sample_scan = msg.header.scan
-        if msg.header.scan != self.sample_scan:
+    def assign(self, route: Route, peers) -> None:
+        """Tell these sources where the block goes (counted once per routing, as the block's frames out)."""
+        worker = route.worker
+        if worker is None:  # (waiting for credit: it is told when routed)
             return
-        header = Header()
-        header.CopyFrom(msg.header)
-        header.kind = SAMPLE
-        self.samples.append(Message(header, msg.parts))  # the same buffers: no copy
-        for worker in list(self.workers.values()):
-            self.send_samples(worker)
+        header = Header(kind=ASSIGN, scan=route.scan, block=route.block, address=worker.address, key=worker.key,
+                        flags=DUPLICATE if route.again else 0)
+        for peer in peers:
+            self.to_source(peer, header)
 
-    def send_samples(self, worker: Worker) -> None:
-        """The samples this worker lacks, as far as its queue takes them (the rest when it next speaks)."""
-        while worker.samples_sent < len(self.samples):
-            sample = self.samples[worker.samples_sent]
-            try:
-                if not self.reactor.send(self.work, sample.header, sample.parts, peer=worker.peer, wait=False):
-                    return  # full: the rest when it next speaks
-            except zmq.ZMQError:  # gone: it will be declared dead
-                return
-            worker.samples_sent += 1
+    def assign_routed(self) -> None:
+        """Route the blocks waiting for credit, as far as credit goes, and tell their sources."""
+        for route in self.ledger.route_waiting():
+            self.counters.frames_out += len(route.open)
+            self.assign(route, route.askers)
+
+    def to_source(self, peer: bytes, header: Header) -> None:
+        try:
+            self.reactor.send(self.route, header, peer=peer)
+        except zmq.ZMQError:  # gone (EHOSTUNREACH): it asks again when it comes back
+            self.sources.pop(peer, None)
+
+    # workers and the writer
 
     def from_worker(self, peer: bytes, msg: Message) -> None:
         h = msg.header
+        if h.kind in (TAKEN, ABSENT):
+            worker = self.ledger.workers.get(peer)
+            if worker is None:  # (one declared dead: what it had went elsewhere)
+                return
+            if h.kind == TAKEN:
+                self.ledger.taken(worker, h.scan, h.block, time.monotonic())
+                return
+            for frame in h.frames:   # frames of a block it holds that never came
+                self.ledger.absent(worker, h.scan, frame)
+            self.assign_routed()
+            self.finish_scans(time.monotonic())
+            return
         if h.kind not in (CREDIT, HEARTBEAT):
             self.refuse("kind", msg)
             return
-        worker, new = self.ledger.heard(peer, h.credit, time.monotonic())
+        if not is_tcp_address(h.address) or h.key not in self.worker_keys:
+            self.refuse("address", msg, f"data address {h.address[:80]!r}, key {h.key[:40]!r}")
+            return
+        _, new = self.ledger.heard(peer, h.address, h.key, h.credit if h.kind == CREDIT else None,
+                                   time.monotonic())
         if new:
-            self.log.info("worker %s joined", h.sender)
-        self.send_samples(worker)
+            self.log.info("worker %s joined (data at %s)", h.sender, h.address)
+        self.assign_routed()
 
     def from_writer(self, msg: Message) -> None:
-        """The writer's RECEIPT: it has the results of these frames. Each is done, and its credit
-        goes back to the worker that held it."""
-        if msg.header.kind != RECEIPT:
+        """The writer's RECEIPT: it has the results of these frames. Each is done, its credit goes back to
+        the worker that held it, and the sources may drop it."""
+        h = msg.header
+        if h.kind != RECEIPT:
             self.refuse("kind", msg)
             return
-        for key in msg.header.acked:
+        for key in h.acked:
             self.ledger.acknowledge(key)
-        self.finish_scans()
-
-    def dispatch(self, msg: Message) -> None:
-        """Send a frame to the next worker with credit, or keep it first in line."""
-        ledger = self.ledger
-        while (worker := ledger.next_ready()) is not None:
-            try:
-                sent = self.reactor.send(self.work, msg.header, msg.parts, peer=worker.peer, wait=False)
-            except zmq.ZMQError as exc:  # gone (EHOSTUNREACH): dead
-                self.declare_dead(worker, f"send failed: {exc}")
-                continue
-            if not sent:  # its queue is full (more credits than the high-water mark lets through)
-                ledger.refused_full(worker)
-                continue
-            ledger.sent(worker, msg)
-            self.counters.frames_out += 1
-            self.counters.bytes_out += self.geometry.frame_bytes
-            return
-        ledger.wait(msg)
+        release = Header(kind=RELEASE, acked=h.acked)
+        for peer in list(self.sources):
+            self.to_source(peer, release)
+        self.assign_routed()
+        self.finish_scans(time.monotonic())
 
     def check_workers(self, now: float) -> None:
         timeout = self.spec.transport.worker_timeout_s
@@ -183,33 +199,36 @@ class DistributorStage(Stage):
             self.declare_dead(worker, f"silent for {now - worker.last_seen:.1f} s")
 
     def declare_dead(self, worker: Worker, why: str) -> None:
-        resent = self.ledger.dead(worker)
-        self.work.forget(worker.peer)
+        again = self.ledger.dead(worker)
+        frames = sum(len(r.open) for r in again)
         self.counters.workers_lost += 1
-        self.counters.resent += resent
-        self.log.warning("worker declared dead (%s); re-sending its %d frames", why, resent)
+        self.counters.resent += frames
+        self.log.warning("worker declared dead (%s; data at %s): routing its %d frames again (%d blocks)", why,
+                         worker.address, frames, len(again))
+        self.assign_routed()
 
-    def finish_scans(self) -> None:
-        for scan, lost in self.ledger.finished():
-            self.finish_scan(scan, lost)
+    # scans
 
-    def finish_scan(self, scan: Scan, lost: np.ndarray) -> None:
+    def finish_scans(self, now: float) -> None:
+        spec = self.spec
+        self.ledger.sweep(now, max(spec.source.replicas, 1), spec.transport.end_of_scan_timeout_s,
+                          spec.scan.count, self.draining.is_set())
+        for scan, lost, why in self.ledger.finished(now):
+            self.finish_scan(scan, lost, why)
+
+    def finish_scan(self, scan: Scan, lost: np.ndarray, why: str) -> None:
         """Tell the writer the lane is done with the scan: frames acknowledged, and the lost ones as a bitmap."""
-        end = scan.last_end
         count = int(np.count_nonzero(lost))
-        self.reactor.send(self.writer, Header(kind=END_OF_SCAN, scan=scan.number, expected=end.expected,
-                                              sent=scan.count, partial=end.partial, lost=count,
-                                              scan_rows=end.scan_rows, scan_cols=end.scan_cols),
+        self.counters.outcomes["lost"] += count
+        self.reactor.send(self.writer, Header(kind=END_OF_SCAN, scan=scan.number, expected=scan.done.size,
+                                              sent=scan.count, lost=count, scan_rows=scan.rows, scan_cols=scan.cols),
                           [pack_frames(lost)] if count else ())
-        if count > end.lost:  # not the aggregator's: frames that died with a restarted stage (or on the way)
-            self.log.warning("scan %d: %d frames the aggregator passed on were not acknowledged here (this stage "
-                             "or the aggregator restarted mid-scan?): the writer counts those it lacks as lost",
-                             scan.number, count - end.lost)
-        self.log.info("scan %d done in this lane: %d frames, %d lost", scan.number, scan.count, count)
+        log = self.log.warning if count else self.log.info
+        log("scan %d closed (%s): %d frames written, %d lost", scan.number, why, scan.count, count)
 
     def update_gauges(self) -> None:
         c = self.counters
-        c.workers = len(self.workers)
-        c.credits = sum(w.credit for w in self.workers.values())
-        c.in_flight = sum(len(w.in_flight) for w in self.workers.values())
-        c.queue_depth = len(self.resend)
+        c.workers = len(self.ledger.workers)
+        c.credits = sum(w.credit for w in self.ledger.workers.values())
+        c.in_flight = sum(len(r.open) for r in self.ledger.routes.values() if r.worker is not None)  # with workers
+        c.queue_depth = len(self.ledger.waiting)

@@ -1,29 +1,57 @@
-"""The source stage: sends what its session's source kind yields, as sector messages to the lanes.
+"""The source stage: sends what its session's source kind yields, block by block, straight to the worker
+each block's lane names (docs/full-rate.md).
 
 The kind (spec.source.kind, see services/sources) yields frames, each as the sectors this replica
-sends, and the ends of scans. A frame's sectors go to aggregator[frame % lanes]; a scan's end tells
-every lane how many sectors of the scan it was sent (END_OF_SCAN; flagged DETECTOR_END when the
-detector itself ended the scan). Messages the kind refuses (from a detector) are counted by reason.
-Sends block when the lane is full: that is the backpressure, and the source waits rather than drops
-(unless spec.transport.onFull is drop). Drain ends the scans under way early (their END_OF_SCAN says
-how much was sent, so the rest is reported lost) and sends no further scan.
+sends, and the ends of scans. The source keeps every frame in its window (`dataplane/window.py`) until
+the writer has its result; it asks a block's lane where the block goes (WANT, on the block's first
+frame), sends its sectors of the block there in as few BLOCK messages as it can (one per block, or what
+is there at each block timeout), and sends the block's frames again to another worker when the lane
+routes the block anew (its worker died). A scan's end tells every lane (END_OF_SCAN; flagged
+DETECTOR_END when the detector itself ended the scan). The session's sample frames (the first scan's
+frames a calibrating plugin asks for) go to every worker the source learns of, so every worker
+calibrates on the same frames. Messages the kind refuses (from a detector) are counted by reason.
+
+The window holds at most spec.transport.sourceWindowFrames frames: when it is full the source waits for
+the lanes' releases, and a send waits while a worker's queue is full: that is the backpressure, and the
+source waits rather than drops (unless spec.transport.onFull is drop). Drain ends the scans under way
+early (their END_OF_SCAN says how much was sent, so the rest is reported lost) and sends no further scan.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator
 from functools import partial
 
 import zmq
 
+from detstream.services.dataplane.blocks import Blocks
 from detstream.services.dataplane.security import EXTERNAL
-from detstream.services.dataplane.wire import DETECTOR_END, END_OF_SCAN, SECTOR, Header, Outbox
+from detstream.services.dataplane.window import Send, SourceWindow
+from detstream.services.dataplane.wire import (
+    ASSIGN,
+    BLOCK,
+    BLOCK_END,
+    DETECTOR_END,
+    DUPLICATE,
+    END_OF_SCAN,
+    HEARTBEAT,
+    RELEASE,
+    SAMPLE,
+    WANT,
+    Header,
+    Message,
+    Outbox,
+    is_tcp_address,
+)
+from detstream.services.plugins import plugin_class
 from detstream.services.runtime.stage import Stage, StageError
 from detstream.services.sources import Frame, Refused, ScanEnd, SourceError, source_class
 
-ANSWER_POLL_S = 0.01  # how often a wait for a lane's answer looks
-FLUSH_S = 10.0  # an outside source exits once its queued messages are delivered, or after this long
+ANSWER_POLL_S = 0.01  # how often an outside source looks whether the session has everything
+ENDS_KEPT = 8  # ends of scans sent again to a restarted lane: more than it ever has open
+FLUSH_S = 10.0  # an outside source exits once the session has its frames, or fails after this long
 
 
 class SourceStage(Stage):
@@ -31,7 +59,7 @@ class SourceStage(Stage):
 
     def __init__(self, plan, index, bind_host=None, connect: list[str] | None = None):
         super().__init__(plan, index, bind_host)
-        self.connect = connect  # outside the session: the aggregators' ingest addresses, one per lane
+        self.connect = connect  # outside the session: the lanes' route addresses, one per lane
         if connect:
             self.key_name = EXTERNAL  # a sender outside the session holds the session's `external` key
 
@@ -41,142 +69,229 @@ class SourceStage(Stage):
             self.source = source_class(spec.source.kind)(spec, self.me.index)
         except (SourceError, LookupError) as exc:
             raise StageError(str(exc)) from None
-        lanes = self.connect or [("aggregator", lane, "ingest") for lane in range(spec.lanes)]
-        # An outside source's lanes live in their own context, and it notes when each answers: see deliver().
-        self.lane_ctx = zmq.Context() if self.connect else None
+        lanes = self.connect or [("distributor", lane, "route") for lane in range(spec.lanes)]
         self.reached = [False] * len(lanes)
-        self.lanes = [Outbox(self.socket(zmq.PUSH, connect=[peer], server=f"aggregator-{lane}", context=self.lane_ctx,
-                                         on_connect=partial(self.reached.__setitem__, lane, True) if self.connect
-                                         else None), self.name)
+        self.lanes = [Outbox(self.socket(zmq.DEALER, connect=[peer], server=f"distributor-{lane}",
+                                         on_connect=partial(self.lane_connected, lane)), self.name)
                       for lane, peer in enumerate(lanes)]
-        self.lane_sent = [0] * len(self.lanes)  # sector messages per lane, all scans
-        self.work = self.sectors()
+        for lane, outbox in enumerate(self.lanes):
+            self.reactor.on_message(outbox.socket, partial(self.from_lane, lane), batch=64)
+        self.workers: dict[str, Outbox] = {}  # data address -> a PUSH to that worker
+        self.worker_keys = {s.name for s in self.plan.of_role("worker")}  # the CURVE keys workers may name
+        self.blocks = Blocks(spec.scan.frames, spec.transport.block_frames, spec.lanes)
+        self.window = SourceWindow(self.blocks, spec.transport.source_window_frames)
+        self.block_header = Header(kind=BLOCK, shape=self.geometry.sector_shape, dtype=self.geometry.dtype)
+        self.samples_wanted = min(plugin_class(spec.plugin.name).samples(spec.plugin.params), spec.scan.frames)
+        self.samples: list[Frame] = []       # the session's sample frames (this replica's sectors), kept
+        self.sample_scan: int | None = None
+        self.ends: dict[int, list[int]] = {}  # scans under way: frames sent to each lane
+        self.lane_sent = [0] * len(self.lanes)
+        self.work = self.items()
+        self.more = True   # the kind may yield more
+        self.reactor.busy = lambda: self.more and not self.window.full
+        self.last_beat = 0.0
+        self.ends_sent: deque[list[Header]] = deque(maxlen=ENDS_KEPT)  # the last scans' ends, per lane
         self.reactor.every(0, self.send_next)
+        self.reactor.every(spec.transport.block_timeout_s, lambda now: self.send_all(self.window.flush()))
+        self.reactor.every(spec.transport.heartbeat_s / 2, self.beat_if_held)
 
-    def sectors(self) -> Iterator[None]:
-        """Send what the source yields; yields after each frame so the main loop can notice Stop."""
-        spec, g = self.spec, self.geometry
-        shape = list(g.sector_shape)
-        drop = spec.transport.on_full == "drop"
-        # per scan under way: its header (its frame and sector set per message; building one costs ~5 us)
-        # and the sector messages sent to each lane
-        scans: dict[int, tuple[Header, list[int]]] = {}
+    # what the kind yields
 
-        def under_way(scan: int) -> tuple[Header, list[int]]:
-            if scan not in scans:
-                scans[scan] = (Header(kind=SECTOR, scan=scan, shape=shape, dtype=g.dtype, scan_rows=spec.scan.rows,
-                                      scan_cols=spec.scan.cols), [0] * spec.lanes)
-            return scans[scan]
-
+    def items(self) -> Iterator[None]:
+        """Take what the source yields; yields after each item so the main loop turns (and notices Stop)."""
+        drop = self.spec.transport.on_full == "drop"
         for item in self.source:
             if isinstance(item, Refused):
                 self.refuse(item.reason, None, item.detail)
-                yield
-                continue
-            if self.draining.is_set() and not isinstance(item, ScanEnd):
-                if item is not None:  # end the scans under way here: the frames not sent are reported lost
-                    under_way(item.scan)
-                for scan in sorted(scans):
-                    if not self.end_scan(scan, spec.scan.frames, scans[scan][1]):
+            elif self.draining.is_set():
+                if isinstance(item, (Frame, ScanEnd)):
+                    self.ends.setdefault(item.scan, [0] * len(self.lanes))
+                for scan in sorted(self.ends):
+                    self.end_scan(scan, self.spec.scan.frames)
+                return
+            elif isinstance(item, ScanEnd):
+                self.end_scan(item.scan, item.frames, item.final)
+            elif isinstance(item, Frame):
+                while self.window.full and not drop:
+                    if not self.waiting():
                         return
-                return
-            if item is None:
-                yield
-                continue
-            header, sent = under_way(item.scan)
-            if isinstance(item, ScanEnd):
-                del scans[item.scan]
-                if not self.end_scan(item.scan, item.frames, sent, item.final) or self.draining.is_set():
-                    return
-            elif not self.send_frame(item, header, sent, drop):
-                return
-            else:
-                yield
+                    yield  # the loop turns: the lanes' releases make room
+                if self.window.full:
+                    self.dropped()
+                else:
+                    self.frame(item)
+            yield
 
-    def send_frame(self, item: Frame, header: Header, sent: list[int], drop: bool) -> bool:
-        """Send a frame's sectors to its lane; False if the stage is stopped meanwhile."""
-        lane = item.frame % self.spec.lanes
-        header.frame = header.position = item.frame
-        for sector, pixels in item.sectors:
-            header.sector = sector
-            if not self.send(lane, header, [pixels], wait=not drop):
-                if not drop:
-                    return False
-                # the lane is full: drop the rest of this frame, count it once
-                self.counters.dropped += 1
-                self.counters.outcomes["dropped"] += 1
-                if self.counters.dropped == 1:
-                    self.log.warning("pipeline full: dropping frames (spec.transport.onFull: drop)")
-                return True
-            sent[lane] += 1
-            self.lane_sent[lane] += 1
-            self.counters.frames_out += 1
-            self.counters.bytes_out += pixels.nbytes
-        return True
+    def send_next(self, now: float) -> None:
+        """A turn: take the next item the source yields, or finish."""
+        if not self.more:
+            return  # (a source in a session goes on answering its lanes: a dead worker's blocks may come back)
+        if next(self.work, StopIteration) is StopIteration:
+            self.work, self.more = iter(()), False
+            self.finish()
+            if self.connect:  # an outside source has no launcher to stop it: wait until the session has it all
+                self.deliver_by = now + FLUSH_S
+                self.reactor.every(ANSWER_POLL_S, self.deliver)
 
-    def end_scan(self, scan: int, frames: int, sent: list[int], final: bool = False) -> bool:
-        """Tell every lane how many sectors of `scan` (of `frames` positions) it was sent, and whether the
-        detector ended it (`final`); False if stopped."""
+    def beat_if_held(self, now: float) -> None:
+        """While backpressure holds this source (its window full), tell the lanes it is there: its scans are
+        not silent, only waiting."""
+        if self.window.full and now - self.last_beat >= self.spec.transport.heartbeat_s:
+            self.last_beat = now
+            for lane in range(len(self.lanes)):
+                self.tell(lane, Header(kind=HEARTBEAT))
+
+    def frame(self, item: Frame) -> None:
+        taken = self.window.frame(item.scan, item.frame, item.sectors)
+        if taken is None:  # late: its lane has closed the scan
+            return
+        ask, sends = taken
+        lane = self.blocks.lane(self.blocks.of(item.frame))
+        self.ends.setdefault(item.scan, [0] * len(self.lanes))[lane] += 1
+        self.lane_sent[lane] += 1
+        if ask is not None:
+            self.tell(self.blocks.lane(ask[1]), Header(kind=WANT, scan=ask[0], block=ask[1]))
+        self.send_all(sends)
+        self.counters.frames_out += 1
+        self.counters.bytes_out += sum(p.nbytes for _, p in item.sectors)
+        if self.sample_scan in (None, item.scan) and item.frame < self.samples_wanted:
+            self.sample_scan = item.scan
+            self.samples.append(item)
+            for address in self.workers:
+                self.send_samples(address, [item])
+
+    def dropped(self) -> None:
+        """The pipeline cannot take a frame now and the policy says drop: count it."""
+        self.counters.dropped += 1
+        self.counters.outcomes["dropped"] += 1
+        if self.counters.dropped == 1:
+            self.log.warning("pipeline full: dropping frames (spec.transport.onFull: drop)")
+
+    def end_scan(self, scan: int, frames: int, final: bool = False) -> None:
+        """Send what waits of the scan's last block, and tell every lane how many frames of `scan` (of
+        `frames` positions) it was sent, and whether the detector ended it (`final`)."""
+        self.send_all(self.window.pass_current())
+        sent = self.ends.pop(scan, [0] * len(self.lanes))
         spec = self.spec
-        for lane in range(len(self.lanes)):
-            header = Header(kind=END_OF_SCAN, scan=scan, expected=frames, sent=sent[lane],
-                            scan_rows=spec.scan.rows, scan_cols=spec.scan.cols, flags=DETECTOR_END if final else 0)
-            if not self.send(lane, header):
-                return False
-        self.log.info("scan %d: %d sectors sent, %d frames dropped so far", scan, sum(sent), self.counters.dropped)
-        return True
+        ends = [Header(kind=END_OF_SCAN, scan=scan, expected=frames, sent=sent[lane], scan_rows=spec.scan.rows,
+                       scan_cols=spec.scan.cols, flags=DETECTOR_END if final else 0) for lane in range(len(self.lanes))]
+        for lane, end in enumerate(ends):
+            self.tell(lane, end)
+        self.ends_sent.append(ends)
+        self.log.info("scan %d: %d frames sent, %d dropped so far", scan, sum(sent), self.counters.dropped)
 
-    def send(self, lane: int, header: Header, parts=(), wait: bool = True) -> bool:
-        """Send to a lane, waiting while it is full (wait=False: not at all); False if not sent. An outside
-        source whose lane never answered fails after FLUSH_S."""
-        on_wait = self.fail_if_unanswered(lane) if self.connect else None  # (none per send in a session)
-        return self.reactor.send(self.lanes[lane], header, parts, wait=wait, on_wait=on_wait)
+    # the lanes
+
+    def from_lane(self, lane: int, msg: Message) -> None:
+        h = msg.header
+        if h.kind == ASSIGN:
+            if not is_tcp_address(h.address) or h.key not in self.worker_keys:
+                self.refuse("address", msg, f"data address {h.address[:80]!r}, key {h.key[:40]!r}")
+                return
+            self.worker(h.address, h.key)
+            self.send_all(self.window.assigned(h.scan, h.block, h.address, bool(h.flags & DUPLICATE)))
+        elif h.kind == RELEASE:
+            self.window.release(h.acked)
+        elif h.kind == END_OF_SCAN:  # the lane closed the scan already: its frames there are late
+            if h.scan not in self.window.closed[lane]:
+                self.log.info("lane %d has closed scan %d already: its frames there are not sent", lane, h.scan)
+            self.window.close(h.scan, lane)
+        else:
+            self.refuse("kind", msg)
+
+    def lane_connected(self, lane: int) -> None:
+        """A lane answered (the first time, or a restarted one): ask it again for the blocks still kept
+        of its lane and send it the last scans' ends again (a restarted lane knows nothing of them; what it
+        finished already it refuses as late)."""
+        first = not self.reached[lane]
+        self.reached[lane] = True
+        if first:
+            return
+        for scan, block in self.window.ask_again(lane):
+            self.tell(lane, Header(kind=WANT, scan=scan, block=block))
+        for ends in self.ends_sent:
+            self.tell(lane, ends[lane])
+
+    def tell(self, lane: int, header: Header) -> None:
+        self.reactor.send(self.lanes[lane], header, on_wait=self.fail_if_unanswered(lane) if self.connect else None)
+
+    # the workers
+
+    def worker(self, address: str, key: str) -> Outbox:
+        """The PUSH to a worker's data port (connected on first use; the session's samples go there on each
+        connection)."""
+        outbox = self.workers.get(address)
+        if outbox is None:  # the samples go on each connection: a worker restarted at the address needs them again
+            outbox = self.workers[address] = Outbox(self.socket(
+                zmq.PUSH, connect=[address], server=key,
+                on_connect=lambda: self.send_samples(address, self.samples)), self.name)
+        return outbox
+
+    def send_all(self, sends: list[Send]) -> None:
+        for send in sends:
+            self.send_block(send)
+
+    def send_block(self, send: Send) -> None:
+        """One BLOCK message: this replica's sectors of the frames still kept (a released frame is done)."""
+        frames: list[int] = []
+        parts: list = []
+        sectors: list[int] | None = None
+        for frame in send.frames:
+            kept = self.window.sectors(send.scan, frame)
+            if kept is None:
+                continue
+            frames.append(frame)
+            sectors = [s for s, _ in kept]
+            parts.extend(p for _, p in kept)
+        h = self.block_header
+        h.scan, h.block, h.flags = send.scan, send.block, (BLOCK_END if send.end else 0) | (
+            DUPLICATE if send.again else 0)
+        del h.frames[:]
+        h.frames.extend(frames)
+        del h.sectors[:]
+        h.sectors.extend(sectors or self.source_sectors())
+        self.reactor.send(self.workers[send.worker], h, parts)
+
+    def source_sectors(self) -> list[int]:
+        """The sectors this replica sends (what an empty BLOCK names)."""
+        return list(getattr(self.source, "sectors", range(self.geometry.sectors)))
+
+    def send_samples(self, address: str, frames: list[Frame]) -> None:
+        """Sample frames to a worker, one message each (not ended: other sources send the same frames' other
+        sectors)."""
+        h = Header(kind=SAMPLE, shape=self.geometry.sector_shape, dtype=self.geometry.dtype)
+        for item in frames:
+            h.scan, h.block = item.scan, self.blocks.of(item.frame)
+            del h.frames[:]
+            h.frames.append(item.frame)
+            del h.sectors[:]
+            h.sectors.extend(s for s, _ in item.sectors)
+            self.reactor.send(self.workers[address], h, [p for _, p in item.sectors])
+
+    # outside the session
 
     def fail_if_unanswered(self, lane: int):
         """A check, run while a send to `lane` waits: fail once FLUSH_S passed and the lane never answered."""
         give_up_at = time.monotonic() + FLUSH_S
 
         def check() -> None:
-            if time.monotonic() > give_up_at and not self.answered(lane, 0):
+            if time.monotonic() > give_up_at and not self.reached[lane]:
                 raise StageError(self.undelivered([lane], "nothing answered there"))
         return check
 
-    def answered(self, lane: int, timeout_s: float) -> bool:
-        """Whether a lane's address has answered (a ZeroMQ handshake), waiting up to `timeout_s` for it."""
-        deadline = time.monotonic() + timeout_s
-        self.check_connections()
-        while not self.reached[lane] and time.monotonic() < deadline:
-            time.sleep(ANSWER_POLL_S)
-            self.check_connections()
-        return self.reached[lane]
-
     def undelivered(self, lanes: list[int], why: str) -> str:
         addresses = self.connect or []
-        return "; ".join(f"{self.lane_sent[lane]} sector message(s) sent to {addresses[lane]} (lane {lane}) did "
-                         f"not reach a session: {why} within {FLUSH_S:g} s (check the address against the "
-                         f"session's status.ingest, and that the session is running)" for lane in lanes)
+        return "; ".join(f"{self.lane_sent[lane]} frame(s) sent to {addresses[lane]} (lane {lane}) did not reach a "
+                         f"session: {why} within {FLUSH_S:g} s (check the address against the session's "
+                         f"status.ingest, and that the session is running)" for lane in lanes)
 
-    def deliver(self) -> None:
-        """An outside source has no launcher to account for its data: it succeeds only when every lane's
-        address answered and the queued messages left within FLUSH_S; else it fails naming them."""
-        deadline = time.monotonic() + FLUSH_S
-        silent = [lane for lane in range(len(self.lanes)) if not self.answered(lane, deadline - time.monotonic())]
-        for outbox in self.lanes:
-            outbox.socket.close(linger=0 if silent else max(0, int((deadline - time.monotonic()) * 1000)))
-        for monitor in self.connection_monitors:
-            monitor.close(linger=0)
-        self.lane_ctx.term()  # returns once every queued message has left, or at the linger's end (dropped)
-        if silent:
-            raise StageError(self.undelivered(silent, "nothing answered there"))
-        if time.monotonic() >= deadline:
-            raise StageError(self.undelivered(list(range(len(self.lanes))), "the last messages did not leave"))
-
-    def send_next(self, now: float) -> None:
-        """A turn: send the next frame the source yields, or finish."""
-        if next(self.work, StopIteration) is StopIteration:
-            self.work = iter(())
-            self.finish()
-            if self.connect:  # an outside source has no launcher to stop it: deliver what is queued, then exit
-                self.deliver()
-                self.stopping.set()
-            self.stopping.wait(0.1)
+    def deliver(self, now: float) -> None:
+        """An outside source has no launcher to account for its data: it succeeds (stops) once every lane
+        answered and the session has the result of every frame it sent (its window is empty), and fails
+        naming why when that has not happened FLUSH_S after its last frame."""
+        silent = [lane for lane, reached in enumerate(self.reached) if not reached]
+        if not silent and not self.window.kept:
+            self.stopping.set()
+        elif now > self.deliver_by:
+            raise StageError(self.undelivered(silent, "nothing answered there") if silent else self.undelivered(
+                list(range(len(self.lanes))), f"the session did not confirm {len(self.window.kept)} frames"))

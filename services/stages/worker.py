@@ -1,24 +1,30 @@
-"""A worker: takes frames from every lane's distributor against credits, runs the plugin, and
-hands results to the writer. That is all it sends per frame: the writer acknowledges each result
-to the frame's distributor, which counts the frame done and gives its credit back only then. So
-a worker killed with results still queued in its own memory or sockets loses nothing (the
-distributor re-sends those frames, and the writer drops any copy it already has).
+"""A worker: takes the blocks its lanes route to it, straight from the sources, runs the plugin, and
+hands results to the writer (docs/full-rate.md).
+
+It offers credits (frames it can take) to every lane's distributor, naming its `data` address; a
+lane routes a block to it against credit for the block's frames and every source sends its sectors
+of the block there (BLOCK). The worker assembles each frame (`dataplane/assembly.py`): a frame goes to
+the plugin once all its sectors are in, or zero-filled and partial once every source has ended the
+block or after the frame timeout; the block's frames of which nothing came are named to the lane
+(absent), which gives their credit back. A result is all the worker sends per frame: the writer
+acknowledges it to the block's lane, which counts the frame done and gives its credit back only then.
+So a worker killed with results still queued loses nothing (the lane routes those frames again, the
+sources still keep them, and the writer drops any copy it already has).
 
 The worker never blocks: results wait in a queue bounded by the credits it was given, and while
 the writer is slow the worker keeps sending heartbeats, so backpressure is never mistaken for
 death.
 
 Credits are offered on each connection to a lane's distributor: at the start, and again when a
-restarted distributor comes back (its predecessor's credits died with it, and the frames held
-from it will return no credit).
+restarted distributor comes back (its predecessor's credits died with it).
 
 A plugin that calibrates (electron counting with fitted thresholds) does so on the session's sample
-frames: the first `samples` frames of the first scan, which every distributor copies to every worker
-(SAMPLE), so all workers calibrate on the same frames in the same order, run after run. Until then
-frames are held (and credit given back for them, so the samples can come) up to that many; if some
-sample never comes, the worker calibrates on those it has once the stream pauses. The samples are
-kept for the session, so new parameters (a new plugin instance) calibrate again on the same frames.
-What the plugin derived (`calibration()`) goes to the writer (CALIBRATION), for the scan's file.
+frames: the first `samples` frames of the first scan, which every source sends to every worker it
+learns of (SAMPLE, the BLOCK layout), so all workers calibrate on the same frames in the same order, run
+after run. Until then frames are held; if some sample never comes, the worker calibrates on those it has
+once the stream pauses. The samples are kept for the session, so new parameters (a new plugin instance)
+calibrate again on the same frames. What the plugin derived (`calibration()`) goes to the writer
+(CALIBRATION), for the scan's file.
 
 A plugin whose results are raw frames (noop) sends the writer no pixels unless the session keeps them
 (spec.output.keepFrames, or a sink registered for frames: `sinks.session_sink`): with the live view on, the
@@ -37,18 +43,26 @@ import json
 import time
 from collections import deque
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import zmq
 
+from detstream.services.dataplane.assembly import Assembly
+from detstream.services.dataplane.blocks import Blocks
 from detstream.services.dataplane.wire import (
+    ABSENT,
+    BLOCK,
+    BLOCK_END,
     CALIBRATION,
     CREDIT,
-    FRAME,
+    DUPLICATE,
     HEARTBEAT,
+    PARTIAL,
     PATTERN,
     RESULT,
     SAMPLE,
+    TAKEN,
     Header,
     Message,
     Outbox,
@@ -65,6 +79,14 @@ CALIBRATION_IDLE_S = 0.5  # calibrate on the samples there are when the stream p
 PAUSE_S = 0.02  # a scan's last patterns go to the writer when no frame came for this long (else every PATTERN_S)
 
 
+class Held(NamedTuple):
+    """A frame waiting for the calibration."""
+    scan: int
+    frame: int
+    parts: list
+    mask: int
+
+
 class WorkerStage(Stage):
     role = "worker"
 
@@ -72,12 +94,19 @@ class WorkerStage(Stage):
         spec = self.spec
         self.plugin_cls = plugin_class(spec.plugin.name)
         self.plugin = self.plugin_cls(spec.plugin.params, PluginContext(spec))
+        self.blocks = Blocks(spec.scan.frames, spec.transport.block_frames, spec.lanes)
+        self.data = self.socket(zmq.PULL, bind="data")
+        self.address = f"tcp://{self.bind_host}:{self.me.ports['data']}"
         self.lanes = [Outbox(self.socket(zmq.DEALER, connect=[("distributor", lane, "work")],
                                          on_connect=partial(self.offer, lane)), self.name)
                       for lane in range(spec.lanes)]
         self.writer = Outbox(self.socket(zmq.DEALER, connect=[("writer", 0, "results")]), self.name)
         self.last_sent = [0.0] * len(self.lanes)
-        self.held: list[Message] = []  # frames waiting for the calibration
+        fill = zmq.Frame(bytes(self.geometry.sector_bytes))
+        sources = max(spec.source.replicas, 1)
+        self.assembly = Assembly(self.geometry.sectors, sources, fill, self.frame, self.absent)
+        self.sample_assembly = Assembly(self.geometry.sectors, sources, fill, self.sample, lambda scan, frames: None)
+        self.held: list[Held] = []  # frames waiting for the calibration
         self.samples: dict[int, list] = {}  # frame number -> the sample frame's sectors (kept for the session)
         self.samples_expected = min(self.plugin_cls.samples(spec.plugin.params), spec.scan.frames)
         self.calibration_sent = "{}"
@@ -96,10 +125,7 @@ class WorkerStage(Stage):
         self.scan_end = spec.scan.frames - spec.lanes * spec.workers.credits * max(spec.workers.replicas, 1)
         self.ending: set[int] = set()  # scans of which this worker had one of the last frames
         self.report_calibration()  # fixed thresholds are known now
-        for lane, outbox in enumerate(self.lanes):
-            # a refused message still used a credit: give it back
-            self.reactor.on_message(outbox.socket, partial(self.from_distributor, lane),
-                                    refused=lambda _, lane=lane: self.tell(lane, Header(kind=CREDIT, credit=1)))
+        self.reactor.on_message(self.data, self.from_source, batch=8)
         # the writer's socket is watched only while results wait for room there
         self.reactor.on_writable(self.writer.socket, self.flush, when=lambda: bool(self.outgoing))
         self.reactor.every(0, self.apply_updates)
@@ -108,71 +134,90 @@ class WorkerStage(Stage):
         self.reactor.every(self.housekeeping_s, self.housekeeping)
 
     def housekeeping(self, now: float) -> None:
+        self.assembly.sweep(now, self.spec.transport.frame_timeout_s)
+        self.sample_assembly.sweep(now, self.spec.transport.frame_timeout_s)
         self.calibrate_if_idle(now)
         self.heartbeat(now)
         self.counters.queue_depth = len(self.outgoing)
-        self.counters.in_flight = len(self.held) + len(self.outgoing)
+        self.counters.in_flight = len(self.held) + len(self.outgoing) + self.assembly.waiting
 
     def offer(self, lane: int) -> None:
-        """Connected to the lane's distributor: offer it our credits."""
-        self.tell(lane, Header(kind=CREDIT, credit=self.spec.workers.credits))
+        """Connected to the lane's distributor: offer it our credits (all we may hold from it), and where to send
+        blocks."""
+        self.tell(lane, Header(kind=CREDIT, credit=self.spec.workers.credits, address=self.address,
+                               key=self.key_name))
 
-    def from_distributor(self, lane: int, msg: Message) -> None:
-        if msg.header.kind == FRAME:
-            self.frame(lane, msg)
-        elif msg.header.kind == SAMPLE:
-            self.sample(msg)
-        else:
+    def from_source(self, msg: Message) -> None:
+        h = msg.header
+        if h.kind not in (BLOCK, SAMPLE):
             self.refuse("kind", msg)
-
-    def frame(self, lane: int, msg: Message) -> None:
-        self.counters.frames_in += 1
-        self.counters.bytes_in += self.geometry.frame_bytes
-        self.last_frame = time.monotonic()
-        if self.plugin.samples_wanted:
-            self.held.append(msg)
-            if len(self.held) < max(self.samples_expected, 1):
-                self.tell(lane, Header(kind=CREDIT, credit=1))  # keep frames (and so the samples) coming
             return
-        self.process(msg)
-
-    def sample(self, msg: Message) -> None:
-        """A copy of one of the session's sample frames (the same for every worker)."""
         self.last_frame = time.monotonic()
-        frame = msg.header.frame
-        if frame < self.samples_expected and frame not in self.samples:
-            self.samples[frame] = msg.sectors
+        if h.kind == BLOCK:
+            self.counters.bytes_in += self.geometry.sector_bytes * len(msg.parts)
+            if (h.scan, h.block) not in self.assembly.blocks:  # the lane then knows the block is being worked on
+                self.tell(self.blocks.lane(h.block), Header(kind=TAKEN, scan=h.scan, block=h.block))
+        assembly = self.assembly if h.kind == BLOCK else self.sample_assembly
+        for reason, detail in assembly.block(h.scan, h.block, self.blocks.frames(h.block), h.sender, h.frames,
+                                             h.sectors, msg.parts, bool(h.flags & BLOCK_END), self.last_frame,
+                                             again=bool(h.flags & DUPLICATE)):
+            self.refuse(reason, msg, detail)
+
+    def frame(self, scan: int, frame: int, parts: list, mask: int) -> None:
+        """A frame assembled (the assembly's on_frame)."""
+        self.counters.frames_in += 1
+        if self.plugin.samples_wanted:
+            self.held.append(Held(scan, frame, parts, mask))
+            return
+        self.process(scan, frame, parts, mask)
+
+    def absent(self, scan: int, frames: list[int]) -> None:
+        """Frames of a block routed here of which no sector came (the assembly's on_absent): the lane gives
+        their credit back, and counts them lost unless a copy comes."""
+        self.tell(self.blocks.lane(self.blocks.of(frames[0])), Header(kind=ABSENT, scan=scan, frames=frames))
+
+    def sample(self, scan: int, frame: int, parts: list, mask: int) -> None:
+        """One of the session's sample frames (the same for every worker); one that did not come whole is
+        not a sample (its zero-filled sectors would be taken for signal)."""
+        if frame < self.samples_expected and frame not in self.samples and mask == self.assembly.all_sectors:
+            self.samples[frame] = self.views(parts)
             if self.plugin.samples_wanted and len(self.samples) == self.samples_expected:
                 self.calibrate()
 
-    def process(self, msg: Message) -> None:
-        h = msg.header
+    def views(self, parts: list) -> list[np.ndarray]:
+        """A frame's sector buffers as read-only numpy views (no copy)."""
+        g = self.geometry
+        return [np.frombuffer(p, g.dtype).reshape(g.sector_shape) for p in parts]
+
+    def process(self, scan: int, frame: int, parts: list, mask: int) -> None:
         t0 = time.perf_counter()
-        parts = self.plugin.process(msg.sectors, msg.parts)
+        out = self.plugin.process(self.views(parts), parts)
         if self.plugin_cls.result == "frames":
-            parts = self.raw_result(h, parts)
+            out = self.raw_result(scan, frame, out)
         if self.process_delay:
             time.sleep(self.process_delay)
         self.metrics.latency.observe(time.perf_counter() - t0)
-        result = Header(kind=RESULT, scan=h.scan, frame=h.frame, position=h.position, flags=h.flags,
-                        sector_mask=h.sector_mask,
-                        scan_rows=h.scan_rows, scan_cols=h.scan_cols, result=self.plugin_cls.result)
-        self.outgoing.append((result, list(parts)))
+        # a turn may process many blocks (a slow plugin: seconds): the lanes must not read that as silence
+        self.heartbeat(time.monotonic())
+        result = Header(kind=RESULT, scan=scan, frame=frame, position=frame,
+                        flags=PARTIAL if mask != self.assembly.all_sectors else 0, sector_mask=mask,
+                        scan_rows=self.spec.scan.rows, scan_cols=self.spec.scan.cols, result=self.plugin_cls.result)
+        self.outgoing.append((result, list(out)))
         self.flush()
 
-    def raw_result(self, h: Header, parts) -> list:
+    def raw_result(self, scan: int, frame: int, parts) -> list:
         """A raw frame's result parts: [its live record (b"" with the live view off, or for parts that are not
         this detector's frame: the writer refuses it for the view)] + [the frame, with keepFrames]."""
         record = b""
         if self.reducer is not None and self.geometry.is_frame(parts):
-            strips = [np.frombuffer(p, self.geometry.dtype).reshape(self.geometry.sector_shape) for p in parts]
+            strips = self.views(parts)
             record = self.reducer.record(strips).tobytes()
-            patterns = self.patterns.get(h.scan)
+            patterns = self.patterns.get(scan)
             if patterns is None:
-                patterns = self.patterns[h.scan] = ScanPatterns(self.reducer)
-            patterns.add(strips, frame_key(h.scan, h.frame), time.monotonic())
-            if h.frame >= self.scan_end:
-                self.ending.add(h.scan)
+                patterns = self.patterns[scan] = ScanPatterns(self.reducer)
+            patterns.add(strips, frame_key(scan, frame), time.monotonic())
+            if frame >= self.scan_end:
+                self.ending.add(scan)
         return [record, *parts] if self.keep_frames else [record]
 
     def send_patterns(self, now: float) -> None:
@@ -215,13 +260,13 @@ class WorkerStage(Stage):
             self.plugin.calibrate([self.samples[f] for f in frames])
         else:  # no sample came at all (its lane lost them): this worker's own frames, as the last resort
             self.log.error("no sample frame came: calibrating on the %d frames held here", len(self.held))
-            self.plugin.calibrate([msg.sectors for msg in self.held])
+            self.plugin.calibrate([self.views(h.parts) for h in self.held])
         self.log.info("calibrated on %d sample frames (%s): %s", len(frames), f"{frames[0]}..{frames[-1]}"
                       if frames else "none", self.plugin.calibration())
         self.report_calibration()
         held, self.held = self.held, []
-        for msg in held:
-            self.process(msg)
+        for h in held:
+            self.process(*h)
 
     def calibrate_if_idle(self, now: float) -> None:
         if self.plugin.samples_wanted and self.held and now - self.last_frame > CALIBRATION_IDLE_S:
@@ -244,7 +289,7 @@ class WorkerStage(Stage):
     def heartbeat(self, now: float) -> None:
         for lane, last in enumerate(self.last_sent):
             if now - last > self.spec.transport.heartbeat_s:
-                self.tell(lane, Header(kind=HEARTBEAT), droppable=True)
+                self.tell(lane, Header(kind=HEARTBEAT, address=self.address, key=self.key_name), droppable=True)
 
     def configure(self, params: dict) -> None:
         """Called from a control thread: build the new plugin there (so bad parameters are refused

@@ -9,7 +9,7 @@ the lanes name as lost (each lane's END_OF_SCAN carries them as a bitmap) that a
 session.
 
 A lane's end of scan can die with a distributor restarted mid-session (a pod restarted by
-Kubernetes); its aggregator sends it again to the new one. As a last resort, a scan stale for
+Kubernetes); the sources send their ends again to the new one. As a last resort, a scan stale for
 STALE_TIMEOUTS x (end-of-scan + worker timeout) + STALE_MARGIN_S closes anyway, its missing frames
 counted lost and the lanes that never ended it named; a scan of which nothing came at all, below
 an open one (or, once streaming, with no input for as long), is opened for that.
@@ -179,7 +179,8 @@ class WriterStage(Stage):
         if h.kind == RESULT:
             # even for a result refused below: the frame must not stay in flight for ever (a plugin
             # returning bad results shows as frames unaccounted, which fails the session loudly)
-            self.receipts.setdefault(h.frame % self.spec.lanes, []).append(frame_key(h.scan, h.frame))
+            lane = (h.frame // self.spec.transport.block_frames) % self.spec.lanes   # the lane of its block
+            self.receipts.setdefault(lane, []).append(frame_key(h.scan, h.frame))
             if not self.valid_result(msg, parts):
                 return
         if h.scan in self.accounts.closed:

@@ -10,8 +10,6 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     KIND_UNSPECIFIED: _ClassVar[Kind]
-    SECTOR: _ClassVar[Kind]
-    FRAME: _ClassVar[Kind]
     RESULT: _ClassVar[Kind]
     END_OF_SCAN: _ClassVar[Kind]
     CREDIT: _ClassVar[Kind]
@@ -19,6 +17,12 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RECEIPT: _ClassVar[Kind]
     SAMPLE: _ClassVar[Kind]
     CALIBRATION: _ClassVar[Kind]
+    WANT: _ClassVar[Kind]
+    ASSIGN: _ClassVar[Kind]
+    BLOCK: _ClassVar[Kind]
+    RELEASE: _ClassVar[Kind]
+    TAKEN: _ClassVar[Kind]
+    ABSENT: _ClassVar[Kind]
     PATTERN: _ClassVar[Kind]
 
 class Flag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
@@ -27,9 +31,8 @@ class Flag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PARTIAL: _ClassVar[Flag]
     DUPLICATE: _ClassVar[Flag]
     DETECTOR_END: _ClassVar[Flag]
+    BLOCK_END: _ClassVar[Flag]
 KIND_UNSPECIFIED: Kind
-SECTOR: Kind
-FRAME: Kind
 RESULT: Kind
 END_OF_SCAN: Kind
 CREDIT: Kind
@@ -37,14 +40,21 @@ HEARTBEAT: Kind
 RECEIPT: Kind
 SAMPLE: Kind
 CALIBRATION: Kind
+WANT: Kind
+ASSIGN: Kind
+BLOCK: Kind
+RELEASE: Kind
+TAKEN: Kind
+ABSENT: Kind
 PATTERN: Kind
 FLAG_NONE: Flag
 PARTIAL: Flag
 DUPLICATE: Flag
 DETECTOR_END: Flag
+BLOCK_END: Flag
 
 class Header(_message.Message):
-    __slots__ = ("version", "kind", "seq", "sender", "scan", "frame", "position", "sector", "sector_mask", "shape", "dtype", "flags", "scan_rows", "scan_cols", "expected", "sent", "partial", "lost", "credit", "acked", "result")
+    __slots__ = ("version", "kind", "seq", "sender", "scan", "frame", "position", "sector_mask", "shape", "dtype", "flags", "scan_rows", "scan_cols", "expected", "sent", "partial", "lost", "credit", "acked", "result", "block", "address", "frames", "sectors", "key")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -52,7 +62,6 @@ class Header(_message.Message):
     SCAN_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
-    SECTOR_FIELD_NUMBER: _ClassVar[int]
     SECTOR_MASK_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +75,11 @@ class Header(_message.Message):
     CREDIT_FIELD_NUMBER: _ClassVar[int]
     ACKED_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    SECTORS_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
     version: int
     kind: Kind
     seq: int
@@ -73,7 +87,6 @@ class Header(_message.Message):
     scan: int
     frame: int
     position: int
-    sector: int
     sector_mask: int
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
@@ -87,4 +100,9 @@ class Header(_message.Message):
     credit: int
     acked: _containers.RepeatedScalarFieldContainer[int]
     result: str
-    def __init__(self, version: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., seq: _Optional[int] = ..., sender: _Optional[str] = ..., scan: _Optional[int] = ..., frame: _Optional[int] = ..., position: _Optional[int] = ..., sector: _Optional[int] = ..., sector_mask: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., flags: _Optional[int] = ..., scan_rows: _Optional[int] = ..., scan_cols: _Optional[int] = ..., expected: _Optional[int] = ..., sent: _Optional[int] = ..., partial: _Optional[int] = ..., lost: _Optional[int] = ..., credit: _Optional[int] = ..., acked: _Optional[_Iterable[int]] = ..., result: _Optional[str] = ...) -> None: ...
+    block: int
+    address: str
+    frames: _containers.RepeatedScalarFieldContainer[int]
+    sectors: _containers.RepeatedScalarFieldContainer[int]
+    key: str
+    def __init__(self, version: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., seq: _Optional[int] = ..., sender: _Optional[str] = ..., scan: _Optional[int] = ..., frame: _Optional[int] = ..., position: _Optional[int] = ..., sector_mask: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., flags: _Optional[int] = ..., scan_rows: _Optional[int] = ..., scan_cols: _Optional[int] = ..., expected: _Optional[int] = ..., sent: _Optional[int] = ..., partial: _Optional[int] = ..., lost: _Optional[int] = ..., credit: _Optional[int] = ..., acked: _Optional[_Iterable[int]] = ..., result: _Optional[str] = ..., block: _Optional[int] = ..., address: _Optional[str] = ..., frames: _Optional[_Iterable[int]] = ..., sectors: _Optional[_Iterable[int]] = ..., key: _Optional[str] = ...) -> None: ...

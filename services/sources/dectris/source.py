@@ -11,7 +11,7 @@ series_id - firstSeriesId), and ends a scan
 - for its own part when it hears of a newer series (the DCU streams one series at a time, and each
   replica gets its messages in the DCU's order, so it has passed on all it will of the older ones).
 
-The aggregators close a scan as soon as one of these rules holds (dataplane/reassembly.py): the
+The lanes close a scan as soon as one of these rules holds (dataplane/routing.py): the
 detector ended it and its frames are in, or every replica ended it; failing that, after the
 end-of-scan timeout of silence (a series that never ends, a DCU restarted mid-series), the frames that
 never came lost. What cannot be placed is refused and counted by reason (Refused items): anything
