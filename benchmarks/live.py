@@ -49,13 +49,12 @@ def throughput(doc: dict) -> float:
 def delay(frames: int, rate: float) -> dict:
     """Seconds from the source having sent n frames to the live view showing n positions, over n."""
     doc = session_doc(frames, COUNTING, True, rate)
-    sectors = doc["spec"].get("detector", {}).get("sectors", 4)
     samples: list[tuple[float, int, int]] = []
     with tempfile.TemporaryDirectory(prefix="detstream-bench-") as tmp, SessionRun(doc, Path(tmp)) as run:
         client = LiveClient(run.local.plan.live_url(), timeout=5)
 
         def sample(_elapsed):
-            sent = run.status("source-0").frames_out // sectors
+            sent = run.status("source-0").frames_out   # frames the source has taken from the detector
             scans = client.scans()
             shown = sum(s["progress"]["complete"] + s["progress"]["partial"] for s in scans)
             samples.append((time.monotonic(), sent, shown))

@@ -35,7 +35,7 @@ from detstream.services.sources import Frame, Item, Refused, ScanEnd, Source, So
 from detstream.services.sources.dectris.stream2 import End, Image, Start, Stream2Error, decode
 
 ADDRESS = re.compile(r"tcp://[^\s:/]+:\d{1,5}")
-POLL_MS = 100   # how long a replica waits for the DCU before the stage looks for Stop and drain
+POLL_MS = 5  # how long a replica waits for the DCU before its stage turns (its lanes: ASSIGN, RELEASE; Stop)
 
 
 class Dectris(Source):
