@@ -16,6 +16,8 @@ images it gets; on a machine with fewer cores than processes the cores are the c
 stages move every frame too). And the CPU seconds per image of the source processes against bare's, which
 the load of a shared machine does not change: what a source costs beyond the decode.
 Results: benchmarks/results/ingest.json.
+Run it as `OMP_NUM_THREADS=1 python -m benchmarks.ingest` for a like-for-like figure: the stages start with
+one OpenMP thread (runtime.stage.STAGE_ENV), and the bare loop runs in this process.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from detstream.services.model.plan import CLUSTER_PORTS, LIVE_PORT, ClusterNetwo
 from detstream.services.model.schema import to_manifest
 from detstream.services.model.session import Session
 from detstream.services.plugins import plugin_class
+from detstream.services.runtime.stage import STAGE_ENV
 
 PLAN_DIR = "/etc/detstream"
 OUTPUT_DIR = "/data"
@@ -89,7 +90,8 @@ def container(session: Session, role: str, image: str, plan: Plan) -> dict:
         "name": "stage", "image": image, "imagePullPolicy": k8s.image_pull_policy, "args": args,
         "env": [{"name": "POD_NAME", **field("metadata.name")},
                 {"name": "POD_NAMESPACE", **field("metadata.namespace")},
-                {"name": "POD_IP", **field("status.podIP")}, *env_keys],
+                {"name": "POD_IP", **field("status.podIP")}, *env_keys,
+                *({"name": name, "value": value} for name, value in STAGE_ENV.items())],
         "ports": [{"name": name, "containerPort": CLUSTER_PORTS[name], "protocol": "TCP"} for name in ports],
         "readinessProbe": {**check("/readyz"), **probe, "failureThreshold": 3},
         # A hung stage is restarted after its loop stalled STALL_S and then 3 failed probes.

@@ -79,6 +79,7 @@ def test_pods_are_restricted_and_bind_their_own_ip():
                                         "capabilities": {"drop": ["ALL"]}}
         env = {e["name"]: e for e in c["env"]}
         assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+        assert env["OMP_NUM_THREADS"]["value"] == "1"   # libraries' threads would spin against the other stages
         # probes cost the kubelet an HTTP request to the stage's metrics port, not a process
         assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
         assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}

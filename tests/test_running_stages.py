@@ -1,10 +1,12 @@
 """A session driven from the test: an external sender withholds a sector; every stage's metrics
 endpoint, health service and probes (/readyz, /healthz) answer while it streams."""
 
+import os
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -57,6 +59,10 @@ def test_metrics_and_health_answer_on_every_stage(local_session):
         with grpc.insecure_channel(p.client.address) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING, p.stage.name
+    threads = os.environ.get("OMP_NUM_THREADS", "1").encode()   # (a value the user set wins)
+    for p in local.stages:  # every stage starts single-threaded in its libraries (runtime.stage.STAGE_ENV)
+        environ = Path(f"/proc/{p.proc.pid}/environ").read_bytes().split(b"\0")
+        assert b"OMP_NUM_THREADS=" + threads in environ, p.stage.name
     source = next(p for p in local.stages if p.stage.role == "source")
     wait_for(lambda: any(n == "detstream_frames_sent_total" and v > 0
                          for n, _, v in scrape(source.stage.ports["metrics"])))

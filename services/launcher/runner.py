@@ -38,7 +38,7 @@ from detstream.services.launcher.progress import Progress, Summary
 from detstream.services.model.plan import START_ORDER, LocalNetwork, Plan, StagePlan, build_plan
 from detstream.services.model.session import Session, read_manifest
 from detstream.services.runtime.control import StageClient
-from detstream.services.runtime.stage import FAILED_LINGER_ENV, failed_linger_s
+from detstream.services.runtime.stage import FAILED_LINGER_ENV, STAGE_ENV, failed_linger_s
 from detstream.services.sinks.output import accounting_file, existing_results, folder_problem, read_accounting
 from detstream.v1.control_pb2 import FAILED, FINISHED, StageStatus
 
@@ -197,12 +197,12 @@ class LocalSession:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         plan_path = self.run_dir / "plan.json"
         plan_path.write_text(self.plan.to_json())
-        env = None
+        env = {**STAGE_ENV, **os.environ}
         security = self.session.spec.security
         if security.data_plane != "plain" or security.control_plane != "insecure":
             keys = generate_keys(self.run_dir / "keys", self.plan, curve=security.data_plane == "curve",
                                  tls=security.control_plane == "mtls")
-            env = dict(os.environ, **{KEYS_ENV: str(keys.resolve())})
+            env[KEYS_ENV] = str(keys.resolve())
             self.keys = Keys(keys)
         for stage in self.plan.stages:
             self.stages.append(StageProcess(stage, self.argv(stage), self.run_dir / "logs" / f"{stage.name}.log", env))
