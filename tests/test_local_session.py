@@ -118,7 +118,9 @@ def test_a_killed_stage_stops_the_session(tmp_path, write_manifest):
     subprocess.run(["kill", "-9", victim], check=True)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
-    assert "distributor-0 exited with code -9" in err
+    # killed once it runs, or (on a loaded machine) between its start-up and the launcher's Start: either way the
+    # session stops at once, naming it
+    assert "distributor-0 exited with code -9" in err or "distributor-0 refused Start" in err, err
     assert not no_stage_left(str(plan))
 
 
