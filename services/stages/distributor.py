@@ -65,6 +65,10 @@ class DistributorStage(Stage):
         spec = self.spec
         route = self.socket(zmq.ROUTER, bind="route")
         route.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished source raises instead of dropping
+        # ASSIGN and RELEASE must reach every source however late it reads: at a full queue the send would fail
+        # (ROUTER_MANDATORY), and a lost ASSIGN leaves that source's part of a block unsent (the block ends
+        # partial: seen once in a full test run). They are a header each, so this queue has no high-water mark.
+        route.setsockopt(zmq.SNDHWM, 0)
         self.route = Outbox(route, self.name)
         self.work = self.socket(zmq.ROUTER, bind="work")
         self.writer = Outbox(self.socket(zmq.DEALER, connect=[("writer", 0, "results")],
