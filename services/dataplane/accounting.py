@@ -92,15 +92,17 @@ class WriterScans:
         return True
 
     @staticmethod
-    def band_result(scan: WrittenScan, position: int, band: int, bands: int) -> bool:
+    def band_result(scan: WrittenScan, position: int, band: int, bands: int, partial: bool = False) -> bool:
         """Routing by slice: band `band`'s result for `position` (of `bands` bands, recorded in scan.sectors as
-        a bit per band): False if that band's is written already (a duplicate, counted). A frame is written with
-        its first band's result, partial until its last one's."""
+        a bit per band; `partial`: the band's rows came with strips missing, so its bit stays clear): False if
+        that band's is written already (a duplicate, counted). A frame is written with its first band's result,
+        partial until every band's came whole."""
         bit = np.uint64(1 << band)
         if scan.sectors[position] & bit:
             scan.duplicates += 1
             return False
-        scan.sectors[position] |= bit
+        if not partial:
+            scan.sectors[position] |= bit
         if not scan.done[position]:
             scan.done[position] = True
             scan.count += 1

@@ -118,6 +118,14 @@ class SourceWindow:
         out.unsent = [f for f in sorted(set(out.sent) | set(out.unsent)) if self.keeps(scan, f, band)]
         out.sent, out.ended, out.again = [], False, True
 
+    def worker_gone(self, worker: str) -> None:
+        """The worker at `worker` was declared dead: nothing more goes there; what was assigned to it goes, whole
+        and flagged as a re-send, where its lane names next."""
+        for (scan, _, band), out in self.out.items():
+            if out.worker == worker:
+                self.send_again(scan, out, band)
+                out.worker = None
+
     def ask_again(self, lane: int) -> list[tuple[int, int]]:
         """Lane `lane` restarted: it knows nothing of its blocks. Each block of it still kept goes, once the
         lane names a worker again, whole (what is kept of it) and flagged as a re-send. Returns those blocks,

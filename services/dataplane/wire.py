@@ -27,6 +27,7 @@ from detstream.v1.wire_pb2 import (
     DETECTOR_END,
     DUPLICATE,
     END_OF_SCAN,
+    GONE,
     HEARTBEAT,
     PARTIAL,
     PATTERN,
@@ -48,7 +49,7 @@ NOBLOCK, POLLIN, POLLOUT, _SNDMORE = int(zmq.NOBLOCK), int(zmq.POLLIN), int(zmq.
 FRAME_BITS = 40  # a frame key is scan << 40 | frame: 10^12 frames per scan, 2^24 scans
 
 __all__ = ["ABSENT", "ASSIGN", "BLOCK", "BLOCK_END", "CALIBRATION", "CREDIT", "DETECTOR_END", "DUPLICATE",
-           "END_OF_SCAN", "HEARTBEAT", "PARTIAL", "PATTERN", "RECEIPT", "RELEASE", "RESULT", "SAMPLE", "TAKEN", "VOLUME", "WANT",
+           "END_OF_SCAN", "GONE", "HEARTBEAT", "PARTIAL", "PATTERN", "RECEIPT", "RELEASE", "RESULT", "SAMPLE", "TAKEN", "VOLUME", "WANT",
            "Header", "WireError", "REJECT_REASONS", "Geometry", "Message", "Outbox", "frame_key", "is_tcp_address",
            "decode", "receive_parts", "Gaps", "FRAME_BITS", "pack_frames", "unpack_frames", "NOBLOCK", "POLLIN",
            "POLLOUT"]
@@ -163,7 +164,7 @@ class Message:
 
 
 _PARTS = {ABSENT: 0, CREDIT: 0, HEARTBEAT: 0, RECEIPT: 0, CALIBRATION: 1, WANT: 0, ASSIGN: 0, RELEASE: 0, TAKEN: 0,
-          PATTERN: 3, VOLUME: 2}
+          PATTERN: 3, VOLUME: 2, GONE: 0}
 MAX_CALIBRATION_BYTES = 65536
 _KINDS = frozenset(wire_pb2.Kind.values()) - {wire_pb2.KIND_UNSPECIFIED}  # Kind.values() builds a list per call
 

@@ -47,6 +47,7 @@ from detstream.services.dataplane.wire import (
     DETECTOR_END,
     DUPLICATE,
     END_OF_SCAN,
+    GONE,
     HEARTBEAT,
     RECEIPT,
     RELEASE,
@@ -231,6 +232,9 @@ class DistributorStage(Stage):
         self.counters.resent += frames
         self.log.warning("worker declared dead (%s; data at %s): routing its %d frames again (%d blocks)", why,
                          worker.address, frames, len(again))
+        gone = Header(kind=GONE, address=worker.address)
+        for peer in list(self.sources):   # they send it nothing more: its queue would hold them
+            self.to_source(peer, gone)
         self.assign_routed()
 
     # scans

@@ -40,6 +40,7 @@ from detstream.services.dataplane.wire import (
     DETECTOR_END,
     DUPLICATE,
     END_OF_SCAN,
+    GONE,
     HEARTBEAT,
     RELEASE,
     SAMPLE,
@@ -82,6 +83,10 @@ class SourceStage(Stage):
         for lane, outbox in enumerate(self.lanes):
             self.reactor.on_message(outbox.socket, partial(self.from_lane, lane), batch=64)
         self.workers: dict[str, Outbox] = {}  # data address -> a PUSH to that worker
+        self.gone: set[str] = set()   # data addresses of workers declared dead (until assigned again)
+        # routed by slice: BLOCKs a worker's full queue did not take yet, in order (the source does not wait on
+        # one band's worker: its window fills instead, and while it waits full it hears its lanes)
+        self.backlog: dict[str, deque[tuple[Header, list]]] = {}
         self.worker_keys = {s.name for s in self.plan.of_role("worker")}  # the CURVE keys workers may name
         self.blocks = Blocks(spec.scan.frames, spec.transport.block_frames, spec.lanes)
         self.bands = session_bands(spec)
@@ -103,6 +108,8 @@ class SourceStage(Stage):
         self.ends_sent: deque[list[Header]] = deque(maxlen=ENDS_KEPT)  # the last scans' ends, per lane
         self.reactor.every(0, self.send_next)
         self.reactor.every(spec.transport.block_timeout_s, lambda now: self.send_all(self.window.flush()))
+        if self.bands.keyed:
+            self.reactor.every(spec.transport.block_timeout_s, self.send_backlog)
         self.reactor.every(spec.transport.heartbeat_s / 2, self.beat_if_held)
 
     # what the kind yields
@@ -198,8 +205,11 @@ class SourceStage(Stage):
             if not is_tcp_address(h.address) or h.key not in self.worker_keys:
                 self.refuse("address", msg, f"data address {h.address[:80]!r}, key {h.key[:40]!r}")
                 return
+            self.gone.discard(h.address)
             self.worker(h.address, h.key)
             self.send_all(self.window.assigned(h.scan, h.block, h.address, bool(h.flags & DUPLICATE), h.band))
+        elif h.kind == GONE:
+            self.worker_gone(h.address)
         elif h.kind == RELEASE:
             self.window.release(h.acked, h.bands)
         elif h.kind == END_OF_SCAN:  # the lane closed the scan already: its frames there are late
@@ -237,6 +247,16 @@ class SourceStage(Stage):
                 on_connect=lambda: self.send_samples(address, self.samples)), self.name)
         return outbox
 
+    def worker_gone(self, address: str) -> None:
+        """A lane declared the worker at `address` dead: its queued messages are dropped (a worker restarted there
+        starts afresh) and what was assigned to it waits for its lane's next ASSIGN."""
+        self.gone.add(address)
+        self.window.worker_gone(address)
+        self.backlog.pop(address, None)
+        outbox = self.workers.pop(address, None)
+        if outbox is not None:
+            outbox.socket.close(linger=0)
+
     def send_all(self, sends: list[Send]) -> None:
         for send in sends:
             self.send_block(send)
@@ -262,7 +282,24 @@ class SourceStage(Stage):
         h.frames.extend(frames)
         del h.sectors[:]
         h.sectors.extend(sectors or self.source_sectors())
-        self.reactor.send(self.workers[send.worker], h, parts)
+        if send.worker in self.gone or send.worker not in self.workers:
+            return
+        if not self.bands.keyed:
+            self.reactor.send(self.workers[send.worker], h, parts)
+            return
+        backlog = self.backlog.get(send.worker)
+        if backlog or not self.reactor.send(self.workers[send.worker], h, parts, wait=False):
+            kept = Header()
+            kept.CopyFrom(h)
+            self.backlog.setdefault(send.worker, deque()).append((kept, parts))
+
+    def send_backlog(self, now: float) -> None:
+        """Routed by slice: the BLOCKs waiting for room in their worker's queue, in order, as far as it takes them."""
+        for address, backlog in list(self.backlog.items()):
+            while backlog and self.reactor.send(self.workers[address], *backlog[0], wait=False):
+                backlog.popleft()
+            if not backlog:
+                del self.backlog[address]
 
     def source_sectors(self) -> list[int]:
         """The sectors this replica sends (what an empty BLOCK names)."""

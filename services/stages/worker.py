@@ -212,7 +212,10 @@ class WorkerStage(Stage):
 
     def process(self, scan: int, frame: int, parts: list, mask: int) -> None:
         t0 = time.perf_counter()
-        out = self.plugin.process_frame(scan, frame, self.views(parts), parts)
+        if self.scan_outputs and mask != self.assembly.all_sectors:
+            out = [b""]   # zero-filled strips would spoil the scan's reduction: left out (its output says which)
+        else:
+            out = self.plugin.process_frame(scan, frame, self.views(parts), parts)
         if self.plugin_cls.result == "frames":
             out = self.raw_result(scan, frame, out)
         if self.process_delay:

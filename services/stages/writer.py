@@ -217,10 +217,10 @@ class WriterStage(Stage):
         self.counters.bytes_in += msg.payload_bytes
         partial = bool(h.flags & PARTIAL)
         if self.bands.keyed:
-            if h.band >= self.bands.count or partial:
-                self.refuse("range", msg, f"band {h.band} of {self.bands.count}{', partial' if partial else ''}")
+            if h.band >= self.bands.count:
+                self.refuse("range", msg, f"band {h.band} of {self.bands.count}")
                 return
-            written = self.accounts.band_result(scan, h.position, h.band, self.bands.count)
+            written = self.accounts.band_result(scan, h.position, h.band, self.bands.count, partial)
         else:
             written = self.accounts.result(scan, h.position, h.sector_mask, partial)
         if not written:

@@ -24,6 +24,7 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TAKEN: _ClassVar[Kind]
     ABSENT: _ClassVar[Kind]
     PATTERN: _ClassVar[Kind]
+    GONE: _ClassVar[Kind]
     VOLUME: _ClassVar[Kind]
 
 class Flag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
@@ -48,6 +49,7 @@ RELEASE: Kind
 TAKEN: Kind
 ABSENT: Kind
 PATTERN: Kind
+GONE: Kind
 VOLUME: Kind
 FLAG_NONE: Flag
 PARTIAL: Flag
