@@ -319,11 +319,11 @@ class RoutingLedger:
 
     def abandon(self, number: int) -> None:
         """Give up the blocks of scan `number` that no worker has had a message of (their sources went
-        silent, or drain): their open frames close undone (lost), their credit goes back."""
+        silent, or drain): their open frames close undone (lost), their credit goes back, and the sources may
+        drop what they keep of them (`released`)."""
         for route in self.routes_of(number):
             if not route.taken:
-                for frame in sorted(route.open):
-                    self.close_frame(number, frame, route.band)
+                self.give_up(route)
 
     def finished(self, now: float) -> Iterator[tuple[Scan, np.ndarray, str]]:
         """Close and yield each ended scan with no frame open, in scan order (a scan waits for the ones before

@@ -160,7 +160,8 @@ class DistributorStage(Stage):
         if self.ledger.released:
             keys, bands = zip(*self.ledger.released)
             self.ledger.released.clear()
-            self.log.warning("%d frames' band(s) given up: no worker owns them", len(keys))
+            self.log.warning("%d frames given up%s: the sources drop them", len(keys),
+                             " (bands without a worker, or not sent)" if self.ledger.bands > 1 else "")
             self.release(list(keys), list(bands))
 
     def release(self, keys: list[int], bands: list[int]) -> None:
