@@ -75,11 +75,11 @@ class SourceWindow:
         self.kept[frame_key(scan, frame)] = sectors
         if self.bands > 1:
             self.unreleased[frame_key(scan, frame)] = (1 << self.bands) - 1
-        ask = key if (*key, 0) not in self.out else None
+        ask = key if (scan, key[1], 0) not in self.out else None
         for band in range(self.bands):
-            out = self.out.get((*key, band))
+            out = self.out.get((scan, key[1], band))
             if out is None:
-                out = self.out[(*key, band)] = OutBlock()
+                out = self.out[(scan, key[1], band)] = OutBlock()
             out.unsent.append(frame)
         return ask, sends
 
@@ -140,7 +140,8 @@ class SourceWindow:
         """At the block timeout: send the current block's frames that can go, without ending it."""
         if self.current is None:
             return []
-        keys = [(*self.current, band) for band in range(self.bands)]
+        scan, block = self.current
+        keys = [(scan, block, band) for band in range(self.bands)]
         return [send for key in keys if key in self.out for send in self.sends(key, self.out[key], end=False)]
 
     def sends(self, key: tuple[int, int, int], out: OutBlock, end: bool = True) -> list[Send]:

@@ -49,7 +49,8 @@ NOBLOCK, POLLIN, POLLOUT, _SNDMORE = int(zmq.NOBLOCK), int(zmq.POLLIN), int(zmq.
 FRAME_BITS = 40  # a frame key is scan << 40 | frame: 10^12 frames per scan, 2^24 scans
 
 __all__ = ["ABSENT", "ASSIGN", "BLOCK", "BLOCK_END", "CALIBRATION", "CREDIT", "DETECTOR_END", "DUPLICATE",
-           "END_OF_SCAN", "GONE", "HEARTBEAT", "PARTIAL", "PATTERN", "RECEIPT", "RELEASE", "RESULT", "SAMPLE", "TAKEN", "VOLUME", "WANT",
+           "END_OF_SCAN", "GONE", "HEARTBEAT", "PARTIAL", "PATTERN", "RECEIPT", "RELEASE", "RESULT", "SAMPLE",
+           "TAKEN", "VOLUME", "WANT",
            "Header", "WireError", "REJECT_REASONS", "Geometry", "Message", "Outbox", "frame_key", "is_tcp_address",
            "decode", "receive_parts", "Gaps", "FRAME_BITS", "pack_frames", "unpack_frames", "NOBLOCK", "POLLIN",
            "POLLOUT"]

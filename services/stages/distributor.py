@@ -217,7 +217,7 @@ class DistributorStage(Stage):
         else:
             for key in h.acked:
                 self.ledger.acknowledge(key)
-        self.release(h.acked, h.bands)
+        self.release(list(h.acked), list(h.bands))
         self.assign_routed()
         self.finish_scans(time.monotonic())
 

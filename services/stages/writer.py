@@ -287,10 +287,10 @@ class WriterStage(Stage):
     def volumes_settling(self, scan: WrittenScan, now: float) -> bool:
         """Whether a scan routed by slice waits for a band's VOLUME: a band with projections' results here whose
         last VOLUME does not cover them (at most the end-of-scan timeout of silence)."""
-        if self.kind != "volume" or now - scan.last_input > self.spec.transport.end_of_scan_timeout_s:
+        tomo = self.spec.tomography
+        if tomo is None or self.kind != "volume" or now - scan.last_input > self.spec.transport.end_of_scan_timeout_s:
             return False
-        first = self.spec.tomography.first_projection
-        projections = scan.sectors[first:first + self.spec.tomography.angles]
+        projections = scan.sectors[tomo.first_projection:tomo.first_projection + tomo.angles]
         for band in range(self.bands.count):
             got = int(np.count_nonzero(projections & np.uint64(1 << band)))
             volume = scan.volumes.get(band)
