@@ -9,6 +9,7 @@ import signal
 import h5py
 import numpy as np
 import pytest
+from test_faults import run_exact
 
 from detstream.services.dataplane.accounting import COMPLETE, MISSING, PARTIAL
 from detstream.services.model.session import load_session
@@ -17,7 +18,6 @@ from detstream.services.plugins.tomo_fbp import astra_fbp, to_centre
 from detstream.services.sources.tomo_simulator import TomoScan, ground_truth
 
 from helpers import manifest
-from live import Live
 
 SIZE, ANGLES, DARKS, FLATS = 64, 90, 4, 10
 FRAMES = DARKS + FLATS + ANGLES
@@ -58,16 +58,9 @@ def relative_rms(a, b):
 
 
 def run(doc, tmp_path, disturb=None):
-    live = Live(doc, tmp_path)
-    try:
-        if disturb:
-            disturb(live)
-        code, err, report = live.finish()
-    finally:
-        live.kill()
-    assert code == 0, err
-    (scan,) = report["scans"]
-    assert scan["expected"] == scan["written"] + scan["lost"] and scan["unaccounted"] == 0, scan
+    """A session run to its end (test_faults.run_exact: it succeeds, its one scan closed, none unaccounted)."""
+    live, _, report, scan = run_exact(doc, tmp_path, disturb=disturb)
+    assert scan["expected"] == scan["written"] + scan["lost"], scan
     return live, report, scan
 
 
