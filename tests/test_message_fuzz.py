@@ -25,13 +25,20 @@ from helpers import manifest
 KINDS = [k for k in wire_pb2.Kind.values()] + [99]
 
 
-@pytest.fixture(scope="module")
-def stages(tmp_path_factory):
-    doc = manifest("fuzz", scan={"rows": 4, "cols": 4, "count": 3}, detector={"rows": 8, "cols": 8, "sectors": 2},
-                   workers={"replicas": 1, "credits": 4}, source={"replicas": 1},
-                   plugin={"name": "electron-counting", "params": {"backgroundThreshold": 2, "xrayThreshold": 9}},
-                   transport={"highWaterMark": 100000, "frameTimeoutS": 0.05, "endOfScanTimeoutS": 0.2,
-                              "workerTimeoutS": 0.2, "heartbeatS": 0.05, "blockFrames": 4})
+TRANSPORT = {"highWaterMark": 100000, "frameTimeoutS": 0.05, "endOfScanTimeoutS": 0.2, "workerTimeoutS": 0.2,
+             "heartbeatS": 0.05, "blockFrames": 4}
+SESSIONS = {   # 4D-STEM (whole frames), and tomography routed by slice (2 bands of 4 rows; worker 0 has band 0)
+    "4d-stem": dict(scan={"rows": 4, "cols": 4, "count": 3}, workers={"replicas": 1, "credits": 4},
+                    plugin={"name": "electron-counting", "params": {"backgroundThreshold": 2, "xrayThreshold": 9}}),
+    "tomo": dict(scan={"rows": 1, "cols": 16, "count": 3}, workers={"replicas": 2, "credits": 4},
+                 tomography={"angles": 12, "darks": 2, "flats": 2}, plugin={"name": "tomo-fbp"},
+                 source={"kind": "tomo-simulator", "replicas": 1})}
+
+
+@pytest.fixture(scope="module", params=list(SESSIONS))
+def stages(tmp_path_factory, request):
+    doc = manifest("fuzz", detector={"rows": 8, "cols": 8, "sectors": 2}, transport=TRANSPORT,
+                   **{"source": {"replicas": 1}, **SESSIONS[request.param]})
     plan = build_plan(load_session(doc), LocalNetwork(free_ports()))
     out = tmp_path_factory.mktemp("fuzz")
     built = {"writer": writer.WriterStage(plan, 0, output=out), "worker": worker.WorkerStage(plan, 0),
@@ -50,7 +57,8 @@ NATURAL = {wire_pb2.BLOCK: ["worker"], wire_pb2.SAMPLE: ["worker"], wire_pb2.WAN
            wire_pb2.ASSIGN: ["source"], wire_pb2.RELEASE: ["source"],
            wire_pb2.RESULT: ["writer"], wire_pb2.END_OF_SCAN: ["distributor-route", "writer"],
            wire_pb2.CREDIT: ["distributor-work"], wire_pb2.HEARTBEAT: ["distributor-work"],
-           wire_pb2.RECEIPT: ["distributor-receipts"], wire_pb2.CALIBRATION: ["writer"]}
+           wire_pb2.RECEIPT: ["distributor-receipts"], wire_pb2.CALIBRATION: ["writer"],
+           wire_pb2.VOLUME: ["writer"], wire_pb2.GONE: ["source"]}
 ADDRESSES = ["tcp://127.0.0.1:1", "tcp://127.0.0.1:0", "tcp://nowhere", "ipc:///tmp/x", "", "tcp://[::1]:5"]
 KEYS = ["worker-0", "worker-7", "", "../../etc/passwd"]
 PEERS = [b"peer-a", b"peer-b", b"\x00"]
@@ -60,22 +68,30 @@ def build(kind, scan, frame, sector, mutation, target, seed):
     """A message of `kind` as the session would carry it, then (by `mutation`) broken in one way."""
     rng = np.random.default_rng(seed)
     h = Header(version=WIRE_VERSION, kind=kind, scan=scan, frame=frame, position=frame, scan_rows=4, scan_cols=4,
-               sender=["source-0", "distributor-0", "worker-0", "x"][seed % 4])
+               sender=["source-0", "distributor-0", "worker-0", "x"][seed % 4], band=seed % 5 // 2)
     parts = []
+    rows = 4 if seed % 5 == 1 else 8   # a band's rows (tomo), or a whole frame's
     if kind in (wire_pb2.BLOCK, wire_pb2.SAMPLE):   # blocks of 4 frames; one or both sectors of 1-2 frames
-        h.shape.extend([8, 4])
+        h.shape.extend([rows, 4])
         h.dtype = "<u2"
         h.block = frame // 4
         h.frames.extend(sorted({frame, min(frame + seed % 2, h.block * 4 + 3)}))
         h.sectors.extend([sector % 2] if seed % 3 else [0, 1])
-        parts = [rng.integers(0, 12, 32, dtype=np.uint16).tobytes() for _ in range(len(h.frames) * len(h.sectors))]
+        parts = [rng.integers(0, 12, rows * 4, dtype=np.uint16).tobytes()
+                 for _ in range(len(h.frames) * len(h.sectors))]
         h.flags = int(rng.integers(0, 16))
     elif kind in (wire_pb2.WANT, wire_pb2.ASSIGN):
         h.block = frame // 4 + seed % 2
         h.address, h.key = ADDRESSES[seed % len(ADDRESSES)], KEYS[seed % len(KEYS)]
         h.flags = int(rng.integers(0, 4))
+    elif kind == wire_pb2.VOLUME:   # band 0's 4 slices of 8x8 and its 12 angles, or a shape of another band
+        h.shape.extend([4 if seed % 3 else 5, 8, 8])
+        h.dtype = "<f4"
+        parts = [rng.random(h.shape[0] * 64, np.float32).tobytes(), np.packbits(rng.random(12) < 0.9).tobytes()]
+    elif kind == wire_pb2.GONE:
+        h.address = ADDRESSES[seed % len(ADDRESSES)]
     elif kind == wire_pb2.RESULT:
-        h.result = "events"
+        h.result = ["events", "volume"][seed % 2]
         parts = [np.unique(rng.integers(0, 64, int(rng.integers(0, 5)))).astype(np.uint32).tobytes()]
     elif kind == wire_pb2.END_OF_SCAN:
         h.expected, h.sent = 16, int(rng.integers(0, 17))
@@ -91,6 +107,7 @@ def build(kind, scan, frame, sector, mutation, target, seed):
         h.credit = int(rng.integers(0, 6)) if kind == wire_pb2.CREDIT else 0
         h.address, h.key = ADDRESSES[seed % len(ADDRESSES)], KEYS[seed % len(KEYS)]
         h.acked.extend(int(scan) << 40 | int(f) for f in rng.integers(0, 16, int(rng.integers(0, 4))))
+        h.bands.extend(int(b) for b in rng.integers(0, 3, len(h.acked) if seed % 4 else 1))
         h.frames.extend(int(f) for f in rng.integers(0, 17, int(rng.integers(0, 3))))   # a worker's absent frames
     if mutation == 6:
         h.version = 1

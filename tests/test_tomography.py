@@ -250,7 +250,7 @@ def test_the_volume_file_records_the_volume_and_its_accounting(tmp_path):
 
 
 def test_a_tomography_session_streams_every_frame_through_the_pipeline(tmp_path):
-    """Today's stages carry a tomography scan as any scan (the noop plugin: routing by slice comes next):
+    """A plugin of raw frames (noop) carries a tomography scan as any scan, whole frames routed by block:
     every projection, flat and dark is accounted for."""
     doc = tomo_manifest(workers={"replicas": 1}, lanes=2)
     path = tmp_path / "tomo.yaml"

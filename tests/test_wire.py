@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from detstream.services.dataplane.wire import (
     BLOCK,
     END_OF_SCAN,
+    GONE,
+    VOLUME,
     WANT,
     WIRE_VERSION,
     Gaps,
@@ -27,6 +29,12 @@ G = Geometry(rows=8, cols=8, sectors=2, dtype="<u2", scan_frames=16, block_frame
 def block(block=1, frames=(4, 5), sectors=(1,), shape=(8, 4), **over):
     fields = dict(version=WIRE_VERSION, kind=BLOCK, scan=0, dtype="<u2") | over
     return Header(block=block, frames=frames, sectors=sectors, shape=shape, **fields)
+
+
+def volume(shape=(2, 4, 4), **over):
+    """A VOLUME header: band 1's slices of `shape`."""
+    fields = dict(version=WIRE_VERSION, kind=VOLUME, scan=0, band=1, dtype="<f4") | over
+    return Header(shape=shape, **fields)
 
 
 def frames(header, *payloads):
@@ -62,6 +70,11 @@ def test_a_block_message_gives_views_of_its_frames_sectors():
     (frames(Header(version=WIRE_VERSION, kind=END_OF_SCAN), b"extra"), "parts"),
     (frames(Header(version=WIRE_VERSION, kind=END_OF_SCAN, lost=1), bytes(2), bytes(2)), "parts"),
     (frames(Header(version=WIRE_VERSION, kind=END_OF_SCAN, lost=1), bytes(3)), "size"),
+    (frames(volume(), bytes(4 * 2 * 4 * 4)), "parts"),                   # slices without the angles' bitmap
+    (frames(volume(shape=[4, 4]), bytes(64), bytes(2)), "geometry"),
+    (frames(volume(dtype="<f8"), bytes(256), bytes(2)), "geometry"),
+    (frames(volume(), bytes(4 * 2 * 4 * 4 - 4), bytes(2)), "size"),
+    (frames(Header(version=WIRE_VERSION, kind=GONE), b"extra"), "parts"),
 ])
 def test_malformed_messages_are_rejected_with_a_reason(raw, reason):
     with pytest.raises(WireError) as err:
@@ -100,6 +113,14 @@ def test_an_end_of_scan_names_its_lost_frames_as_a_bitmap():
     msg = decode(frames(Header(version=WIRE_VERSION, kind=END_OF_SCAN, lost=3), pack_frames(lost)), G)
     np.testing.assert_array_equal(unpack_frames(msg.parts[0], 16), lost)
     assert not decode(frames(Header(version=WIRE_VERSION, kind=END_OF_SCAN, lost=3)), G).parts  # a count alone is fine
+
+
+def test_a_volume_carries_a_bands_float32_slices_and_the_angles_it_used():
+    """Routing by slice: a worker's band of slices (VOLUME), 2 slices of 4x4 here, and its angles' bitmap."""
+    slices = np.arange(32, dtype=np.float32).reshape(2, 4, 4)
+    msg = decode(frames(volume(), slices.tobytes(), pack_frames(np.ones(12, bool))), G)
+    assert msg.header.band == 1 and list(msg.header.shape) == [2, 4, 4]
+    np.testing.assert_array_equal(np.frombuffer(msg.parts[0].buffer, np.float32).reshape(2, 4, 4), slices)
 
 
 def test_frame_key_and_gaps():

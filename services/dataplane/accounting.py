@@ -92,6 +92,26 @@ class WriterScans:
         return True
 
     @staticmethod
+    def band_result(scan: WrittenScan, position: int, band: int, bands: int, partial: bool = False) -> bool:
+        """Routing by slice: band `band`'s result for `position` (of `bands` bands, recorded in scan.sectors as
+        a bit per band; `partial`: the band's rows came with strips missing, so its bit stays clear): False if
+        that band's is written already (a duplicate, counted). A frame is written with its first band's result,
+        partial until every band's came whole."""
+        bit = np.uint64(1 << band)
+        if scan.sectors[position] & bit:
+            scan.duplicates += 1
+            return False
+        if not partial:
+            scan.sectors[position] |= bit
+        if not scan.done[position]:
+            scan.done[position] = True
+            scan.count += 1
+            scan.partial += 1
+        if scan.sectors[position] == np.uint64((1 << bands) - 1):
+            scan.partial -= 1
+        return True
+
+    @staticmethod
     def lane_ended(scan: WrittenScan, sender: str, end, lost: np.ndarray) -> None:
         """A lane's END_OF_SCAN (`end`: its header) and its lost frames (bool per frame)."""
         scan.lost |= lost

@@ -19,6 +19,15 @@ The first scan waits for the sources as long as it takes (a session is started b
 A scan below an open one that never came here (this lane started mid-session) ends the same way, one
 timeout after it is noticed. With series, no scan ends as never started while none is open (scans start
 when the detector starts a series, however long after the previous one).
+
+Routing by slice (`bands` > 1, dataplane/bands.py): every block has one route per band, each given only to the
+worker that owns the band (its CREDIT names it) when that worker has credit for the block's frames; credits,
+open frames and acknowledgements count (frame, band) units, and a frame is done (not lost) once any band of it
+is acknowledged (the writer names the frames some bands lack partial). So a slow band holds its routes, the
+sources keep those frames, and their full windows hold them: the backpressure of the block mode, per band. A
+band whose worker was declared dead waits for it to come back (Kubernetes restarts the same ordinal); once it
+has had no worker for the end-of-scan timeout its routes are given up (their units closed, lost, and released
+to the sources: `released`) until a worker of the band speaks again.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import numpy as np
 
 from detstream.services.dataplane.blocks import Blocks
 from detstream.services.dataplane.scans import Scan, ScanBook
-from detstream.services.dataplane.wire import FRAME_BITS
+from detstream.services.dataplane.wire import FRAME_BITS, frame_key
 
 
 @dataclass(eq=False)
@@ -42,6 +51,7 @@ class Worker:
     address: str
     key: str
     last_seen: float                  # when it last spoke (seconds, the stage's clock)
+    band: int = 0                     # routing by slice: the band it owns
     credit: int = 0                   # frames it can take now
     blocks: set[Route] = field(default_factory=set)   # the blocks it holds with frames open
 
@@ -52,6 +62,7 @@ class Route:
     scan: int
     block: int
     open: set[int]                    # frame numbers not acknowledged and not reported absent
+    band: int = 0                     # routing by slice: the band of the block's frames it routes
     worker: Worker | None = None      # None while it waits for credit
     again: bool = False               # routed again after its worker died (its frames go flagged DUPLICATE)
     taken: bool = False               # its worker has had a first message of it (it is being worked on)
@@ -60,20 +71,22 @@ class Route:
 
 class RoutingLedger:
     """The routing of lane `lane` of the session's `blocks`, scans of rows x cols positions; `max_credit`:
-    the most credits a worker may hold (spec.workers.credits), so a confused peer cannot hoard blocks.
+    the most credits a worker may hold (spec.workers.credits), so a confused peer cannot hoard blocks; `bands`:
+    routing by slice over that many bands (1: the block mode).
 
     The stage asks `want(scan, block)` for a source, `route_waiting()` after credit came, and broadcasts
     every Route that got a worker to the sources (ASSIGN)."""
 
-    def __init__(self, lane: int, blocks: Blocks, rows: int, cols: int, max_credit: int, series: bool = False):
-        self.lane, self.blocks, self.rows, self.cols = lane, blocks, rows, cols
+    def __init__(self, lane: int, blocks: Blocks, rows: int, cols: int, max_credit: int, series: bool = False,
+                 bands: int = 1):
+        self.lane, self.blocks, self.rows, self.cols, self.bands = lane, blocks, rows, cols, bands
         self.lane_frames = np.zeros(rows * cols, bool)
         for b in blocks.lane_blocks(lane):
             self.lane_frames[blocks.frames(b).start:blocks.frames(b).stop] = True
         self.max_credit = max_credit
         self.workers: dict[bytes, Worker] = {}
         self.rotation: deque[bytes] = deque()            # the workers in turn (round robin)
-        self.routes: dict[tuple[int, int], Route] = {}   # (scan, block) -> its route, while frames are open
+        self.routes: dict[tuple[int, int, int], Route] = {}   # (scan, block, band) -> its route, while frames are open
         self.waiting: deque[Route] = deque()             # blocks waiting for credit, re-routes first
         self.book = ScanBook(Scan)
         self.scans = self.book.open
@@ -81,19 +94,26 @@ class RoutingLedger:
         self.why: dict[int, str] = {}                     # open scans that ended, and why
         self.last_activity: float | None = None           # None until the first input: the first scan waits
         self.skipped: tuple[int, float] | None = None     # a scan below an open one, never seen here; since when
+        self.orphans: dict[int, float] = {}               # bands whose worker died -> since when
+        self.given_up: set[int] = set()                   # orphans past the timeout: their routes are given up
+        self.released: list[tuple[int, int]] = []         # (frame key, band) units given up, to release
 
     # workers
 
-    def heard(self, peer: bytes, address: str, key: str, offer: int | None, now: float) -> tuple[Worker, bool]:
-        """A worker spoke (CREDIT or HEARTBEAT), naming its `data` address and CURVE key; `offer` (a CREDIT's):
-        the frames it may hold from this lane in all, of which those of its blocks still open are taken. A worker
-        new here holds nothing of this lane, so it has the full credit (one declared dead that speaks again: its
-        blocks went elsewhere). Returns it, and whether it is new."""
+    def heard(self, peer: bytes, address: str, key: str, offer: int | None, now: float,
+              band: int = 0) -> tuple[Worker, bool]:
+        """A worker spoke (CREDIT or HEARTBEAT), naming its `data` address, CURVE key and (routing by slice) the
+        band it owns; `offer` (a CREDIT's): the frames it may hold from this lane in all, of which those of its
+        blocks still open are taken. A worker new here holds nothing of this lane, so it has the full credit (one
+        declared dead that speaks again: its blocks went elsewhere). Returns it, and whether it is new."""
         worker = self.workers.get(peer)
         new = worker is None
         if worker is None:
-            worker = self.workers[peer] = Worker(peer, address, key, now, credit=self.max_credit)
+            worker = self.workers[peer] = Worker(peer, address, key, now, credit=self.max_credit,
+                                                 band=band if self.bands > 1 else 0)
             self.rotation.append(peer)
+            self.orphans.pop(worker.band, None)
+            self.given_up.discard(worker.band)
         worker.last_seen = now
         if offer is not None:
             worker.credit = min(offer, self.max_credit) - sum(len(r.open) for r in worker.blocks)
@@ -107,6 +127,8 @@ class RoutingLedger:
         """Forget `worker`: its blocks with open frames go to be routed again, first. Returns them."""
         del self.workers[worker.peer]
         self.rotation.remove(worker.peer)
+        if self.bands > 1 and not any(w.band == worker.band for w in self.workers.values()):
+            self.orphans.setdefault(worker.band, worker.last_seen)
         again = sorted(worker.blocks, key=lambda r: (r.scan, r.block), reverse=True)
         for route in again:
             route.worker, route.again, route.taken = None, True, False
@@ -118,63 +140,88 @@ class RoutingLedger:
     def want(self, scan: int, block: int, now: float) -> Route | None:
         """A source asks where `block` of `scan` goes: its route (routed already, or waiting: `route_waiting`
         routes it as credit allows), or None when the scan is finished here, the block is not this lane's or
-        every frame of it is done already."""
+        every frame of it is done already. (Routing by slice: the first band's; `want_bands` gives them all.)"""
+        routes = self.want_bands(scan, block, now)
+        return routes[0] if routes else None
+
+    def want_bands(self, scan: int, block: int, now: float) -> list[Route]:
+        """A source asks where `block` of `scan` goes: its routes, one per band with frames open (none: the scan
+        is finished here, the block is not this lane's, or every frame of it is done already)."""
         if scan in self.book.closed:
             self.last_activity = now  # a source is there (replaying old scans): keep the next one open
-            return None
+            return []
         if self.blocks.lane(block) != self.lane or block >= self.blocks.count:
-            return None
+            return []
         self.scan(scan, now).last_input = self.last_activity = now
-        route = self.routes.get((scan, block))
-        if route is None:
+        routes = [r for r in (self.routes.get((scan, block, band)) for band in range(self.bands)) if r is not None]
+        if not routes:
             done = self.scan(scan, now).done
-            frames = {f for f in self.blocks.frames(block) if not done[f]}
-            if not frames:
-                return None
-            route = self.routes[(scan, block)] = Route(scan, block, frames)
-            self.scan(scan, now).in_flight += len(frames)
-            self.waiting.append(route)
-        return route
+            frames = [f for f in self.blocks.frames(block) if not done[f]]
+            for band in range(self.bands) if frames else ():
+                route = self.routes[(scan, block, band)] = Route(scan, block, set(frames), band)
+                self.scan(scan, now).in_flight += len(frames)
+                self.waiting.append(route)
+                routes.append(route)
+        return routes
 
     def route_waiting(self) -> list[Route]:
         """Give waiting blocks, in order, each to the next worker in turn (round robin) with credit for all the
-        block's open frames: a worker gets work as fast as it gives credit back. Returns the blocks routed now."""
+        block's open frames (routing by slice: the worker of the route's band; a band that waits does not hold the
+        others): a worker gets work as fast as it gives credit back. Returns the blocks routed now. The routes of
+        a band given up close, lost, into `released`."""
         routed = []
-        while self.waiting:
-            route = self.waiting[0]
-            worker = self.next_worker(len(route.open))
-            if worker is None:
+        held: set[int] = set()   # bands whose first waiting route found no credit
+        for route in list(self.waiting):
+            if len(held) == self.bands:
                 break
-            self.waiting.popleft()
+            if route.band in self.given_up:
+                self.give_up(route)
+                continue
+            if route.band in held:
+                continue
+            worker = self.next_worker(len(route.open), route.band)
+            if worker is None:
+                held.add(route.band)
+                continue
+            self.waiting.remove(route)
             worker.credit -= len(route.open)
             worker.blocks.add(route)
             route.worker = worker
             routed.append(route)
         return routed
 
-    def next_worker(self, need: int) -> Worker | None:
-        """The next worker in turn with at least `need` credits (it goes to the back of the turn), or None."""
+    def give_up(self, route: Route) -> None:
+        """Close a route's open units undone (lost) and put them in `released`, for the sources to drop."""
+        for frame in sorted(route.open):
+            self.close_frame(route.scan, frame, route.band)
+            self.released.append((frame_key(route.scan, frame), route.band))
+
+    def next_worker(self, need: int, band: int = 0) -> Worker | None:
+        """The next worker in turn with at least `need` credits (routing by slice: that owns `band`; it goes to
+        the back of the turn), or None."""
         for _ in range(len(self.rotation)):
             peer = self.rotation[0]
             self.rotation.rotate(-1)
-            if self.workers[peer].credit >= need:
-                return self.workers[peer]
+            worker = self.workers[peer]
+            if worker.credit >= need and (self.bands == 1 or worker.band == band):
+                return worker
         return None
 
-    def acknowledge(self, key: int) -> None:
-        """The writer has the result of frame `key`: done, its credit back to the worker that holds its
-        block (a key done already, or of a finished scan, changes nothing)."""
+    def acknowledge(self, key: int, band: int = 0) -> None:
+        """The writer has the result of frame `key` (of band `band`): that unit is done, its credit back to the
+        worker that holds its block, and the frame done (a unit done already, or of a finished scan, changes
+        nothing)."""
         scan_number, frame = key >> FRAME_BITS, key & ((1 << FRAME_BITS) - 1)
         scan = self.scans.get(scan_number)
-        if scan is None or frame >= scan.done.size or scan.done[frame]:
+        if scan is None or frame >= scan.done.size:
             return
-        if self.close_frame(scan_number, frame):
+        if self.close_frame(scan_number, frame, band) and not scan.done[frame]:
             scan.done[frame] = True
             scan.count += 1
 
     def taken(self, worker: Worker, scan_number: int, block: int, now: float) -> None:
         """`worker` has had the first message of a block routed to it: the block is being worked on."""
-        route = self.routes.get((scan_number, block))
+        route = self.routes.get((scan_number, block, worker.band))
         if route is not None and route.worker is worker:
             route.taken = True
             self.scans[scan_number].last_input = now
@@ -182,14 +229,14 @@ class RoutingLedger:
     def absent(self, worker: Worker, scan_number: int, frame: int) -> None:
         """`worker`, which holds its block, says `frame` of scan `scan_number` never came from any source: no
         longer open (it stays not done: lost, unless a copy of it is acknowledged later)."""
-        route = self.routes.get((scan_number, self.blocks.of(frame)))
+        route = self.routes.get((scan_number, self.blocks.of(frame), worker.band))
         if route is not None and route.worker is worker:
-            self.close_frame(scan_number, frame)
+            self.close_frame(scan_number, frame, worker.band)
 
-    def close_frame(self, scan_number: int, frame: int) -> bool:
-        """Frame `frame` of scan `scan_number` is no longer open: its credit back to its block's worker.
-        False when it was not open."""
-        route = self.routes.get((scan_number, self.blocks.of(frame)))
+    def close_frame(self, scan_number: int, frame: int, band: int = 0) -> bool:
+        """Frame `frame` (band `band`) of scan `scan_number` is no longer open: its credit back to its block's
+        worker. False when it was not open."""
+        route = self.routes.get((scan_number, self.blocks.of(frame), band))
         if route is None or frame not in route.open:
             return False
         route.open.discard(frame)
@@ -198,7 +245,7 @@ class RoutingLedger:
         if worker is not None and worker.peer in self.workers:
             worker.credit = min(worker.credit + 1, self.max_credit)
         if not route.open:
-            del self.routes[(scan_number, route.block)]
+            del self.routes[(scan_number, route.block, band)]
             if worker is not None:
                 worker.blocks.discard(route)
             if route in self.waiting:
@@ -232,6 +279,9 @@ class RoutingLedger:
         """End the scans that `sources` sources ended, that the detector's frames completed, or that were
         silent longer than scan_timeout; and the next scan of the session's `scan_count` when nobody started
         it (not once draining). Call `finished` then."""
+        for band, since in self.orphans.items():
+            if now - since > scan_timeout:
+                self.given_up.add(band)
         for number, scan in self.scans.items():
             if number in self.why:
                 continue
@@ -265,15 +315,15 @@ class RoutingLedger:
             self.abandon(number)
 
     def routes_of(self, number: int) -> list[Route]:
-        return [r for (scan, _), r in self.routes.items() if scan == number]
+        return [r for (scan, _, _), r in self.routes.items() if scan == number]
 
     def abandon(self, number: int) -> None:
         """Give up the blocks of scan `number` that no worker has had a message of (their sources went
-        silent, or drain): their open frames close undone (lost), their credit goes back."""
+        silent, or drain): their open frames close undone (lost), their credit goes back, and the sources may
+        drop what they keep of them (`released`)."""
         for route in self.routes_of(number):
             if not route.taken:
-                for frame in sorted(route.open):
-                    self.close_frame(number, frame)
+                self.give_up(route)
 
     def finished(self, now: float) -> Iterator[tuple[Scan, np.ndarray, str]]:
         """Close and yield each ended scan with no frame open, in scan order (a scan waits for the ones before

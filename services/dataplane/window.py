@@ -9,6 +9,10 @@ gone past it: a frame of a later block, the end of the scan, or `flush` at the b
 sends what is there without ending). The window is full at `limit` frames kept: then the source
 waits for releases (backpressure). A lane that has closed a scan already (a source that comes back
 replays scans the session has given up) says so, and the window drops that scan's frames of the lane.
+
+Routing by slice (`bands` > 1, dataplane/bands.py): a block goes out per band, each band to the worker its lane
+names for it (ASSIGN names the band), with the band's rows of each kept sector; a frame is kept until every
+band of it is released.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class Send(NamedTuple):
     frames: list[int]
     end: bool
     again: bool
+    band: int = 0
 
 
 @dataclass(eq=False)
@@ -43,12 +48,14 @@ class OutBlock:
 
 
 class SourceWindow:
-    """The window of one source replica over the session's `blocks`; at most `limit` frames kept."""
+    """The window of one source replica over the session's `blocks`, cut in `bands` bands; at most `limit`
+    frames kept."""
 
-    def __init__(self, blocks: Blocks, limit: int):
-        self.blocks, self.limit = blocks, limit
+    def __init__(self, blocks: Blocks, limit: int, bands: int = 1):
+        self.blocks, self.limit, self.bands = blocks, limit, bands
         self.kept: dict[int, list[tuple[int, Any]]] = {}   # frame key -> [(sector, pixels)]
-        self.out: dict[tuple[int, int], OutBlock] = {}    # (scan, block) -> what goes where
+        self.unreleased: dict[int, int] = {}               # (by slice) frame key -> bit mask of bands not released
+        self.out: dict[tuple[int, int, int], OutBlock] = {}    # (scan, block, band) -> what goes where
         self.current: tuple[int, int] | None = None       # the block frames come for now
         self.closed = [ClosedScans() for _ in range(blocks.lanes)]   # per lane, the scans it has closed
 
@@ -66,58 +73,78 @@ class SourceWindow:
         sends = self.pass_current() if key != self.current else []
         self.current = key
         self.kept[frame_key(scan, frame)] = sectors
-        out = self.out.get(key)
-        ask = key if out is None else None
-        if out is None:
-            out = self.out[key] = OutBlock()
-        out.unsent.append(frame)
+        if self.bands > 1:
+            self.unreleased[frame_key(scan, frame)] = (1 << self.bands) - 1
+        ask = key if (scan, key[1], 0) not in self.out else None
+        for band in range(self.bands):
+            out = self.out.get((scan, key[1], band))
+            if out is None:
+                out = self.out[(scan, key[1], band)] = OutBlock()
+            out.unsent.append(frame)
         return ask, sends
 
     def pass_current(self) -> list[Send]:
         """The source has gone past the current block (end of scan, or a frame of another block)."""
         if self.current is None:
             return []
-        key, self.current = self.current, None
-        out = self.out.get(key)
-        if out is None:
-            return []
-        out.passed = True
-        return self.sends(key, out)
+        (scan, block), self.current = self.current, None
+        sends = []
+        for band in range(self.bands):
+            out = self.out.get((scan, block, band))
+            if out is not None:
+                out.passed = True
+                sends += self.sends((scan, block, band), out)
+        return sends
 
-    def assigned(self, scan: int, block: int, worker: str, again: bool) -> list[Send]:
-        """The lane named the block's worker (`again`: anew, after its first worker died): what to send."""
-        key = (scan, block)
+    def assigned(self, scan: int, block: int, worker: str, again: bool, band: int = 0) -> list[Send]:
+        """The lane named the worker of the block's band `band` (`again`: anew, after its first worker died):
+        what to send."""
+        key = (scan, block, band)
         out = self.out.get(key)
         if out is None:
             return []
         if again or (out.worker is not None and out.worker != worker):
-            self.send_again(scan, out)
+            self.send_again(scan, out, band)
         out.worker = worker
         return self.sends(key, out)
 
-    def send_again(self, scan: int, out: OutBlock) -> None:
+    def keeps(self, scan: int, frame: int, band: int) -> bool:
+        """Whether band `band` of a frame is kept (not released)."""
+        key = frame_key(scan, frame)
+        return key in self.kept and (self.bands == 1 or bool(self.unreleased.get(key, 0) >> band & 1))
+
+    def send_again(self, scan: int, out: OutBlock, band: int = 0) -> None:
         """Everything still kept of a block goes (to the worker named next), flagged as a re-send, ended anew."""
-        out.unsent = [f for f in sorted(set(out.sent) | set(out.unsent)) if frame_key(scan, f) in self.kept]
+        out.unsent = [f for f in sorted(set(out.sent) | set(out.unsent)) if self.keeps(scan, f, band)]
         out.sent, out.ended, out.again = [], False, True
+
+    def worker_gone(self, worker: str) -> None:
+        """The worker at `worker` was declared dead: nothing more goes there; what was assigned to it goes, whole
+        and flagged as a re-send, where its lane names next."""
+        for (scan, _, band), out in self.out.items():
+            if out.worker == worker:
+                self.send_again(scan, out, band)
+                out.worker = None
 
     def ask_again(self, lane: int) -> list[tuple[int, int]]:
         """Lane `lane` restarted: it knows nothing of its blocks. Each block of it still kept goes, once the
         lane names a worker again, whole (what is kept of it) and flagged as a re-send. Returns those blocks,
         to ask it for."""
-        blocks = [key for key in self.out if self.blocks.lane(key[1]) == lane]
-        for scan, block in blocks:
-            self.send_again(scan, self.out[(scan, block)])
-            self.out[(scan, block)].worker = None
-        return blocks
+        keys = [key for key in self.out if self.blocks.lane(key[1]) == lane]
+        for key in keys:
+            self.send_again(key[0], self.out[key], key[2])
+            self.out[key].worker = None
+        return sorted({(scan, block) for scan, block, _ in keys})
 
     def flush(self) -> list[Send]:
         """At the block timeout: send the current block's frames that can go, without ending it."""
-        if self.current is None or self.current not in self.out:
+        if self.current is None:
             return []
-        out = self.out[self.current]
-        return self.sends(self.current, out, end=False)
+        scan, block = self.current
+        keys = [(scan, block, band) for band in range(self.bands)]
+        return [send for key in keys if key in self.out for send in self.sends(key, self.out[key], end=False)]
 
-    def sends(self, key: tuple[int, int], out: OutBlock, end: bool = True) -> list[Send]:
+    def sends(self, key: tuple[int, int, int], out: OutBlock, end: bool = True) -> list[Send]:
         if out.worker is None or out.ended:
             return []
         ending = end and out.passed
@@ -126,7 +153,7 @@ class SourceWindow:
         frames, out.unsent = out.unsent, []
         out.sent.extend(frames)
         out.ended = ending
-        return [Send(out.worker, key[0], key[1], frames, ending, out.again)]
+        return [Send(out.worker, key[0], key[1], frames, ending, out.again, key[2])]
 
     def close(self, scan: int, lane: int) -> None:
         """Lane `lane` has closed `scan` (its frames were late): drop what is kept of it there, keep nothing more."""
@@ -135,17 +162,35 @@ class SourceWindow:
             out = self.out.pop(key)
             for frame in out.sent + out.unsent:
                 self.kept.pop(frame_key(scan, frame), None)
+                self.unreleased.pop(frame_key(scan, frame), None)
         if self.current is not None and self.current[0] == scan and self.blocks.lane(self.current[1]) == lane:
             self.current = None
 
-    def release(self, keys) -> None:
+    def release(self, keys, bands=()) -> None:
         """The writer has these frames' results (or their scan is closed): drop them, and forget the blocks
-        gone past with nothing left."""
+        gone past with nothing left. Routing by slice: `bands` names the band of each key, and a frame goes once
+        every band of it is released."""
+        if self.bands > 1:
+            keys = self.released_bands(keys, bands)
         for key in keys:
             self.kept.pop(key, None)
         for k in [k for k, out in self.out.items() if (out.ended or out.passed) and not any(
                 frame_key(k[0], f) in self.kept for f in out.sent + out.unsent)]:
             del self.out[k]
+
+    def released_bands(self, keys, bands) -> list[int]:
+        """Clear these (key, band) units; returns the keys of which every band is released now."""
+        done = []
+        for key, band in zip(keys, bands):
+            left = self.unreleased.get(key)
+            if left is not None:
+                left &= ~(1 << band)
+                if left:
+                    self.unreleased[key] = left
+                else:
+                    del self.unreleased[key]
+                    done.append(key)
+        return done
 
     def sectors(self, scan: int, frame: int) -> list[tuple[int, Any]] | None:
         """The kept sectors of a frame (None: released)."""

@@ -27,6 +27,7 @@ from detstream.v1.wire_pb2 import (
     DETECTOR_END,
     DUPLICATE,
     END_OF_SCAN,
+    GONE,
     HEARTBEAT,
     PARTIAL,
     PATTERN,
@@ -35,6 +36,7 @@ from detstream.v1.wire_pb2 import (
     RESULT,
     SAMPLE,
     TAKEN,
+    VOLUME,
     WANT,
     Header,
 )
@@ -47,7 +49,8 @@ NOBLOCK, POLLIN, POLLOUT, _SNDMORE = int(zmq.NOBLOCK), int(zmq.POLLIN), int(zmq.
 FRAME_BITS = 40  # a frame key is scan << 40 | frame: 10^12 frames per scan, 2^24 scans
 
 __all__ = ["ABSENT", "ASSIGN", "BLOCK", "BLOCK_END", "CALIBRATION", "CREDIT", "DETECTOR_END", "DUPLICATE",
-           "END_OF_SCAN", "HEARTBEAT", "PARTIAL", "PATTERN", "RECEIPT", "RELEASE", "RESULT", "SAMPLE", "TAKEN", "WANT",
+           "END_OF_SCAN", "GONE", "HEARTBEAT", "PARTIAL", "PATTERN", "RECEIPT", "RELEASE", "RESULT", "SAMPLE",
+           "TAKEN", "VOLUME", "WANT",
            "Header", "WireError", "REJECT_REASONS", "Geometry", "Message", "Outbox", "frame_key", "is_tcp_address",
            "decode", "receive_parts", "Gaps", "FRAME_BITS", "pack_frames", "unpack_frames", "NOBLOCK", "POLLIN",
            "POLLOUT"]
@@ -162,7 +165,7 @@ class Message:
 
 
 _PARTS = {ABSENT: 0, CREDIT: 0, HEARTBEAT: 0, RECEIPT: 0, CALIBRATION: 1, WANT: 0, ASSIGN: 0, RELEASE: 0, TAKEN: 0,
-          PATTERN: 3}
+          PATTERN: 3, VOLUME: 2, GONE: 0}
 MAX_CALIBRATION_BYTES = 65536
 _KINDS = frozenset(wire_pb2.Kind.values()) - {wire_pb2.KIND_UNSPECIFIED}  # Kind.values() builds a list per call
 
@@ -196,7 +199,9 @@ def decode(raw: Sequence[zmq.Frame], geometry: Geometry | None = None) -> Messag
         raise WireError("size", f"CALIBRATION of {len(parts[0])} bytes exceeds {MAX_CALIBRATION_BYTES}")
     if kind == END_OF_SCAN:
         _check_lost_frames(header, parts, geometry)
-    if geometry is not None and geometry.scans is not None and kind in (RESULT, END_OF_SCAN) \
+    if kind == VOLUME:
+        _check_volume(header, parts)
+    if geometry is not None and geometry.scans is not None and kind in (RESULT, END_OF_SCAN, VOLUME) \
             and header.scan >= geometry.scans:
         raise WireError("range", f"scan {header.scan} of a session of {geometry.scans} scans")
     return Message(header, parts)
@@ -227,6 +232,16 @@ def _check_block(header: Header, parts: Sequence[zmq.Frame], g: Geometry) -> Non
         raise WireError("range", f"sectors {list(sectors)} of a {g.sectors}-sector detector")
     if header.scan >= g.max_scan:
         raise WireError("range", f"scan number {header.scan} out of range")
+
+
+def _check_volume(header: Header, parts: Sequence[zmq.Frame]) -> None:
+    """A VOLUME: float32 slices of its 3-d `shape` (the writer checks the shape and the bitmap against the band)."""
+    shape = list(header.shape)
+    if len(shape) != 3 or header.dtype != np.dtype(np.float32).str:
+        raise WireError("geometry", f"VOLUME of shape {shape} {header.dtype!r}, expected (slices, cols, cols) <f4")
+    if len(parts[0]) != 4 * shape[0] * shape[1] * shape[2]:
+        raise WireError("size", f"VOLUME slices of {len(parts[0])} bytes, its shape {shape} makes "
+                                f"{4 * shape[0] * shape[1] * shape[2]}")
 
 
 def _check_lost_frames(header: Header, parts: Sequence[zmq.Frame], g: Geometry | None) -> None:

@@ -3,6 +3,8 @@
 A plugin is a class registered under the `detstream.plugins` entry point, so a facility ships
 its own in its own package (see README, "Writing a plugin"). The worker builds one instance,
 calls `process` for every frame and `configure` when parameters change on a running session.
+A plugin that reduces a whole scan in each worker (tomo-fbp: a band of slices, routed by slice) takes
+`process_frame` (the frame's number too) and hands the writer `scan_output` when the worker has the scan.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ class Plugin:
     """Base class of processing plugins."""
 
     #: What `process` returns, and so what the writer does with it: "events" (uint32 pixel indices,
-    #: written to the stempy HDF5 layout) or "frames" (the frame itself, counted and discarded).
+    #: written to the stempy HDF5 layout), "frames" (the frame itself, counted and discarded) or "volume"
+    #: (a receipt per frame; the worker's band of slices at the end, `scan_output`).
     result: ClassVar[str] = "events"
     #: The pixel types (spec.detector.dtype) the plugin handles right; others are refused by validation.
     dtypes: ClassVar[tuple[str, ...]] = ("uint8", "uint16", "uint32", "float32")
@@ -68,13 +71,33 @@ class Plugin:
         return the result's payload parts."""
         raise NotImplementedError
 
+    def process_frame(self, scan: int, frame: int, sectors: list[np.ndarray], parts: Sequence[Any]) -> Sequence[Any]:
+        """`process` of frame number `frame` of scan `scan` (what the worker calls); a plugin that needs the
+        frame's number overrides this one."""
+        return self.process(sectors, parts)
+
+    def scan_complete(self, scan: int) -> bool:
+        """Whether this worker has every frame of `scan` the plugin needs (its `scan_output` is final then)."""
+        return False
+
+    def scan_output(self, scan: int, final: bool) -> list[np.ndarray] | None:
+        """What the plugin made of `scan` so far, for the writer (a plugin that reduces whole scans: the
+        worker's band of the volume and the projections it used), or None; `final`: the plugin may forget it."""
+        return None
+
 
 class PluginContext:
-    """What a plugin may know about the session: its spec (detector, scan, source)."""
+    """What a plugin may know about the session: its spec (detector, scan, source), and, routed by slice
+    (spec.tomography), the worker's band: its number `band`, the detector rows [lo, hi) its frames hold
+    (`rows`: slices and halo) and its own slices (`slices`: first, count). Whole frames: band 0, every row."""
 
-    def __init__(self, spec):
+    def __init__(self, spec, band: int = 0, rows: tuple[int, int] | None = None,
+                 slices: tuple[int, int] | None = None):
         self.spec = spec
         self.frame_shape = (spec.detector.rows, spec.detector.cols)
+        self.band = band
+        self.rows = rows or (0, spec.detector.rows)
+        self.slices = slices or (0, spec.detector.rows)
 
 
 def plugin_class(name: str) -> type[Plugin]:

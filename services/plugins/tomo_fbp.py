@@ -20,6 +20,10 @@ it at `finish`, with the same astra call.
 A projection missing at the end leaves its angle out: the volume is then astra's FBP of the angles received
 (the sum so far times angles / received), and `accounting()` says which ones are missing.
 
+`TomoFBP` is the plugin `tomo-fbp`: routed by slice (dataplane/bands.py), worker k gets band k's rows of every
+frame and holds a `SliceBand` per scan; each frame's result is a receipt (no pixels), and the band's slices go to
+the writer (VOLUME) once the band has every frame of the scan, and meanwhile whenever the worker's input pauses.
+
 Darks and flats (spec.tomography's frame layout) correct the projections: a projection that comes before all
 the darks and flats before it (another lane was faster) waits, at most `maxPending` of them, after which the
 band goes on with the darks and flats it has (and says so).
@@ -32,7 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from detstream.services.dataplane.bands import Bands
 from detstream.services.model.session import Tomography
+from detstream.services.plugins import Plugin, PluginContext
 from detstream.services.plugins.flatfield import FlatDark, minus_log
 from detstream.services.plugins.paganin import halo_rows, paganin
 
@@ -238,14 +244,20 @@ class SliceBand:
         return self.sum * np.float32(self.tomo.angles / done)
 
     def finish(self) -> np.ndarray:
-        """Reconstruct what remains (the last batch; an at-end band's sinograms) and return `volume()`."""
-        if not self.finished:
-            self._flush_pending()
-            self._back_project()
-            if self.sinograms is not None:
-                self._reconstruct_at_end()
-            self.finished = True
+        """Reconstruct what remains (the last batch; an at-end band's sinograms) and return `volume()`. Frames
+        may still come after (a band sent before its scan is complete): `finish` again takes them in."""
+        self._flush_pending()
+        self._back_project()
+        if self.sinograms is not None:
+            self._reconstruct_at_end()
+        self.finished = True
         return self.volume()
+
+    @property
+    def complete(self) -> bool:
+        """Whether every frame of the scan's layout (darks, flats, projections, flats after) came."""
+        return bool(self.received.all()) and (self.field.darks, self.field.flats, self.after.flats) == (
+            self.tomo.darks, self.tomo.flats, self.tomo.flats_after)
 
     def _reconstruct_at_end(self) -> None:
         got = np.flatnonzero(self.received)
@@ -275,3 +287,60 @@ class SliceBand:
             out["beam_drift"] = float(self.after.flat_sum.mean() / self.after.flats /
                                       (self.field.flat_sum.mean() / self.field.flats) - 1)
         return out
+
+
+def session_bands(spec) -> Bands:
+    """A session's bands (dataplane/bands.py): with spec.tomography and a plugin whose results are not the raw
+    frames, one per worker replica (with `tomo-fbp`'s Paganin halo); else one (whole frames: the block mode)."""
+    from detstream.services.plugins import plugin_class
+    if spec.tomography is None or plugin_class(spec.plugin.name).result == "frames":
+        return Bands(spec.detector.rows)
+    pag = spec.plugin.params.get("paganin") if spec.plugin.name == "tomo-fbp" else None
+    halo = halo_rows(pag["pixelSizeM"], pag["distanceM"], pag["energyKeV"], pag["deltaBeta"]) if pag else 0
+    return Bands(spec.detector.rows, min(max(spec.workers.replicas, 1), spec.detector.rows), halo)
+
+
+class TomoFBP(Plugin):
+    """The plugin `tomo-fbp`: a worker's band of slices, reconstructed while the projections arrive (`SliceBand`,
+    one per scan). Needs spec.tomography. Each frame's result is an empty receipt; `scan_output` is the band's
+    slices (count, cols, cols) float32 and the projections used (bool per angle, packed bits)."""
+
+    result = "volume"
+
+    @classmethod
+    def check_params(cls, params: dict) -> list[tuple[str, str]]:
+        return check_params(params)
+
+    def __init__(self, params: dict, context: PluginContext):
+        self.bands: dict[int, SliceBand] = {}
+        super().__init__(params, context)
+        if context.spec.tomography is None:
+            raise ValueError("tomo-fbp reconstructs a tomography scan: spec.tomography is required")
+
+    def configure(self, params: dict) -> None:
+        super().configure(params)
+        self.recon = ReconParams.from_params(params)
+
+    def band(self, scan: int) -> SliceBand:
+        band = self.bands.get(scan)
+        if band is None:
+            spec, (first, count) = self.context.spec, self.context.slices
+            band = self.bands[scan] = SliceBand(spec.tomography, spec.detector.rows, spec.detector.cols, first, count,
+                                                self.recon)
+        return band
+
+    def process(self, sectors, parts):
+        raise TypeError("tomo-fbp needs each frame's number: call process_frame")
+
+    def process_frame(self, scan, frame, sectors, parts):
+        self.band(scan).add(frame, sectors[0] if len(sectors) == 1 else np.hstack(sectors))
+        return [b""]
+
+    def scan_complete(self, scan: int) -> bool:
+        return scan in self.bands and self.bands[scan].complete
+
+    def scan_output(self, scan: int, final: bool) -> list[np.ndarray] | None:
+        band = self.bands.pop(scan) if final else self.bands.get(scan)
+        if band is None:
+            return None
+        return [band.finish(), np.packbits(band.received)]

@@ -8,11 +8,17 @@ and tomopy-based tools find it):
   /process/reconstruction   attrs: the reconstruction's parameters (filter, centre, Paganin ...)
   /accounting               attrs: projections_expected = projections_used + projections_lost, complete
                             (False when angles are missing: the volume is then the FBP of the angles received);
-                            datasets projection_status uint8 per angle (0 used, 2 missing: the codes of the
-                            scan files' position_status) and slice_status uint8 per slice (0 reconstructed,
-                            2 missing: a band nobody reconstructed)
+                            datasets projection_status uint8 per angle (0 used, 1 used by some slices only,
+                            2 missing: the codes of the scan files' position_status), slice_status uint8 per
+                            slice (0 reconstructed, 2 missing: a band nobody reconstructed),
+                            slice_angles_missing uint32 per slice (angles a reconstructed slice lacks) and,
+                            from a session (`VolumeSink`), frame_status uint8 per frame of the scan (0 every
+                            band's result came, 1 some bands', 2 none: lost) and frame_bands (uint64 bit masks)
 The file is written as `path + '.partial'` and renamed on close; an existing file is never overwritten.
 With `tiff=True`, close also writes `path` without .h5 + `_tiff/slice_NNNNN.tif` (float32, tifffile), one a slice.
+
+`VolumeSink` is the writer's sink of the `volume` result kind (tomo-fbp, routed by slice): it writes the bands of
+slices the workers send (VOLUME), each with the projections it used, and the scan's frame accounting.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from detstream.services.dataplane.accounting import COMPLETE, MISSING
+from detstream.services.dataplane.accounting import COMPLETE, MISSING, PARTIAL
+from detstream.services.sinks import ResultSink
 from detstream.services.sinks.output import never_overwrite
 
 
@@ -57,8 +64,13 @@ class VolumeFile:
         self.slice_status[first:first + slices.shape[0]] = COMPLETE
 
     def record(self, parameters: dict, used: np.ndarray) -> dict:
-        """The reconstruction's `parameters` (plain values) and which angles were `used` (bool per angle);
-        returns the totals recorded (projections_expected/used/lost, slices_missing, complete)."""
+        """The reconstruction's `parameters` (plain values) and which angles were `used`: bool per angle, or per
+        slice and angle (slices, angles); returns the totals recorded (projections_expected/used/lost: an angle
+        some reconstructed slice lacks is lost, slices_missing, complete)."""
+        per_slice = np.broadcast_to(used, (self.shape[0], used.shape[-1]))
+        reconstructed = per_slice[self.slice_status == COMPLETE]
+        used = reconstructed.all(axis=0)
+        some = reconstructed.any(axis=0)
         proc = self.file.require_group("process/reconstruction")
         for key, value in parameters.items():
             if isinstance(value, dict):
@@ -66,9 +78,11 @@ class VolumeFile:
             else:
                 proc.attrs[key] = value
         acc = self.file.require_group("accounting")
-        status = np.where(used, COMPLETE, MISSING).astype(np.uint8)
+        status = np.where(used, COMPLETE, np.where(some, PARTIAL, MISSING)).astype(np.uint8)
         acc.create_dataset("projection_status", data=status)
         acc.create_dataset("slice_status", data=self.slice_status)
+        lacking = np.where(self.slice_status == COMPLETE, (~per_slice).sum(axis=1), 0).astype(np.uint32)
+        acc.create_dataset("slice_angles_missing", data=lacking)
         totals = {"projections_expected": int(used.size), "projections_used": int(used.sum()),
                   "projections_lost": int((~used).sum()), "slices_missing": int((self.slice_status != COMPLETE).sum())}
         totals["complete"] = totals["projections_lost"] == 0 and totals["slices_missing"] == 0
@@ -98,3 +112,53 @@ class VolumeFile:
         self.partial.unlink(missing_ok=True)
         if self.tiff_dir is not None:
             shutil.rmtree(self.tiff_dir.with_name(self.tiff_dir.name + ".partial"), ignore_errors=True)
+
+
+class VolumeSink(ResultSink):
+    """The writer's sink of `volume` results: one scan's VolumeFile of (detector rows, cols, cols) slices at
+    `path`, angles from spec.tomography, voxels in pixels. Per frame results are receipts (nothing written);
+    `write_band` takes each band's slices and the projections it used; `close` records the accounting."""
+
+    result = "volume"
+
+    def __init__(self, path: Path, spec, metadata: dict | None = None):
+        super().__init__(path, (spec.scan.rows, spec.scan.cols), (spec.detector.rows, spec.detector.cols), metadata)
+        rows, cols = spec.detector.rows, spec.detector.cols
+        self.angles = spec.tomography.angles
+        self.volume = VolumeFile(path, (rows, cols, cols), spec.tomography.angles_deg())
+        self.used = np.zeros((rows, self.angles), bool)
+        self.metadata = dict(metadata or {})
+        self.totals: dict = {}
+
+    @classmethod
+    def open(cls, path: Path, spec, scan_shape: tuple[int, int], metadata: dict) -> VolumeSink:
+        return cls(path, spec, metadata)
+
+    def write_result(self, position: int, parts) -> None:
+        """A frame's result is a receipt: its pixels are in its band's slices."""
+
+    def write_band(self, first: int, slices: np.ndarray, used: np.ndarray) -> None:
+        """Slices [first, first + len(slices)) (n, cols, cols) float32, reconstructed from the projections `used`
+        (bool per angle)."""
+        self.volume.write_band(first, slices)
+        self.used[first:first + slices.shape[0]] = used
+
+    def add_metadata(self, metadata: dict) -> None:
+        self.metadata.update(metadata)
+
+    def record_arrivals(self, written: np.ndarray, sectors_arrived: np.ndarray, sectors: int, totals: dict) -> None:
+        """Per frame: `sectors_arrived` holds the bands whose result came (bit per band of `sectors` bands)."""
+        every = np.uint64((1 << sectors) - 1)
+        status = np.where(~written, MISSING, np.where(sectors_arrived == every, COMPLETE, PARTIAL)).astype(np.uint8)
+        acc = self.volume.file.require_group("accounting")
+        acc.create_dataset("frame_status", data=status)
+        acc.create_dataset("frame_bands", data=np.where(written, sectors_arrived, 0).astype(np.uint64))
+        acc.attrs.update({f"frames_{k}": v for k, v in totals.items()})
+        self.totals = self.volume.record({k: v if isinstance(v, (dict, int, float, bool)) else str(v)
+                                          for k, v in self.metadata.items()}, self.used)
+
+    def close(self) -> Path:
+        return self.volume.close()
+
+    def abort(self) -> None:
+        self.volume.abort()

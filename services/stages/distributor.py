@@ -23,6 +23,11 @@ a source that died, and, after a restart of this stage (a pod restarted by Kuber
 the previous process: the sources ask again for the blocks they still keep, frames written before are
 acknowledged again by the writer's copies, the rest are lost, none is unaccounted. Messages of a scan
 finished here are refused late.
+
+Routed by slice (spec.tomography, dataplane/bands.py), a WANT gets one ASSIGN per band, naming the band and the
+worker that owns it (its CREDIT names its band), each once that worker has credit for the block's frames; the
+writer's receipts and the RELEASEs name the band of each frame key, and the units of a band given up for want of
+a worker go to the sources as RELEASEs too.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from detstream.services.dataplane.wire import (
     DETECTOR_END,
     DUPLICATE,
     END_OF_SCAN,
+    GONE,
     HEARTBEAT,
     RECEIPT,
     RELEASE,
@@ -54,6 +60,7 @@ from detstream.services.dataplane.wire import (
     pack_frames,
 )
 from detstream.services.model.plan import lane_routing_id
+from detstream.services.plugins.tomo_fbp import session_bands
 from detstream.services.runtime.stage import HOUSEKEEPING_S, Stage
 from detstream.services.sources import source_class
 
@@ -75,7 +82,7 @@ class DistributorStage(Stage):
                                          routing_id=lane_routing_id(self.me.index)), self.name)
         self.blocks = Blocks(spec.scan.frames, spec.transport.block_frames, spec.lanes)
         self.ledger = RoutingLedger(self.me.index, self.blocks, spec.scan.rows, spec.scan.cols, spec.workers.credits,
-                                    series=source_class(spec.source.kind).series)
+                                    series=source_class(spec.source.kind).series, bands=session_bands(spec).count)
         self.sources: dict[bytes, str] = {}        # ROUTER peer id -> source name, of every source that spoke
         self.worker_keys = {s.name for s in self.plan.of_role("worker")}  # the CURVE keys workers may name
         self.held_since = 0.0   # since when blocks wait for a worker's credit (0: none waits)
@@ -96,6 +103,7 @@ class DistributorStage(Stage):
     def housekeeping(self, now: float) -> None:
         self.check_workers(now)
         self.finish_scans(now)
+        self.assign_routed()
         if self.draining.is_set():
             self.ledger.drain()
             self.finish_scans(now)
@@ -110,17 +118,18 @@ class DistributorStage(Stage):
         self.sources[peer] = h.sender
         now = time.monotonic()
         if h.kind == WANT:
-            route = self.ledger.want(h.scan, h.block, now)
-            if route is None:
+            routes = self.ledger.want_bands(h.scan, h.block, now)
+            if not routes:
                 if h.scan in self.ledger.book.closed:  # the source drops the scan's frames: nothing takes them
                     self.refuse("late", msg, f"block {h.block} of scan {h.scan}: the scan is closed in this lane")
                     self.to_source(peer, Header(kind=END_OF_SCAN, scan=h.scan))
                 elif h.block >= self.blocks.count or self.blocks.lane(h.block) != self.me.index:
                     self.refuse("misrouted", msg, f"block {h.block} of scan {h.scan} is not this lane's")
                 return
-            route.askers.add(peer)
-            if route.worker is not None:   # routed already: tell this source too
-                self.assign(route, [peer])
+            for route in routes:
+                route.askers.add(peer)
+                if route.worker is not None:   # routed already: tell this source too
+                    self.assign(route, [peer])
             self.assign_routed()
         elif h.kind == HEARTBEAT:  # a source held by backpressure: its scans wait, they are not silent
             self.ledger.source_held(now)
@@ -138,15 +147,28 @@ class DistributorStage(Stage):
         if worker is None:  # (waiting for credit: it is told when routed)
             return
         header = Header(kind=ASSIGN, scan=route.scan, block=route.block, address=worker.address, key=worker.key,
-                        flags=DUPLICATE if route.again else 0)
+                        flags=DUPLICATE if route.again else 0, band=route.band)
         for peer in peers:
             self.to_source(peer, header)
 
     def assign_routed(self) -> None:
-        """Route the blocks waiting for credit, as far as credit goes, and tell their sources."""
+        """Route the blocks waiting for credit, as far as credit goes, and tell their sources; release what
+        was given up (a band without a worker)."""
         for route in self.ledger.route_waiting():
             self.counters.frames_out += len(route.open)
             self.assign(route, route.askers)
+        if self.ledger.released:
+            keys, bands = zip(*self.ledger.released)
+            self.ledger.released.clear()
+            self.log.warning("%d frames given up%s: the sources drop them", len(keys),
+                             " (bands without a worker, or not sent)" if self.ledger.bands > 1 else "")
+            self.release(list(keys), list(bands))
+
+    def release(self, keys: list[int], bands: list[int]) -> None:
+        """Tell every source it may drop these frames (routed by slice: these bands of them)."""
+        header = Header(kind=RELEASE, acked=keys, bands=bands)
+        for peer in list(self.sources):
+            self.to_source(peer, header)
 
     def to_source(self, peer: bytes, header: Header) -> None:
         try:
@@ -177,7 +199,7 @@ class DistributorStage(Stage):
             self.refuse("address", msg, f"data address {h.address[:80]!r}, key {h.key[:40]!r}")
             return
         _, new = self.ledger.heard(peer, h.address, h.key, h.credit if h.kind == CREDIT else None,
-                                   time.monotonic())
+                                   time.monotonic(), h.band)
         if new:
             self.log.info("worker %s joined (data at %s)", h.sender, h.address)
         self.assign_routed()
@@ -189,11 +211,13 @@ class DistributorStage(Stage):
         if h.kind != RECEIPT:
             self.refuse("kind", msg)
             return
-        for key in h.acked:
-            self.ledger.acknowledge(key)
-        release = Header(kind=RELEASE, acked=h.acked)
-        for peer in list(self.sources):
-            self.to_source(peer, release)
+        if h.bands:
+            for key, band in zip(h.acked, h.bands):
+                self.ledger.acknowledge(key, band)
+        else:
+            for key in h.acked:
+                self.ledger.acknowledge(key)
+        self.release(list(h.acked), list(h.bands))
         self.assign_routed()
         self.finish_scans(time.monotonic())
 
@@ -209,6 +233,9 @@ class DistributorStage(Stage):
         self.counters.resent += frames
         self.log.warning("worker declared dead (%s; data at %s): routing its %d frames again (%d blocks)", why,
                          worker.address, frames, len(again))
+        gone = Header(kind=GONE, address=worker.address)
+        for peer in list(self.sources):   # they send it nothing more: its queue would hold them
+            self.to_source(peer, gone)
         self.assign_routed()
 
     # scans

@@ -15,6 +15,10 @@ The window holds at most spec.transport.sourceWindowFrames frames: when it is fu
 the lanes' releases, and a send waits while a worker's queue is full: that is the backpressure, and the
 source waits rather than drops (unless spec.transport.onFull is drop). Drain ends the scans under way
 early (their END_OF_SCAN says how much was sent, so the rest is reported lost) and sends no further scan.
+
+Routed by slice (spec.tomography, dataplane/bands.py), the lanes name a worker per band of each block, and the
+source sends each its band's rows of the sector strips (views, no copy); a frame is kept until every band of it
+is released.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from detstream.services.dataplane.wire import (
     DETECTOR_END,
     DUPLICATE,
     END_OF_SCAN,
+    GONE,
     HEARTBEAT,
     RELEASE,
     SAMPLE,
@@ -46,6 +51,7 @@ from detstream.services.dataplane.wire import (
     is_tcp_address,
 )
 from detstream.services.plugins import plugin_class
+from detstream.services.plugins.tomo_fbp import session_bands
 from detstream.services.runtime.stage import Stage, StageError
 from detstream.services.sources import Frame, Refused, ScanEnd, SourceError, source_class
 
@@ -77,10 +83,19 @@ class SourceStage(Stage):
         for lane, outbox in enumerate(self.lanes):
             self.reactor.on_message(outbox.socket, partial(self.from_lane, lane), batch=64)
         self.workers: dict[str, Outbox] = {}  # data address -> a PUSH to that worker
+        self.gone: set[str] = set()   # data addresses of workers declared dead (until assigned again)
+        # routed by slice: BLOCKs a worker's full queue did not take yet, in order (the source does not wait on
+        # one band's worker: its window fills instead, and while it waits full it hears its lanes)
+        self.backlog: dict[str, deque[tuple[Header, list]]] = {}
         self.worker_keys = {s.name for s in self.plan.of_role("worker")}  # the CURVE keys workers may name
         self.blocks = Blocks(spec.scan.frames, spec.transport.block_frames, spec.lanes)
-        self.window = SourceWindow(self.blocks, spec.transport.source_window_frames)
-        self.block_header = Header(kind=BLOCK, shape=self.geometry.sector_shape, dtype=self.geometry.dtype)
+        self.bands = session_bands(spec)
+        self.window = SourceWindow(self.blocks, spec.transport.source_window_frames,
+                                   self.bands.count if self.bands.keyed else 1)
+        sector_cols = self.geometry.sector_shape[1]
+        self.band_rows = [slice(*self.bands.rows_of(b)) for b in range(self.bands.count)]
+        self.block_headers = [Header(kind=BLOCK, shape=(rows.stop - rows.start, sector_cols), dtype=self.geometry.dtype,
+                                     band=band) for band, rows in enumerate(self.band_rows)]
         self.samples_wanted = min(plugin_class(spec.plugin.name).samples(spec.plugin.params), spec.scan.frames)
         self.samples: list[Frame] = []       # the session's sample frames (this replica's sectors), kept
         self.sample_scan: int | None = None
@@ -93,6 +108,8 @@ class SourceStage(Stage):
         self.ends_sent: deque[list[Header]] = deque(maxlen=ENDS_KEPT)  # the last scans' ends, per lane
         self.reactor.every(0, self.send_next)
         self.reactor.every(spec.transport.block_timeout_s, lambda now: self.send_all(self.window.flush()))
+        if self.bands.keyed:
+            self.reactor.every(spec.transport.block_timeout_s, self.send_backlog)
         self.reactor.every(spec.transport.heartbeat_s / 2, self.beat_if_held)
 
     # what the kind yields
@@ -188,10 +205,13 @@ class SourceStage(Stage):
             if not is_tcp_address(h.address) or h.key not in self.worker_keys:
                 self.refuse("address", msg, f"data address {h.address[:80]!r}, key {h.key[:40]!r}")
                 return
+            self.gone.discard(h.address)
             self.worker(h.address, h.key)
-            self.send_all(self.window.assigned(h.scan, h.block, h.address, bool(h.flags & DUPLICATE)))
+            self.send_all(self.window.assigned(h.scan, h.block, h.address, bool(h.flags & DUPLICATE), h.band))
+        elif h.kind == GONE:
+            self.worker_gone(h.address)
         elif h.kind == RELEASE:
-            self.window.release(h.acked)
+            self.window.release(h.acked, h.bands)
         elif h.kind == END_OF_SCAN:  # the lane closed the scan already: its frames there are late
             if h.scan not in self.window.closed[lane]:
                 self.log.info("lane %d has closed scan %d already: its frames there are not sent", lane, h.scan)
@@ -227,30 +247,59 @@ class SourceStage(Stage):
                 on_connect=lambda: self.send_samples(address, self.samples)), self.name)
         return outbox
 
+    def worker_gone(self, address: str) -> None:
+        """A lane declared the worker at `address` dead: its queued messages are dropped (a worker restarted there
+        starts afresh) and what was assigned to it waits for its lane's next ASSIGN."""
+        self.gone.add(address)
+        self.window.worker_gone(address)
+        self.backlog.pop(address, None)
+        outbox = self.workers.pop(address, None)
+        if outbox is not None:
+            outbox.socket.close(linger=0)
+
     def send_all(self, sends: list[Send]) -> None:
         for send in sends:
             self.send_block(send)
 
     def send_block(self, send: Send) -> None:
-        """One BLOCK message: this replica's sectors of the frames still kept (a released frame is done)."""
+        """One BLOCK message: this replica's sectors of the frames still kept (a released frame is done); routed
+        by slice, the band's rows of them."""
         frames: list[int] = []
         parts: list = []
         sectors: list[int] | None = None
+        rows = self.band_rows[send.band] if self.bands.keyed else None
         for frame in send.frames:
             kept = self.window.sectors(send.scan, frame)
             if kept is None:
                 continue
             frames.append(frame)
             sectors = [s for s, _ in kept]
-            parts.extend(p for _, p in kept)
-        h = self.block_header
+            parts.extend(p if rows is None else p[rows] for _, p in kept)
+        h = self.block_headers[send.band]
         h.scan, h.block, h.flags = send.scan, send.block, (BLOCK_END if send.end else 0) | (
             DUPLICATE if send.again else 0)
         del h.frames[:]
         h.frames.extend(frames)
         del h.sectors[:]
         h.sectors.extend(sectors or self.source_sectors())
-        self.reactor.send(self.workers[send.worker], h, parts)
+        if send.worker in self.gone or send.worker not in self.workers:
+            return
+        if not self.bands.keyed:
+            self.reactor.send(self.workers[send.worker], h, parts)
+            return
+        backlog = self.backlog.get(send.worker)
+        if backlog or not self.reactor.send(self.workers[send.worker], h, parts, wait=False):
+            kept = Header()
+            kept.CopyFrom(h)
+            self.backlog.setdefault(send.worker, deque()).append((kept, parts))
+
+    def send_backlog(self, now: float) -> None:
+        """Routed by slice: the BLOCKs waiting for room in their worker's queue, in order, as far as it takes them."""
+        for address, backlog in list(self.backlog.items()):
+            while backlog and self.reactor.send(self.workers[address], *backlog[0], wait=False):
+                backlog.popleft()
+            if not backlog:
+                del self.backlog[address]
 
     def source_sectors(self) -> list[int]:
         """The sectors this replica sends (what an empty BLOCK names)."""

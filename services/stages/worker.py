@@ -35,10 +35,17 @@ had one of the scan's last frames (the writer waits for the patterns before it c
 MB at 576x576, three frames' worth, so not at every pause of a slow stream). A result's parts are [record (empty
 with the live view off)] + [the frame's strips, when kept]: the writer still gets one result per frame, so the
 accounting is the same.
+
+Routed by slice (spec.tomography, dataplane/bands.py), worker replica k owns band k: it names the band in its
+CREDITs, its "frames" are the band's rows (its geometry says so, so the assembly is unchanged), and its RESULTs
+name the band. A plugin that reduces the whole scan (tomo-fbp) gives the writer its `scan_output` (VOLUME: the
+band's slices) once it has every frame of the scan, and meanwhile whenever this worker's input of that scan pauses
+for OUTPUT_PAUSE_S (frames may still come: the writer keeps the last one).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import deque
@@ -63,12 +70,14 @@ from detstream.services.dataplane.wire import (
     RESULT,
     SAMPLE,
     TAKEN,
+    VOLUME,
     Header,
     Message,
     Outbox,
     frame_key,
 )
-from detstream.services.plugins import PluginContext, plugin_class
+from detstream.services.plugins import Plugin, PluginContext, plugin_class
+from detstream.services.plugins.tomo_fbp import session_bands
 from detstream.services.results.geometry import live_geometry
 from detstream.services.results.reduction import PATTERN_S, FrameReducer, ScanPatterns
 from detstream.services.runtime.faults import failpoint
@@ -77,6 +86,7 @@ from detstream.services.sinks import session_sink
 
 CALIBRATION_IDLE_S = 0.5  # calibrate on the samples there are when the stream pauses this long
 PAUSE_S = 0.02  # a scan's last patterns go to the writer when no frame came for this long (else every PATTERN_S)
+OUTPUT_PAUSE_S = 1.0  # a scan's output so far goes to the writer when none of its frames came for this long
 
 
 class Held(NamedTuple):
@@ -93,7 +103,12 @@ class WorkerStage(Stage):
     def setup(self):
         spec = self.spec
         self.plugin_cls = plugin_class(spec.plugin.name)
-        self.plugin = self.plugin_cls(spec.plugin.params, PluginContext(spec))
+        bands = session_bands(spec)
+        self.band = self.me.index % bands.count   # a StatefulSet restarts ordinal k: band k comes back to it
+        lo, hi = bands.rows_of(self.band)
+        self.geometry = dataclasses.replace(self.geometry, rows=hi - lo)   # its frames are the band's rows
+        self.context = PluginContext(spec, self.band, (lo, hi), bands.slices(self.band))
+        self.plugin = self.plugin_cls(spec.plugin.params, self.context)
         self.blocks = Blocks(spec.scan.frames, spec.transport.block_frames, spec.lanes)
         self.data = self.socket(zmq.PULL, bind="data")
         self.address = f"tcp://{self.bind_host}:{self.me.ports['data']}"
@@ -113,6 +128,8 @@ class WorkerStage(Stage):
         self.last_frame = time.monotonic()
         self.housekeeping_s = min(HOUSEKEEPING_S, spec.transport.heartbeat_s / 2)  # heartbeats, calibration, gauges
         self.outgoing: deque[tuple[Header, list]] = deque()   # results the writer's queue cannot take yet
+        self.output_due: dict[int, float] = {}   # scans with frames since their last output -> when it is due
+        self.scan_outputs = self.plugin_cls.scan_output is not Plugin.scan_output   # the plugin reduces scans
         self.process_delay = failpoint(self.name, self.role, "process-delay")
         raw = self.plugin_cls.result == "frames"
         self.keep_frames = raw and session_sink(spec, "frames") is not None  # the writer writes them
@@ -137,6 +154,7 @@ class WorkerStage(Stage):
         self.assembly.sweep(now, self.spec.transport.frame_timeout_s)
         self.sample_assembly.sweep(now, self.spec.transport.frame_timeout_s)
         self.calibrate_if_idle(now)
+        self.send_outputs(now)
         self.heartbeat(now)
         self.counters.queue_depth = len(self.outgoing)
         self.counters.in_flight = len(self.held) + len(self.outgoing) + self.assembly.waiting
@@ -145,12 +163,15 @@ class WorkerStage(Stage):
         """Connected to the lane's distributor: offer it our credits (all we may hold from it), and where to send
         blocks."""
         self.tell(lane, Header(kind=CREDIT, credit=self.spec.workers.credits, address=self.address,
-                               key=self.key_name))
+                               key=self.key_name, band=self.band))
 
     def from_source(self, msg: Message) -> None:
         h = msg.header
         if h.kind not in (BLOCK, SAMPLE):
             self.refuse("kind", msg)
+            return
+        if h.band != self.band:
+            self.refuse("misrouted", msg, f"band {h.band}: this worker owns band {self.band}")
             return
         self.last_frame = time.monotonic()
         if h.kind == BLOCK:
@@ -191,7 +212,10 @@ class WorkerStage(Stage):
 
     def process(self, scan: int, frame: int, parts: list, mask: int) -> None:
         t0 = time.perf_counter()
-        out = self.plugin.process(self.views(parts), parts)
+        if self.scan_outputs and mask != self.assembly.all_sectors:
+            out = [b""]   # zero-filled strips would spoil the scan's reduction: left out (its output says which)
+        else:
+            out = self.plugin.process_frame(scan, frame, self.views(parts), parts)
         if self.plugin_cls.result == "frames":
             out = self.raw_result(scan, frame, out)
         if self.process_delay:
@@ -201,9 +225,31 @@ class WorkerStage(Stage):
         self.heartbeat(time.monotonic())
         result = Header(kind=RESULT, scan=scan, frame=frame, position=frame,
                         flags=PARTIAL if mask != self.assembly.all_sectors else 0, sector_mask=mask,
-                        scan_rows=self.spec.scan.rows, scan_cols=self.spec.scan.cols, result=self.plugin_cls.result)
+                        scan_rows=self.spec.scan.rows, scan_cols=self.spec.scan.cols, result=self.plugin_cls.result,
+                        band=self.band)
         self.outgoing.append((result, list(out)))
+        if self.scan_outputs:
+            self.output_due[scan] = time.monotonic() + OUTPUT_PAUSE_S
+            if self.plugin.scan_complete(scan):
+                self.send_output(scan, final=True)
         self.flush()
+
+    def send_outputs(self, now: float) -> None:
+        """The scans whose input paused: what the plugin made of them so far, to the writer."""
+        for scan in [s for s, due in self.output_due.items() if now > due]:
+            self.send_output(scan, final=False)
+            self.flush()
+
+    def send_output(self, scan: int, final: bool) -> None:
+        """The plugin's output of a scan (tomo-fbp: the band's slices, the projections used) to the writer."""
+        self.output_due.pop(scan, None)
+        out = self.plugin.scan_output(scan, final)
+        if out is None:
+            return
+        slices, used = out
+        self.outgoing.append((Header(kind=VOLUME, scan=scan, band=self.band, shape=slices.shape,
+                                     dtype=slices.dtype.str, flags=0 if final else PARTIAL),
+                              [np.ascontiguousarray(slices, np.float32), used]))
 
     def raw_result(self, scan: int, frame: int, parts) -> list:
         """A raw frame's result parts: [its live record (b"" with the live view off, or for parts that are not
@@ -289,7 +335,8 @@ class WorkerStage(Stage):
     def heartbeat(self, now: float) -> None:
         for lane, last in enumerate(self.last_sent):
             if now - last > self.spec.transport.heartbeat_s:
-                self.tell(lane, Header(kind=HEARTBEAT, address=self.address, key=self.key_name), droppable=True)
+                self.tell(lane, Header(kind=HEARTBEAT, address=self.address, key=self.key_name,
+                                            band=self.band), droppable=True)
 
     def configure(self, params: dict) -> None:
         """Called from a control thread: build the new plugin there (so bad parameters are refused
@@ -297,7 +344,7 @@ class WorkerStage(Stage):
         problems = self.plugin_cls.check_params(params)
         if problems:
             raise ValueError("; ".join(f"{key}: {why}" for key, why in problems))
-        self.updates.put(self.plugin_cls(params, PluginContext(self.spec)))
+        self.updates.put(self.plugin_cls(params, self.context))
 
     def add_status(self, status) -> None:
         status.plugin_params_json = json.dumps(self.plugin.params, sort_keys=True)  # in effect, not just asked for

@@ -37,6 +37,14 @@ feed.PATTERN_WAIT_S).
 Workers send what their plugin derived from the session's sample frames (CALIBRATION: e.g. the fitted
 electron-counting thresholds); each scan's file records it under `metadata/` when it closes. All workers
 calibrate on the same samples, so they agree; if they ever did not, the writer says so in its log.
+
+Routed by slice (spec.tomography, dataplane/bands.py) each RESULT names its band and each receipt the band of
+each key; a frame is written with its first band's result, partial until every band's came (the scan's bit mask
+per frame is then a bit per band). The `volume` kind's results are receipts: each worker sends its band's
+slices (VOLUME) once it has the scan, or so far when its input pauses; the last of each band stands. A scan waits
+(at most the end-of-scan timeout of silence) for every band with results to send a VOLUME covering them, then
+its sink writes the volume with the accounting per angle and per slice, and the scan's record says whether the
+volume is complete (`volume`: projections expected = used + lost, slices missing).
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ from detstream.services.dataplane.wire import (
     PATTERN,
     RECEIPT,
     RESULT,
+    VOLUME,
     Header,
     Message,
     Outbox,
@@ -66,6 +75,7 @@ from detstream.services.dataplane.wire import (
 )
 from detstream.services.model.plan import LIVE_PORT, lane_routing_id
 from detstream.services.plugins import plugin_class
+from detstream.services.plugins.tomo_fbp import ReconParams, session_bands
 from detstream.services.results.feed import LiveResults
 from detstream.services.runtime.faults import failpoint
 from detstream.services.runtime.stage import HOUSEKEEPING_S, Stage, StageError
@@ -101,7 +111,8 @@ class WriterStage(Stage):
         results.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a receipt to a full or absent peer waits
         results.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a restarted distributor takes its routing id over
         self.results = Outbox(results, self.name)
-        self.receipts: dict[int, list[int]] = {}      # lane -> keys of the results received this turn
+        self.receipts: dict[int, tuple[list[int], list[int]]] = {}  # lane -> keys (and bands) of the turn's results
+        self.bands = session_bands(self.spec)
         self.write_delay = failpoint(self.name, self.role, "write-delay")
         transport = self.spec.transport
         self.accounts = WriterScans(self.spec.lanes, self.spec.scan.rows, self.spec.scan.cols, self.spec.scan.count,
@@ -117,7 +128,7 @@ class WriterStage(Stage):
         self.streaming = False  # any input yet (a session may wait for its detector as long as it takes)
         self.calibration: dict = {}  # the latest a worker sent (recorded in every scan's file)
         self.calibrations: dict[str, str] = {}  # worker -> its latest, as JSON (to notice disagreement)
-        self.live = self.serve_live() if self.spec.live_view.enabled else None
+        self.live = self.serve_live() if self.spec.live_view.enabled and self.kind in ("events", "frames") else None
         self.reactor.on_message(results, lambda _peer, msg: self.handle(msg), envelope=True, batch=TURN)
         self.reactor.every(0, self.after_turn)
         self.reactor.every(HOUSEKEEPING_S, self.housekeeping)
@@ -169,6 +180,9 @@ class WriterStage(Stage):
         if h.kind == PATTERN:
             self.take_pattern(msg)
             return
+        if h.kind == VOLUME:
+            self.take_volume(msg)
+            return
         if h.kind not in (RESULT, END_OF_SCAN):
             self.refuse("kind", msg)
             return
@@ -180,7 +194,9 @@ class WriterStage(Stage):
             # even for a result refused below: the frame must not stay in flight for ever (a plugin
             # returning bad results shows as frames unaccounted, which fails the session loudly)
             lane = (h.frame // self.spec.transport.block_frames) % self.spec.lanes   # the lane of its block
-            self.receipts.setdefault(lane, []).append(frame_key(h.scan, h.frame))
+            keys, bands = self.receipts.setdefault(lane, ([], []))
+            keys.append(frame_key(h.scan, h.frame))
+            bands.append(h.band)
             if not self.valid_result(msg, parts):
                 return
         if h.scan in self.accounts.closed:
@@ -200,7 +216,14 @@ class WriterStage(Stage):
         self.counters.frames_in += 1
         self.counters.bytes_in += msg.payload_bytes
         partial = bool(h.flags & PARTIAL)
-        if not self.accounts.result(scan, h.position, h.sector_mask, partial):
+        if self.bands.keyed:
+            if h.band >= self.bands.count:
+                self.refuse("range", msg, f"band {h.band} of {self.bands.count}")
+                return
+            written = self.accounts.band_result(scan, h.position, h.band, self.bands.count, partial)
+        else:
+            written = self.accounts.result(scan, h.position, h.sector_mask, partial)
+        if not written:
             self.counters.outcomes["duplicate"] += 1
             return
         self.counters.outcomes["written"] += 1
@@ -237,6 +260,50 @@ class WriterStage(Stage):
             self.refuse(reason, msg, "a PATTERN whose parts are not this session's patterns")
         self.lane_ended = True  # a scan waiting for its patterns may close now
 
+    def take_volume(self, msg: Message) -> None:
+        """A worker's band of slices of a scan (routing by slice): kept, the latest of each band, until the scan
+        closes."""
+        h = msg.header
+        tomo = self.spec.tomography
+        if self.kind != "volume" or tomo is None or h.band >= self.bands.count:
+            self.refuse("kind", msg, "a VOLUME this session does not reconstruct")
+            return
+        count = self.bands.slices(h.band)[1]
+        cols = self.spec.detector.cols
+        if list(h.shape) != [count, cols, cols] or len(msg.parts[1]) != (tomo.angles + 7) // 8:
+            self.refuse("geometry", msg, f"a VOLUME of band {h.band} is {count}x{cols}x{cols} slices and "
+                                         f"{(tomo.angles + 7) // 8} bytes of angles")
+            return
+        if h.scan in self.accounts.closed:
+            self.refuse("late", msg, f"band {h.band} of scan {h.scan}: the scan is closed")
+            return
+        scan = self.accounts.scan(h.scan, 0, 0, self.last_input)
+        if scan is None:
+            return
+        slices = np.frombuffer(msg.parts[0].buffer, np.float32).reshape(count, cols, cols)
+        scan.volumes[h.band] = (slices, unpack_frames(msg.parts[1].buffer, tomo.angles))
+        self.lane_ended = True   # a scan waiting for its volumes may close now
+
+    def volumes_settling(self, scan: WrittenScan, now: float) -> bool:
+        """Whether a scan routed by slice waits for a band's VOLUME: a band with projections' results here whose
+        last VOLUME does not cover them (at most the end-of-scan timeout of silence)."""
+        tomo = self.spec.tomography
+        if tomo is None or self.kind != "volume" or now - scan.last_input > self.spec.transport.end_of_scan_timeout_s:
+            return False
+        projections = scan.sectors[tomo.first_projection:tomo.first_projection + tomo.angles]
+        for band in range(self.bands.count):
+            got = int(np.count_nonzero(projections & np.uint64(1 << band)))
+            volume = scan.volumes.get(band)
+            if got and (volume is None or int(volume[1].sum()) < got):
+                return True
+        return False
+
+    def write_volumes(self, scan: WrittenScan) -> None:
+        """The bands' slices into the scan's volume file (opened if no result opened it)."""
+        self.write(scan, None, [])
+        for band, (slices, used) in sorted(scan.volumes.items()):
+            scan.file.write_band(self.bands.slices(band)[0], slices, used)
+
     def take_calibration(self, msg: Message) -> None:
         """A worker's calibration: a JSON object of groups (dicts) of numbers, strings and booleans."""
         try:
@@ -270,17 +337,21 @@ class WriterStage(Stage):
     def send_receipts(self) -> None:
         """Tell each lane's distributor which of its frames have their result here (they are done)."""
         for lane in list(self.receipts):
+            keys, bands = self.receipts[lane]
             try:
-                sent = self.reactor.send(self.results, Header(kind=RECEIPT, acked=self.receipts[lane]),
+                sent = self.reactor.send(self.results, Header(kind=RECEIPT, acked=keys,
+                                                              bands=bands if self.bands.keyed else ()),
                                          peer=lane_routing_id(lane), wait=False)
             except zmq.ZMQError:  # it is not connected (reconnecting)
                 sent = False
             if not sent:  # next turn; what a lane gone for good keeps cannot grow without bound
-                del self.receipts[lane][:-RECEIPTS_KEPT]
+                del keys[:-RECEIPTS_KEPT]
+                del bands[:-RECEIPTS_KEPT]
                 continue
             del self.receipts[lane]
 
-    def write(self, scan: WrittenScan, position: int, parts: list[memoryview]) -> None:
+    def write(self, scan: WrittenScan, position: int | None, parts: list[memoryview]) -> None:
+        """A result into the scan's file, opened at the first (`position` None: only open it)."""
         path = scan_file(self.output, self.plan.session, scan.number)
         try:
             if scan.file is None:
@@ -289,7 +360,8 @@ class WriterStage(Stage):
                                            {"session": self.plan.session, "scan": scan.number,
                                             "plugin": plugin.name, "plugin_params": str(plugin.params)})
                 scan.path = str(path)
-            scan.file.write_result(position, parts)
+            if position is not None:
+                scan.file.write_result(position, parts)
         except FileExistsError as exc:  # results are never overwritten
             raise StageError(str(exc)) from None
         except OSError as exc:
@@ -300,6 +372,8 @@ class WriterStage(Stage):
                                               self.draining.is_set()):
             if silent is None and self.live is not None and self.live.settling(scan.number, now):
                 continue  # its raw frames' patterns are on their way
+            if silent is None and self.volumes_settling(scan, now):
+                continue  # its bands' slices are on their way
             if silent is None:
                 self.close(scan)
             else:
@@ -321,11 +395,17 @@ class WriterStage(Stage):
         unaccounted = record["unaccounted"]
         images = None if self.live is None else self.live.close_scan(scan.number, np.flatnonzero(~scan.done),
                                                                      {k: record[k] for k in COUNTS})
-        if scan.file is not None:
+        if scan.file is not None or scan.volumes:
             try:
+                if scan.volumes:
+                    self.write_volumes(scan)
+                    scan.file.add_metadata(ReconParams.from_params(self.spec.plugin.params).recorded())
                 scan.file.add_metadata(self.calibration)
-                scan.file.record_arrivals(scan.done, scan.sectors, self.spec.detector.sectors,
+                scan.file.record_arrivals(scan.done, scan.sectors,
+                                          self.bands.count if self.bands.keyed else self.spec.detector.sectors,
                                           {k: record[k] for k in COUNTS})
+                if getattr(scan.file, "totals", None):
+                    record["volume"] = scan.file.totals
                 if images is not None:
                     scan.file.add_images(images)
                 scan.file.close()

@@ -24,6 +24,8 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TAKEN: _ClassVar[Kind]
     ABSENT: _ClassVar[Kind]
     PATTERN: _ClassVar[Kind]
+    GONE: _ClassVar[Kind]
+    VOLUME: _ClassVar[Kind]
 
 class Flag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -47,6 +49,8 @@ RELEASE: Kind
 TAKEN: Kind
 ABSENT: Kind
 PATTERN: Kind
+GONE: Kind
+VOLUME: Kind
 FLAG_NONE: Flag
 PARTIAL: Flag
 DUPLICATE: Flag
@@ -54,7 +58,7 @@ DETECTOR_END: Flag
 BLOCK_END: Flag
 
 class Header(_message.Message):
-    __slots__ = ("version", "kind", "seq", "sender", "scan", "frame", "position", "sector_mask", "shape", "dtype", "flags", "scan_rows", "scan_cols", "expected", "sent", "partial", "lost", "credit", "acked", "result", "block", "address", "frames", "sectors", "key")
+    __slots__ = ("version", "kind", "seq", "sender", "scan", "frame", "position", "sector_mask", "shape", "dtype", "flags", "scan_rows", "scan_cols", "expected", "sent", "partial", "lost", "credit", "acked", "result", "block", "address", "frames", "sectors", "key", "band", "bands")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +84,8 @@ class Header(_message.Message):
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     SECTORS_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
+    BAND_FIELD_NUMBER: _ClassVar[int]
+    BANDS_FIELD_NUMBER: _ClassVar[int]
     version: int
     kind: Kind
     seq: int
@@ -105,4 +111,6 @@ class Header(_message.Message):
     frames: _containers.RepeatedScalarFieldContainer[int]
     sectors: _containers.RepeatedScalarFieldContainer[int]
     key: str
-    def __init__(self, version: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., seq: _Optional[int] = ..., sender: _Optional[str] = ..., scan: _Optional[int] = ..., frame: _Optional[int] = ..., position: _Optional[int] = ..., sector_mask: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., flags: _Optional[int] = ..., scan_rows: _Optional[int] = ..., scan_cols: _Optional[int] = ..., expected: _Optional[int] = ..., sent: _Optional[int] = ..., partial: _Optional[int] = ..., lost: _Optional[int] = ..., credit: _Optional[int] = ..., acked: _Optional[_Iterable[int]] = ..., result: _Optional[str] = ..., block: _Optional[int] = ..., address: _Optional[str] = ..., frames: _Optional[_Iterable[int]] = ..., sectors: _Optional[_Iterable[int]] = ..., key: _Optional[str] = ...) -> None: ...
+    band: int
+    bands: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, version: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., seq: _Optional[int] = ..., sender: _Optional[str] = ..., scan: _Optional[int] = ..., frame: _Optional[int] = ..., position: _Optional[int] = ..., sector_mask: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., flags: _Optional[int] = ..., scan_rows: _Optional[int] = ..., scan_cols: _Optional[int] = ..., expected: _Optional[int] = ..., sent: _Optional[int] = ..., partial: _Optional[int] = ..., lost: _Optional[int] = ..., credit: _Optional[int] = ..., acked: _Optional[_Iterable[int]] = ..., result: _Optional[str] = ..., block: _Optional[int] = ..., address: _Optional[str] = ..., frames: _Optional[_Iterable[int]] = ..., sectors: _Optional[_Iterable[int]] = ..., key: _Optional[str] = ..., band: _Optional[int] = ..., bands: _Optional[_Iterable[int]] = ...) -> None: ...
