@@ -68,6 +68,9 @@ def test_a_tomography_scan_lays_its_frames_out_in_the_manifest():
         load_session(tomo_manifest(scan={"rows": 8, "cols": 8}))
     with pytest.raises(SpecError, match="spec.tomography: is required with source.kind tomo-simulator"):
         load_session(manifest(source={"kind": "tomo-simulator"}, plugin={"name": "noop"}))
+    with pytest.raises(SpecError, match=r"spec.tomography: tomo-fbp reconstructs a tomography scan slice by slice: "
+                                        r"add spec.tomography"):
+        load_session(manifest(plugin={"name": "tomo-fbp"}))
     with pytest.raises(SpecError, match="spec.source.tomoSimulator.photons: flats would reach"):
         load_session(tomo_manifest(detector={"rows": ROWS, "cols": COLS, "dtype": "uint8"}))
     # a 4D-STEM manifest is what it was: no tomography section appears in it

@@ -408,9 +408,10 @@ def check_kubernetes(spec: SessionSpec, errors: list[FieldError]) -> None:
                                      f"192.0.2.0/24; got {cidr!r}"))
 
 
-def check_plugin(section: Any, dtype: str | None, errors: list[FieldError], keep_frames: bool = False) -> None:
-    """The plugin exists, takes these parameters and handles this pixel type (checked even when other fields
-    are wrong; `dtype` None when the detector's is unknown), and returns frames if they are to be kept."""
+def check_plugin(section: Any, spec: SessionSpec | None, errors: list[FieldError]) -> None:
+    """The plugin exists and takes these parameters (checked even when other fields are wrong: `spec` None), and,
+    given the spec, handles its pixel type, returns frames if they are to be kept, and has the tomography scan it
+    reconstructs slice by slice."""
     from detstream.services.plugins import plugin_class
 
     plugin = parse(Plugin, section, "spec.plugin", [])
@@ -422,12 +423,17 @@ def check_plugin(section: Any, dtype: str | None, errors: list[FieldError], keep
         errors.append(FieldError("spec.plugin.name", str(exc)))
         return
     errors.extend(FieldError(f"spec.plugin.params.{key}", message) for key, message in cls.check_params(plugin.params))
-    if keep_frames and cls.result != "frames":
+    if spec is None:
+        return
+    if spec.output.keep_frames and cls.result != "frames":
         errors.append(FieldError("spec.output.keepFrames", f"{plugin.name}'s results are {cls.result}, not frames: "
                                  f"keepFrames keeps the frames a plugin passes on as they came (noop)"))
-    if dtype is not None and dtype not in cls.dtypes:
+    if spec.detector.dtype not in cls.dtypes:
         errors.append(FieldError("spec.detector.dtype", f"{plugin.name} handles {', '.join(cls.dtypes)} frames; got "
-                                 f"{dtype}: convert the frames, or use another plugin"))
+                                 f"{spec.detector.dtype}: convert the frames, or use another plugin"))
+    if cls.by_slice and spec.tomography is None:
+        errors.append(FieldError("spec.tomography", f"{plugin.name} reconstructs a tomography scan slice by slice: "
+                                 f"add spec.tomography (angles, arcDegrees, darks, flats)"))
 
 
 def load_session(manifest: Any) -> Session:
@@ -454,9 +460,7 @@ def load_session(manifest: Any) -> Session:
         check_spec(spec, errors)
         check_kubernetes(spec, errors)
     raw_spec = manifest.get("spec")
-    check_plugin(raw_spec.get("plugin") if isinstance(raw_spec, dict) else None,
-                 spec.detector.dtype if spec is not None else None, errors,
-                 keep_frames=spec is not None and spec.output.keep_frames)
+    check_plugin(raw_spec.get("plugin") if isinstance(raw_spec, dict) else None, spec, errors)
     if errors:
         raise SpecError(errors)
     assert spec is not None  # a missing or unparsable spec is in `errors`

@@ -3,8 +3,9 @@
 A plugin is a class registered under the `detstream.plugins` entry point, so a facility ships
 its own in its own package (see README, "Writing a plugin"). The worker builds one instance,
 calls `process` for every frame and `configure` when parameters change on a running session.
-A plugin that reduces a whole scan in each worker (tomo-fbp: a band of slices, routed by slice) takes
-`process_frame` (the frame's number too) and hands the writer `scan_output` when the worker has the scan.
+A plugin that reduces a whole scan in each worker (tomo-fbp: a band of slices) sets `by_slice`: each worker
+then gets its band of rows of every frame (routing by slice, `session_bands`); it takes `process_frame` (the
+frame's number too) and hands the writer `scan_output` when the worker has the scan.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from detstream.services.dataplane.bands import Bands
 from detstream.services.model.schema import did_you_mean
 
 ENTRY_POINT_GROUP = "detstream.plugins"
@@ -29,6 +31,10 @@ class Plugin:
     result: ClassVar[str] = "events"
     #: The pixel types (spec.detector.dtype) the plugin handles right; others are refused by validation.
     dtypes: ClassVar[tuple[str, ...]] = ("uint8", "uint16", "uint32", "float32")
+    #: Whether the plugin reduces each scan per band of detector rows (the slices of a volume): then worker k
+    #: gets band k's rows of every frame (routing by slice, dataplane/bands.py), and the session needs
+    #: spec.tomography.
+    by_slice: ClassVar[bool] = False
     #: While > 0 the plugin is not calibrated yet: the worker holds frames and calls `calibrate` first.
     samples_wanted: int = 0
 
@@ -42,6 +48,12 @@ class Plugin:
         """The files these parameters make the plugin read in every worker, as {parameter name: path}. On
         Kubernetes the operator mounts the output volume claim read-only in the workers for them."""
         return {}
+
+    @classmethod
+    def halo_rows(cls, params: dict) -> int:
+        """Routed by slice: how many neighbour rows each side of its band a worker needs too (a filter across
+        the cut, e.g. Paganin's)."""
+        return 0
 
     @classmethod
     def samples(cls, params: dict) -> int:
@@ -107,6 +119,16 @@ def plugin_class(name: str) -> type[Plugin]:
                           f"{', '.join(sorted(found)) or 'none'} "
                           f"(plugins register under the {ENTRY_POINT_GROUP!r} entry point)")
     return found[name].load()
+
+
+def session_bands(spec) -> Bands:
+    """A session's bands of detector rows: one per worker replica (with the plugin's halo) when its plugin works
+    `by_slice` on a tomography scan; else one band of every row (whole frames, routed by block)."""
+    cls = plugin_class(spec.plugin.name)
+    if not cls.by_slice or spec.tomography is None:
+        return Bands(spec.detector.rows)
+    return Bands(spec.detector.rows, min(max(spec.workers.replicas, 1), spec.detector.rows),
+                 cls.halo_rows(spec.plugin.params))
 
 
 def check_number(params: dict, key: str, minimum: float, problems: list, integer: bool = False) -> None:

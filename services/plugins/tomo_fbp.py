@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 
-from detstream.services.dataplane.bands import Bands
 from detstream.services.model.session import Tomography
 from detstream.services.plugins import Plugin, PluginContext
 from detstream.services.plugins.flatfield import FlatDark, minus_log
@@ -289,33 +288,26 @@ class SliceBand:
         return out
 
 
-def session_bands(spec) -> Bands:
-    """A session's bands (dataplane/bands.py): with spec.tomography and a plugin whose results are not the raw
-    frames, one per worker replica (with `tomo-fbp`'s Paganin halo); else one (whole frames: the block mode)."""
-    from detstream.services.plugins import plugin_class
-    if spec.tomography is None or plugin_class(spec.plugin.name).result == "frames":
-        return Bands(spec.detector.rows)
-    pag = spec.plugin.params.get("paganin") if spec.plugin.name == "tomo-fbp" else None
-    halo = halo_rows(pag["pixelSizeM"], pag["distanceM"], pag["energyKeV"], pag["deltaBeta"]) if pag else 0
-    return Bands(spec.detector.rows, min(max(spec.workers.replicas, 1), spec.detector.rows), halo)
-
-
 class TomoFBP(Plugin):
     """The plugin `tomo-fbp`: a worker's band of slices, reconstructed while the projections arrive (`SliceBand`,
     one per scan). Needs spec.tomography. Each frame's result is an empty receipt; `scan_output` is the band's
     slices (count, cols, cols) float32 and the projections used (bool per angle, packed bits)."""
 
     result = "volume"
+    by_slice = True
 
     @classmethod
     def check_params(cls, params: dict) -> list[tuple[str, str]]:
         return check_params(params)
 
+    @classmethod
+    def halo_rows(cls, params: dict) -> int:
+        pag = params.get("paganin")
+        return halo_rows(pag["pixelSizeM"], pag["distanceM"], pag["energyKeV"], pag["deltaBeta"]) if pag else 0
+
     def __init__(self, params: dict, context: PluginContext):
         self.bands: dict[int, SliceBand] = {}
         super().__init__(params, context)
-        if context.spec.tomography is None:
-            raise ValueError("tomo-fbp reconstructs a tomography scan: spec.tomography is required")
 
     def configure(self, params: dict) -> None:
         super().configure(params)

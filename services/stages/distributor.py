@@ -60,7 +60,7 @@ from detstream.services.dataplane.wire import (
     pack_frames,
 )
 from detstream.services.model.plan import lane_routing_id
-from detstream.services.plugins.tomo_fbp import session_bands
+from detstream.services.plugins import session_bands
 from detstream.services.runtime.stage import HOUSEKEEPING_S, Stage
 from detstream.services.sources import source_class
 

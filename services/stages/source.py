@@ -50,8 +50,7 @@ from detstream.services.dataplane.wire import (
     Outbox,
     is_tcp_address,
 )
-from detstream.services.plugins import plugin_class
-from detstream.services.plugins.tomo_fbp import session_bands
+from detstream.services.plugins import plugin_class, session_bands
 from detstream.services.runtime.stage import Stage, StageError
 from detstream.services.sources import Frame, Refused, ScanEnd, SourceError, source_class
 

@@ -76,8 +76,7 @@ from detstream.services.dataplane.wire import (
     Outbox,
     frame_key,
 )
-from detstream.services.plugins import Plugin, PluginContext, plugin_class
-from detstream.services.plugins.tomo_fbp import session_bands
+from detstream.services.plugins import Plugin, PluginContext, plugin_class, session_bands
 from detstream.services.results.geometry import live_geometry
 from detstream.services.results.reduction import PATTERN_S, FrameReducer, ScanPatterns
 from detstream.services.runtime.faults import failpoint

@@ -74,8 +74,8 @@ from detstream.services.dataplane.wire import (
     unpack_frames,
 )
 from detstream.services.model.plan import LIVE_PORT, lane_routing_id
-from detstream.services.plugins import plugin_class
-from detstream.services.plugins.tomo_fbp import ReconParams, session_bands
+from detstream.services.plugins import plugin_class, session_bands
+from detstream.services.plugins.tomo_fbp import ReconParams
 from detstream.services.results.feed import LiveResults
 from detstream.services.runtime.faults import failpoint
 from detstream.services.runtime.stage import HOUSEKEEPING_S, Stage, StageError
