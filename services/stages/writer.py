@@ -82,7 +82,7 @@ from detstream.services.runtime.stage import HOUSEKEEPING_S, Stage, StageError
 from detstream.services.sinks import session_sink
 from detstream.services.sinks.output import accounting_file, folder_problem, never_overwrite, scan_file
 from detstream.services.sources import source_class
-from detstream.v1.control_pb2 import StageState
+from detstream.v1.control_pb2 import ScanVolume, StageState
 
 DRAIN_QUIET_S = 1.0  # a draining writer finishes after this long without input and no open scan
 # A scan without input for this many (end-of-scan + worker) timeouts, and STALE_MARGIN_S more, is closed as
@@ -406,6 +406,7 @@ class WriterStage(Stage):
                                           {k: record[k] for k in COUNTS})
                 if getattr(scan.file, "totals", None):
                     record["volume"] = scan.file.totals
+                    account.volume.CopyFrom(ScanVolume(**scan.file.totals))   # the status says it too
                 if images is not None:
                     scan.file.add_images(images)
                 scan.file.close()
