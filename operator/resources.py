@@ -53,9 +53,11 @@ def worker_selector(session: Session) -> str:
 
 def rollout_hash(session: Session) -> str:
     """What, when changed, needs the stages restarted: all of the spec but the worker count
-    (the Deployment scales) and the plugin parameters (pushed live over gRPC)."""
+    (the Deployment scales; routed by slice, the bands follow it, so every stage restarts) and the plugin
+    parameters (pushed live over gRPC)."""
     spec = to_manifest(session.spec)
-    spec["workers"].pop("replicas")
+    if not session_bands(session.spec).keyed:
+        spec["workers"].pop("replicas")
     spec["plugin"].pop("params")
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
