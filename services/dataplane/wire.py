@@ -41,7 +41,7 @@ from detstream.v1.wire_pb2 import (
     Header,
 )
 
-WIRE_VERSION = 2
+WIRE_VERSION = 3  # 3: a RESULT carries many frames' results
 MAX_HEADER_BYTES = 4096
 # ZeroMQ's flags as plain ints: an operation on pyzmq's IntFlag members (`zmq.NOBLOCK | zmq.SNDMORE`,
 # `events & zmq.POLLIN`) runs Python code of the enum module, ~2-5 us each, several per message.
@@ -52,8 +52,8 @@ __all__ = ["ABSENT", "ASSIGN", "BLOCK", "BLOCK_END", "CALIBRATION", "CREDIT", "D
            "END_OF_SCAN", "GONE", "HEARTBEAT", "PARTIAL", "PATTERN", "RECEIPT", "RELEASE", "RESULT", "SAMPLE",
            "TAKEN", "VOLUME", "WANT",
            "Header", "WireError", "REJECT_REASONS", "Geometry", "Message", "Outbox", "frame_key", "is_tcp_address",
-           "decode", "receive_parts", "Gaps", "FRAME_BITS", "pack_frames", "unpack_frames", "NOBLOCK", "POLLIN",
-           "POLLOUT"]
+           "decode", "results", "receive_parts", "Gaps", "FRAME_BITS", "pack_frames", "unpack_frames", "NOBLOCK",
+           "POLLIN", "POLLOUT"]
 
 
 # Every reason a stage rejects a message for: the values of the `reason` label of
@@ -193,8 +193,8 @@ def decode(raw: Sequence[zmq.Frame], geometry: Geometry | None = None) -> Messag
     expected_parts = _PARTS.get(kind)
     if expected_parts is not None and len(parts) != expected_parts:
         raise _wrong_parts(kind, parts, expected_parts)
-    if kind == RESULT and not parts:
-        raise WireError("parts", "RESULT without a payload")
+    if kind == RESULT:
+        _check_results(header, parts, geometry)
     if kind == CALIBRATION and len(parts[0]) > MAX_CALIBRATION_BYTES:
         raise WireError("size", f"CALIBRATION of {len(parts[0])} bytes exceeds {MAX_CALIBRATION_BYTES}")
     if kind == END_OF_SCAN:
@@ -242,6 +242,28 @@ def _check_volume(header: Header, parts: Sequence[zmq.Frame]) -> None:
     if len(parts[0]) != 4 * shape[0] * shape[1] * shape[2]:
         raise WireError("size", f"VOLUME slices of {len(parts[0])} bytes, its shape {shape} makes "
                                 f"{4 * shape[0] * shape[1] * shape[2]}")
+
+
+def _check_results(header: Header, parts: Sequence[zmq.Frame], g: Geometry | None) -> None:
+    """A RESULT: per frame a sector mask and a count of its parts (at least one), the counts adding up to the
+    parts; frames in the scan."""
+    frames, counts = header.frames, header.part_counts
+    if not frames or len(header.sector_masks) != len(frames) or len(counts) != len(frames):
+        raise WireError("parts", f"RESULT of {len(frames)} frames with {len(header.sector_masks)} sector masks and "
+                                 f"{len(counts)} part counts")
+    if sum(counts) != len(parts) or 0 in counts:
+        raise WireError("parts", f"RESULT with {len(parts)} parts, its frames count {list(counts)[:8]}")
+    if g is not None and max(frames) >= g.scan_frames:
+        raise WireError("range", f"frame {max(frames)} of a scan of {g.scan_frames} frames")
+
+
+def results(header: Header, parts: Sequence) -> list[tuple[int, int, Sequence]]:
+    """A RESULT's (frame, sector mask, the frame's result parts), frame by frame (as `decode` checked it)."""
+    out, start = [], 0
+    for frame, mask, count in zip(header.frames, header.sector_masks, header.part_counts):
+        out.append((frame, mask, parts[start:start + count]))
+        start += count
+    return out
 
 
 def _check_lost_frames(header: Header, parts: Sequence[zmq.Frame], g: Geometry | None) -> None:

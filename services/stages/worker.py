@@ -6,8 +6,9 @@ lane routes a block to it against credit for the block's frames and every source
 of the block there (BLOCK). The worker assembles each frame (`dataplane/assembly.py`): a frame goes to
 the plugin once all its sectors are in, or zero-filled and partial once every source has ended the
 block or after the frame timeout; the block's frames of which nothing came are named to the lane
-(absent), which gives their credit back. A result is all the worker sends per frame: the writer
-acknowledges it to the block's lane, which counts the frame done and gives its credit back only then.
+(absent), which gives their credit back. A result is all the worker sends per frame, and a turn's results go
+to the writer in one RESULT message per scan (at most RESULT_FRAMES frames' worth): the writer acknowledges
+each to the block's lane, which counts the frame done and gives its credit back only then.
 So a worker killed with results still queued loses nothing (the lane routes those frames again, the
 sources still keep them, and the writer drops any copy it already has).
 
@@ -34,7 +35,7 @@ PATTERN message every PATTERN_S while frames come, and as soon as this worker's 
 had one of the scan's last frames (the writer waits for the patterns before it closes the scan; a pattern is 2
 MB at 576x576, three frames' worth, so not at every pause of a slow stream). A result's parts are [record (empty
 with the live view off)] + [the frame's strips, when kept]: the writer still gets one result per frame, so the
-accounting is the same.
+accounting is the same. A turn's results go before its patterns (and a scan's output) on the same socket.
 
 Routed by slice (spec.tomography, dataplane/bands.py), worker replica k owns band k: it names the band in its
 CREDITs, its "frames" are the band's rows (its geometry says so, so the assembly is unchanged), and its RESULTs
@@ -85,6 +86,7 @@ from detstream.services.sinks import session_sink
 
 CALIBRATION_IDLE_S = 0.5  # calibrate on the samples there are when the stream pauses this long
 PAUSE_S = 0.02  # a scan's last patterns go to the writer when no frame came for this long (else every PATTERN_S)
+RESULT_FRAMES = 128  # frames' results per RESULT message at most (a turn's worth: 8 blocks of 16)
 OUTPUT_PAUSE_S = 1.0  # a scan's output so far goes to the writer when none of its frames came for this long
 
 
@@ -127,6 +129,7 @@ class WorkerStage(Stage):
         self.last_frame = time.monotonic()
         self.housekeeping_s = min(HOUSEKEEPING_S, spec.transport.heartbeat_s / 2)  # heartbeats, calibration, gauges
         self.outgoing: deque[tuple[Header, list]] = deque()   # results the writer's queue cannot take yet
+        self.results: dict[int, tuple[Header, list]] = {}   # scan -> its results of this turn (one RESULT)
         self.output_due: dict[int, float] = {}   # scans with frames since their last output -> when it is due
         self.scan_outputs = self.plugin_cls.scan_output is not Plugin.scan_output   # the plugin reduces scans
         self.process_delay = failpoint(self.name, self.role, "process-delay")
@@ -145,6 +148,7 @@ class WorkerStage(Stage):
         # the writer's socket is watched only while results wait for room there
         self.reactor.on_writable(self.writer.socket, self.flush, when=lambda: bool(self.outgoing))
         self.reactor.every(0, self.apply_updates)
+        self.reactor.every(0, self.send_results)
         if self.reducer is not None:
             self.reactor.every(0, self.send_patterns)
         self.reactor.every(self.housekeeping_s, self.housekeeping)
@@ -222,16 +226,27 @@ class WorkerStage(Stage):
         self.metrics.latency.observe(time.perf_counter() - t0)
         # a turn may process many blocks (a slow plugin: seconds): the lanes must not read that as silence
         self.heartbeat(time.monotonic())
-        result = Header(kind=RESULT, scan=scan, frame=frame, position=frame,
-                        flags=PARTIAL if mask != self.assembly.all_sectors else 0, sector_mask=mask,
-                        scan_rows=self.spec.scan.rows, scan_cols=self.spec.scan.cols, result=self.plugin_cls.result,
-                        band=self.band)
-        self.outgoing.append((result, list(out)))
+        header, parts = self.results.get(scan) or self.results.setdefault(scan, (
+            Header(kind=RESULT, scan=scan, scan_rows=self.spec.scan.rows, scan_cols=self.spec.scan.cols,
+                   result=self.plugin_cls.result, band=self.band), []))
+        header.frames.append(frame)
+        header.sector_masks.append(mask)
+        header.part_counts.append(len(out))
+        parts.extend(out)
+        if len(header.frames) >= RESULT_FRAMES:
+            self.send_results()
         if self.scan_outputs:
             self.output_due[scan] = time.monotonic() + OUTPUT_PAUSE_S
             if self.plugin.scan_complete(scan):
                 self.send_output(scan, final=True)
-        self.flush()
+
+    def send_results(self, now: float = 0.0) -> None:
+        """After a turn (and before anything that must follow them: patterns, a scan's output): the results
+        gathered, one RESULT message per scan, to the writer."""
+        if self.results:
+            self.outgoing.extend(self.results.values())
+            self.results.clear()
+            self.flush()
 
     def send_outputs(self, now: float) -> None:
         """The scans whose input paused: what the plugin made of them so far, to the writer."""
@@ -245,6 +260,7 @@ class WorkerStage(Stage):
         out = self.plugin.scan_output(scan, final)
         if out is None:
             return
+        self.send_results()  # the results the output covers go first
         slices, used = out
         self.outgoing.append((Header(kind=VOLUME, scan=scan, band=self.band, shape=slices.shape,
                                      dtype=slices.dtype.str, flags=0 if final else PARTIAL),
@@ -271,6 +287,7 @@ class WorkerStage(Stage):
         frame came for PAUSE_S. Meanwhile the turns wait PAUSE_S at most, so that pause is seen when it comes."""
         if not self.patterns:
             return
+        self.send_results()  # the results the patterns cover go first
         paused = time.monotonic() - self.last_frame >= PAUSE_S
         for scan, patterns in list(self.patterns.items()):
             ending = scan in self.ending
@@ -291,7 +308,7 @@ class WorkerStage(Stage):
                 return
             self.outgoing.popleft()
             if header.kind == RESULT:
-                self.counters.frames_out += 1
+                self.counters.frames_out += len(header.frames)
                 self.counters.bytes_out += sum(memoryview(p).nbytes for p in parts)
 
     def calibrate(self) -> None:

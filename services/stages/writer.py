@@ -15,7 +15,8 @@ counted lost and the lanes that never ended it named; a scan of which nothing ca
 an open one (or, once streaming, with no input for as long), is opened for that.
 These rules are `WriterScans` in `dataplane/accounting.py`; this module holds the sockets and the files.
 
-Workers send results on a DEALER to this ROUTER; every result (new, duplicate or late) is
+Workers send results on a DEALER to this ROUTER, a turn's worth of frames in one RESULT message (wire.results
+splits it); every frame's result (new, duplicate or late) is
 acknowledged with a RECEIPT to the distributor of its lane (on the DEALER that distributor connects
 here; a turn's results go out as one receipt per lane), which counts the frame done only then. So
 when a lane's END_OF_SCAN arrives, the results it accounts for are here already. A file is created at the
@@ -52,17 +53,18 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import zmq
 
 from detstream.services.dataplane.accounting import COUNTS, WriterScans, scan_account, scan_record
+from detstream.services.dataplane.blocks import Blocks
 from detstream.services.dataplane.scans import WrittenScan
 from detstream.services.dataplane.wire import (
     CALIBRATION,
     END_OF_SCAN,
-    PARTIAL,
     PATTERN,
     RECEIPT,
     RESULT,
@@ -71,6 +73,7 @@ from detstream.services.dataplane.wire import (
     Message,
     Outbox,
     frame_key,
+    results,
     unpack_frames,
 )
 from detstream.services.model.plan import LIVE_PORT, lane_routing_id
@@ -113,6 +116,8 @@ class WriterStage(Stage):
         self.results = Outbox(results, self.name)
         self.receipts: dict[int, tuple[list[int], list[int]]] = {}  # lane -> keys (and bands) of the turn's results
         self.bands = session_bands(self.spec)
+        self.blocks = Blocks(self.spec.scan.frames, self.spec.transport.block_frames, self.spec.lanes)
+        self.all_sectors = (1 << self.spec.detector.sectors) - 1  # a frame's sector mask when none was missing
         self.write_delay = failpoint(self.name, self.role, "write-delay")
         transport = self.spec.transport
         self.accounts = WriterScans(self.spec.lanes, self.spec.scan.rows, self.spec.scan.cols, self.spec.scan.count,
@@ -183,46 +188,68 @@ class WriterStage(Stage):
         if h.kind == VOLUME:
             self.take_volume(msg)
             return
-        if h.kind not in (RESULT, END_OF_SCAN):
+        if h.kind == RESULT:
+            self.take_results(msg)
+            return
+        if h.kind != END_OF_SCAN:
             self.refuse("kind", msg)
             return
-        parts = [part.buffer for part in msg.parts]
-        live_parts = parts
-        if h.kind == RESULT and self.kind == "frames":  # [the live record] + [the frame, when a sink keeps it]
-            live_parts, parts = parts[:1], parts[1:]
-        if h.kind == RESULT:
-            # even for a result refused below: the frame must not stay in flight for ever (a plugin
-            # returning bad results shows as frames unaccounted, which fails the session loudly)
-            lane = (h.frame // self.spec.transport.block_frames) % self.spec.lanes   # the lane of its block
-            keys, bands = self.receipts.setdefault(lane, ([], []))
-            keys.append(frame_key(h.scan, h.frame))
-            bands.append(h.band)
-            if not self.valid_result(msg, parts):
-                return
-        if h.scan in self.accounts.closed:
-            if h.kind == RESULT:
-                self.counters.outcomes["duplicate"] += 1
-            return
+        if h.scan not in self.accounts.closed:
+            scan = self.open_scan(h)
+            if scan is not None:
+                self.end_of_lane(scan, msg)
+
+    def open_scan(self, h: Header) -> WrittenScan | None:
+        """The open scan a message is of (opened at its first), or None for a scan of another geometry (refused)."""
         scan = self.accounts.scan(h.scan, h.scan_rows, h.scan_cols, self.last_input)
         if scan is None:
             self.refuse("geometry", None, f"scan {h.scan} of {h.scan_rows or self.spec.scan.rows}x"
                                           f"{h.scan_cols or self.spec.scan.cols} positions")
+        return scan
+
+    def take_results(self, msg: Message) -> None:
+        """A worker's RESULT: the results of some frames of one scan (a frame number is its scan position)."""
+        h = msg.header
+        frames = results(h, [part.buffer for part in msg.parts])
+        for frame, _, _ in frames:
+            # even for a result refused below: the frame must not stay in flight for ever (a plugin
+            # returning bad results shows as frames unaccounted, which fails the session loudly)
+            keys, bands = self.receipts.setdefault(self.blocks.lane(self.blocks.of(frame)), ([], []))
+            keys.append(frame_key(h.scan, frame))
+            bands.append(h.band)
+        if h.result != self.kind or (self.bands.keyed and h.band >= self.bands.count):
+            self.refuse("result" if h.result != self.kind else "range", msg,
+                        f"results this writer cannot take ({h.result} of band {h.band}; it takes {self.kind} of "
+                        f"{self.bands.count} bands)")
             return
-        if h.kind == END_OF_SCAN:
-            self.end_of_lane(scan, msg)
+        if h.scan in self.accounts.closed:
+            self.counters.outcomes["duplicate"] += len(frames)
             return
+        scan = self.open_scan(h)
+        if scan is None:
+            return
+        self.counters.bytes_in += msg.payload_bytes
+        for frame, mask, parts in frames:
+            self.take_result(scan, msg, frame, mask, parts)
+
+    def take_result(self, scan: WrittenScan, msg: Message, frame: int, mask: int, parts: Sequence) -> None:
+        """One frame's result (`parts`: its buffers): accounted, written by the sink, shown live."""
+        live_parts = parts
+        if self.kind == "frames":  # [the live record] + [the frame, when a sink keeps it]
+            live_parts, parts = parts[:1], parts[1:]
+        if self.sink is not None:
+            reason = self.sink.refusal(parts, self.spec)
+            if reason:
+                self.refuse(reason, msg, f"frame {frame}: a result this writer cannot take")
+                return
         if self.write_delay:
             time.sleep(self.write_delay)
         self.counters.frames_in += 1
-        self.counters.bytes_in += msg.payload_bytes
-        partial = bool(h.flags & PARTIAL)
+        partial = mask != self.all_sectors
         if self.bands.keyed:
-            if h.band >= self.bands.count:
-                self.refuse("range", msg, f"band {h.band} of {self.bands.count}")
-                return
-            written = self.accounts.band_result(scan, h.position, h.band, self.bands.count, partial)
+            written = self.accounts.band_result(scan, frame, msg.header.band, self.bands.count, partial)
         else:
-            written = self.accounts.result(scan, h.position, h.sector_mask, partial)
+            written = self.accounts.result(scan, frame, mask, partial)
         if not written:
             self.counters.outcomes["duplicate"] += 1
             return
@@ -230,25 +257,10 @@ class WriterStage(Stage):
         if partial:
             self.counters.outcomes["partial"] += 1
         if self.sink is not None:
-            self.write(scan, h.position, parts)
-        if self.live is not None and not self.live.add(scan.number, (scan.rows, scan.cols), h.position, live_parts,
-                                                       partial, h.sender, frame_key(h.scan, h.frame)):
+            self.write(scan, frame, parts)
+        if self.live is not None and not self.live.add(scan.number, (scan.rows, scan.cols), frame, live_parts,
+                                                       partial, msg.header.sender, frame_key(scan.number, frame)):
             self.refuse("size", msg, "a frames result without a live record of this geometry: written, not shown live")
-
-    def valid_result(self, msg: Message, parts: list) -> bool:
-        """A RESULT this writer can take: the session's result kind, a position in the scan, and payload parts
-        (`parts`: its buffers) its sink takes (anything else is counted and dropped)."""
-        h = msg.header
-        reason = None
-        if h.result != self.kind:
-            reason = "result"
-        elif h.position >= self.spec.scan.frames or h.frame >= self.spec.scan.frames:
-            reason = "range"
-        elif self.sink is not None:
-            reason = self.sink.refusal(parts, self.spec)
-        if reason:
-            self.refuse(reason, msg, "a result this writer cannot take")
-        return reason is None
 
     def take_pattern(self, msg: Message) -> None:
         """A worker's summed and maximum patterns of raw frames (feed.LiveResults.add_pattern)."""
@@ -350,7 +362,7 @@ class WriterStage(Stage):
                 continue
             del self.receipts[lane]
 
-    def write(self, scan: WrittenScan, position: int | None, parts: list[memoryview]) -> None:
+    def write(self, scan: WrittenScan, position: int | None, parts: Sequence) -> None:
         """A result into the scan's file, opened at the first (`position` None: only open it)."""
         path = scan_file(self.output, self.plan.session, scan.number)
         try:
