@@ -23,9 +23,11 @@ first result of a scan (a scan of which nothing arrived leaves no file), written
 and renamed when complete; a write error (full disk) fails the stage with the reason and leaves
 no file behind.
 
-With spec.liveView on (the default) the writer also makes the live results (services/results/feed.py): each
-turn's new results go into the session's live store, served on the writer's `live` port, and each scan's
-STEM images go into its file at close (`stem/`, stempy's layout). Duplicates and refused results are not shown.
+With spec.liveView on (the default) the writer also makes the live results of its result kind
+(services/results/feed.py `live_feed`: 4D-STEM images, or tomography's chosen slices): each turn's new results go
+into the session's live store, served on the writer's `live` port, and each scan's STEM images go into its file at
+close (`stem/`, stempy's layout). Duplicates and refused results are not shown. The messages only the live view
+takes (PATTERN, PREVIEW) go to the feed (`take`).
 
 Raw frames (the `frames` result kind: noop) are reduced in the workers (results/reduction.py), so such a
 result carries no pixels unless the session keeps the frames (a sink for them: spec.output.keepFrames, or a
@@ -40,11 +42,11 @@ calibrate on the same samples, so they agree; if they ever did not, the writer s
 
 Routed by slice (spec.tomography, dataplane/bands.py) each RESULT names its band and each receipt the band of
 each key; a frame is written with its first band's result, partial until every band's came (the scan's bit mask
-per frame is then a bit per band). The `volume` kind's results are receipts: each worker sends its band's
-slices (VOLUME) once it has the scan, or so far when its input pauses; the last of each band stands. A scan waits
-(at most the end-of-scan timeout of silence) for every band with results to send a VOLUME covering them, then
-its sink writes the volume with the accounting per angle and per slice, and the scan's record says whether the
-volume is complete (`volume`: projections expected = used + lost, slices missing).
+per frame is then a bit per band). A plugin that reduces whole scans (tomo-fbp: results are receipts) has each
+worker send its band's output (VOLUME) once it has the scan, or so far when its input pauses: the writer hands it
+to the scan's sink (`take_output`; the sink checks it and keeps the last of each band), and a scan waits (at most
+the end-of-scan timeout of silence) while the sink is `awaiting_outputs`; its `record_fields` join the scan's
+record (a volume's projections expected = used + lost). The writer holds no technique or file-format code.
 """
 
 from __future__ import annotations
