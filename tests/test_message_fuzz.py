@@ -58,7 +58,7 @@ NATURAL = {wire_pb2.BLOCK: ["worker"], wire_pb2.SAMPLE: ["worker"], wire_pb2.WAN
            wire_pb2.RESULT: ["writer"], wire_pb2.END_OF_SCAN: ["distributor-route", "writer"],
            wire_pb2.CREDIT: ["distributor-work"], wire_pb2.HEARTBEAT: ["distributor-work"],
            wire_pb2.RECEIPT: ["distributor-receipts"], wire_pb2.CALIBRATION: ["writer"],
-           wire_pb2.VOLUME: ["writer"], wire_pb2.GONE: ["source"]}
+           wire_pb2.VOLUME: ["writer"], wire_pb2.PREVIEW: ["writer"], wire_pb2.GONE: ["source"]}
 ADDRESSES = ["tcp://127.0.0.1:1", "tcp://127.0.0.1:0", "tcp://nowhere", "ipc:///tmp/x", "", "tcp://[::1]:5"]
 KEYS = ["worker-0", "worker-7", "", "../../etc/passwd"]
 PEERS = [b"peer-a", b"peer-b", b"\x00"]
@@ -86,6 +86,10 @@ def build(kind, scan, frame, sector, mutation, target, seed):
         h.flags = int(rng.integers(0, 4))
     elif kind == wire_pb2.VOLUME:   # band 0's 4 slices of 8x8 and its 12 angles, or a shape of another band
         h.shape.extend([4 if seed % 3 else 5, 8, 8])
+        h.dtype = "<f4"
+        parts = [rng.random(h.shape[0] * 64, np.float32).tobytes(), np.packbits(rng.random(12) < 0.9).tobytes()]
+    elif kind == wire_pb2.PREVIEW:  # band 1's chosen slice (the middle one, 4) of 8x8, or two slices
+        h.shape.extend([1 if seed % 3 else 2, 8, 8])
         h.dtype = "<f4"
         parts = [rng.random(h.shape[0] * 64, np.float32).tobytes(), np.packbits(rng.random(12) < 0.9).tobytes()]
     elif kind == wire_pb2.GONE:

@@ -31,6 +31,7 @@ from detstream.v1.wire_pb2 import (
     HEARTBEAT,
     PARTIAL,
     PATTERN,
+    PREVIEW,
     RECEIPT,
     RELEASE,
     RESULT,
@@ -49,8 +50,8 @@ NOBLOCK, POLLIN, POLLOUT, _SNDMORE = int(zmq.NOBLOCK), int(zmq.POLLIN), int(zmq.
 FRAME_BITS = 40  # a frame key is scan << 40 | frame: 10^12 frames per scan, 2^24 scans
 
 __all__ = ["ABSENT", "ASSIGN", "BLOCK", "BLOCK_END", "CALIBRATION", "CREDIT", "DETECTOR_END", "DUPLICATE",
-           "END_OF_SCAN", "GONE", "HEARTBEAT", "PARTIAL", "PATTERN", "RECEIPT", "RELEASE", "RESULT", "SAMPLE",
-           "TAKEN", "VOLUME", "WANT",
+           "END_OF_SCAN", "GONE", "HEARTBEAT", "PARTIAL", "PATTERN", "PREVIEW", "RECEIPT", "RELEASE", "RESULT",
+           "SAMPLE", "TAKEN", "VOLUME", "WANT",
            "Header", "WireError", "REJECT_REASONS", "Geometry", "Message", "Outbox", "frame_key", "is_tcp_address",
            "decode", "results", "receive_parts", "Gaps", "FRAME_BITS", "pack_frames", "unpack_frames", "NOBLOCK",
            "POLLIN", "POLLOUT"]
@@ -165,7 +166,7 @@ class Message:
 
 
 _PARTS = {ABSENT: 0, CREDIT: 0, HEARTBEAT: 0, RECEIPT: 0, CALIBRATION: 1, WANT: 0, ASSIGN: 0, RELEASE: 0, TAKEN: 0,
-          PATTERN: 3, VOLUME: 2, GONE: 0}
+          PATTERN: 3, VOLUME: 2, PREVIEW: 2, GONE: 0}
 MAX_CALIBRATION_BYTES = 65536
 _KINDS = frozenset(wire_pb2.Kind.values()) - {wire_pb2.KIND_UNSPECIFIED}  # Kind.values() builds a list per call
 
@@ -199,9 +200,9 @@ def decode(raw: Sequence[zmq.Frame], geometry: Geometry | None = None) -> Messag
         raise WireError("size", f"CALIBRATION of {len(parts[0])} bytes exceeds {MAX_CALIBRATION_BYTES}")
     if kind == END_OF_SCAN:
         _check_lost_frames(header, parts, geometry)
-    if kind == VOLUME:
+    if kind in (VOLUME, PREVIEW):
         _check_volume(header, parts)
-    if geometry is not None and geometry.scans is not None and kind in (RESULT, END_OF_SCAN, VOLUME) \
+    if geometry is not None and geometry.scans is not None and kind in (RESULT, END_OF_SCAN, VOLUME, PREVIEW) \
             and header.scan >= geometry.scans:
         raise WireError("range", f"scan {header.scan} of a session of {geometry.scans} scans")
     return Message(header, parts)
@@ -235,12 +236,13 @@ def _check_block(header: Header, parts: Sequence[zmq.Frame], g: Geometry) -> Non
 
 
 def _check_volume(header: Header, parts: Sequence[zmq.Frame]) -> None:
-    """A VOLUME: float32 slices of its 3-d `shape` (the writer checks the shape and the bitmap against the band)."""
-    shape = list(header.shape)
+    """A VOLUME or PREVIEW: float32 slices of its 3-d `shape` (the writer's sink or live view checks the shape and
+    the bitmap against the band)."""
+    shape, name = list(header.shape), wire_pb2.Kind.Name(header.kind)
     if len(shape) != 3 or header.dtype != np.dtype(np.float32).str:
-        raise WireError("geometry", f"VOLUME of shape {shape} {header.dtype!r}, expected (slices, cols, cols) <f4")
+        raise WireError("geometry", f"{name} of shape {shape} {header.dtype!r}, expected (slices, cols, cols) <f4")
     if len(parts[0]) != 4 * shape[0] * shape[1] * shape[2]:
-        raise WireError("size", f"VOLUME slices of {len(parts[0])} bytes, its shape {shape} makes "
+        raise WireError("size", f"{name} slices of {len(parts[0])} bytes, its shape {shape} makes "
                                 f"{4 * shape[0] * shape[1] * shape[2]}")
 
 

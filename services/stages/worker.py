@@ -41,7 +41,10 @@ Routed by slice (spec.tomography, dataplane/bands.py), worker replica k owns ban
 CREDITs, its "frames" are the band's rows (its geometry says so, so the assembly is unchanged), and its RESULTs
 name the band. A plugin that reduces the whole scan (tomo-fbp) gives the writer its `scan_output` (VOLUME: the
 band's slices) once it has every frame of the scan, and meanwhile whenever this worker's input of that scan pauses
-for OUTPUT_PAUSE_S (frames may still come: the writer keeps the last one).
+for OUTPUT_PAUSE_S (frames may still come: the writer keeps the last one). With the live view on, a worker whose
+band holds slices spec.liveView.slices chose sends the writer those slices so far (PREVIEW, the plugin's
+`scan_preview`) PREVIEW_S after a frame of the scan came, so every PREVIEW_S while frames come, and the same
+slices of every VOLUME it sends (results/slices.py).
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ from detstream.services.dataplane.wire import (
     HEARTBEAT,
     PARTIAL,
     PATTERN,
+    PREVIEW,
     RESULT,
     SAMPLE,
     TAKEN,
@@ -80,6 +84,7 @@ from detstream.services.dataplane.wire import (
 from detstream.services.plugins import Plugin, PluginContext, plugin_class, session_bands
 from detstream.services.results.geometry import live_geometry
 from detstream.services.results.reduction import PATTERN_S, FrameReducer, ScanPatterns
+from detstream.services.results.slices import PREVIEW_S, band_previews
 from detstream.services.runtime.faults import failpoint
 from detstream.services.runtime.stage import HOUSEKEEPING_S, POLL_MS, Stage
 from detstream.services.sinks import session_sink
@@ -132,6 +137,10 @@ class WorkerStage(Stage):
         self.results: dict[int, tuple[Header, list]] = {}   # scan -> its results of this turn (one RESULT)
         self.output_due: dict[int, float] = {}   # scans with frames since their last output -> when it is due
         self.scan_outputs = self.plugin_cls.scan_output is not Plugin.scan_output   # the plugin reduces scans
+        # the slices of its scan outputs the live view shows (indices into the band), and when each scan's are due
+        self.previewed = band_previews(spec, *self.context.slices) \
+            if self.scan_outputs and spec.live_view.enabled and spec.tomography is not None else []
+        self.preview_due: dict[int, float] = {}
         self.process_delay = failpoint(self.name, self.role, "process-delay")
         raw = self.plugin_cls.result == "frames"
         self.keep_frames = raw and session_sink(spec, "frames") is not None  # the writer writes them
@@ -158,6 +167,7 @@ class WorkerStage(Stage):
         self.sample_assembly.sweep(now, self.spec.transport.frame_timeout_s)
         self.calibrate_if_idle(now)
         self.send_outputs(now)
+        self.send_previews(now)
         self.heartbeat(now)
         self.counters.queue_depth = len(self.outgoing)
         self.counters.in_flight = len(self.held) + len(self.outgoing) + self.assembly.waiting
@@ -237,6 +247,8 @@ class WorkerStage(Stage):
             self.send_results()
         if self.scan_outputs:
             self.output_due[scan] = time.monotonic() + OUTPUT_PAUSE_S
+            if self.previewed:
+                self.preview_due.setdefault(scan, time.monotonic() + PREVIEW_S)
             if self.plugin.scan_complete(scan):
                 self.send_output(scan, final=True)
 
@@ -265,6 +277,25 @@ class WorkerStage(Stage):
         self.outgoing.append((Header(kind=VOLUME, scan=scan, band=self.band, shape=slices.shape,
                                      dtype=slices.dtype.str, flags=0 if final else PARTIAL),
                               [np.ascontiguousarray(slices, np.float32), used]))
+        if self.previewed:   # the live view's last of these slices is the file's
+            self.preview_due.pop(scan, None)
+            self.send_preview(scan, [slices[self.previewed], used])
+
+    def send_previews(self, now: float) -> None:
+        """The scans whose chosen slices are due (PREVIEW_S after a frame came): those slices so far, to the
+        writer's live view."""
+        for scan in [s for s, due in self.preview_due.items() if now > due]:
+            del self.preview_due[scan]
+            preview = self.plugin.scan_preview(scan, self.previewed)
+            if preview is not None:
+                self.send_preview(scan, preview)
+        self.flush()
+
+    def send_preview(self, scan: int, preview: list[np.ndarray]) -> None:
+        """[slices (chosen, cols, cols), bitmap] as a PREVIEW."""
+        slices = np.ascontiguousarray(preview[0], np.float32)
+        self.outgoing.append((Header(kind=PREVIEW, scan=scan, band=self.band, shape=slices.shape,
+                                     dtype=slices.dtype.str), [slices, preview[1]]))
 
     def raw_result(self, scan: int, frame: int, parts) -> list:
         """A raw frame's result parts: [its live record (b"" with the live view off, or for parts that are not

@@ -26,6 +26,7 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PATTERN: _ClassVar[Kind]
     GONE: _ClassVar[Kind]
     VOLUME: _ClassVar[Kind]
+    PREVIEW: _ClassVar[Kind]
 
 class Flag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -51,6 +52,7 @@ ABSENT: Kind
 PATTERN: Kind
 GONE: Kind
 VOLUME: Kind
+PREVIEW: Kind
 FLAG_NONE: Flag
 PARTIAL: Flag
 DUPLICATE: Flag
