@@ -111,11 +111,14 @@ def test_garbage_on_every_port_while_streaming_is_rejected_counted_and_the_scan_
         # results the writer cannot take: wrong kind of result, not whole uint32s, pixel out of the frame
         writer = ctx.socket(zmq.DEALER)
         writer.connect(f"tcp://127.0.0.1:{local.plan.stage('writer', 0).ports['results']}")
-        writer.send_multipart([h(kind=RESULT, scan=0, frame=3, position=3, result="frames"), b"1234"])
-        writer.send_multipart([h(kind=RESULT, scan=0, frame=3, position=3, result="events"), b"123"])
-        writer.send_multipart([h(kind=RESULT, scan=0, frame=3, position=3, result="events"),
+        frame3 = {"frames": [3], "sector_masks": [1], "part_counts": [1]}
+        writer.send_multipart([h(kind=RESULT, scan=0, result="frames", **frame3), b"1234"])
+        writer.send_multipart([h(kind=RESULT, scan=0, result="events", **frame3), b"123"])
+        writer.send_multipart([h(kind=RESULT, scan=0, result="events", **frame3),
                                np.array([64 * 64], np.uint32).tobytes()])
-        writer.send_multipart([h(kind=RESULT, scan=0, frame=3, position=3, result="events")])
+        writer.send_multipart([h(kind=RESULT, scan=0, result="events", **frame3)])
+        writer.send_multipart([h(kind=RESULT, scan=0, result="events", frames=[3, 4], sector_masks=[1],
+                                 part_counts=[1, 1]), b"", b""])
         for p in local.stages:  # control and metrics ports: raw garbage, and bad HTTP
             raw_tcp_garbage(p.stage.ports["control"], rng)
             raw_tcp_garbage(p.stage.ports["metrics"], rng)

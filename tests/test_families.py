@@ -144,8 +144,9 @@ def test_grid_sources_split_sectors_among_replicas_and_end_each_scan():
     for a, b in zip(items[0], items[1]):
         if isinstance(a, Frame):
             assert [s for s, _ in a.sectors] == [0, 2] and [s for s, _ in b.sectors] == [1]
-            sectors = dict(a.sectors + b.sectors)
-            np.testing.assert_array_equal(np.hstack([sectors[s] for s in range(3)]), sim.frame(a.scan, a.frame))
+            sectors = dict([*a.sectors, *b.sectors])
+            strips = [np.frombuffer(sectors[s], sim.dtype).reshape(sim.rows, sim.width) for s in range(3)]
+            np.testing.assert_array_equal(np.hstack(strips), sim.frame(a.scan, a.frame))
 
 
 def test_the_external_kind_runs_no_source_of_its_own():

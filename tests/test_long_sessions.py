@@ -28,7 +28,7 @@ def feed(writer: WriterStage, scan: int) -> None:
     written = scan % 2 == 0
     if written:
         result = Header(version=WIRE_VERSION, kind=RESULT, sender="worker-0", scan=scan, result="frames", scan_rows=1,
-                        scan_cols=1)
+                        scan_cols=1, frames=[0], sector_masks=[1], part_counts=[1])
         writer.handle(decode([zmq.Frame(result.SerializeToString()), zmq.Frame(b"")], writer.geometry))
     end = Header(version=WIRE_VERSION, kind=END_OF_SCAN, sender="distributor-0", scan=scan, expected=1,
                  sent=int(written), lost=int(not written), scan_rows=1, scan_cols=1)

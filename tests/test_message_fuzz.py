@@ -58,7 +58,7 @@ NATURAL = {wire_pb2.BLOCK: ["worker"], wire_pb2.SAMPLE: ["worker"], wire_pb2.WAN
            wire_pb2.RESULT: ["writer"], wire_pb2.END_OF_SCAN: ["distributor-route", "writer"],
            wire_pb2.CREDIT: ["distributor-work"], wire_pb2.HEARTBEAT: ["distributor-work"],
            wire_pb2.RECEIPT: ["distributor-receipts"], wire_pb2.CALIBRATION: ["writer"],
-           wire_pb2.VOLUME: ["writer"], wire_pb2.GONE: ["source"]}
+           wire_pb2.VOLUME: ["writer"], wire_pb2.PREVIEW: ["writer"], wire_pb2.GONE: ["source"]}
 ADDRESSES = ["tcp://127.0.0.1:1", "tcp://127.0.0.1:0", "tcp://nowhere", "ipc:///tmp/x", "", "tcp://[::1]:5"]
 KEYS = ["worker-0", "worker-7", "", "../../etc/passwd"]
 PEERS = [b"peer-a", b"peer-b", b"\x00"]
@@ -67,7 +67,7 @@ PEERS = [b"peer-a", b"peer-b", b"\x00"]
 def build(kind, scan, frame, sector, mutation, target, seed):
     """A message of `kind` as the session would carry it, then (by `mutation`) broken in one way."""
     rng = np.random.default_rng(seed)
-    h = Header(version=WIRE_VERSION, kind=kind, scan=scan, frame=frame, position=frame, scan_rows=4, scan_cols=4,
+    h = Header(version=WIRE_VERSION, kind=kind, scan=scan, scan_rows=4, scan_cols=4,
                sender=["source-0", "distributor-0", "worker-0", "x"][seed % 4], band=seed % 5 // 2)
     parts = []
     rows = 4 if seed % 5 == 1 else 8   # a band's rows (tomo), or a whole frame's
@@ -88,11 +88,19 @@ def build(kind, scan, frame, sector, mutation, target, seed):
         h.shape.extend([4 if seed % 3 else 5, 8, 8])
         h.dtype = "<f4"
         parts = [rng.random(h.shape[0] * 64, np.float32).tobytes(), np.packbits(rng.random(12) < 0.9).tobytes()]
+    elif kind == wire_pb2.PREVIEW:  # band 1's chosen slice (the middle one, 4) of 8x8, or two slices
+        h.shape.extend([1 if seed % 3 else 2, 8, 8])
+        h.dtype = "<f4"
+        parts = [rng.random(h.shape[0] * 64, np.float32).tobytes(), np.packbits(rng.random(12) < 0.9).tobytes()]
     elif kind == wire_pb2.GONE:
         h.address = ADDRESSES[seed % len(ADDRESSES)]
     elif kind == wire_pb2.RESULT:
         h.result = ["events", "volume"][seed % 2]
-        parts = [np.unique(rng.integers(0, 64, int(rng.integers(0, 5)))).astype(np.uint32).tobytes()]
+        h.frames.extend(sorted({frame, (frame + seed % 3) % 16}))   # one or two frames' results
+        h.sector_masks.extend([3 if seed % 4 else 1] * len(h.frames))
+        h.part_counts.extend([1] * len(h.frames))
+        parts = [np.unique(rng.integers(0, 64, int(rng.integers(0, 5)))).astype(np.uint32).tobytes()
+                 for _ in h.frames]
     elif kind == wire_pb2.END_OF_SCAN:
         h.expected, h.sent = 16, int(rng.integers(0, 17))
         h.lost = 16 - h.sent
@@ -121,8 +129,8 @@ def build(kind, scan, frame, sector, mutation, target, seed):
         return target, [rng.bytes(int(rng.integers(1, 60))), *parts]
     elif mutation == 11:
         h.scan_rows, h.credit = 8, 2**32 - 1
-    elif mutation == 12:
-        h.position = h.frame = 16 + seed % 3
+    elif mutation == 12 and h.frames:
+        h.frames[-1] = 16 + seed % 3
     elif mutation == 13:
         parts.append(rng.bytes(8))
     return target, [h.SerializeToString(), *parts]

@@ -151,7 +151,6 @@ def test_send_waits_for_room_until_stopped(ctx):
     r = reactor(waiting=lambda: len(turns) < 3)
     assert r.send(out, Header(kind=HEARTBEAT), on_wait=lambda: turns.append(1)) is False
     assert len(turns) == 3                # it turned while it waited, and gave up when told to stop
-    assert r.stalled_s > 0
 
 
 def test_send_without_waiting_gives_up_at_once(ctx):

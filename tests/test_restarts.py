@@ -142,7 +142,8 @@ def test_a_scan_no_lane_ends_is_closed_when_stale_with_its_missing_frames_lost(l
     dealer.connect(local.plan.endpoint("writer", 0, "results"))
     out = Outbox(dealer, "worker-9")
     for frame in (0, 2, 5):
-        out.send(Header(kind=RESULT, scan=0, frame=frame, position=frame, scan_rows=2, scan_cols=3, result="events"),
+        out.send(Header(kind=RESULT, scan=0, frames=[frame], sector_masks=[15], part_counts=[1], scan_rows=2,
+                        scan_cols=3, result="events"),
                  [np.array([frame], np.uint32)])
     wait_for(lambda: local.finished(), 30, "the stale scan closed")
     (account,) = local.writer().client.status().scans

@@ -10,6 +10,7 @@ from detstream.services.dataplane.wire import (
     BLOCK,
     END_OF_SCAN,
     GONE,
+    RESULT,
     VOLUME,
     WANT,
     WIRE_VERSION,
@@ -20,6 +21,7 @@ from detstream.services.dataplane.wire import (
     decode,
     frame_key,
     pack_frames,
+    results,
     unpack_frames,
 )
 
@@ -35,6 +37,12 @@ def volume(shape=(2, 4, 4), **over):
     """A VOLUME header: band 1's slices of `shape`."""
     fields = dict(version=WIRE_VERSION, kind=VOLUME, scan=0, band=1, dtype="<f4") | over
     return Header(shape=shape, **fields)
+
+
+def result(frames=(4, 5), masks=(3, 1), counts=(1, 2), **over):
+    """A RESULT header: the results of `frames`, `counts` parts each."""
+    fields = dict(version=WIRE_VERSION, kind=RESULT, scan=0, result="events") | over
+    return Header(frames=frames, sector_masks=masks, part_counts=counts, **fields)
 
 
 def frames(header, *payloads):
@@ -75,6 +83,11 @@ def test_a_block_message_gives_views_of_its_frames_sectors():
     (frames(volume(dtype="<f8"), bytes(256), bytes(2)), "geometry"),
     (frames(volume(), bytes(4 * 2 * 4 * 4 - 4), bytes(2)), "size"),
     (frames(Header(version=WIRE_VERSION, kind=GONE), b"extra"), "parts"),
+    (frames(result(), b"a", b"b"), "parts"),                             # frame 5 counts 2 parts: 3 in all
+    (frames(result(counts=(1, 0)), b"a"), "parts"),                      # a frame without a result
+    (frames(result(masks=(3,)), b"a", b"b", b"c"), "parts"),            # a mask short
+    (frames(result(frames=(), masks=(), counts=())), "parts"),
+    (frames(result(frames=(4, 16)), b"a", b"b", b"c"), "range"),         # past the scan
 ])
 def test_malformed_messages_are_rejected_with_a_reason(raw, reason):
     with pytest.raises(WireError) as err:
@@ -105,6 +118,12 @@ def test_fuzzed_block_headers_are_accepted_only_when_consistent(number, listed, 
     h = msg.header
     assert all(h.block * 4 <= f < min(h.block * 4 + 4, 16) for f in h.frames)
     assert all(s < 2 for s in h.sectors) and all(len(p) == 64 for p in msg.parts)
+
+
+def test_a_result_message_carries_several_frames_results():
+    msg = decode(frames(result(), b"a", b"b", b"c"), G)
+    assert [(f, m, [bytes(p) for p in parts]) for f, m, parts in results(msg.header, msg.parts)] == [
+        (4, 3, [b"a"]), (5, 1, [b"b", b"c"])]
 
 
 def test_an_end_of_scan_names_its_lost_frames_as_a_bitmap():

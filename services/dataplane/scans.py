@@ -76,7 +76,6 @@ class WrittenScan(Scan):
     duplicates: int = 0
     file: Any = None
     path: str = ""
-    volumes: dict[int, Any] = field(default_factory=dict)   # routing by slice: band -> its latest VOLUME
 
     def __post_init__(self):
         self.lost = np.zeros(self.done.size, bool)

@@ -31,6 +31,7 @@ from detstream.v1.wire_pb2 import (
     HEARTBEAT,
     PARTIAL,
     PATTERN,
+    PREVIEW,
     RECEIPT,
     RELEASE,
     RESULT,
@@ -41,7 +42,7 @@ from detstream.v1.wire_pb2 import (
     Header,
 )
 
-WIRE_VERSION = 2
+WIRE_VERSION = 3  # 3: a RESULT carries many frames' results
 MAX_HEADER_BYTES = 4096
 # ZeroMQ's flags as plain ints: an operation on pyzmq's IntFlag members (`zmq.NOBLOCK | zmq.SNDMORE`,
 # `events & zmq.POLLIN`) runs Python code of the enum module, ~2-5 us each, several per message.
@@ -49,11 +50,11 @@ NOBLOCK, POLLIN, POLLOUT, _SNDMORE = int(zmq.NOBLOCK), int(zmq.POLLIN), int(zmq.
 FRAME_BITS = 40  # a frame key is scan << 40 | frame: 10^12 frames per scan, 2^24 scans
 
 __all__ = ["ABSENT", "ASSIGN", "BLOCK", "BLOCK_END", "CALIBRATION", "CREDIT", "DETECTOR_END", "DUPLICATE",
-           "END_OF_SCAN", "GONE", "HEARTBEAT", "PARTIAL", "PATTERN", "RECEIPT", "RELEASE", "RESULT", "SAMPLE",
-           "TAKEN", "VOLUME", "WANT",
+           "END_OF_SCAN", "GONE", "HEARTBEAT", "PARTIAL", "PATTERN", "PREVIEW", "RECEIPT", "RELEASE", "RESULT",
+           "SAMPLE", "TAKEN", "VOLUME", "WANT",
            "Header", "WireError", "REJECT_REASONS", "Geometry", "Message", "Outbox", "frame_key", "is_tcp_address",
-           "decode", "receive_parts", "Gaps", "FRAME_BITS", "pack_frames", "unpack_frames", "NOBLOCK", "POLLIN",
-           "POLLOUT"]
+           "decode", "results", "receive_parts", "Gaps", "FRAME_BITS", "pack_frames", "unpack_frames", "NOBLOCK",
+           "POLLIN", "POLLOUT"]
 
 
 # Every reason a stage rejects a message for: the values of the `reason` label of
@@ -165,7 +166,7 @@ class Message:
 
 
 _PARTS = {ABSENT: 0, CREDIT: 0, HEARTBEAT: 0, RECEIPT: 0, CALIBRATION: 1, WANT: 0, ASSIGN: 0, RELEASE: 0, TAKEN: 0,
-          PATTERN: 3, VOLUME: 2, GONE: 0}
+          PATTERN: 3, VOLUME: 2, PREVIEW: 2, GONE: 0}
 MAX_CALIBRATION_BYTES = 65536
 _KINDS = frozenset(wire_pb2.Kind.values()) - {wire_pb2.KIND_UNSPECIFIED}  # Kind.values() builds a list per call
 
@@ -193,15 +194,15 @@ def decode(raw: Sequence[zmq.Frame], geometry: Geometry | None = None) -> Messag
     expected_parts = _PARTS.get(kind)
     if expected_parts is not None and len(parts) != expected_parts:
         raise _wrong_parts(kind, parts, expected_parts)
-    if kind == RESULT and not parts:
-        raise WireError("parts", "RESULT without a payload")
+    if kind == RESULT:
+        _check_results(header, parts, geometry)
     if kind == CALIBRATION and len(parts[0]) > MAX_CALIBRATION_BYTES:
         raise WireError("size", f"CALIBRATION of {len(parts[0])} bytes exceeds {MAX_CALIBRATION_BYTES}")
     if kind == END_OF_SCAN:
         _check_lost_frames(header, parts, geometry)
-    if kind == VOLUME:
+    if kind in (VOLUME, PREVIEW):
         _check_volume(header, parts)
-    if geometry is not None and geometry.scans is not None and kind in (RESULT, END_OF_SCAN, VOLUME) \
+    if geometry is not None and geometry.scans is not None and kind in (RESULT, END_OF_SCAN, VOLUME, PREVIEW) \
             and header.scan >= geometry.scans:
         raise WireError("range", f"scan {header.scan} of a session of {geometry.scans} scans")
     return Message(header, parts)
@@ -235,13 +236,36 @@ def _check_block(header: Header, parts: Sequence[zmq.Frame], g: Geometry) -> Non
 
 
 def _check_volume(header: Header, parts: Sequence[zmq.Frame]) -> None:
-    """A VOLUME: float32 slices of its 3-d `shape` (the writer checks the shape and the bitmap against the band)."""
-    shape = list(header.shape)
+    """A VOLUME or PREVIEW: float32 slices of its 3-d `shape` (the writer's sink or live view checks the shape and
+    the bitmap against the band)."""
+    shape, name = list(header.shape), wire_pb2.Kind.Name(header.kind)
     if len(shape) != 3 or header.dtype != np.dtype(np.float32).str:
-        raise WireError("geometry", f"VOLUME of shape {shape} {header.dtype!r}, expected (slices, cols, cols) <f4")
+        raise WireError("geometry", f"{name} of shape {shape} {header.dtype!r}, expected (slices, cols, cols) <f4")
     if len(parts[0]) != 4 * shape[0] * shape[1] * shape[2]:
-        raise WireError("size", f"VOLUME slices of {len(parts[0])} bytes, its shape {shape} makes "
+        raise WireError("size", f"{name} slices of {len(parts[0])} bytes, its shape {shape} makes "
                                 f"{4 * shape[0] * shape[1] * shape[2]}")
+
+
+def _check_results(header: Header, parts: Sequence[zmq.Frame], g: Geometry | None) -> None:
+    """A RESULT: per frame a sector mask and a count of its parts (at least one), the counts adding up to the
+    parts; frames in the scan."""
+    frames, counts = header.frames, header.part_counts
+    if not frames or len(header.sector_masks) != len(frames) or len(counts) != len(frames):
+        raise WireError("parts", f"RESULT of {len(frames)} frames with {len(header.sector_masks)} sector masks and "
+                                 f"{len(counts)} part counts")
+    if sum(counts) != len(parts) or 0 in counts:
+        raise WireError("parts", f"RESULT with {len(parts)} parts, its frames count {list(counts)[:8]}")
+    if g is not None and max(frames) >= g.scan_frames:
+        raise WireError("range", f"frame {max(frames)} of a scan of {g.scan_frames} frames")
+
+
+def results(header: Header, parts: Sequence) -> list[tuple[int, int, Sequence]]:
+    """A RESULT's (frame, sector mask, the frame's result parts), frame by frame (as `decode` checked it)."""
+    out, start = [], 0
+    for frame, mask, count in zip(header.frames, header.sector_masks, header.part_counts):
+        out.append((frame, mask, parts[start:start + count]))
+        start += count
+    return out
 
 
 def _check_lost_frames(header: Header, parts: Sequence[zmq.Frame], g: Geometry | None) -> None:

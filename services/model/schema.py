@@ -67,6 +67,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_ITEM_NAMES = {int: "integers", str: "strings"}  # the item types a list field may have
 
 
 def did_you_mean(word: Any, allowed) -> str:
@@ -98,8 +99,9 @@ def _parse_value(tp: Any, meta: Mapping[str, Any], value: Any, path: str, errors
         return value
     origin = typing.get_origin(tp)
     if origin is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            errors.append(FieldError(path, f"must be a list of strings, got {value!r}"))
+        item = typing.get_args(tp)[0]
+        if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            errors.append(FieldError(path, f"must be a list of {_ITEM_NAMES[item]}, got {value!r}"))
             return None
         return list(value)
     if origin is dict:
@@ -176,7 +178,7 @@ def openapi(cls: type) -> dict:
         elif meta.get("free_form") or typing.get_origin(tp) is dict:
             schema = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
         elif typing.get_origin(tp) is list:
-            schema = {"type": "array", "items": {"type": "string"}}
+            schema = {"type": "array", "items": {"type": _OPENAPI_TYPES[typing.get_args(tp)[0]]}}
         else:
             schema = {"type": _OPENAPI_TYPES[tp]}
         schema["description"] = _meta(meta, "doc")

@@ -240,12 +240,17 @@ class Transport:
                                                "`detstream run` exits 1).", enum=("continue", "fail"))
 
 
+MAX_LIVE_SLICES = 16  # slices a tomography session's live view shows (each is sent every PREVIEW_S)
+
+
 @dataclass(frozen=True)
 class LiveView:
-    """Live results: virtual images, centre of mass, iDPC and diffraction patterns made by the writer as
-    results arrive, served on a read-only web page and written into each scan's file."""
+    """Live results, served on a read-only web page: for 4D-STEM virtual images, centre of mass, iDPC and
+    diffraction patterns made by the writer as results arrive (and written into each scan's file); for
+    tomography chosen slices forming as the projections arrive."""
     enabled: bool = spec_field(True, doc="Serve the live view (the writer's `live` port; `detstream run` prints "
-                                         "its URL) and write each scan's STEM images into its file (`stem/`).")
+                                         "its URL) and, for 4D-STEM, write each scan's STEM images into its file "
+                                         "(`stem/`).")
     geometry: dict = spec_field(default_factory=dict, free_form=True,
                                 doc="Virtual detectors, in pixels: {bright_field: r, annuli: [[inner, outer], ...], "
                                     "centre: [x, y]} (empty: a bright field of 1/8 of the frame, an annulus from "
@@ -254,6 +259,10 @@ class LiveView:
                                         "whole scan (1024x1024 positions at 40 events each need 168); past it "
                                         "the images go on, recomputing is refused. Open scans and the last "
                                         "closed one keep theirs.", minimum=0, maximum=1 << 20)
+    slices: list[int] = spec_field(default_factory=list, doc="Tomography: the slices (detector rows, 0 at the top) "
+                                   "the page shows forming as the projections arrive, at most 16 (empty: the "
+                                   "middle one). Each costs its worker a slice's copy (cols x cols float32) to the "
+                                   "writer every 0.5 s while projections come.")
 
 
 @dataclass(frozen=True)
@@ -361,6 +370,21 @@ def check_spec(spec: SessionSpec, errors: list[FieldError]) -> None:
                                  f"{tomo.frames}}}; got {spec.scan.rows}x{spec.scan.cols}"))
     errors.extend(_sources().source_class(spec.source.kind).check(spec))  # the kind's own settings
     errors.extend(check_live_geometry(spec))
+    errors.extend(check_live_slices(spec))
+
+
+def check_live_slices(spec: SessionSpec) -> list[FieldError]:
+    """spec.liveView.slices are distinct slices of the tomography scan's volume, at most MAX_LIVE_SLICES."""
+    slices, rows = spec.live_view.slices, spec.detector.rows
+    problem = None
+    if slices and spec.tomography is None:
+        problem = "only a tomography session (spec.tomography) shows slices; remove it"
+    elif len(slices) > MAX_LIVE_SLICES or len(set(slices)) != len(slices):
+        problem = f"at most {MAX_LIVE_SLICES} distinct slice numbers; got {slices}"
+    elif any(not 0 <= s < rows for s in slices):
+        problem = (f"slice numbers are detector rows, from 0 to {rows - 1} (detector.rows - 1); got "
+                   f"{[s for s in slices if not 0 <= s < rows]}")
+    return [FieldError("spec.liveView.slices", problem)] if problem else []
 
 
 def check_live_geometry(spec: SessionSpec) -> list[FieldError]:

@@ -5,7 +5,8 @@ its own in its own package (see README, "Writing a plugin"). The worker builds o
 calls `process` for every frame and `configure` when parameters change on a running session.
 A plugin that reduces a whole scan in each worker (tomo-fbp: a band of slices) sets `by_slice`: each worker
 then gets its band of rows of every frame (routing by slice, `session_bands`); it takes `process_frame` (the
-frame's number too) and hands the writer `scan_output` when the worker has the scan.
+frame's number too) and hands the writer `scan_output` when the worker has the scan, and the live view
+`scan_preview` (the slices spec.liveView.slices chose) while the scan comes.
 """
 
 from __future__ import annotations
@@ -95,6 +96,13 @@ class Plugin:
     def scan_output(self, scan: int, final: bool) -> list[np.ndarray] | None:
         """What the plugin made of `scan` so far, for the writer (a plugin that reduces whole scans: the
         worker's band of the volume and the projections it used), or None; `final`: the plugin may forget it."""
+        return None
+
+    def scan_preview(self, scan: int, slices: list[int]) -> list[np.ndarray] | None:
+        """For the live view, while `scan` comes: rows `slices` (indices into the first axis) of what
+        `scan_output` would give now, without changing or forgetting anything (cheap: the worker asks every
+        PREVIEW_S), as [those rows float32, the bitmap of what they hold (tomo-fbp: the projections, per
+        angle)]; None when there is nothing."""
         return None
 
 

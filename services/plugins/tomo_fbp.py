@@ -234,13 +234,21 @@ class SliceBand:
             self.sum[s] += astra_fbp(lines[s], self.theta[indices], self.params.filter) * weight
         self.batch.clear()
 
-    def volume(self) -> np.ndarray:
-        """The band's slices so far (count, cols, cols) float32: astra's FBP of the angles received and
-        back-projected; NaN before the first (and, for an at-end band, until `finish`)."""
-        done = int(self.received.sum()) - len(self.batch)
+    def volume(self, slices: list[int] | None = None) -> np.ndarray:
+        """The band's slices so far (count, cols, cols) float32, or only `slices` (indices into the band) as
+        (len(slices), cols, cols): astra's FBP of the angles received and back-projected (`used()`); NaN before
+        the first (and, for an at-end band, until `finish`)."""
+        done = int(self.used().sum())
+        shape = self.sum.shape if slices is None else (len(slices),) + self.sum.shape[1:]
         if done <= 0 or (self.sinograms is not None and not self.finished):
-            return np.full(self.sum.shape, np.nan, np.float32)
-        return self.sum * np.float32(self.tomo.angles / done)
+            return np.full(shape, np.nan, np.float32)
+        return (self.sum if slices is None else self.sum[slices]) * np.float32(self.tomo.angles / done)
+
+    def used(self) -> np.ndarray:
+        """The angles `volume()` holds, bool (angles,): those received, less the batch not back-projected yet."""
+        used = self.received.copy()
+        used[[i for i, _ in self.batch]] = False
+        return used
 
     def finish(self) -> np.ndarray:
         """Reconstruct what remains (the last batch; an at-end band's sinograms) and return `volume()`. Frames
@@ -336,3 +344,17 @@ class TomoFBP(Plugin):
         if band is None:
             return None
         return [band.finish(), np.packbits(band.received)]
+
+    def scan_preview(self, scan: int, slices: list[int]) -> list[np.ndarray] | None:
+        """Slices `slices` of the band so far (`SliceBand.volume`: nothing is reconstructed for it; an at-end band
+        is NaN until its end) and the projections in them (bool per angle, packed bits)."""
+        band = self.bands.get(scan)
+        if band is None:
+            return None
+        return [band.volume(slices), np.packbits(band.used())]
+
+    def calibration(self) -> dict:
+        """The reconstruction's parameters (`ReconParams.recorded`), for the volume file's /process/reconstruction."""
+        recorded = self.recon.recorded()
+        paganin = recorded.pop("paganin", None)
+        return {"reconstruction": recorded, **({"paganin": paganin} if paganin else {})}

@@ -1,5 +1,9 @@
 """The writer's live results: its results, every FLUSH_S, into the session's `LiveStore` a `LiveServer` serves.
 
+`live_feed` gives the writer the feed of its session's result kind: `LiveResults` here for 4D-STEM, or
+slices.LiveSlices for tomography. The writer knows only what they share: `add` (a written result), `flush`,
+`takes`/`take` (the live-only messages: PATTERN here, PREVIEW there), `settling`, `close_scan`, `account`, `stop`.
+
 Per result the writer only notes it (`add`: the scan, position, payload buffers and whether the frame is
 partial); at most every FLUSH_S (`flush`, after a turn) each scan's batch becomes one `ScanImages.add_events`
 (counted data: one uint32 payload part of linear pixel indices per frame) or `add_reduced` (raw frames, e.g.
@@ -26,18 +30,32 @@ from typing import Any
 import numpy as np
 
 from detstream.services.dataplane.accounting import COMPLETE, PARTIAL
-from detstream.services.dataplane.wire import FRAME_BITS, Geometry
+from detstream.services.dataplane.bands import Bands
+from detstream.services.dataplane.wire import FRAME_BITS, PATTERN, Geometry, Header
 from detstream.services.model.session import SessionSpec
 from detstream.services.results.geometry import live_geometry
 from detstream.services.results.images import ScanImages
 from detstream.services.results.reduction import PATTERN_S, record_size, sum_dtype
+from detstream.services.results.slices import LiveSlices
 from detstream.services.results.store import LiveStore
 from detstream.services.results.web import LiveServer
 
-__all__ = ["LiveResults", "PATTERN_WAIT_S"]
+__all__ = ["LiveResults", "PATTERN_WAIT_S", "live_feed"]
 
 PATTERN_WAIT_S = 4 * PATTERN_S  # a scan whose frames are all here waits this long at most for their patterns
 FLUSH_S = 0.05  # the results noted go into the images at most this long after they came (the view's ~1 s)
+
+
+def live_feed(spec: SessionSpec, kind: str, bands: Bands, host: str, port: int,
+              stage_table: Callable[[], list[dict]], prefix: str = "") -> LiveResults | LiveSlices | None:
+    """The writer's live view of a session whose plugin returns `kind` results: LiveResults (4D-STEM: "events",
+    "frames"), LiveSlices (tomography: "volume", routed by `bands`), or None for a kind without one. Served on
+    http://host:port/ and under `prefix`; raises as those do."""
+    if kind in ("events", "frames"):
+        return LiveResults(spec, kind, host, port, stage_table, prefix)
+    if kind == "volume" and spec.tomography is not None:
+        return LiveSlices(spec, bands, host, port, stage_table, prefix)
+    return None
 
 
 class LiveResults:
@@ -50,6 +68,7 @@ class LiveResults:
         if kind not in ("events", "frames"):
             raise ValueError(f"live results take events or frames, not {kind!r} results")
         self.kind = kind
+        self.takes = frozenset({PATTERN}) if kind == "frames" else frozenset()  # the live-only messages it takes
         self.detector = Geometry.of(spec)  # what a raw frame result is
         self.frame_shape = (self.detector.rows, self.detector.cols)
         self.geometry = live_geometry(spec.live_view.geometry, self.frame_shape)
@@ -101,6 +120,10 @@ class LiveResults:
                 records = np.frombuffer(b"".join(p[0] for p in parts), np.float64).reshape(len(parts), -1)
                 images.add_reduced(positions, records, status)
 
+    def take(self, header: Header, parts: Sequence[Any]) -> str | None:
+        """A live-only message of a kind in `takes` (a PATTERN): `add_pattern`."""
+        return self.add_pattern(header.sender, header.scan, parts)
+
     def add_pattern(self, sender: str, scan: int, parts: Sequence[Any]) -> str | None:
         """A worker's PATTERN for `scan`: parts = [sum, max, frame keys] (reduction.py). Merged when every frame
         it lists is one taken from `sender` and not yet in a pattern; else left out (their frames are not in the
@@ -151,9 +174,13 @@ class LiveResults:
         if images is None:
             return None
         images.mark_lost(lost)
-        self.store.set_accounting(scan, accounting)
+        self.account(scan, accounting)
         self.store.close_scan(scan)
         return images
+
+    def account(self, scan: int, accounting: dict) -> None:
+        """Show `accounting` (JSON-able) with the scan."""
+        self.store.set_accounting(scan, accounting)
 
     def stop(self) -> None:
         self.server.stop()

@@ -348,6 +348,13 @@ class ScanImages:
             return dpc["xy".index(name[-1])]
         return np.where(np.isnan(dpc[0]), np.nan, phase_from_com(dpc))
 
+    def describe(self) -> dict:
+        """What the page and the client read of the scan (LiveStore.summary): view "stem", scan_shape,
+        frame_shape, geometry, centre, arrays (names) and progress."""
+        return {"view": "stem", "scan_shape": list(self.scan_shape), "frame_shape": list(self.frame_shape),
+                "geometry": self.geometry.to_dict(), "centre": list(self.centre), "arrays": self.array_names,
+                "progress": self.progress()}
+
     def progress(self) -> dict:
         """Counts of positions by state and the kept-event memory, for the page and the client."""
         with self._lock:

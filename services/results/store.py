@@ -1,23 +1,45 @@
 """The live store: what a session's live view serves, in the session's own process.
 
-The sink that collects a scan's results opens it here (`open_scan`) and feeds the returned `ScanImages`
-(`add_events`, or `add_reduced` + `add_patterns` for raw frames the workers reduced; `mark_lost`); it may attach
-the scan's accounting (`set_accounting`). The web app (`detstream.services.results.web`) only reads, except for
-a scan's detector geometry, which changes what the images show and nothing of the session.
+The writer's live feed opens a scan here (`open_scan`) and feeds the returned `ScanImages` (`add_events`, or
+`add_reduced` + `add_patterns` for raw frames the workers reduced; `mark_lost`), or adds a tomography scan's
+slices (`add_scan`, results/slices.py); it may attach the scan's accounting (`set_accounting`). The web app
+(`detstream.services.results.web`) only reads, except for a scan's detector geometry, which changes what the
+images show and nothing of the session.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
+
+import numpy as np
 
 from detstream.services.results.geometry import DetectorGeometry
 from detstream.services.results.images import DEFAULT_KEEP_BYTES, ScanImages
 
-__all__ = ["LiveStore", "MAX_SCANS"]
+__all__ = ["LiveStore", "MAX_SCANS", "ScanView"]
 
 MAX_SCANS = 8  # scans a long session's store holds (each ~5 MB of 576x576 patterns and its images)
+
+
+class ScanView(Protocol):
+    """What the store serves of a scan: ScanImages (4D-STEM) or results.slices.ScanSlices (tomography)."""
+
+    version: int
+
+    @property
+    def array_names(self) -> list[str]: ...
+
+    def array(self, name: str) -> np.ndarray: ...
+
+    def describe(self) -> dict: ...
+
+    def found_centre(self) -> tuple[float, float] | None: ...
+
+    def set_geometry(self, geometry: DetectorGeometry) -> None: ...
+
+    def forget_events(self) -> None: ...
 
 
 class LiveStore:
@@ -29,7 +51,7 @@ class LiveStore:
 
     def __init__(self, stage_table: Callable[[], list[dict]] = list, max_scans: int = MAX_SCANS):
         self._stage_table = stage_table
-        self._scans: dict[str, ScanImages] = {}
+        self._scans: dict[str, ScanView] = {}
         self._accounting: dict[str, dict] = {}
         self._closed: list[str] = []  # in the order closed
         self.max_scans = max_scans
@@ -38,13 +60,17 @@ class LiveStore:
     def open_scan(self, scan: str | int, scan_shape: tuple[int, int], frame_shape: tuple[int, int],
                   geometry: DetectorGeometry, keep_bytes: int = DEFAULT_KEEP_BYTES) -> ScanImages:
         """Start the live images of scan `scan` (its id, shown on the page); ValueError if it is already open."""
-        key = str(scan)
         images = ScanImages(scan_shape, frame_shape, geometry, keep_bytes)
+        self.add_scan(scan, images)
+        return images
+
+    def add_scan(self, scan: str | int, view: ScanView) -> None:
+        """Serve `view` as scan `scan` (its id, shown on the page); ValueError if it is already open."""
+        key = str(scan)
         with self._lock:
             if key in self._scans:
                 raise ValueError(f"scan {key}: already open in the live store")
-            self._scans[key] = images
-        return images
+            self._scans[key] = view
 
     def close_scan(self, scan: str | int) -> None:
         """Scan `scan` takes no more data. What a long session holds stays bounded: the scans closed before it
@@ -65,8 +91,8 @@ class LiveStore:
         with self._lock:
             self._accounting[str(scan)] = dict(accounting)
 
-    def scan(self, scan: str | int) -> ScanImages:
-        """The live images of a scan; KeyError naming the known scans."""
+    def scan(self, scan: str | int) -> ScanView:
+        """The live view of a scan; KeyError naming the known scans."""
         with self._lock:
             try:
                 return self._scans[str(scan)]
@@ -75,12 +101,11 @@ class LiveStore:
                     from None
 
     def summary(self) -> list[dict]:
-        """Per scan: id, scan_shape, frame_shape, geometry, centre, array names, progress and accounting."""
+        """Per scan: id, its view's `describe()` (ScanImages: view "stem", scan_shape, frame_shape, geometry,
+        centre, array names, progress; ScanSlices: view "slices" ...) and accounting."""
         with self._lock:
             scans, accounting = dict(self._scans), dict(self._accounting)
-        return [{"id": key, "scan_shape": list(s.scan_shape), "frame_shape": list(s.frame_shape),
-                 "geometry": s.geometry.to_dict(), "centre": list(s.centre), "arrays": s.array_names,
-                 "progress": s.progress(), "accounting": accounting.get(key, {})} for key, s in scans.items()]
+        return [{"id": key, **s.describe(), "accounting": accounting.get(key, {})} for key, s in scans.items()]
 
     def stage_table(self) -> list[dict]:
         return self._stage_table()

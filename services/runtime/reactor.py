@@ -59,7 +59,6 @@ class Reactor:
         self.tasks: list[Task] = []
         self.poller = zmq.Poller()
         self._writable_watched: dict[zmq.Socket, bool] = {}
-        self.stalled_s = 0.0  # seconds spent waiting for room downstream, over the stage's life
         # Whether a task has work now (a source with frames to send): then a turn only looks at its sockets
         # and does not wait for input.
         self.busy: Callable[[], bool] = lambda: False
@@ -168,14 +167,10 @@ class Reactor:
         except zmq.Again:
             if not wait:
                 return False
-        t0 = time.monotonic()
-        try:
-            while self._waiting():
-                if outbox.socket.poll(self.poll_ms, POLLOUT):
-                    outbox.send(header, parts, peer=peer, flags=NOBLOCK)
-                    return True
-                if on_wait is not None:
-                    on_wait()
-            return False
-        finally:
-            self.stalled_s += time.monotonic() - t0
+        while self._waiting():
+            if outbox.socket.poll(self.poll_ms, POLLOUT):
+                outbox.send(header, parts, peer=peer, flags=NOBLOCK)
+                return True
+            if on_wait is not None:
+                on_wait()
+        return False

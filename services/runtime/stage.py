@@ -198,7 +198,9 @@ class Stage:
         """A well-formed message this stage cannot take (wrong kind, late, out of range): counted and
         logged as any rejected message."""
         h = msg.header if msg is not None else None
-        what = f"{Kind.Name(h.kind) if h.kind in Kind.values() else h.kind} scan {h.scan} frame {h.frame} " \
+        listed = list(h.frames[:5]) if h is not None else []
+        frames = f" frames {listed[:4]}{' ...' if len(listed) > 4 else ''}" if listed else ""
+        what = f"{Kind.Name(h.kind) if h.kind in Kind.values() else h.kind} scan {h.scan}{frames} " \
                f"from {h.sender!r}" if h is not None else ""
         self.reject(WireError(reason, "; ".join(x for x in (what, why) if x)))
 

@@ -7,9 +7,11 @@ it takes (a plugin's `result`, e.g. "events"; see services/sinks/README.md, "Add
     events = "detstream.services.sinks.electron_events:ElectronEventsFile"
 
 The writer opens one sink per scan (`open`, at the scan's first result), gives it every result once
-(`write_result`), then at the scan's close its metadata (`add_metadata`), what arrived where
-(`record_arrivals`), its live images (`add_images`, with spec.liveView on) and `close`; or `abort` when the
-scan cannot be finished. A result kind with no sink ("frames", from the noop plugin) is counted and not kept,
+(`write_result`) and, for a plugin that reduces whole scans per band (routing by slice), the workers' outputs
+(`output_refusal`, `take_output`; the scan waits while `awaiting_outputs`), then at the scan's close its metadata
+(`add_metadata`: the session's and the plugin's `calibration()`), what arrived where (`record_arrivals`), its live
+images (`add_images`, with spec.liveView on) and `close` (the accounting line adds `record_fields()`); or `abort`
+when the scan cannot be finished. A result kind with no sink ("frames", from the noop plugin) is counted and not kept,
 unless spec.output.keepFrames: then raw_frames.py writes them (`session_sink`). Only then do the workers send
 the writer the frames themselves (a frames result is otherwise a small record for the live view).
 
@@ -29,6 +31,7 @@ import numpy as np
 from detstream.services.sinks.output import never_overwrite
 
 if TYPE_CHECKING:
+    from detstream.services.dataplane.bands import Bands
     from detstream.services.model.session import SessionSpec
     from detstream.services.results.images import ScanImages
 
@@ -68,6 +71,24 @@ class ResultSink:
         """The result of the frame at linear scan position `position` (payload parts, as `refusal` accepted)."""
         raise NotImplementedError
 
+    @classmethod
+    def output_refusal(cls, spec: SessionSpec, slices: tuple[int, int], shape: tuple[int, ...],
+                       parts: Sequence[Any]) -> str | None:
+        """Why a worker's output of a scan (VOLUME: a plugin's `scan_output`, routing by slice) cannot be taken:
+        of the band of slices (first, count), its `shape` and payload parts. A reason the writer counts ("kind":
+        this sink takes no outputs), or None when `take_output` takes it."""
+        return "kind"
+
+    def take_output(self, slices: tuple[int, int], parts: Sequence[Any]) -> None:
+        """A worker's output of the scan for the band of slices (first, count), as `output_refusal` accepted:
+        the latest of each band stands."""
+        raise NotImplementedError
+
+    def awaiting_outputs(self, arrived: np.ndarray, bands: Bands) -> bool:
+        """Whether the scan should wait for outputs to come (`take_output`) before it closes: `arrived` uint64 per
+        frame, bit b set where band b of `bands` had its result whole."""
+        return False
+
     def add_metadata(self, metadata: dict) -> None:
         """More metadata (nested dicts of plain values), before close."""
         raise NotImplementedError
@@ -76,6 +97,11 @@ class ResultSink:
         """What arrived per scan position, linear order: `written` (bool), `sectors_arrived` (uint64 bit masks
         of the `sectors` of a frame), and the scan's `totals` (name -> int: expected, written, lost ...)."""
         raise NotImplementedError
+
+    def record_fields(self) -> dict:
+        """What the scan's line of the accounting file adds (JSON-able), after `record_arrivals`: e.g. a volume's
+        projections used and lost."""
+        return {}
 
     def add_images(self, images: ScanImages) -> None:
         """The scan's live images (virtual images, centre of mass, patterns, position status), before close: a

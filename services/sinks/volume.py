@@ -31,6 +31,8 @@ import h5py
 import numpy as np
 
 from detstream.services.dataplane.accounting import COMPLETE, MISSING, PARTIAL
+from detstream.services.dataplane.bands import Bands
+from detstream.services.dataplane.wire import unpack_frames
 from detstream.services.sinks import ResultSink
 from detstream.services.sinks.output import never_overwrite
 
@@ -117,16 +119,22 @@ class VolumeFile:
 class VolumeSink(ResultSink):
     """The writer's sink of `volume` results: one scan's VolumeFile of (detector rows, cols, cols) slices at
     `path`, angles from spec.tomography, voxels in pixels. Per frame results are receipts (nothing written);
-    `write_band` takes each band's slices and the projections it used; `close` records the accounting."""
+    `take_output` writes each band's slices (VOLUME: the latest of a band overwrites its earlier ones) and keeps
+    the projections it used; the scan waits (`awaiting_outputs`) for every band with projections here to send
+    slices made of at least as many; `record_arrivals` records the accounting, under `/process/reconstruction`
+    the session's metadata and the plugin's calibration (its group `reconstruction` as attributes there, other
+    groups as subgroups: tomo-fbp's `paganin`)."""
 
     result = "volume"
 
     def __init__(self, path: Path, spec, metadata: dict | None = None):
         super().__init__(path, (spec.scan.rows, spec.scan.cols), (spec.detector.rows, spec.detector.cols), metadata)
         rows, cols = spec.detector.rows, spec.detector.cols
+        self.tomo = spec.tomography
         self.angles = spec.tomography.angles
         self.volume = VolumeFile(path, (rows, cols, cols), spec.tomography.angles_deg())
         self.used = np.zeros((rows, self.angles), bool)
+        self.bands_taken: set[int] = set()   # first slices of the bands whose slices came
         self.metadata = dict(metadata or {})
         self.totals: dict = {}
 
@@ -137,11 +145,32 @@ class VolumeSink(ResultSink):
     def write_result(self, position: int, parts) -> None:
         """A frame's result is a receipt: its pixels are in its band's slices."""
 
-    def write_band(self, first: int, slices: np.ndarray, used: np.ndarray) -> None:
-        """Slices [first, first + len(slices)) (n, cols, cols) float32, reconstructed from the projections `used`
-        (bool per angle)."""
-        self.volume.write_band(first, slices)
-        self.used[first:first + slices.shape[0]] = used
+    @classmethod
+    def output_refusal(cls, spec, slices: tuple[int, int], shape: tuple[int, ...], parts) -> str | None:
+        """A VOLUME of band (first, count) holds `count` slices of cols x cols and the bitmap of its angles."""
+        count, cols, angles = slices[1], spec.detector.cols, spec.tomography.angles
+        if shape != (count, cols, cols) or memoryview(parts[1]).nbytes != (angles + 7) // 8:
+            return "geometry"
+        return None
+
+    def take_output(self, slices: tuple[int, int], parts) -> None:
+        """Band (first, count)'s slices (count, cols, cols) float32 and the projections in them (packed bits per
+        angle), into the file."""
+        first, count = slices
+        cols = self.volume.shape[1]
+        self.volume.write_band(first, np.frombuffer(parts[0], np.float32).reshape(count, cols, cols))
+        self.used[first:first + count] = unpack_frames(parts[1], self.angles)
+        self.bands_taken.add(first)
+
+    def awaiting_outputs(self, arrived: np.ndarray, bands: Bands) -> bool:
+        """A band with projections' results here whose slices came made of fewer (or not yet)."""
+        projections = arrived[self.tomo.first_projection:self.tomo.first_projection + self.angles]
+        for band in range(bands.count):
+            got = int(np.count_nonzero(projections & np.uint64(1 << band)))
+            first = bands.slices(band)[0]
+            if got and (first not in self.bands_taken or int(self.used[first].sum()) < got):
+                return True
+        return False
 
     def add_metadata(self, metadata: dict) -> None:
         self.metadata.update(metadata)
@@ -154,8 +183,14 @@ class VolumeSink(ResultSink):
         acc.create_dataset("frame_status", data=status)
         acc.create_dataset("frame_bands", data=np.where(written, sectors_arrived, 0).astype(np.uint64))
         acc.attrs.update({f"frames_{k}": v for k, v in totals.items()})
+        parameters = {**{k: v for k, v in self.metadata.items() if k != "reconstruction"},
+                      **self.metadata.get("reconstruction", {})}
         self.totals = self.volume.record({k: v if isinstance(v, (dict, int, float, bool)) else str(v)
-                                          for k, v in self.metadata.items()}, self.used)
+                                          for k, v in parameters.items()}, self.used)
+
+    def record_fields(self) -> dict:
+        """The accounting line's `volume`: projections expected, used, lost, slices missing, complete."""
+        return {"volume": self.totals}
 
     def close(self) -> Path:
         return self.volume.close()

@@ -24,11 +24,12 @@ frames and only one of them hears of a scan's start and end (as a DECTRIS DCU se
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import numpy as np
+import zmq
 
 from detstream.services.model.schema import FieldError, did_you_mean
 
@@ -41,10 +42,11 @@ SHIPPED = ("simulator", "replay", "external", "dectris", "tomo-simulator", "dxch
 
 class Frame(NamedTuple):
     """One frame, or the part of it this source replica sends: (sector number, pixels) pairs, each
-    pixels a C-contiguous (detector.rows, detector.cols / detector.sectors) array of detector.dtype."""
+    pixels a C-contiguous (detector.rows, detector.cols / detector.sectors) array of detector.dtype, or a
+    zmq.Frame of those bytes (a buffer the kind sends again and again: simulator.py)."""
     scan: int
     frame: int                 # the frame number, which is its scan position (row-major)
-    sectors: list[tuple[int, np.ndarray]]
+    sectors: Sequence[tuple[int, np.ndarray | zmq.Frame]]
 
 
 class ScanEnd(NamedTuple):
@@ -109,8 +111,9 @@ class GridSource(Source):
         super().__init__(spec, replica)
         self.sectors = list(range(replica, spec.detector.sectors, spec.source.replicas))
 
-    def sector(self, scan: int, frame: int, sector: int) -> np.ndarray:
-        """Pixels of one sector of a frame: C-contiguous (detector.rows, detector.cols / sectors)."""
+    def sector(self, scan: int, frame: int, sector: int) -> np.ndarray | zmq.Frame:
+        """Pixels of one sector of a frame: C-contiguous (detector.rows, detector.cols / sectors), or a zmq.Frame
+        of them."""
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[Item]:

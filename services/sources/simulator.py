@@ -12,12 +12,16 @@ Every frame is a pure function of (seed, distinctFrames, scan, frame), and so is
 (`truth`). Each sector of a bank frame has its own random stream, so a source replica renders just
 its own sectors; the events have theirs, so the same seed with no electrons gives the noise alone.
 
-`SimulatorSource` is the `simulator` source kind (spec.source.simulator holds its settings).
+`SimulatorSource` is the `simulator` source kind (spec.source.simulator holds its settings). It yields each
+bank sector as the same `zmq.Frame` every time: ZeroMQ shares one message by reference count, where a buffer
+sent zero-copy is tracked by pyzmq at every send (~3 us of the stage's thread per sector, and work in pyzmq's
+garbage-collector thread; `python -m benchmarks.pipeline` shows the source's CPU per frame).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import zmq
 
 from detstream.services.model.schema import FieldError
 from detstream.services.sources import GridSource
@@ -170,4 +174,9 @@ class SimulatorSource(GridSource):
 
     def __init__(self, spec, replica):
         super().__init__(spec, replica)
-        self.sector = Simulator(spec.source.simulator, spec.detector, self.sectors).sector
+        self.simulator = Simulator(spec.source.simulator, spec.detector, self.sectors)
+        self.bank = {s: [zmq.Frame(strip) for strip in strips] for s, strips in self.simulator.bank.items()}
+
+    def sector(self, scan: int, frame: int, sector: int) -> zmq.Frame:
+        """The sector's pixels as the bank frame's one zmq.Frame (see the module)."""
+        return self.bank[sector][self.simulator.index(scan, frame)]

@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Iterator
 from functools import partial
 
+import numpy as np
 import zmq
 
 from detstream.services.dataplane.blocks import Blocks
@@ -169,7 +170,7 @@ class SourceStage(Stage):
             self.tell(self.blocks.lane(ask[1]), Header(kind=WANT, scan=ask[0], block=ask[1]))
         self.send_all(sends)
         self.counters.frames_out += 1
-        self.counters.bytes_out += sum(p.nbytes for _, p in item.sectors)
+        self.counters.bytes_out += len(item.sectors) * self.geometry.sector_bytes
         if self.sample_scan in (None, item.scan) and item.frame < self.samples_wanted:
             self.sample_scan = item.scan
             self.samples.append(item)
@@ -273,7 +274,7 @@ class SourceStage(Stage):
                 continue
             frames.append(frame)
             sectors = [s for s, _ in kept]
-            parts.extend(p if rows is None else p[rows] for _, p in kept)
+            parts.extend(p if rows is None else self.strip(p)[rows] for _, p in kept)
         h = self.block_headers[send.band]
         h.scan, h.block, h.flags = send.scan, send.block, (BLOCK_END if send.end else 0) | (
             DUPLICATE if send.again else 0)
@@ -291,6 +292,10 @@ class SourceStage(Stage):
             kept = Header()
             kept.CopyFrom(h)
             self.backlog.setdefault(send.worker, deque()).append((kept, parts))
+
+    def strip(self, pixels) -> np.ndarray:
+        """A sector's pixels (an array, or a zmq.Frame of its bytes) as a (rows, cols / sectors) view."""
+        return np.frombuffer(pixels, self.geometry.dtype).reshape(self.geometry.sector_shape)
 
     def send_backlog(self, now: float) -> None:
         """Routed by slice: the BLOCKs waiting for room in their worker's queue, in order, as far as it takes them."""

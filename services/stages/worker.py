@@ -6,8 +6,9 @@ lane routes a block to it against credit for the block's frames and every source
 of the block there (BLOCK). The worker assembles each frame (`dataplane/assembly.py`): a frame goes to
 the plugin once all its sectors are in, or zero-filled and partial once every source has ended the
 block or after the frame timeout; the block's frames of which nothing came are named to the lane
-(absent), which gives their credit back. A result is all the worker sends per frame: the writer
-acknowledges it to the block's lane, which counts the frame done and gives its credit back only then.
+(absent), which gives their credit back. A result is all the worker sends per frame, and a turn's results go
+to the writer in one RESULT message per scan (at most RESULT_FRAMES frames' worth): the writer acknowledges
+each to the block's lane, which counts the frame done and gives its credit back only then.
 So a worker killed with results still queued loses nothing (the lane routes those frames again, the
 sources still keep them, and the writer drops any copy it already has).
 
@@ -34,13 +35,16 @@ PATTERN message every PATTERN_S while frames come, and as soon as this worker's 
 had one of the scan's last frames (the writer waits for the patterns before it closes the scan; a pattern is 2
 MB at 576x576, three frames' worth, so not at every pause of a slow stream). A result's parts are [record (empty
 with the live view off)] + [the frame's strips, when kept]: the writer still gets one result per frame, so the
-accounting is the same.
+accounting is the same. A turn's results go before its patterns (and a scan's output) on the same socket.
 
 Routed by slice (spec.tomography, dataplane/bands.py), worker replica k owns band k: it names the band in its
 CREDITs, its "frames" are the band's rows (its geometry says so, so the assembly is unchanged), and its RESULTs
 name the band. A plugin that reduces the whole scan (tomo-fbp) gives the writer its `scan_output` (VOLUME: the
 band's slices) once it has every frame of the scan, and meanwhile whenever this worker's input of that scan pauses
-for OUTPUT_PAUSE_S (frames may still come: the writer keeps the last one).
+for OUTPUT_PAUSE_S (frames may still come: the writer keeps the last one). With the live view on, a worker whose
+band holds slices spec.liveView.slices chose sends the writer those slices so far (PREVIEW, the plugin's
+`scan_preview`) PREVIEW_S after a frame of the scan came, so every PREVIEW_S while frames come, and the same
+slices of every VOLUME it sends (results/slices.py).
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ from detstream.services.dataplane.wire import (
     HEARTBEAT,
     PARTIAL,
     PATTERN,
+    PREVIEW,
     RESULT,
     SAMPLE,
     TAKEN,
@@ -79,12 +84,14 @@ from detstream.services.dataplane.wire import (
 from detstream.services.plugins import Plugin, PluginContext, plugin_class, session_bands
 from detstream.services.results.geometry import live_geometry
 from detstream.services.results.reduction import PATTERN_S, FrameReducer, ScanPatterns
+from detstream.services.results.slices import PREVIEW_S, band_previews
 from detstream.services.runtime.faults import failpoint
 from detstream.services.runtime.stage import HOUSEKEEPING_S, POLL_MS, Stage
 from detstream.services.sinks import session_sink
 
 CALIBRATION_IDLE_S = 0.5  # calibrate on the samples there are when the stream pauses this long
 PAUSE_S = 0.02  # a scan's last patterns go to the writer when no frame came for this long (else every PATTERN_S)
+RESULT_FRAMES = 128  # frames' results per RESULT message at most (a turn's worth: 8 blocks of 16)
 OUTPUT_PAUSE_S = 1.0  # a scan's output so far goes to the writer when none of its frames came for this long
 
 
@@ -127,8 +134,13 @@ class WorkerStage(Stage):
         self.last_frame = time.monotonic()
         self.housekeeping_s = min(HOUSEKEEPING_S, spec.transport.heartbeat_s / 2)  # heartbeats, calibration, gauges
         self.outgoing: deque[tuple[Header, list]] = deque()   # results the writer's queue cannot take yet
+        self.results: dict[int, tuple[Header, list]] = {}   # scan -> its results of this turn (one RESULT)
         self.output_due: dict[int, float] = {}   # scans with frames since their last output -> when it is due
         self.scan_outputs = self.plugin_cls.scan_output is not Plugin.scan_output   # the plugin reduces scans
+        # the slices of its scan outputs the live view shows (indices into the band), and when each scan's are due
+        self.previewed = band_previews(spec, *self.context.slices) \
+            if self.scan_outputs and spec.live_view.enabled and spec.tomography is not None else []
+        self.preview_due: dict[int, float] = {}
         self.process_delay = failpoint(self.name, self.role, "process-delay")
         raw = self.plugin_cls.result == "frames"
         self.keep_frames = raw and session_sink(spec, "frames") is not None  # the writer writes them
@@ -145,6 +157,7 @@ class WorkerStage(Stage):
         # the writer's socket is watched only while results wait for room there
         self.reactor.on_writable(self.writer.socket, self.flush, when=lambda: bool(self.outgoing))
         self.reactor.every(0, self.apply_updates)
+        self.reactor.every(0, self.send_results)
         if self.reducer is not None:
             self.reactor.every(0, self.send_patterns)
         self.reactor.every(self.housekeeping_s, self.housekeeping)
@@ -154,6 +167,7 @@ class WorkerStage(Stage):
         self.sample_assembly.sweep(now, self.spec.transport.frame_timeout_s)
         self.calibrate_if_idle(now)
         self.send_outputs(now)
+        self.send_previews(now)
         self.heartbeat(now)
         self.counters.queue_depth = len(self.outgoing)
         self.counters.in_flight = len(self.held) + len(self.outgoing) + self.assembly.waiting
@@ -222,16 +236,29 @@ class WorkerStage(Stage):
         self.metrics.latency.observe(time.perf_counter() - t0)
         # a turn may process many blocks (a slow plugin: seconds): the lanes must not read that as silence
         self.heartbeat(time.monotonic())
-        result = Header(kind=RESULT, scan=scan, frame=frame, position=frame,
-                        flags=PARTIAL if mask != self.assembly.all_sectors else 0, sector_mask=mask,
-                        scan_rows=self.spec.scan.rows, scan_cols=self.spec.scan.cols, result=self.plugin_cls.result,
-                        band=self.band)
-        self.outgoing.append((result, list(out)))
+        header, parts = self.results.get(scan) or self.results.setdefault(scan, (
+            Header(kind=RESULT, scan=scan, scan_rows=self.spec.scan.rows, scan_cols=self.spec.scan.cols,
+                   result=self.plugin_cls.result, band=self.band), []))
+        header.frames.append(frame)
+        header.sector_masks.append(mask)
+        header.part_counts.append(len(out))
+        parts.extend(out)
+        if len(header.frames) >= RESULT_FRAMES:
+            self.send_results()
         if self.scan_outputs:
             self.output_due[scan] = time.monotonic() + OUTPUT_PAUSE_S
+            if self.previewed:
+                self.preview_due.setdefault(scan, time.monotonic() + PREVIEW_S)
             if self.plugin.scan_complete(scan):
                 self.send_output(scan, final=True)
-        self.flush()
+
+    def send_results(self, now: float = 0.0) -> None:
+        """After a turn (and before anything that must follow them: patterns, a scan's output): the results
+        gathered, one RESULT message per scan, to the writer."""
+        if self.results:
+            self.outgoing.extend(self.results.values())
+            self.results.clear()
+            self.flush()
 
     def send_outputs(self, now: float) -> None:
         """The scans whose input paused: what the plugin made of them so far, to the writer."""
@@ -245,10 +272,30 @@ class WorkerStage(Stage):
         out = self.plugin.scan_output(scan, final)
         if out is None:
             return
+        self.send_results()  # the results the output covers go first
         slices, used = out
         self.outgoing.append((Header(kind=VOLUME, scan=scan, band=self.band, shape=slices.shape,
                                      dtype=slices.dtype.str, flags=0 if final else PARTIAL),
                               [np.ascontiguousarray(slices, np.float32), used]))
+        if self.previewed:   # the live view's last of these slices is the file's
+            self.preview_due.pop(scan, None)
+            self.send_preview(scan, [slices[self.previewed], used])
+
+    def send_previews(self, now: float) -> None:
+        """The scans whose chosen slices are due (PREVIEW_S after a frame came): those slices so far, to the
+        writer's live view."""
+        for scan in [s for s, due in self.preview_due.items() if now > due]:
+            del self.preview_due[scan]
+            preview = self.plugin.scan_preview(scan, self.previewed)
+            if preview is not None:
+                self.send_preview(scan, preview)
+        self.flush()
+
+    def send_preview(self, scan: int, preview: list[np.ndarray]) -> None:
+        """[slices (chosen, cols, cols), bitmap] as a PREVIEW."""
+        slices = np.ascontiguousarray(preview[0], np.float32)
+        self.outgoing.append((Header(kind=PREVIEW, scan=scan, band=self.band, shape=slices.shape,
+                                     dtype=slices.dtype.str), [slices, preview[1]]))
 
     def raw_result(self, scan: int, frame: int, parts) -> list:
         """A raw frame's result parts: [its live record (b"" with the live view off, or for parts that are not
@@ -271,6 +318,7 @@ class WorkerStage(Stage):
         frame came for PAUSE_S. Meanwhile the turns wait PAUSE_S at most, so that pause is seen when it comes."""
         if not self.patterns:
             return
+        self.send_results()  # the results the patterns cover go first
         paused = time.monotonic() - self.last_frame >= PAUSE_S
         for scan, patterns in list(self.patterns.items()):
             ending = scan in self.ending
@@ -291,7 +339,7 @@ class WorkerStage(Stage):
                 return
             self.outgoing.popleft()
             if header.kind == RESULT:
-                self.counters.frames_out += 1
+                self.counters.frames_out += len(header.frames)
                 self.counters.bytes_out += sum(memoryview(p).nbytes for p in parts)
 
     def calibrate(self) -> None:

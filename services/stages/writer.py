@@ -15,7 +15,8 @@ counted lost and the lanes that never ended it named; a scan of which nothing ca
 an open one (or, once streaming, with no input for as long), is opened for that.
 These rules are `WriterScans` in `dataplane/accounting.py`; this module holds the sockets and the files.
 
-Workers send results on a DEALER to this ROUTER; every result (new, duplicate or late) is
+Workers send results on a DEALER to this ROUTER, a turn's worth of frames in one RESULT message (wire.results
+splits it); every frame's result (new, duplicate or late) is
 acknowledged with a RECEIPT to the distributor of its lane (on the DEALER that distributor connects
 here; a turn's results go out as one receipt per lane), which counts the frame done only then. So
 when a lane's END_OF_SCAN arrives, the results it accounts for are here already. A file is created at the
@@ -23,9 +24,11 @@ first result of a scan (a scan of which nothing arrived leaves no file), written
 and renamed when complete; a write error (full disk) fails the stage with the reason and leaves
 no file behind.
 
-With spec.liveView on (the default) the writer also makes the live results (services/results/feed.py): each
-turn's new results go into the session's live store, served on the writer's `live` port, and each scan's
-STEM images go into its file at close (`stem/`, stempy's layout). Duplicates and refused results are not shown.
+With spec.liveView on (the default) the writer also makes the live results of its result kind
+(services/results/feed.py `live_feed`: 4D-STEM images, or tomography's chosen slices): each turn's new results go
+into the session's live store, served on the writer's `live` port, and each scan's STEM images go into its file at
+close (`stem/`, stempy's layout). Duplicates and refused results are not shown. The messages only the live view
+takes (PATTERN, PREVIEW) go to the feed (`take`).
 
 Raw frames (the `frames` result kind: noop) are reduced in the workers (results/reduction.py), so such a
 result carries no pixels unless the session keeps the frames (a sink for them: spec.output.keepFrames, or a
@@ -40,11 +43,11 @@ calibrate on the same samples, so they agree; if they ever did not, the writer s
 
 Routed by slice (spec.tomography, dataplane/bands.py) each RESULT names its band and each receipt the band of
 each key; a frame is written with its first band's result, partial until every band's came (the scan's bit mask
-per frame is then a bit per band). The `volume` kind's results are receipts: each worker sends its band's
-slices (VOLUME) once it has the scan, or so far when its input pauses; the last of each band stands. A scan waits
-(at most the end-of-scan timeout of silence) for every band with results to send a VOLUME covering them, then
-its sink writes the volume with the accounting per angle and per slice, and the scan's record says whether the
-volume is complete (`volume`: projections expected = used + lost, slices missing).
+per frame is then a bit per band). A plugin that reduces whole scans (tomo-fbp: results are receipts) has each
+worker send its band's output (VOLUME) once it has the scan, or so far when its input pauses: the writer hands it
+to the scan's sink (`take_output`; the sink checks it and keeps the last of each band), and a scan waits (at most
+the end-of-scan timeout of silence) while the sink is `awaiting_outputs`; its `record_fields` join the scan's
+record (a volume's projections expected = used + lost). The writer holds no technique or file-format code.
 """
 
 from __future__ import annotations
@@ -52,18 +55,20 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import zmq
 
-from detstream.services.dataplane.accounting import COUNTS, WriterScans, scan_account, scan_record
+from detstream.services.dataplane.accounting import COUNTS, WriterScans, add_fields, scan_account, scan_record
+from detstream.services.dataplane.blocks import Blocks
 from detstream.services.dataplane.scans import WrittenScan
 from detstream.services.dataplane.wire import (
     CALIBRATION,
     END_OF_SCAN,
-    PARTIAL,
     PATTERN,
+    PREVIEW,
     RECEIPT,
     RESULT,
     VOLUME,
@@ -71,18 +76,19 @@ from detstream.services.dataplane.wire import (
     Message,
     Outbox,
     frame_key,
+    results,
     unpack_frames,
 )
 from detstream.services.model.plan import LIVE_PORT, lane_routing_id
 from detstream.services.plugins import plugin_class, session_bands
-from detstream.services.plugins.tomo_fbp import ReconParams
-from detstream.services.results.feed import LiveResults
+from detstream.services.results.feed import LiveResults, live_feed
+from detstream.services.results.slices import LiveSlices
 from detstream.services.runtime.faults import failpoint
 from detstream.services.runtime.stage import HOUSEKEEPING_S, Stage, StageError
 from detstream.services.sinks import session_sink
 from detstream.services.sinks.output import accounting_file, folder_problem, never_overwrite, scan_file
 from detstream.services.sources import source_class
-from detstream.v1.control_pb2 import ScanVolume, StageState
+from detstream.v1.control_pb2 import StageState
 
 DRAIN_QUIET_S = 1.0  # a draining writer finishes after this long without input and no open scan
 # A scan without input for this many (end-of-scan + worker) timeouts, and STALE_MARGIN_S more, is closed as
@@ -113,6 +119,8 @@ class WriterStage(Stage):
         self.results = Outbox(results, self.name)
         self.receipts: dict[int, tuple[list[int], list[int]]] = {}  # lane -> keys (and bands) of the turn's results
         self.bands = session_bands(self.spec)
+        self.blocks = Blocks(self.spec.scan.frames, self.spec.transport.block_frames, self.spec.lanes)
+        self.all_sectors = (1 << self.spec.detector.sectors) - 1  # a frame's sector mask when none was missing
         self.write_delay = failpoint(self.name, self.role, "write-delay")
         transport = self.spec.transport
         self.accounts = WriterScans(self.spec.lanes, self.spec.scan.rows, self.spec.scan.cols, self.spec.scan.count,
@@ -128,21 +136,23 @@ class WriterStage(Stage):
         self.streaming = False  # any input yet (a session may wait for its detector as long as it takes)
         self.calibration: dict = {}  # the latest a worker sent (recorded in every scan's file)
         self.calibrations: dict[str, str] = {}  # worker -> its latest, as JSON (to notice disagreement)
-        self.live = self.serve_live() if self.spec.live_view.enabled and self.kind in ("events", "frames") else None
+        self.live = self.serve_live() if self.spec.live_view.enabled else None
         self.reactor.on_message(results, lambda _peer, msg: self.handle(msg), envelope=True, batch=TURN)
         self.reactor.every(0, self.after_turn)
         self.reactor.every(HOUSEKEEPING_S, self.housekeeping)
 
-    def serve_live(self) -> LiveResults:
-        """The live view on the `live` port, at / and at /NAMESPACE/SESSION/ (the path of its Ingress on
-        Kubernetes); there on every interface of the pod, since `kubectl port-forward` reaches its localhost."""
+    def serve_live(self) -> LiveResults | LiveSlices | None:
+        """The live view of the session's result kind (None: that kind has none) on the `live` port, at / and at
+        /NAMESPACE/SESSION/ (the path of its Ingress on Kubernetes); there on every interface of the pod, since
+        `kubectl port-forward` reaches its localhost."""
         host = "0.0.0.0" if os.environ.get("POD_IP") else self.bind_host
         try:
-            live = LiveResults(self.spec, self.kind, host, self.me.ports[LIVE_PORT], self.stage_rows,
-                               prefix=f"/{self.plan.namespace}/{self.plan.session}")
+            live = live_feed(self.spec, self.kind, self.bands, host, self.me.ports[LIVE_PORT], self.stage_rows,
+                             prefix=f"/{self.plan.namespace}/{self.plan.session}")
         except OSError as exc:
             raise StageError(f"live view: cannot listen on {host}:{self.me.ports[LIVE_PORT]}: {exc}") from None
-        self.log.info("live view at %s", live.url)
+        if live is not None:
+            self.log.info("live view at %s", live.url)
         return live
 
     def stage_rows(self) -> list[dict]:
@@ -177,52 +187,74 @@ class WriterStage(Stage):
         if h.kind == CALIBRATION:
             self.take_calibration(msg)
             return
-        if h.kind == PATTERN:
-            self.take_pattern(msg)
+        if h.kind in (PATTERN, PREVIEW):
+            self.take_live(msg)
             return
         if h.kind == VOLUME:
-            self.take_volume(msg)
+            self.take_output(msg)
             return
-        if h.kind not in (RESULT, END_OF_SCAN):
+        if h.kind == RESULT:
+            self.take_results(msg)
+            return
+        if h.kind != END_OF_SCAN:
             self.refuse("kind", msg)
             return
-        parts = [part.buffer for part in msg.parts]
-        live_parts = parts
-        if h.kind == RESULT and self.kind == "frames":  # [the live record] + [the frame, when a sink keeps it]
-            live_parts, parts = parts[:1], parts[1:]
-        if h.kind == RESULT:
-            # even for a result refused below: the frame must not stay in flight for ever (a plugin
-            # returning bad results shows as frames unaccounted, which fails the session loudly)
-            lane = (h.frame // self.spec.transport.block_frames) % self.spec.lanes   # the lane of its block
-            keys, bands = self.receipts.setdefault(lane, ([], []))
-            keys.append(frame_key(h.scan, h.frame))
-            bands.append(h.band)
-            if not self.valid_result(msg, parts):
-                return
-        if h.scan in self.accounts.closed:
-            if h.kind == RESULT:
-                self.counters.outcomes["duplicate"] += 1
-            return
+        if h.scan not in self.accounts.closed:
+            scan = self.open_scan(h)
+            if scan is not None:
+                self.end_of_lane(scan, msg)
+
+    def open_scan(self, h: Header) -> WrittenScan | None:
+        """The open scan a message is of (opened at its first), or None for a scan of another geometry (refused)."""
         scan = self.accounts.scan(h.scan, h.scan_rows, h.scan_cols, self.last_input)
         if scan is None:
             self.refuse("geometry", None, f"scan {h.scan} of {h.scan_rows or self.spec.scan.rows}x"
                                           f"{h.scan_cols or self.spec.scan.cols} positions")
+        return scan
+
+    def take_results(self, msg: Message) -> None:
+        """A worker's RESULT: the results of some frames of one scan (a frame number is its scan position)."""
+        h = msg.header
+        frames = results(h, [part.buffer for part in msg.parts])
+        for frame, _, _ in frames:
+            # even for a result refused below: the frame must not stay in flight for ever (a plugin
+            # returning bad results shows as frames unaccounted, which fails the session loudly)
+            keys, bands = self.receipts.setdefault(self.blocks.lane(self.blocks.of(frame)), ([], []))
+            keys.append(frame_key(h.scan, frame))
+            bands.append(h.band)
+        if h.result != self.kind or (self.bands.keyed and h.band >= self.bands.count):
+            self.refuse("result" if h.result != self.kind else "range", msg,
+                        f"results this writer cannot take ({h.result} of band {h.band}; it takes {self.kind} of "
+                        f"{self.bands.count} bands)")
             return
-        if h.kind == END_OF_SCAN:
-            self.end_of_lane(scan, msg)
+        if h.scan in self.accounts.closed:
+            self.counters.outcomes["duplicate"] += len(frames)
             return
+        scan = self.open_scan(h)
+        if scan is None:
+            return
+        self.counters.bytes_in += msg.payload_bytes
+        for frame, mask, parts in frames:
+            self.take_result(scan, msg, frame, mask, parts)
+
+    def take_result(self, scan: WrittenScan, msg: Message, frame: int, mask: int, parts: Sequence) -> None:
+        """One frame's result (`parts`: its buffers): accounted, written by the sink, shown live."""
+        live_parts = parts
+        if self.kind == "frames":  # [the live record] + [the frame, when a sink keeps it]
+            live_parts, parts = parts[:1], parts[1:]
+        if self.sink is not None:
+            reason = self.sink.refusal(parts, self.spec)
+            if reason:
+                self.refuse(reason, msg, f"frame {frame}: a result this writer cannot take")
+                return
         if self.write_delay:
             time.sleep(self.write_delay)
         self.counters.frames_in += 1
-        self.counters.bytes_in += msg.payload_bytes
-        partial = bool(h.flags & PARTIAL)
+        partial = mask != self.all_sectors
         if self.bands.keyed:
-            if h.band >= self.bands.count:
-                self.refuse("range", msg, f"band {h.band} of {self.bands.count}")
-                return
-            written = self.accounts.band_result(scan, h.position, h.band, self.bands.count, partial)
+            written = self.accounts.band_result(scan, frame, msg.header.band, self.bands.count, partial)
         else:
-            written = self.accounts.result(scan, h.position, h.sector_mask, partial)
+            written = self.accounts.result(scan, frame, mask, partial)
         if not written:
             self.counters.outcomes["duplicate"] += 1
             return
@@ -230,49 +262,31 @@ class WriterStage(Stage):
         if partial:
             self.counters.outcomes["partial"] += 1
         if self.sink is not None:
-            self.write(scan, h.position, parts)
-        if self.live is not None and not self.live.add(scan.number, (scan.rows, scan.cols), h.position, live_parts,
-                                                       partial, h.sender, frame_key(h.scan, h.frame)):
+            self.write(scan, frame, parts)
+        if self.live is not None and not self.live.add(scan.number, (scan.rows, scan.cols), frame, live_parts,
+                                                       partial, msg.header.sender, frame_key(scan.number, frame)):
             self.refuse("size", msg, "a frames result without a live record of this geometry: written, not shown live")
 
-    def valid_result(self, msg: Message, parts: list) -> bool:
-        """A RESULT this writer can take: the session's result kind, a position in the scan, and payload parts
-        (`parts`: its buffers) its sink takes (anything else is counted and dropped)."""
+    def take_live(self, msg: Message) -> None:
+        """A message only the live view takes (a raw-frame scan's PATTERN, a tomography scan's PREVIEW)."""
         h = msg.header
-        reason = None
-        if h.result != self.kind:
-            reason = "result"
-        elif h.position >= self.spec.scan.frames or h.frame >= self.spec.scan.frames:
-            reason = "range"
-        elif self.sink is not None:
-            reason = self.sink.refusal(parts, self.spec)
-        if reason:
-            self.refuse(reason, msg, "a result this writer cannot take")
-        return reason is None
-
-    def take_pattern(self, msg: Message) -> None:
-        """A worker's summed and maximum patterns of raw frames (feed.LiveResults.add_pattern)."""
-        if self.live is None or self.kind != "frames":
-            self.refuse("kind", msg, "a PATTERN without a live view of raw frames")
+        if self.live is None or h.kind not in self.live.takes:
+            self.refuse("kind", msg, "a live view message this session's live view does not take")
             return
-        reason = self.live.add_pattern(msg.header.sender, msg.header.scan, [part.buffer for part in msg.parts])
+        reason = self.live.take(h, [part.buffer for part in msg.parts])
         if reason:
-            self.refuse(reason, msg, "a PATTERN whose parts are not this session's patterns")
+            self.refuse(reason, msg, "a live view message that is not of this session's")
         self.lane_ended = True  # a scan waiting for its patterns may close now
 
-    def take_volume(self, msg: Message) -> None:
-        """A worker's band of slices of a scan (routing by slice): kept, the latest of each band, until the scan
-        closes."""
+    def take_output(self, msg: Message) -> None:
+        """A worker's output of a scan (VOLUME: its band's slices so far, routing by slice) to the scan's sink,
+        which keeps the latest of each band."""
         h = msg.header
-        tomo = self.spec.tomography
-        if self.kind != "volume" or tomo is None or h.band >= self.bands.count:
-            self.refuse("kind", msg, "a VOLUME this session does not reconstruct")
-            return
-        count = self.bands.slices(h.band)[1]
-        cols = self.spec.detector.cols
-        if list(h.shape) != [count, cols, cols] or len(msg.parts[1]) != (tomo.angles + 7) // 8:
-            self.refuse("geometry", msg, f"a VOLUME of band {h.band} is {count}x{cols}x{cols} slices and "
-                                         f"{(tomo.angles + 7) // 8} bytes of angles")
+        parts = [part.buffer for part in msg.parts]
+        reason = "kind" if self.sink is None or h.band >= self.bands.count else \
+            self.sink.output_refusal(self.spec, self.bands.slices(h.band), tuple(h.shape), parts)
+        if reason:
+            self.refuse(reason, msg, f"a VOLUME of band {h.band} this session's sink does not take")
             return
         if h.scan in self.accounts.closed:
             self.refuse("late", msg, f"band {h.band} of scan {h.scan}: the scan is closed")
@@ -280,29 +294,18 @@ class WriterStage(Stage):
         scan = self.accounts.scan(h.scan, 0, 0, self.last_input)
         if scan is None:
             return
-        slices = np.frombuffer(msg.parts[0].buffer, np.float32).reshape(count, cols, cols)
-        scan.volumes[h.band] = (slices, unpack_frames(msg.parts[1].buffer, tomo.angles))
-        self.lane_ended = True   # a scan waiting for its volumes may close now
-
-    def volumes_settling(self, scan: WrittenScan, now: float) -> bool:
-        """Whether a scan routed by slice waits for a band's VOLUME: a band with projections' results here whose
-        last VOLUME does not cover them (at most the end-of-scan timeout of silence)."""
-        tomo = self.spec.tomography
-        if tomo is None or self.kind != "volume" or now - scan.last_input > self.spec.transport.end_of_scan_timeout_s:
-            return False
-        projections = scan.sectors[tomo.first_projection:tomo.first_projection + tomo.angles]
-        for band in range(self.bands.count):
-            got = int(np.count_nonzero(projections & np.uint64(1 << band)))
-            volume = scan.volumes.get(band)
-            if got and (volume is None or int(volume[1].sum()) < got):
-                return True
-        return False
-
-    def write_volumes(self, scan: WrittenScan) -> None:
-        """The bands' slices into the scan's volume file (opened if no result opened it)."""
         self.write(scan, None, [])
-        for band, (slices, used) in sorted(scan.volumes.items()):
-            scan.file.write_band(self.bands.slices(band)[0], slices, used)
+        try:
+            scan.file.take_output(self.bands.slices(h.band), parts)
+        except OSError as exc:
+            raise StageError(f"cannot write scan {scan.number} to {scan.path}: {exc}") from None
+        self.lane_ended = True   # a scan waiting for its outputs may close now
+
+    def outputs_settling(self, scan: WrittenScan, now: float) -> bool:
+        """Whether a scan waits for the workers' outputs its sink expects (at most the end-of-scan timeout of
+        silence)."""
+        return scan.file is not None and now - scan.last_input <= self.spec.transport.end_of_scan_timeout_s \
+            and scan.file.awaiting_outputs(scan.sectors, self.bands)
 
     def take_calibration(self, msg: Message) -> None:
         """A worker's calibration: a JSON object of groups (dicts) of numbers, strings and booleans."""
@@ -350,7 +353,7 @@ class WriterStage(Stage):
                 continue
             del self.receipts[lane]
 
-    def write(self, scan: WrittenScan, position: int | None, parts: list[memoryview]) -> None:
+    def write(self, scan: WrittenScan, position: int | None, parts: Sequence) -> None:
         """A result into the scan's file, opened at the first (`position` None: only open it)."""
         path = scan_file(self.output, self.plan.session, scan.number)
         try:
@@ -372,8 +375,8 @@ class WriterStage(Stage):
                                               self.draining.is_set()):
             if silent is None and self.live is not None and self.live.settling(scan.number, now):
                 continue  # its raw frames' patterns are on their way
-            if silent is None and self.volumes_settling(scan, now):
-                continue  # its bands' slices are on their way
+            if silent is None and self.outputs_settling(scan, now):
+                continue  # its bands' outputs are on their way
             if silent is None:
                 self.close(scan)
             else:
@@ -393,20 +396,15 @@ class WriterStage(Stage):
         account = scan_account(scan, complete=True)
         record = scan_record(account)
         unaccounted = record["unaccounted"]
-        images = None if self.live is None else self.live.close_scan(scan.number, np.flatnonzero(~scan.done),
-                                                                     {k: record[k] for k in COUNTS})
-        if scan.file is not None or scan.volumes:
+        counts = {k: record[k] for k in COUNTS}
+        images = None if self.live is None else self.live.close_scan(scan.number, np.flatnonzero(~scan.done), counts)
+        if scan.file is not None:
             try:
-                if scan.volumes:
-                    self.write_volumes(scan)
-                    scan.file.add_metadata(ReconParams.from_params(self.spec.plugin.params).recorded())
                 scan.file.add_metadata(self.calibration)
                 scan.file.record_arrivals(scan.done, scan.sectors,
                                           self.bands.count if self.bands.keyed else self.spec.detector.sectors,
-                                          {k: record[k] for k in COUNTS})
-                if getattr(scan.file, "totals", None):
-                    record["volume"] = scan.file.totals
-                    account.volume.CopyFrom(ScanVolume(**scan.file.totals))   # the status says it too
+                                          counts)
+                fields = scan.file.record_fields()
                 if images is not None:
                     scan.file.add_images(images)
                 scan.file.close()
@@ -414,6 +412,10 @@ class WriterStage(Stage):
                 scan.file.abort()  # no file that looks complete is left behind
                 scan.file = None
                 raise StageError(f"cannot write scan {scan.number} to {scan.path}: {exc}") from None
+            record.update(fields)
+            add_fields(account, fields)   # the status shows them too
+            if self.live is not None and fields:
+                self.live.account(scan.number, counts | fields)   # what the sink adds (a volume's projections)
         self.record(record)
         self.accounts.close(scan, account, unaccounted)
         log = self.log.error if unaccounted else (self.log.warning if account.lost else self.log.info)

@@ -26,6 +26,7 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PATTERN: _ClassVar[Kind]
     GONE: _ClassVar[Kind]
     VOLUME: _ClassVar[Kind]
+    PREVIEW: _ClassVar[Kind]
 
 class Flag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -51,6 +52,7 @@ ABSENT: Kind
 PATTERN: Kind
 GONE: Kind
 VOLUME: Kind
+PREVIEW: Kind
 FLAG_NONE: Flag
 PARTIAL: Flag
 DUPLICATE: Flag
@@ -58,15 +60,12 @@ DETECTOR_END: Flag
 BLOCK_END: Flag
 
 class Header(_message.Message):
-    __slots__ = ("version", "kind", "seq", "sender", "scan", "frame", "position", "sector_mask", "shape", "dtype", "flags", "scan_rows", "scan_cols", "expected", "sent", "partial", "lost", "credit", "acked", "result", "block", "address", "frames", "sectors", "key", "band", "bands")
+    __slots__ = ("version", "kind", "seq", "sender", "scan", "shape", "dtype", "flags", "scan_rows", "scan_cols", "expected", "sent", "partial", "lost", "credit", "acked", "result", "block", "address", "frames", "sectors", "key", "band", "bands", "sector_masks", "part_counts")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     SENDER_FIELD_NUMBER: _ClassVar[int]
     SCAN_FIELD_NUMBER: _ClassVar[int]
-    FRAME_FIELD_NUMBER: _ClassVar[int]
-    POSITION_FIELD_NUMBER: _ClassVar[int]
-    SECTOR_MASK_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     FLAGS_FIELD_NUMBER: _ClassVar[int]
@@ -86,14 +85,13 @@ class Header(_message.Message):
     KEY_FIELD_NUMBER: _ClassVar[int]
     BAND_FIELD_NUMBER: _ClassVar[int]
     BANDS_FIELD_NUMBER: _ClassVar[int]
+    SECTOR_MASKS_FIELD_NUMBER: _ClassVar[int]
+    PART_COUNTS_FIELD_NUMBER: _ClassVar[int]
     version: int
     kind: Kind
     seq: int
     sender: str
     scan: int
-    frame: int
-    position: int
-    sector_mask: int
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
     flags: int
@@ -113,4 +111,6 @@ class Header(_message.Message):
     key: str
     band: int
     bands: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, version: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., seq: _Optional[int] = ..., sender: _Optional[str] = ..., scan: _Optional[int] = ..., frame: _Optional[int] = ..., position: _Optional[int] = ..., sector_mask: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., flags: _Optional[int] = ..., scan_rows: _Optional[int] = ..., scan_cols: _Optional[int] = ..., expected: _Optional[int] = ..., sent: _Optional[int] = ..., partial: _Optional[int] = ..., lost: _Optional[int] = ..., credit: _Optional[int] = ..., acked: _Optional[_Iterable[int]] = ..., result: _Optional[str] = ..., block: _Optional[int] = ..., address: _Optional[str] = ..., frames: _Optional[_Iterable[int]] = ..., sectors: _Optional[_Iterable[int]] = ..., key: _Optional[str] = ..., band: _Optional[int] = ..., bands: _Optional[_Iterable[int]] = ...) -> None: ...
+    sector_masks: _containers.RepeatedScalarFieldContainer[int]
+    part_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, version: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., seq: _Optional[int] = ..., sender: _Optional[str] = ..., scan: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., flags: _Optional[int] = ..., scan_rows: _Optional[int] = ..., scan_cols: _Optional[int] = ..., expected: _Optional[int] = ..., sent: _Optional[int] = ..., partial: _Optional[int] = ..., lost: _Optional[int] = ..., credit: _Optional[int] = ..., acked: _Optional[_Iterable[int]] = ..., result: _Optional[str] = ..., block: _Optional[int] = ..., address: _Optional[str] = ..., frames: _Optional[_Iterable[int]] = ..., sectors: _Optional[_Iterable[int]] = ..., key: _Optional[str] = ..., band: _Optional[int] = ..., bands: _Optional[_Iterable[int]] = ..., sector_masks: _Optional[_Iterable[int]] = ..., part_counts: _Optional[_Iterable[int]] = ...) -> None: ...
