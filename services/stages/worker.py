@@ -274,12 +274,12 @@ class WorkerStage(Stage):
             return
         self.send_results()  # the results the output covers go first
         slices, used = out
+        if self.previewed:   # the live view's last of these slices is the file's; before the VOLUME, which may
+            self.preview_due.pop(scan, None)   # let the writer close the scan
+            self.send_preview(scan, [slices[self.previewed], used])
         self.outgoing.append((Header(kind=VOLUME, scan=scan, band=self.band, shape=slices.shape,
                                      dtype=slices.dtype.str, flags=0 if final else PARTIAL),
                               [np.ascontiguousarray(slices, np.float32), used]))
-        if self.previewed:   # the live view's last of these slices is the file's
-            self.preview_due.pop(scan, None)
-            self.send_preview(scan, [slices[self.previewed], used])
 
     def send_previews(self, now: float) -> None:
         """The scans whose chosen slices are due (PREVIEW_S after a frame came): those slices so far, to the
