@@ -266,10 +266,10 @@ def main(argv=None) -> dict:
                       f"for {ref_s:.1f} s after the scan: reference / turnaround = {ref_s / turn:.0f}",
                       rate=rate, turnaround_s=turn, ratio=ref_s / turn,
                       runs=[o["paced"]["turnaround_s"] for o in rounds])
-    others = [f"w{PAIR}_b{b}" for b in args.batches[1:]]
+    others = {f"{PAIR} workers, batch {b}": f"w{PAIR}_b{b}" for b in args.batches[1:]}
     files(report, "as fast as the machine goes", "files", best("files"), best(pair)["seconds"],
           f"{PAIR} workers, batch {first}",
-          {k: best("files")["seconds"] / best(k)["seconds"] for k in others})
+          {label: best("files")["seconds"] / best(k)["seconds"] for label, k in others.items()})
     if not args.no_paced:
         files(report, f"at the paced session's {rate:.1f} projections/s", "files_at_rate", best("files_paced"),
               best("paced")["seconds"], f"paced, {PAIR} workers, batch {first}, turnaround "
