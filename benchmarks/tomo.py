@@ -38,6 +38,7 @@ machine goes and at the paced rate. Results: benchmarks/results/tomo.json.
 from __future__ import annotations
 
 import argparse
+import importlib
 import multiprocessing
 import os
 import tempfile
@@ -207,8 +208,8 @@ def main(argv=None) -> dict:
     runs = list(dict.fromkeys([(w, first) for w in counts] + [(PAIR, b) for b in args.batches[1:]]))
     pair = f"w{PAIR}_b{first}"
     rounds: list[dict] = []
-    # the file way's processes, forked before any session's threads
-    with multiprocessing.get_context("fork").Pool(PAIR) as pool, \
+    # the file way's processes, forked before any session's threads, astra imported (start-up is not timed)
+    with multiprocessing.get_context("fork").Pool(PAIR, importlib.import_module, ("astra",)) as pool, \
             tempfile.TemporaryDirectory(prefix="detstream-bench-") as tmp_name:
         tmp = Path(tmp_name)
         scan, theta_deg = render(size, angles)
