@@ -1,12 +1,15 @@
 """The live table of `detstream run`: steady rates from the stages' own counters and clocks."""
 
+import re
 import time
 
 from rich.console import Console
+from test_tomo_session import FRAMES, tomo_doc
 
 from detstream.services.launcher.progress import Progress, Rate
 from detstream.services.launcher.runner import LocalSession
 from detstream.services.model.session import load_session
+from detstream.v1.control_pb2 import FINISHED
 
 from helpers import manifest
 
@@ -54,3 +57,33 @@ def test_live_table_shows_a_steady_rate_near_the_source_rate(tmp_path):
     console.print(table)
     text = console.export_text()
     assert "(frames)" in text and "distributor-0" in text
+
+
+def test_a_session_routed_by_slice_counts_frames_not_bands(tmp_path):
+    """Two workers each take their band of every frame: the line's rate through the workers, the writer's counts
+    and the distributor's are frames (README: every count is frames), not twice them."""
+    doc = tomo_doc("bands", rate=RATE, liveView={"enabled": False})
+    doc["spec"]["scan"]["count"] = 3
+    session = load_session(doc)
+    local = LocalSession(session, tmp_path)
+    progress = Progress(session, quiet=True)
+    shown = []
+    try:
+        local.launch()
+        local.wait_healthy()
+        local.start()
+        while not local.finished():
+            local.check_alive(streaming=True)
+            progress.update(local.stages)
+            written = progress.totals(local.stages)[0]
+            if 80 <= written <= 3 * FRAMES - 40:  # past the start, before the end
+                shown.append(float(re.search(r"([\d,.]+) frames/s through workers", progress.line(local.stages))[1]))
+            time.sleep(0.25)
+        writer = local.writer().control.status()
+        lanes = [p.control.status() for p in local.stages if p.stage.role == "distributor"]
+    finally:
+        local.stop()
+    assert len(shown) >= 10
+    assert all(RATE / 2 <= fps <= RATE * 1.5 for fps in shown), shown
+    assert writer.state == FINISHED and writer.frames_in == writer.closed_total.written == 3 * FRAMES
+    assert [(lane.frames_out, lane.in_flight) for lane in lanes] == [(3 * FRAMES, 0)]

@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from detstream.services.dataplane.accounting import frames_so_far, scan_record
+from detstream.services.plugins import session_bands
 from detstream.v1.control_pb2 import StageState
 
 PLAIN_EVERY_S = 5.0
@@ -74,6 +75,8 @@ class Progress:
         self.quiet = quiet
         self.console = console()
         self.rates: dict[str, Rate] = {}
+        # Routed by slice every worker takes its band of every frame: the workers' sum over the bands is frames.
+        self.bands = session_bands(session.spec).count
         self._live: Live | None = None
         self._last_plain = 0.0
 
@@ -115,7 +118,7 @@ class Progress:
 
     def line(self, stages) -> str:
         written, expected, in_flight, lost = self.totals(stages)
-        worker_fps = sum(r.fps for n, r in self.rates.items() if n.startswith("worker"))
+        worker_fps = sum(r.fps for n, r in self.rates.items() if n.startswith("worker")) / self.bands
         gbps = sum(r.gbps for n, r in self.rates.items() if n.startswith("source"))
         return (f"written {written}/{expected} frames, {worker_fps:,.0f} frames/s through workers, "
                 f"{gbps:.2f} GB/s from sources, {in_flight} in flight, {lost} lost")
