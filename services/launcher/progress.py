@@ -146,6 +146,9 @@ class Progress:
         out = self.console
         if summary.scans:
             out.print(table)
+        volumes = [(s["scan"], s["volume"]) for s in summary.scans if "volume" in s]
+        if volumes:
+            out.print(volume_table(volumes))
         out.print(f"{summary.frames_per_second:,.0f} frames/s, {summary.throughput_gbps:.3f} GB/s, "
                   f"{summary.duration_s:.2f} s")
         if summary.dropped:
@@ -157,6 +160,20 @@ class Progress:
             out.print(f"[bold red]detstream: {escape(summary.failure)}[/]")
         elif not summary.ok:
             out.print("[bold red]detstream: not every frame is accounted for[/]")
+
+
+VOLUME_COLUMNS = ("projections_expected", "projections_used", "projections_lost", "slices_missing", "complete")
+
+
+def volume_table(volumes: Sequence[tuple[int, dict]]) -> Table:
+    """A tomography scan's volume accounting (the `volume` of its record: projections expected = used + lost, the
+    slices missing, complete), per (scan, volume)."""
+    table = Table(title="volumes")
+    for column in ("scan", *VOLUME_COLUMNS):
+        table.add_column(column.replace("_", " "), justify="right")
+    for scan, volume in volumes:
+        table.add_row(str(scan), *(str(volume[k]).lower() for k in VOLUME_COLUMNS))
+    return table
 
 
 @dataclass
