@@ -4,6 +4,7 @@ the phantom; and a worker killed mid-scan, whose band is named missing in the fi
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 
@@ -85,6 +86,12 @@ def test_a_scan_routed_by_slice_reconstructs_as_astra_does(tmp_path, reference):
         assert acc.attrs["complete"] and (acc["frame_status"][()] == COMPLETE).all()
         assert (acc["frame_bands"][()] == 3).all()             # both bands' results of every frame
         assert (acc["slice_angles_missing"][()] == 0).all()
+        for status in ("projection_status", "slice_status", "frame_status"):   # the codes are named
+            attrs = acc[status].attrs
+            assert (attrs["COMPLETE"], attrs["PARTIAL"], attrs["MISSING"]) == (COMPLETE, PARTIAL, MISSING)
+            assert "0 " in attrs["meaning"] and "2 " in attrs["meaning"]
+        assert f["exchange/theta"].attrs["units"] == "degrees"
+        assert json.loads(f["process/reconstruction"].attrs["plugin_params"]) == {"centre": AXIS}
     assert relative_rms(volume, volume_ref) < 1e-3
     assert np.corrcoef(volume.ravel(), truth.ravel())[0, 1] > CORRELATION
 

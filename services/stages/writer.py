@@ -363,8 +363,8 @@ class WriterStage(Stage):
             if scan.file is None:
                 plugin = self.spec.plugin
                 scan.file = self.sink.open(path, self.spec, (scan.rows, scan.cols),
-                                           {"session": self.plan.session, "scan": scan.number,
-                                            "plugin": plugin.name, "plugin_params": str(plugin.params)})
+                                           {"session": self.plan.session, "scan": scan.number, "plugin": plugin.name,
+                                            "plugin_params": json.dumps(plugin.params, sort_keys=True)})
                 scan.path = str(path)
             if position is not None:
                 scan.file.write_result(position, parts)
