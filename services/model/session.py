@@ -136,7 +136,8 @@ class Source:
 class Plugin:
     """The processing each worker applies to every frame."""
     name: str = spec_field("electron-counting", doc="A plugin registered under the `detstream.plugins` "
-                                                    "entry point (shipped: electron-counting, noop).")
+                                                    "entry point (shipped: electron-counting and noop for 4D-STEM, "
+                                                    "tomo-fbp and noop for tomography).")
     params: dict = spec_field(default_factory=dict, doc="The plugin's parameters; changed live on "
                                                         "running workers.", free_form=True)
 
