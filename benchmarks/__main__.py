@@ -30,6 +30,7 @@ BENCHMARKS = {
     "soak": ["--minutes", "0.5", "--interval", "5"],  # continuous stream: growth and accounting (short here)
     "dataplane": ["--frames", "1024", "--repeats", "2"],  # data-plane shapes in bare pyzmq (the full-rate design)
     "live": ["--repeats", "1"],  # live results on / off, and the live view's delay behind the source
+    "tomo": ["--size", "128", "--angles", "181"],  # tomo-fbp sessions vs astra after the scan (README: 256, 361)
 }
 
 

@@ -25,7 +25,11 @@ def _status_schema() -> dict:
                                               "state": {"type": "string"}}}
     scan: dict[str, Any] = {"type": "object", "properties": {k: dict(count) for k in
                                              ("scan", "expected", "written", "partial", "lost", "duplicates")}}
-    scan["properties"].update(complete={"type": "boolean"}, file={"type": "string"})
+    volume = {"type": "object", "description": "A tomography scan's volume file: projections expected = used + lost "
+              "(an angle some reconstructed slice lacks is lost), slices missing; complete: false when it lacks any.",
+              "properties": {k: dict(count) for k in ("projectionsExpected", "projectionsUsed", "projectionsLost",
+                                                      "slicesMissing")} | {"complete": {"type": "boolean"}}}
+    scan["properties"].update(complete={"type": "boolean"}, file={"type": "string"}, volume=volume)
     condition = {"type": "object", "required": ["type", "status"], "properties": {
         "type": {"type": "string"}, "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
         "reason": {"type": "string"}, "message": {"type": "string"},

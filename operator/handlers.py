@@ -2,9 +2,9 @@
 
 - `reconcile` (create, update, resume, and a slow resync) applies the children built from the
   spec. What a change does follows from the builders: the worker count only scales the worker
-  Deployment; plugin parameters change only the plan ConfigMap (no pod template change, so no
-  restart) and are pushed live to the running workers; anything else changes the pod templates'
-  spec hash and rolls the stages. An invalid spec is refused with the SpecValid condition and
+  Deployment (a StatefulSet when routed by slice); plugin parameters change only the plan ConfigMap
+  (no pod template change, so no restart) and are pushed live to the running workers; anything else
+  changes the pod templates' spec hash and rolls the stages. An invalid spec is refused with the SpecValid condition and
   the last valid spec keeps running.
 - `observe` (every 2 s) reads the pods and every stage's own status over gRPC, starts stages that
   are up but idle (at first all of them, one observation after reporting Ready; later restarted or

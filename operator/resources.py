@@ -3,10 +3,12 @@
 Per session: a ConfigMap holding the plan; per indexed role (source, distributor,
 writer) a StatefulSet with a headless Service, plus one Service per replica named as the plan
 addresses it (`SESSION-ROLE-INDEX`); the worker pool is a Deployment (scaled by the session's
-scale subresource). Pods bind to their own IP ($POD_IP) and are probed over HTTP on their metrics
-port (/readyz, /healthz). With spec.liveView on, the writer's Service also serves the live view (port `live`),
-open to any client (a read-only page), and, when the operator is given an Ingress host (the chart's
-liveView.ingress), an Ingress routes http://HOST/NAMESPACE/SESSION/ to it.
+scale subresource), or, routed by slice (tomography: worker k owns band k of the detector rows), a
+StatefulSet with a headless Service, so that a restarted worker keeps its ordinal and takes its band
+again. Pods bind to their own IP ($POD_IP) and are probed over HTTP on their metrics port (/readyz, /healthz).
+With spec.liveView on, the writer's Service also serves the live view (port `live`), open to any client (a
+read-only page), and, when the operator is given an Ingress host (the chart's liveView.ingress), an Ingress
+routes http://HOST/NAMESPACE/SESSION/ to it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from detstream.operator import keys
 from detstream.services.model.plan import CLUSTER_PORTS, LIVE_PORT, ClusterNetwork, Plan, build_plan, port_names
 from detstream.services.model.schema import to_manifest
 from detstream.services.model.session import Session
-from detstream.services.plugins import plugin_class
+from detstream.services.plugins import plugin_class, session_bands
 from detstream.services.runtime.stage import STAGE_ENV
 
 PLAN_DIR = "/etc/detstream"
@@ -51,9 +53,11 @@ def worker_selector(session: Session) -> str:
 
 def rollout_hash(session: Session) -> str:
     """What, when changed, needs the stages restarted: all of the spec but the worker count
-    (the Deployment scales) and the plugin parameters (pushed live over gRPC)."""
+    (the Deployment scales; routed by slice, the bands follow it, so every stage restarts) and the plugin
+    parameters (pushed live over gRPC)."""
     spec = to_manifest(session.spec)
-    spec["workers"].pop("replicas")
+    if not session_bands(session.spec).keyed:
+        spec["workers"].pop("replicas")
     spec["plugin"].pop("params")
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -129,24 +133,29 @@ def workload(session: Session, role: str, replicas: int, image: str, plan: Plan)
     meta = {"name": f"{session.name}-{role}", "namespace": session.namespace, "labels": labels(session, role)}
     spec = {"replicas": replicas, "selector": {"matchLabels": selector(session, role)},
             "template": pod_template(session, role, image, plan)}
-    if role == "worker":
+    if role == "worker" and not session_bands(session.spec).keyed:
         return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": spec}
     spec.update(serviceName=f"{session.name}-{role}", podManagementPolicy="Parallel")
     return {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": meta, "spec": spec}
 
 
+def headless(session: Session, role: str) -> dict:
+    """The headless Service of a role's StatefulSet (its pods' network identity)."""
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": f"{session.name}-{role}", "namespace": session.namespace,
+                         "labels": labels(session, role)},
+            "spec": {"clusterIP": "None", "selector": selector(session, role),
+                     "ports": [{"name": "control", "port": CLUSTER_PORTS["control"], "protocol": "TCP"}]}}
+
+
 def services(session: Session, plan: Plan) -> list[dict]:
     """A headless Service per StatefulSet, and one Service per replica as the plan addresses it."""
-    out = []
+    out = [headless(session, "worker")] if session_bands(session.spec).keyed else []
     for role in INDEXED_ROLES:
         stages = plan.of_role(role)
         if not stages:
             continue
-        out.append({"apiVersion": "v1", "kind": "Service",
-                    "metadata": {"name": f"{session.name}-{role}", "namespace": session.namespace,
-                                 "labels": labels(session, role)},
-                    "spec": {"clusterIP": "None", "selector": selector(session, role),
-                             "ports": [{"name": "control", "port": CLUSTER_PORTS["control"], "protocol": "TCP"}]}})
+        out.append(headless(session, role))
         for stage in stages:
             external = role == "distributor" and session.spec.source.kind == "external"
             spec = {"selector": {"statefulset.kubernetes.io/pod-name": stage.host},

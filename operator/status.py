@@ -146,6 +146,13 @@ def without_empty(fields: dict) -> dict:
     return {k: v for k, v in fields.items() if v != ""}
 
 
+def volume(v) -> dict:
+    """A closed tomography scan's ScanVolume as status.scans[].volume (complete: false when angles or slices
+    are missing from the volume file)."""
+    return {"projectionsExpected": v.projections_expected, "projectionsUsed": v.projections_used,
+            "projectionsLost": v.projections_lost, "slicesMissing": v.slices_missing, "complete": v.complete}
+
+
 def status_patch(o: Observed, old_status: dict, generation: int | None, selector: str) -> dict:
     """The `status` the operator writes for these observations (not `observedGeneration`: the
     reconcile writes it once it has applied that generation)."""
@@ -153,7 +160,8 @@ def status_patch(o: Observed, old_status: dict, generation: int | None, selector
     ready = ready_counts(o)
     writer = next((s for s in o.stages.values() if s.stage == "writer"), None)
     scans = [without_empty({"scan": a.scan, "expected": a.expected, "written": a.written, "partial": a.partial,
-                            "lost": a.lost, "duplicates": a.duplicates, "complete": a.complete, "file": a.file})
+                            "lost": a.lost, "duplicates": a.duplicates, "complete": a.complete, "file": a.file,
+                            **({"volume": volume(a.volume)} if a.HasField("volume") else {})})
              for a in (writer.scans if writer else [])]  # no file yet until a scan's first result
     old_conditions = old_status.get("conditions") or []
     spec_ok = not o.spec_errors

@@ -26,12 +26,16 @@ import time
 import urllib.request
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import stempy.io
 import yaml
 
+from detstream.services.dataplane.accounting import COMPLETE, MISSING
+from detstream.services.model.session import read_manifest
 from detstream.services.sinks.output import read_accounting
+from detstream.services.sources.tomo_simulator import ground_truth
 
 from cluster.fixtures import RBAC_DENIAL
 from helpers import ROOT, Background, manifest, wait_for
@@ -561,3 +565,81 @@ def test_editing_a_succeeded_session_keeps_its_results(e2e):
     assert session["status"]["observedGeneration"] == session["metadata"]["generation"]  # the edit was seen
     assert tuple(stempy.io.load_electron_counts(str(path)).scan_shape) == (8, 8)
     e2e.delete("kept")
+
+
+# Tomography, routed by slice: worker k owns band k of the detector rows (services/dataplane/bands.py).
+TOMO_CORRELATION = 0.8   # the example's volume with the phantom (test_tomo_session: 0.88 for 64x64, 90 angles)
+
+
+def volume_status(acc) -> dict:
+    """A volume file's /accounting attributes as status.scans[].volume gives them."""
+    return {"projectionsExpected": int(acc.attrs["projections_expected"]),
+            "projectionsUsed": int(acc.attrs["projections_used"]),
+            "projectionsLost": int(acc.attrs["projections_lost"]),
+            "slicesMissing": int(acc.attrs["slices_missing"]), "complete": bool(acc.attrs["complete"])}
+
+
+def test_the_tomography_example_reconstructs_through_pods_to_a_volume(e2e):
+    """`kubectl apply` of the manifest `detstream run` takes: its workers are a StatefulSet (a Deployment's pods
+    would all be worker 0, owning band 0), it succeeds with every projection used, and its status says so."""
+    example = ROOT / "examples" / "tomo-local.yaml"
+    spec = read_manifest(example).spec
+    frames, angles, size = spec.scan.cols, spec.tomography.angles, spec.detector.rows
+    e2e.kubectl("apply", "-n", NS, "-f", str(example))
+    e2e.wait_phase("tomo", "Streaming")
+    assert sorted(p["metadata"]["name"] for p in e2e.pods("tomo", "worker")) == ["tomo-worker-0", "tomo-worker-1"]
+    status = e2e.wait_phase("tomo", "Succeeded", timeout=300)
+    scan = check_accounting(status, 1, frames)
+    assert (scan["written"], scan["partial"], scan["lost"]) == (frames, 0, 0)
+    assert scan["volume"] == {"projectionsExpected": angles, "projectionsUsed": angles, "projectionsLost": 0,
+                              "slicesMissing": 0, "complete": True}
+    (writer,) = e2e.pods("tomo", "writer")
+    with h5py.File(e2e.volume(writer, "output") / "tomo-scan0000.h5") as f:
+        acc = f["accounting"]
+        assert volume_status(acc) == scan["volume"]
+        assert (acc["projection_status"][()] == COMPLETE).all() and (acc["slice_angles_missing"][()] == 0).all()
+        volume = f["exchange/data"][()]
+    assert volume.shape == (size, size, size)
+    assert np.corrcoef(volume.ravel(), ground_truth(spec).ravel())[0, 1] > TOMO_CORRELATION
+    e2e.delete("tomo")
+
+
+def test_a_tomography_worker_killed_mid_scan_comes_back_on_its_band_and_the_volume_names_what_it_lacks(e2e):
+    """SIGKILL worker-1 mid-scan: its pod restarts the same ordinal, which owns band 1 again and takes its remaining
+    blocks; what the dead process had summed is lost with it. No frame is lost, the accounting closes, and the file
+    and the status say the volume is incomplete: band 1's slices lack angles (or are missing), band 0's lack none."""
+    size, angles, darks, flats = 64, 90, 4, 10
+    frames = darks + flats + angles
+    doc = manifest("tkill", scan={"rows": 1, "cols": frames}, detector={"rows": size, "cols": size, "sectors": 1},
+                   tomography={"angles": angles, "darks": darks, "flats": flats},
+                   source={"kind": "tomo-simulator", "rate": 6, "tomoSimulator": {"seed": 1, "centreOffset": 1.5}},
+                   workers={"replicas": 2}, plugin={"name": "tomo-fbp", "params": {"centre": (size - 1) / 2 + 1.5}},
+                   output={"volumeClaim": "tkill"}, transport={"workerTimeoutS": 2.0, "endOfScanTimeoutS": 5.0})
+    folder = claim(e2e, "tkill")
+    e2e.apply(doc)
+    e2e.wait_phase("tkill", "Streaming")
+    (victim,) = [p for p in e2e.pods("tkill", "worker") if p["metadata"]["name"] == "tkill-worker-1"]
+    wait_until(lambda: metric(victim, "detstream_frames_received_total") >= darks + flats + 10, 120,
+               "tkill-worker-1 summing projections")
+    kill_and_restart(e2e, victim)
+    assert e2e.status("tkill")["phase"] == "Streaming", "the scan ended before worker-1 came back"
+    status = e2e.wait_phase("tkill", "Succeeded")
+    assert any("came up mid-session: tkill-worker-1 (restarted 1x)" in m for m in e2e.events("tkill"))
+    scan = check_accounting(status, 1, frames)
+    assert (scan["written"], scan["lost"]) == (frames, 0)
+    with h5py.File(folder / "tkill-scan0000.h5") as f:
+        acc = f["accounting"]
+        assert scan["volume"] == volume_status(acc)
+        lacking, slices = acc["slice_angles_missing"][()], acc["slice_status"][()]
+        named = int((acc["projection_status"][()] != COMPLETE).sum())
+    volume = scan["volume"]
+    print(f"\ntomography, worker-1 killed: status volume {volume}; band 1's slices lack "
+          f"{sorted(set(lacking[size // 2:]))} angles", file=sys.stderr)
+    assert not volume["complete"] and volume["projectionsExpected"] == angles
+    assert volume["projectionsUsed"] + volume["projectionsLost"] == angles and volume["projectionsLost"] == named
+    assert (slices[:size // 2] == COMPLETE).all() and (lacking[:size // 2] == 0).all()    # band 0: whole
+    band1 = slices[size // 2:]
+    assert ((band1 == MISSING) | (lacking[size // 2:] > 0)).all()                         # band 1: named
+    assert volume["slicesMissing"] == int((band1 == MISSING).sum())
+    e2e.delete("tkill")
+    assert "UNACCOUNTED" not in pod_log(e2e, "tkill-writer-0")

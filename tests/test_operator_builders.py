@@ -67,6 +67,28 @@ def test_children_validate_against_kubernetes_schemas():
         kubernetes_validate.validate(obj, K8S, strict=True)
 
 
+def tomo_session(workers=2):
+    return session(scan={"rows": 1, "cols": 104}, detector={"rows": 64, "cols": 64, "sectors": 1},
+                   tomography={"angles": 90, "darks": 4, "flats": 10}, source={"kind": "tomo-simulator"},
+                   workers={"replicas": workers}, plugin={"name": "tomo-fbp"})
+
+
+def test_workers_routed_by_slice_are_a_statefulset_so_a_restarted_pod_keeps_its_band():
+    """Worker k owns band k of the detector rows, its index from its pod name's ordinal: a Deployment's pods
+    would all be worker 0. The bands follow the worker count: scaling restarts every stage with the new bands."""
+    objs = resources.children(tomo_session(), "example/detstream:1")
+    (worker,) = [o for o in objs if o["kind"] != "Service" and o["metadata"]["name"] == "s1-worker"]
+    assert worker["kind"] == "StatefulSet" and worker["spec"]["replicas"] == 2
+    assert worker["spec"]["serviceName"] == "s1-worker" and worker["spec"]["podManagementPolicy"] == "Parallel"
+    (service,) = [o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == "s1-worker"]
+    assert service["spec"]["clusterIP"] == "None"
+    assert not any(o["kind"] == "Deployment" for o in objs)
+    for obj in objs:
+        kubernetes_validate.validate(obj, K8S, strict=True)
+    base = template_hashes(tomo_session())
+    assert all(h != base[name] for name, h in template_hashes(tomo_session(workers=4)).items())
+
+
 def test_pods_are_restricted_and_bind_their_own_ip():
     for obj in resources.children(session(), "img"):
         if obj["kind"] not in ("Deployment", "StatefulSet"):

@@ -9,7 +9,7 @@ from collections import deque
 import numpy as np
 
 from detstream.services.dataplane.scans import ScanBook, WrittenScan
-from detstream.v1.control_pb2 import ScanAccount
+from detstream.v1.control_pb2 import ScanAccount, ScanVolume
 
 
 def frames_so_far(writer_status) -> tuple[int, int]:
@@ -34,6 +34,13 @@ def scan_record(account) -> dict:
             "partial": account.partial, "lost": account.lost, "duplicates": account.duplicates,
             "unaccounted": account.expected - account.written - account.lost, "complete": account.complete,
             "file": account.file}
+
+
+def add_fields(account: ScanAccount, fields: dict) -> None:
+    """What a scan's sink adds to its record (`record_fields`) that its ScanAccount carries to the status too: a
+    volume's totals (projections_expected/used/lost, slices_missing, complete)."""
+    if "volume" in fields:
+        account.volume.CopyFrom(ScanVolume(**fields["volume"]))
 
 
 def scan_account(scan: WrittenScan, complete: bool) -> ScanAccount:

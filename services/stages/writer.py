@@ -63,7 +63,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from detstream.services.dataplane.accounting import COUNTS, WriterScans, scan_account, scan_record
+from detstream.services.dataplane.accounting import COUNTS, WriterScans, add_fields, scan_account, scan_record
 from detstream.services.dataplane.blocks import Blocks
 from detstream.services.dataplane.scans import WrittenScan
 from detstream.services.dataplane.wire import (
@@ -416,6 +416,7 @@ class WriterStage(Stage):
                 scan.file = None
                 raise StageError(f"cannot write scan {scan.number} to {scan.path}: {exc}") from None
             record.update(fields)
+            add_fields(account, fields)   # the status shows them too
             if self.live is not None and fields:
                 self.live.account(scan.number, counts | fields)   # what the sink adds (a volume's projections)
         self.record(record)

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64\x65tstream/v1/control.proto\x12\x0c\x64\x65tstream.v1\".\n\x10\x43onfigureRequest\x12\x1a\n\x12plugin_params_json\x18\x01 \x01(\t\"\x0e\n\x0cStartRequest\"\x0e\n\x0c\x44rainRequest\"\r\n\x0bStopRequest\"\x0f\n\rStatusRequest\"\x91\x01\n\x0bScanAccount\x12\x0c\n\x04scan\x18\x01 \x01(\r\x12\x10\n\x08\x65xpected\x18\x02 \x01(\x04\x12\x0f\n\x07written\x18\x03 \x01(\x04\x12\x0f\n\x07partial\x18\x04 \x01(\x04\x12\x0c\n\x04lost\x18\x05 \x01(\x04\x12\x12\n\nduplicates\x18\x06 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x07 \x01(\x08\x12\x0c\n\x04\x66ile\x18\x08 \x01(\t\"\xb9\x03\n\x0bStageStatus\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\r\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.detstream.v1.StageState\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x11\n\tframes_in\x18\x05 \x01(\x04\x12\x12\n\nframes_out\x18\x06 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x07 \x01(\x04\x12\x11\n\tbytes_out\x18\x08 \x01(\x04\x12\x11\n\tin_flight\x18\t \x01(\x04\x12\x10\n\x08rejected\x18\n \x01(\x04\x12(\n\x05scans\x18\x0b \x03(\x0b\x32\x19.detstream.v1.ScanAccount\x12\x13\n\x0bscans_total\x18\x0c \x01(\r\x12\x11\n\telapsed_s\x18\r \x01(\x01\x12\x0f\n\x07\x64ropped\x18\x0e \x01(\x04\x12\x1a\n\x12plugin_params_json\x18\x0f \x01(\t\x12\x14\n\x0cscans_closed\x18\x10 \x01(\r\x12/\n\x0c\x63losed_total\x18\x11 \x01(\x0b\x32\x19.detstream.v1.ScanAccount\x12\x19\n\x11scans_unaccounted\x18\x12 \x01(\r*h\n\nStageState\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0e\n\nCONFIGURED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\x0c\n\x08\x44RAINING\x10\x03\x12\x0c\n\x08\x46INISHED\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\x32\x9f\x03\n\x0cStageControl\x12\x46\n\tConfigure\x12\x1e.detstream.v1.ConfigureRequest\x1a\x19.detstream.v1.StageStatus\x12>\n\x05Start\x12\x1a.detstream.v1.StartRequest\x1a\x19.detstream.v1.StageStatus\x12>\n\x05\x44rain\x12\x1a.detstream.v1.DrainRequest\x1a\x19.detstream.v1.StageStatus\x12<\n\x04Stop\x12\x19.detstream.v1.StopRequest\x1a\x19.detstream.v1.StageStatus\x12@\n\x06Status\x12\x1b.detstream.v1.StatusRequest\x1a\x19.detstream.v1.StageStatus\x12G\n\x0bWatchStatus\x12\x1b.detstream.v1.StatusRequest\x1a\x19.detstream.v1.StageStatus0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64\x65tstream/v1/control.proto\x12\x0c\x64\x65tstream.v1\".\n\x10\x43onfigureRequest\x12\x1a\n\x12plugin_params_json\x18\x01 \x01(\t\"\x0e\n\x0cStartRequest\"\x0e\n\x0c\x44rainRequest\"\r\n\x0bStopRequest\"\x0f\n\rStatusRequest\"\xbb\x01\n\x0bScanAccount\x12\x0c\n\x04scan\x18\x01 \x01(\r\x12\x10\n\x08\x65xpected\x18\x02 \x01(\x04\x12\x0f\n\x07written\x18\x03 \x01(\x04\x12\x0f\n\x07partial\x18\x04 \x01(\x04\x12\x0c\n\x04lost\x18\x05 \x01(\x04\x12\x12\n\nduplicates\x18\x06 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x07 \x01(\x08\x12\x0c\n\x04\x66ile\x18\x08 \x01(\t\x12(\n\x06volume\x18\t \x01(\x0b\x32\x18.detstream.v1.ScanVolume\"\x88\x01\n\nScanVolume\x12\x1c\n\x14projections_expected\x18\x01 \x01(\x04\x12\x18\n\x10projections_used\x18\x02 \x01(\x04\x12\x18\n\x10projections_lost\x18\x03 \x01(\x04\x12\x16\n\x0eslices_missing\x18\x04 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x05 \x01(\x08\"\xb9\x03\n\x0bStageStatus\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\r\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.detstream.v1.StageState\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x11\n\tframes_in\x18\x05 \x01(\x04\x12\x12\n\nframes_out\x18\x06 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x07 \x01(\x04\x12\x11\n\tbytes_out\x18\x08 \x01(\x04\x12\x11\n\tin_flight\x18\t \x01(\x04\x12\x10\n\x08rejected\x18\n \x01(\x04\x12(\n\x05scans\x18\x0b \x03(\x0b\x32\x19.detstream.v1.ScanAccount\x12\x13\n\x0bscans_total\x18\x0c \x01(\r\x12\x11\n\telapsed_s\x18\r \x01(\x01\x12\x0f\n\x07\x64ropped\x18\x0e \x01(\x04\x12\x1a\n\x12plugin_params_json\x18\x0f \x01(\t\x12\x14\n\x0cscans_closed\x18\x10 \x01(\r\x12/\n\x0c\x63losed_total\x18\x11 \x01(\x0b\x32\x19.detstream.v1.ScanAccount\x12\x19\n\x11scans_unaccounted\x18\x12 \x01(\r*h\n\nStageState\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0e\n\nCONFIGURED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\x0c\n\x08\x44RAINING\x10\x03\x12\x0c\n\x08\x46INISHED\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\x32\x9f\x03\n\x0cStageControl\x12\x46\n\tConfigure\x12\x1e.detstream.v1.ConfigureRequest\x1a\x19.detstream.v1.StageStatus\x12>\n\x05Start\x12\x1a.detstream.v1.StartRequest\x1a\x19.detstream.v1.StageStatus\x12>\n\x05\x44rain\x12\x1a.detstream.v1.DrainRequest\x1a\x19.detstream.v1.StageStatus\x12<\n\x04Stop\x12\x19.detstream.v1.StopRequest\x1a\x19.detstream.v1.StageStatus\x12@\n\x06Status\x12\x1b.detstream.v1.StatusRequest\x1a\x19.detstream.v1.StageStatus\x12G\n\x0bWatchStatus\x12\x1b.detstream.v1.StatusRequest\x1a\x19.detstream.v1.StageStatus0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'detstream.v1.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STAGESTATE']._serialized_start=748
-  _globals['_STAGESTATE']._serialized_end=852
+  _globals['_STAGESTATE']._serialized_start=929
+  _globals['_STAGESTATE']._serialized_end=1033
   _globals['_CONFIGUREREQUEST']._serialized_start=44
   _globals['_CONFIGUREREQUEST']._serialized_end=90
   _globals['_STARTREQUEST']._serialized_start=92
@@ -44,9 +44,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREQUEST']._serialized_start=139
   _globals['_STATUSREQUEST']._serialized_end=154
   _globals['_SCANACCOUNT']._serialized_start=157
-  _globals['_SCANACCOUNT']._serialized_end=302
-  _globals['_STAGESTATUS']._serialized_start=305
-  _globals['_STAGESTATUS']._serialized_end=746
-  _globals['_STAGECONTROL']._serialized_start=855
-  _globals['_STAGECONTROL']._serialized_end=1270
+  _globals['_SCANACCOUNT']._serialized_end=344
+  _globals['_SCANVOLUME']._serialized_start=347
+  _globals['_SCANVOLUME']._serialized_end=483
+  _globals['_STAGESTATUS']._serialized_start=486
+  _globals['_STAGESTATUS']._serialized_end=927
+  _globals['_STAGECONTROL']._serialized_start=1036
+  _globals['_STAGECONTROL']._serialized_end=1451
 # @@protoc_insertion_point(module_scope)

@@ -45,7 +45,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ScanAccount(_message.Message):
-    __slots__ = ("scan", "expected", "written", "partial", "lost", "duplicates", "complete", "file")
+    __slots__ = ("scan", "expected", "written", "partial", "lost", "duplicates", "complete", "file", "volume")
     SCAN_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_FIELD_NUMBER: _ClassVar[int]
     WRITTEN_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class ScanAccount(_message.Message):
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
     FILE_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
     scan: int
     expected: int
     written: int
@@ -62,7 +63,22 @@ class ScanAccount(_message.Message):
     duplicates: int
     complete: bool
     file: str
-    def __init__(self, scan: _Optional[int] = ..., expected: _Optional[int] = ..., written: _Optional[int] = ..., partial: _Optional[int] = ..., lost: _Optional[int] = ..., duplicates: _Optional[int] = ..., complete: _Optional[bool] = ..., file: _Optional[str] = ...) -> None: ...
+    volume: ScanVolume
+    def __init__(self, scan: _Optional[int] = ..., expected: _Optional[int] = ..., written: _Optional[int] = ..., partial: _Optional[int] = ..., lost: _Optional[int] = ..., duplicates: _Optional[int] = ..., complete: _Optional[bool] = ..., file: _Optional[str] = ..., volume: _Optional[_Union[ScanVolume, _Mapping]] = ...) -> None: ...
+
+class ScanVolume(_message.Message):
+    __slots__ = ("projections_expected", "projections_used", "projections_lost", "slices_missing", "complete")
+    PROJECTIONS_EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    PROJECTIONS_USED_FIELD_NUMBER: _ClassVar[int]
+    PROJECTIONS_LOST_FIELD_NUMBER: _ClassVar[int]
+    SLICES_MISSING_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    projections_expected: int
+    projections_used: int
+    projections_lost: int
+    slices_missing: int
+    complete: bool
+    def __init__(self, projections_expected: _Optional[int] = ..., projections_used: _Optional[int] = ..., projections_lost: _Optional[int] = ..., slices_missing: _Optional[int] = ..., complete: _Optional[bool] = ...) -> None: ...
 
 class StageStatus(_message.Message):
     __slots__ = ("stage", "replica", "state", "message", "frames_in", "frames_out", "bytes_in", "bytes_out", "in_flight", "rejected", "scans", "scans_total", "elapsed_s", "dropped", "plugin_params_json", "scans_closed", "closed_total", "scans_unaccounted")
