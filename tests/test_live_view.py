@@ -2,6 +2,7 @@
 client, a viewer that stops reading, and the page in Debian's chromium driven by Playwright."""
 
 import json
+import logging
 import re
 import socket
 import threading
@@ -138,6 +139,38 @@ def test_a_viewer_that_stops_reading_is_dropped():
         stalled.close()
         reader.close()
     finally:
+        server.stop()
+
+
+def test_a_server_stopped_with_viewers_connected_logs_no_error():
+    """The session ends while a viewer reads the events: its stream ends and the server stops without cancelling
+    it, so the writer's log holds no traceback (uvicorn logs a cancelled response as an error)."""
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
+    store = LiveStore(lambda: [{"tick": time.monotonic()}])
+    server = LiveServer(store, interval=0.05)
+    collect = Collect()
+    uvicorn_log = logging.getLogger("uvicorn.error")   # (uvicorn's loggers do not propagate to the root)
+    uvicorn_log.addHandler(collect)
+    host, port = server.url.split("//")[1].strip("/").split(":")
+    try:
+        viewers = [socket.create_connection((host, int(port))) for _ in range(2)]
+        for viewer in viewers:
+            viewer.sendall(f"GET /api/events HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            assert b"data:" in viewer.recv(1 << 16) + viewer.recv(1 << 16)
+        wait_for(lambda: server.app.state.viewers == 2, what="two viewers")
+        server.stop()
+        assert server.app.state.viewers == 0
+        assert [r.getMessage() for r in collect.records] == []
+        for viewer in viewers:
+            viewer.close()
+    finally:
+        uvicorn_log.removeHandler(collect)
         server.stop()
 
 

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 
+import h5py
 import numpy as np
 import pytest
 import stempy.image
@@ -43,6 +44,8 @@ def test_example_session_counts_like_stempy(tmp_path):
 
     counted = stempy.io.load_electron_counts(scan["file"])
     assert tuple(counted.scan_shape) == (32, 32) and tuple(counted.frame_shape) == (576, 576)
+    with h5py.File(scan["file"]) as f:   # the plugin's parameters as JSON
+        assert json.loads(f["metadata"].attrs["plugin_params"])["dark"] == "simulated"
     sim = Simulator(SimulatorSettings(seed=7), Detector())
     for position in range(0, 1024, 31):
         expected = stempy_events(sim.frame(0, position), sim.dark)

@@ -1,12 +1,15 @@
 """The live table of `detstream run`: steady rates from the stages' own counters and clocks."""
 
+import re
 import time
 
 from rich.console import Console
+from test_tomo_session import FRAMES, tomo_doc
 
 from detstream.services.launcher.progress import Progress, Rate
 from detstream.services.launcher.runner import LocalSession
 from detstream.services.model.session import load_session
+from detstream.v1.control_pb2 import FINISHED
 
 from helpers import manifest
 
@@ -26,10 +29,9 @@ def test_rate_from_status_samples_polled_twice_as_often():
     assert all(fps == 400 and abs(gbps - 0.0004) < 1e-12 for fps, gbps in shown[2:])
 
 
-def test_live_table_shows_a_steady_rate_near_the_source_rate(tmp_path):
-    doc = manifest("steady", scan={"rows": 20, "cols": 20}, source={"rate": RATE}, workers={"replicas": 2},
-                   plugin={"name": "noop"})
-    session = load_session(doc)
+def watched(session, tmp_path, last):
+    """Run `session` as run_session does; returns the rates through the workers its progress line showed past
+    the start and before the end (frames written), and `last(local, progress)` at its end."""
     local = LocalSession(session, tmp_path)
     progress = Progress(session, quiet=True)
     shown = []
@@ -37,20 +39,41 @@ def test_live_table_shows_a_steady_rate_near_the_source_rate(tmp_path):
         local.launch()
         local.wait_healthy()
         local.start()
-        while not local.finished():   # as run_session does
+        while not local.finished():
             local.check_alive(streaming=True)
             progress.update(local.stages)
-            written = local.writer().status.scans[0].written if local.writer().status and \
-                local.writer().status.scans else 0
-            if 80 <= written <= 320:  # past the start, before the end
-                shown.append(sum(r.fps for name, r in progress.rates.items() if name.startswith("worker")))
+            written, expected = progress.totals(local.stages)[:2]
+            if 80 <= written <= expected - 80:
+                shown.append(float(re.search(r"([\d,.]+) frames/s through workers", progress.line(local.stages))[1]))
             time.sleep(0.25)
-        table = progress.table(local.stages)
+        return shown, last(local, progress)
     finally:
         local.stop()
+
+
+def test_live_table_shows_a_steady_rate_near_the_source_rate(tmp_path):
+    doc = manifest("steady", scan={"rows": 20, "cols": 20}, source={"rate": RATE}, workers={"replicas": 2},
+                   plugin={"name": "noop"})
+    shown, table = watched(load_session(doc), tmp_path, lambda local, progress: progress.table(local.stages))
     assert len(shown) >= 10
     assert all(RATE / 2 <= fps <= RATE * 1.5 for fps in shown), shown   # never 0, never twice the rate
     console = Console(width=200, record=True)
     console.print(table)
     text = console.export_text()
     assert "(frames)" in text and "distributor-0" in text
+
+
+def test_a_session_routed_by_slice_counts_frames_not_bands(tmp_path):
+    """Two workers each take their band of every frame: the line's rate through the workers, the writer's counts
+    and the distributor's are frames (README: every count is frames), not twice them."""
+    doc = tomo_doc("bands", rate=RATE, liveView={"enabled": False})
+    doc["spec"]["scan"]["count"] = 3
+
+    def statuses(local, progress):
+        return local.writer().control.status(), [p.control.status() for p in local.stages
+                                                  if p.stage.role == "distributor"]
+    shown, (writer, lanes) = watched(load_session(doc), tmp_path, statuses)
+    assert len(shown) >= 10
+    assert all(RATE / 2 <= fps <= RATE * 1.5 for fps in shown), shown
+    assert writer.state == FINISHED and writer.frames_in == writer.closed_total.written == 3 * FRAMES
+    assert [(lane.frames_out, lane.in_flight) for lane in lanes] == [(3 * FRAMES, 0)]

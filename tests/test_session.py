@@ -160,9 +160,9 @@ def test_every_schema_limit_is_carried_by_the_wire_the_plan_and_the_cluster():
     session = load_session(doc)
     spec = session.spec
     frames = spec.scan.frames
-    header = Header(kind=BLOCK, scan=spec.scan.count - 1, frame=frames - 1, position=frames - 1,
+    header = Header(kind=BLOCK, scan=spec.scan.count - 1,
                     block=(frames - 1) // spec.transport.block_frames, frames=[frames - 1], sectors=[sectors - 1],
-                    sector_mask=(1 << sectors) - 1, shape=[detector["rows"], 1024],
+                    sector_masks=[(1 << sectors) - 1], part_counts=[1], shape=[detector["rows"], 1024],
                     scan_rows=spec.scan.rows, scan_cols=spec.scan.cols, expected=frames, sent=frames,
                     lost=frames, credit=spec.workers.credits, acked=[frame_key(spec.scan.count - 1, frames - 1)])
     assert Header.FromString(header.SerializeToString()) == header

@@ -4,6 +4,8 @@ the phantom; and a worker killed mid-scan, whose band is named missing in the fi
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 
 import h5py
@@ -59,15 +61,23 @@ def relative_rms(a, b):
 
 def run(doc, tmp_path, disturb=None):
     """A session run to its end (test_faults.run_exact: it succeeds, its one scan closed, none unaccounted)."""
-    live, _, report, scan = run_exact(doc, tmp_path, disturb=disturb)
+    live, err, report, scan = run_exact(doc, tmp_path, disturb=disturb)
     assert scan["expected"] == scan["written"] + scan["lost"], scan
-    return live, report, scan
+    return live, err, report, scan
+
+
+def volume_row(err: str) -> list[str]:
+    """Scan 0's row of the volume table `detstream run` ends with (its terminal summary)."""
+    assert "projections used" in err and "slices missing" in err, err
+    return re.search(r"\n\W*0\W+(\d+\W+\d+\W+\d+\W+\d+\W+(?:true|false))", err)[1].split()[::2]
 
 
 def test_a_scan_routed_by_slice_reconstructs_as_astra_does(tmp_path, reference):
     volume_ref, truth = reference
-    _, _, scan = run(tomo_doc("tomo"), tmp_path)
+    _, err, _, scan = run(tomo_doc("tomo"), tmp_path)
     assert (scan["written"], scan["partial"], scan["lost"]) == (FRAMES, 0, 0)
+    # the terminal summary shows the volume's accounting: projections expected, used, lost, slices missing, complete
+    assert volume_row(err) == [str(ANGLES), str(ANGLES), "0", "0", "true"]
     assert scan["volume"] == {"projections_expected": ANGLES, "projections_used": ANGLES, "projections_lost": 0,
                               "slices_missing": 0, "complete": True}
     with h5py.File(scan["file"]) as f:
@@ -76,6 +86,12 @@ def test_a_scan_routed_by_slice_reconstructs_as_astra_does(tmp_path, reference):
         assert acc.attrs["complete"] and (acc["frame_status"][()] == COMPLETE).all()
         assert (acc["frame_bands"][()] == 3).all()             # both bands' results of every frame
         assert (acc["slice_angles_missing"][()] == 0).all()
+        for status in ("projection_status", "slice_status", "frame_status"):   # the codes are named
+            attrs = acc[status].attrs
+            assert (attrs["COMPLETE"], attrs["PARTIAL"], attrs["MISSING"]) == (COMPLETE, PARTIAL, MISSING)
+            assert "0 " in attrs["meaning"] and "2 " in attrs["meaning"]
+        assert f["exchange/theta"].attrs["units"] == "degrees"
+        assert json.loads(f["process/reconstruction"].attrs["plugin_params"]) == {"centre": AXIS}
     assert relative_rms(volume, volume_ref) < 1e-3
     assert np.corrcoef(volume.ravel(), truth.ravel())[0, 1] > CORRELATION
 
@@ -90,11 +106,12 @@ def test_a_worker_killed_mid_scan_loses_its_band_by_name(tmp_path, reference):
         live.wait_started(frames=30)
         live.signal("worker-1", signal.SIGKILL)
 
-    live, report, scan = run(tomo_doc("tkill", rate=40), tmp_path, disturb=kill)
+    live, err, report, scan = run(tomo_doc("tkill", rate=40), tmp_path, disturb=kill)
     assert any("worker-1 exited with code -9" in i for i in report["incidents"])
     assert "bands without a worker" in live.log("distributor-0")
     assert (scan["written"], scan["lost"]) == (FRAMES, 0) and 0 < scan["partial"] < FRAMES
     assert scan["volume"]["slices_missing"] == SIZE // 2 and not scan["volume"]["complete"]
+    assert volume_row(err)[3:] == [str(SIZE // 2), "false"]
     with h5py.File(scan["file"]) as f:
         volume = f["exchange/data"][()]
         acc = f["accounting"]

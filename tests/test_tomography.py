@@ -71,6 +71,16 @@ def test_a_tomography_scan_lays_its_frames_out_in_the_manifest():
     with pytest.raises(SpecError, match=r"spec.tomography: tomo-fbp reconstructs a tomography scan slice by slice: "
                                         r"add spec.tomography"):
         load_session(manifest(plugin={"name": "tomo-fbp"}))
+    # a tomography source without spec.tomography, and tomo-fbp: one line for the field, not two
+    with pytest.raises(SpecError) as missing:
+        load_session(manifest(source={"kind": "tomo-simulator"}, plugin={"name": "tomo-fbp"}))
+    assert [e.path for e in missing.value.errors].count("spec.tomography") == 1
+    # no plugin section: electron counting of projections is refused, naming the fix
+    no_plugin = tomo_manifest()
+    del no_plugin["spec"]["plugin"]
+    with pytest.raises(SpecError, match=r"spec.plugin.name: electron-counting's results are electron events .* "
+                                        r"name tomo-fbp to reconstruct the volume, or noop to pass the frames"):
+        load_session(no_plugin)
     with pytest.raises(SpecError, match="spec.source.tomoSimulator.photons: flats would reach"):
         load_session(tomo_manifest(detector={"rows": ROWS, "cols": COLS, "dtype": "uint8"}))
     # a 4D-STEM manifest is what it was: no tomography section appears in it

@@ -22,6 +22,7 @@ def frames_so_far(writer_status) -> tuple[int, int]:
 
 # What a scan's file says of each scan position (accounting/position_status, and the live view's masks)
 COMPLETE, PARTIAL, MISSING = 0, 1, 2  # every sector arrived / some sectors zero-filled / no frame (lost)
+CODES = {"COMPLETE": COMPLETE, "PARTIAL": PARTIAL, "MISSING": MISSING}  # a status dataset's attributes name them
 
 COUNTS = ("expected", "written", "partial", "lost", "duplicates", "unaccounted")
 

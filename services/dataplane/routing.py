@@ -97,6 +97,7 @@ class RoutingLedger:
         self.orphans: dict[int, float] = {}               # bands whose worker died -> since when
         self.given_up: set[int] = set()                   # orphans past the timeout: their routes are given up
         self.released: list[tuple[int, int]] = []         # (frame key, band) units given up, to release
+        self.frames_routed = 0   # frames given to workers, re-routes included (by slice: band 0's, so a frame once)
 
     # workers
 
@@ -188,7 +189,17 @@ class RoutingLedger:
             worker.blocks.add(route)
             route.worker = worker
             routed.append(route)
+            if route.band == 0:
+                self.frames_routed += len(route.open)
         return routed
+
+    def frames_in_flight(self) -> int:
+        """Frames given to workers and not yet acknowledged; routing by slice a frame counts once, however many of
+        its bands are out (the launcher's and the metric's counts are frames)."""
+        routed = [r for r in self.routes.values() if r.worker is not None]
+        if self.bands == 1:
+            return sum(len(r.open) for r in routed)
+        return len({frame_key(r.scan, frame) for r in routed for frame in r.open})
 
     def give_up(self, route: Route) -> None:
         """Close a route's open units undone (lost) and put them in `released`, for the sources to drop."""

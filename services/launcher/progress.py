@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from detstream.services.dataplane.accounting import frames_so_far, scan_record
+from detstream.services.plugins import session_bands
 from detstream.v1.control_pb2 import StageState
 
 PLAIN_EVERY_S = 5.0
@@ -74,6 +75,8 @@ class Progress:
         self.quiet = quiet
         self.console = console()
         self.rates: dict[str, Rate] = {}
+        # Routed by slice every worker takes its band of every frame: the workers' sum over the bands is frames.
+        self.bands = session_bands(session.spec).count
         self._live: Live | None = None
         self._last_plain = 0.0
 
@@ -115,7 +118,7 @@ class Progress:
 
     def line(self, stages) -> str:
         written, expected, in_flight, lost = self.totals(stages)
-        worker_fps = sum(r.fps for n, r in self.rates.items() if n.startswith("worker"))
+        worker_fps = sum(r.fps for n, r in self.rates.items() if n.startswith("worker")) / self.bands
         gbps = sum(r.gbps for n, r in self.rates.items() if n.startswith("source"))
         return (f"written {written}/{expected} frames, {worker_fps:,.0f} frames/s through workers, "
                 f"{gbps:.2f} GB/s from sources, {in_flight} in flight, {lost} lost")
@@ -143,6 +146,9 @@ class Progress:
         out = self.console
         if summary.scans:
             out.print(table)
+        volumes = [(s["scan"], s["volume"]) for s in summary.scans if "volume" in s]
+        if volumes:
+            out.print(volume_table(volumes))
         out.print(f"{summary.frames_per_second:,.0f} frames/s, {summary.throughput_gbps:.3f} GB/s, "
                   f"{summary.duration_s:.2f} s")
         if summary.dropped:
@@ -154,6 +160,20 @@ class Progress:
             out.print(f"[bold red]detstream: {escape(summary.failure)}[/]")
         elif not summary.ok:
             out.print("[bold red]detstream: not every frame is accounted for[/]")
+
+
+VOLUME_COLUMNS = ("projections_expected", "projections_used", "projections_lost", "slices_missing", "complete")
+
+
+def volume_table(volumes: Sequence[tuple[int, dict]]) -> Table:
+    """A tomography scan's volume accounting (the `volume` of its record: projections expected = used + lost, the
+    slices missing, complete), per (scan, volume)."""
+    table = Table(title="volumes")
+    for column in ("scan", *VOLUME_COLUMNS):
+        table.add_column(column.replace("_", " "), justify="right")
+    for scan, volume in volumes:
+        table.add_row(str(scan), *(str(volume[k]).lower() for k in VOLUME_COLUMNS))
+    return table
 
 
 @dataclass

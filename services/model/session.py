@@ -136,7 +136,8 @@ class Source:
 class Plugin:
     """The processing each worker applies to every frame."""
     name: str = spec_field("electron-counting", doc="A plugin registered under the `detstream.plugins` "
-                                                    "entry point (shipped: electron-counting, noop).")
+                                                    "entry point (shipped: electron-counting and noop for 4D-STEM, "
+                                                    "tomo-fbp and noop for tomography).")
     params: dict = spec_field(default_factory=dict, doc="The plugin's parameters; changed live on "
                                                         "running workers.", free_form=True)
 
@@ -455,9 +456,14 @@ def check_plugin(section: Any, spec: SessionSpec | None, errors: list[FieldError
     if spec.detector.dtype not in cls.dtypes:
         errors.append(FieldError("spec.detector.dtype", f"{plugin.name} handles {', '.join(cls.dtypes)} frames; got "
                                  f"{spec.detector.dtype}: convert the frames, or use another plugin"))
-    if cls.by_slice and spec.tomography is None:
+    if cls.by_slice and spec.tomography is None and not any(e.path == "spec.tomography" for e in errors):
+        # (a tomography source said so already: one line for the field is enough)
         errors.append(FieldError("spec.tomography", f"{plugin.name} reconstructs a tomography scan slice by slice: "
                                  f"add spec.tomography (angles, arcDegrees, darks, flats)"))
+    if spec.tomography is not None and cls.result == "events":
+        errors.append(FieldError("spec.plugin.name", f"{plugin.name}'s results are electron events (it counts "
+                                 f"4D-STEM frames), not of a tomography scan (spec.tomography): name tomo-fbp to "
+                                 f"reconstruct the volume, or noop to pass the frames through"))
 
 
 def load_session(manifest: Any) -> Session:

@@ -129,7 +129,7 @@ def create_app(store: LiveStore, interval: float = 0.5, send_timeout: float = 10
             request.app.state.viewers += 1
             try:
                 last = None
-                while True:
+                while not request.app.state.ending.is_set():   # the server stops: the stream ends, cleanly
                     state = await run_in_threadpool(lambda: {"scans": store.summary(), "stages": store.stage_table()})
                     if state != last:
                         yield {"data": json.dumps(state)}
@@ -149,6 +149,7 @@ def create_app(store: LiveStore, interval: float = 0.5, send_timeout: float = 10
     ]
     app = Starlette(routes=[*routes, Mount(prefix.rstrip("/"), routes=routes)] if prefix.strip("/") else routes)
     app.state.viewers = 0
+    app.state.ending = threading.Event()   # set by LiveServer.stop: open event streams end
     return app
 
 
@@ -156,7 +157,9 @@ class LiveServer:
     """The live view served by uvicorn in a background thread of this process.
 
     host, port: where to listen (port 0: any free port); `url` is the page's address once constructed.
-    Raises OSError (e.g. the port is taken) from the constructor. `stop()` ends it and waits for the thread.
+    Raises OSError (e.g. the port is taken) from the constructor. `stop()` ends it and waits for the thread: the
+    viewers' event streams end first (within one event `interval`), so uvicorn's graceful shutdown finds no
+    response running and cancels none (a cancelled stream logs a traceback).
     """
 
     def __init__(self, store: LiveStore, host: str = "127.0.0.1", port: int = 0, **app_options):
@@ -171,6 +174,7 @@ class LiveServer:
         self._thread.start()
 
     def stop(self) -> None:
+        self.app.state.ending.set()
         self._server.should_exit = True
         self._thread.join()
         self._socket.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from detstream.services.dataplane.accounting import COMPLETE, MISSING, PARTIAL
+from detstream.services.dataplane.accounting import CODES, COMPLETE, MISSING, PARTIAL
 from detstream.services.results.images import ScanImages
 from detstream.services.results.stem_file import write_stem_images
 from detstream.services.sinks import ResultSink
@@ -80,7 +80,7 @@ class ScanFile(ResultSink):
         status = np.where(~written, MISSING, np.where(sectors_arrived == complete, COMPLETE, PARTIAL)).astype(np.uint8)
         group = self.file.require_group("accounting")
         dataset = group.create_dataset("position_status", data=status.reshape(shape))
-        dataset.attrs.update({"COMPLETE": COMPLETE, "PARTIAL": PARTIAL, "MISSING": MISSING})
+        dataset.attrs.update(CODES)
         arrived = np.where(written, sectors_arrived, 0).astype(np.uint64)
         group.create_dataset("sectors_arrived", data=arrived.reshape(shape))
         group.attrs.update({"sectors": sectors, **totals})

@@ -4,7 +4,7 @@ Layout (the volume where DXchange's `dxchange.write_hdf5` puts a reconstruction,
 and tomopy-based tools find it):
   /exchange/data            float32 (slices, rows, cols), chunked one slice per chunk; attrs voxel_size,
                             units ("m" or "pixel"), axes "z,y,x"; y downwards, as astra reconstructs
-  /exchange/theta           float64 the scan's projection angles, degrees
+  /exchange/theta           float64 the scan's projection angles, degrees (attr units "degrees")
   /process/reconstruction   attrs: the reconstruction's parameters (filter, centre, Paganin ...)
   /accounting               attrs: projections_expected = projections_used + projections_lost, complete
                             (False when angles are missing: the volume is then the FBP of the angles received);
@@ -13,7 +13,9 @@ and tomopy-based tools find it):
                             slice (0 reconstructed, 2 missing: a band nobody reconstructed),
                             slice_angles_missing uint32 per slice (angles a reconstructed slice lacks) and,
                             from a session (`VolumeSink`), frame_status uint8 per frame of the scan (0 every
-                            band's result came, 1 some bands', 2 none: lost) and frame_bands (uint64 bit masks)
+                            band's result came, 1 some bands', 2 none: lost) and frame_bands (uint64 bit masks);
+                            each status dataset names its codes in attributes COMPLETE, PARTIAL, MISSING (as
+                            position_status does) and says what they mean in `meaning`
 The file is written as `path + '.partial'` and renamed on close; an existing file is never overwritten.
 With `tiff=True`, close also writes `path` without .h5 + `_tiff/slice_NNNNN.tif` (float32, tifffile), one a slice.
 
@@ -30,11 +32,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from detstream.services.dataplane.accounting import COMPLETE, MISSING, PARTIAL
+from detstream.services.dataplane.accounting import CODES, COMPLETE, MISSING, PARTIAL
 from detstream.services.dataplane.bands import Bands
 from detstream.services.dataplane.wire import unpack_frames
 from detstream.services.sinks import ResultSink
 from detstream.services.sinks.output import never_overwrite
+
+
+def status_dataset(group: h5py.Group, name: str, status: np.ndarray, meaning: str) -> None:
+    """A uint8 status dataset whose attributes name its codes (COMPLETE, PARTIAL, MISSING) and say what they mean."""
+    dataset = group.create_dataset(name, data=status)
+    dataset.attrs.update({**CODES, "meaning": meaning})
 
 
 class VolumeFile:
@@ -55,7 +63,8 @@ class VolumeFile:
                                              chunks=(1,) + self.shape[1:], fillvalue=np.nan)
         self.data.attrs.update(voxel_size=voxel_size if voxel_size else 1.0, units="m" if voxel_size else "pixel",
                                axes="z,y,x")
-        self.file.create_dataset("exchange/theta", data=np.asarray(angles_deg, np.float64))
+        theta = self.file.create_dataset("exchange/theta", data=np.asarray(angles_deg, np.float64))
+        theta.attrs["units"] = "degrees"
         self.slice_status = np.full(self.shape[0], MISSING, np.uint8)
 
     def write_band(self, first: int, slices: np.ndarray) -> None:
@@ -81,8 +90,10 @@ class VolumeFile:
                 proc.attrs[key] = value
         acc = self.file.require_group("accounting")
         status = np.where(used, COMPLETE, np.where(some, PARTIAL, MISSING)).astype(np.uint8)
-        acc.create_dataset("projection_status", data=status)
-        acc.create_dataset("slice_status", data=self.slice_status)
+        status_dataset(acc, "projection_status", status, "per angle: 0 used by every reconstructed slice, 1 by "
+                       "some only, 2 by none (lost)")
+        status_dataset(acc, "slice_status", self.slice_status, "per slice: 0 reconstructed, 2 missing (a band "
+                       "nobody reconstructed)")
         lacking = np.where(self.slice_status == COMPLETE, (~per_slice).sum(axis=1), 0).astype(np.uint32)
         acc.create_dataset("slice_angles_missing", data=lacking)
         totals = {"projections_expected": int(used.size), "projections_used": int(used.sum()),
@@ -180,7 +191,8 @@ class VolumeSink(ResultSink):
         every = np.uint64((1 << sectors) - 1)
         status = np.where(~written, MISSING, np.where(sectors_arrived == every, COMPLETE, PARTIAL)).astype(np.uint8)
         acc = self.volume.file.require_group("accounting")
-        acc.create_dataset("frame_status", data=status)
+        status_dataset(acc, "frame_status", status, "per frame of the scan: 0 every band's result came, 1 some "
+                       "bands', 2 none (lost)")
         acc.create_dataset("frame_bands", data=np.where(written, sectors_arrived, 0).astype(np.uint64))
         acc.attrs.update({f"frames_{k}": v for k, v in totals.items()})
         parameters = {**{k: v for k, v in self.metadata.items() if k != "reconstruction"},

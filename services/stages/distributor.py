@@ -142,7 +142,7 @@ class DistributorStage(Stage):
             self.refuse("kind", msg)
 
     def assign(self, route: Route, peers) -> None:
-        """Tell these sources where the block goes (counted once per routing, as the block's frames out)."""
+        """Tell these sources where the block goes."""
         worker = route.worker
         if worker is None:  # (waiting for credit: it is told when routed)
             return
@@ -155,8 +155,8 @@ class DistributorStage(Stage):
         """Route the blocks waiting for credit, as far as credit goes, and tell their sources; release what
         was given up (a band without a worker)."""
         for route in self.ledger.route_waiting():
-            self.counters.frames_out += len(route.open)
             self.assign(route, route.askers)
+        self.counters.frames_out = self.ledger.frames_routed
         if self.ledger.released:
             keys, bands = zip(*self.ledger.released)
             self.ledger.released.clear()
@@ -261,5 +261,5 @@ class DistributorStage(Stage):
         c = self.counters
         c.workers = len(self.ledger.workers)
         c.credits = sum(w.credit for w in self.ledger.workers.values())
-        c.in_flight = sum(len(r.open) for r in self.ledger.routes.values() if r.worker is not None)  # with workers
+        c.in_flight = self.ledger.frames_in_flight()
         c.queue_depth = len(self.ledger.waiting)

@@ -43,7 +43,9 @@ calibrate on the same samples, so they agree; if they ever did not, the writer s
 
 Routed by slice (spec.tomography, dataplane/bands.py) each RESULT names its band and each receipt the band of
 each key; a frame is written with its first band's result, partial until every band's came (the scan's bit mask
-per frame is then a bit per band). A plugin that reduces whole scans (tomo-fbp: results are receipts) has each
+per frame is then a bit per band); the counters count frames (a frame's later bands add nothing; its partial
+ones count when the scan closes), duplicates excepted, which are results dropped, per band. A plugin that
+reduces whole scans (tomo-fbp: results are receipts) has each
 worker send its band's output (VOLUME) once it has the scan, or so far when its input pauses: the writer hands it
 to the scan's sink (`take_output`; the sink checks it and keeps the last of each band), and a scan waits (at most
 the end-of-scan timeout of silence) while the sink is `awaiting_outputs`; its `record_fields` join the scan's
@@ -249,18 +251,19 @@ class WriterStage(Stage):
                 return
         if self.write_delay:
             time.sleep(self.write_delay)
-        self.counters.frames_in += 1
         partial = mask != self.all_sectors
-        if self.bands.keyed:
+        if self.bands.keyed:  # a frame counts at its first band's result; its partial ones at the scan's close
+            first = not scan.done[frame]
             written = self.accounts.band_result(scan, frame, msg.header.band, self.bands.count, partial)
+            partial, counted = False, first and written
         else:
-            written = self.accounts.result(scan, frame, mask, partial)
+            written = counted = self.accounts.result(scan, frame, mask, partial)
+        self.counters.frames_in += counted or not written  # a frame's later bands are not more frames in
         if not written:
             self.counters.outcomes["duplicate"] += 1
             return
-        self.counters.outcomes["written"] += 1
-        if partial:
-            self.counters.outcomes["partial"] += 1
+        self.counters.outcomes["written"] += counted
+        self.counters.outcomes["partial"] += partial
         if self.sink is not None:
             self.write(scan, frame, parts)
         if self.live is not None and not self.live.add(scan.number, (scan.rows, scan.cols), frame, live_parts,
@@ -360,8 +363,8 @@ class WriterStage(Stage):
             if scan.file is None:
                 plugin = self.spec.plugin
                 scan.file = self.sink.open(path, self.spec, (scan.rows, scan.cols),
-                                           {"session": self.plan.session, "scan": scan.number,
-                                            "plugin": plugin.name, "plugin_params": str(plugin.params)})
+                                           {"session": self.plan.session, "scan": scan.number, "plugin": plugin.name,
+                                            "plugin_params": json.dumps(plugin.params, sort_keys=True)})
                 scan.path = str(path)
             if position is not None:
                 scan.file.write_result(position, parts)
@@ -417,6 +420,8 @@ class WriterStage(Stage):
             if self.live is not None and fields:
                 self.live.account(scan.number, counts | fields)   # what the sink adds (a volume's projections)
         self.record(record)
+        if self.bands.keyed:  # (whole frames count theirs as they come)
+            self.counters.outcomes["partial"] += account.partial
         self.accounts.close(scan, account, unaccounted)
         log = self.log.error if unaccounted else (self.log.warning if account.lost else self.log.info)
         log("scan %d closed: %d expected, %d written (%d partial), %d lost, %d duplicates dropped%s",
