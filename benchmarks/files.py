@@ -50,16 +50,29 @@ RECORD = np.dtype([("scan", "<u4"), ("frame", "<u4"), ("position", "<u4"), ("sec
                    ("data", "<u2", (ROWS, WIDTH))])
 
 
+def paced(n: int, rate: float):
+    """0 .. n-1 as a detector delivers frames: the k-th not before k / `rate` seconds after the first (frames/s;
+    0: all at once)."""
+    t0 = time.monotonic()
+    for k in range(n):
+        if rate:
+            time.sleep(max(0.0, t0 + k / rate - time.monotonic()))
+        yield k
+
+
+def sync(path: Path) -> None:
+    """Make the file at `path` durable (fsync), as a file handed on must be."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def acquire(folder: Path, frames: int, fsync: bool, rate: float) -> list[Path]:
     """The 4 receivers' raw files: one record per frame, header + sector; `rate` frames/s at most."""
     sim = Simulator(SimulatorSettings(), Detector())
     paths = [folder / f"scan0000_module{s}.data" for s in range(SECTORS)]
     files = [open(p, "wb", buffering=0) for p in paths]
-    t0 = time.monotonic()
     try:
-        for frame in range(frames):
-            if rate:
-                time.sleep(max(0.0, t0 + frame / rate - time.monotonic()))
+        for frame in paced(frames, rate):
             for s, f in enumerate(files):
                 f.write(np.array([0, frame, frame, s], "<u4").tobytes())
                 f.write(sim.sector(0, frame, s).data)
@@ -78,8 +91,7 @@ def transfer(paths: list[Path], folder: Path, fsync: bool) -> list[Path]:
         target = folder / p.name
         shutil.copyfile(p, target)
         if fsync:
-            with open(target, "rb+") as f:
-                os.fsync(f.fileno())
+            sync(target)
         out.append(target)
     return out
 
