@@ -105,6 +105,28 @@ def test_a_scan_is_not_finished_while_frames_are_open_or_a_source_has_not_ended_
     assert book.want(0, 2, 0.0) is None                    # finished here
 
 
+def test_a_restarted_lane_waits_for_the_wants_of_a_scan_its_sources_ended_before_they_asked():
+    """A restarted lane gets the ends its predecessor missed (queued in the sources' sockets) before the sources
+    ask again for the blocks they keep: a scan of which they sent it frames is not closed all lost at once."""
+    book = lane()
+    book.heard(b"w", "tcp://w:1", "worker-0", 8, now=0.0)
+
+    def finished(now):
+        book.sweep(now, sources=1, scan_timeout=30, scan_count=2, draining=False)
+        return [(s.number, int(lost.sum())) for s, lost, _ in book.finished(now)]
+    book.end(0, "source-0", now=0.0, sent=10)
+    assert finished(0.1) == []                        # its WANTs are on their way
+    for block in range(3):
+        book.want(0, block, 0.2)
+    book.route_waiting()
+    for frame in range(10):
+        book.acknowledge(frame_key(0, frame))
+    assert finished(0.3) == [(0, 0)]                  # every frame of it done, none lost
+    book.end(1, "source-0", now=1.0, sent=10)         # no WANT ever comes: after the grace, the end stands
+    assert finished(1.5) == []
+    assert finished(2.5) == [(1, 10)]
+
+
 def test_a_dead_workers_open_frames_are_routed_again_first():
     book = lane(max_credit=4)
     a, _ = book.heard(b"a", "tcp://a:1", "worker-0", 4, now=0.0)

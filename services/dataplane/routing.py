@@ -69,6 +69,12 @@ class Route:
     askers: set[bytes] = field(default_factory=set)   # the sources that asked for it (ROUTER peer ids)
 
 
+# A scan every source ended, of which they sent this lane frames but asked nothing here, waits this long for
+# their WANTs: a restarted lane gets the ends its predecessor missed, queued in the sources' sockets, before the
+# sources (which notice the restart within a reactor turn) ask again for the blocks they keep.
+ASK_GRACE_S = 1.0
+
+
 class RoutingLedger:
     """The routing of lane `lane` of the session's `blocks`, scans of rows x cols positions; `max_credit`:
     the most credits a worker may hold (spec.workers.credits), so a confused peer cannot hoard blocks; `bands`:
@@ -154,6 +160,7 @@ class RoutingLedger:
         if self.blocks.lane(block) != self.lane or block >= self.blocks.count:
             return []
         self.scan(scan, now).last_input = self.last_activity = now
+        self.scan(scan, now).asked = True
         routes = [r for r in (self.routes.get((scan, block, band)) for band in range(self.bands)) if r is not None]
         if not routes:
             done = self.scan(scan, now).done
@@ -268,15 +275,16 @@ class RoutingLedger:
     def scan(self, number: int, now: float = 0.0) -> Scan:
         return self.book.start(number, self.rows, self.cols, now)
 
-    def end(self, number: int, sender: str, now: float, images: int | None = None) -> bool:
-        """A source's END_OF_SCAN; `images`: the detector ended the scan (DETECTOR_END), which has that
-        many frames. False when the scan is finished here already (the message is late)."""
+    def end(self, number: int, sender: str, now: float, images: int | None = None, sent: int = 0) -> bool:
+        """A source's END_OF_SCAN, saying it sent this lane `sent` frames; `images`: the detector ended the scan
+        (DETECTOR_END), which has that many frames. False when the scan is finished here already (the message is
+        late)."""
         if number in self.book.closed:
             self.last_activity = now  # a source is there (replaying old scans): keep the next one open
             return False
         scan = self.scan(number, now)
         scan.last_input = self.last_activity = now
-        scan.ended(sender, True)
+        scan.ended(sender, sent)
         if images is not None and scan.images is None:   # the detector's first word on it stands
             scan.images = min(images, scan.done.size)
         return True
@@ -297,6 +305,8 @@ class RoutingLedger:
             if number in self.why:
                 continue
             if len(scan.ends) >= sources:
+                if any(scan.ends.values()) and not scan.asked and now - scan.last_input <= ASK_GRACE_S:
+                    continue   # sources sent this lane frames no WANT of which came yet: a restarted lane
                 self.why[number] = "end of scan"
             elif scan.images is not None and not (self.lane_frames[:scan.images] & ~scan.done[:scan.images]).any():
                 self.why[number] = f"the detector ended it: its {scan.images} frames are in"

@@ -55,6 +55,7 @@ class Scan:
     ends: dict[str, Any] = field(default_factory=dict)
     last_input: float = 0.0           # when input for it last came (seconds, on the stage's clock)
     images: int | None = None         # (distributor) the frames the detector said the scan has (DETECTOR_END)
+    asked: bool = False               # (distributor) a source asked where a block of it goes
 
     def ended(self, sender: str, end) -> None:
         """Record `sender`'s END_OF_SCAN (again: its latest, last in order)."""

@@ -134,7 +134,7 @@ class DistributorStage(Stage):
         elif h.kind == HEARTBEAT:  # a source held by backpressure: its scans wait, they are not silent
             self.ledger.source_held(now)
         elif h.kind == END_OF_SCAN:
-            if not self.ledger.end(h.scan, h.sender, now, h.expected if h.flags & DETECTOR_END else None):
+            if not self.ledger.end(h.scan, h.sender, now, h.expected if h.flags & DETECTOR_END else None, h.sent):
                 self.refuse("late", msg, "the scan is finished in this lane")
                 return
             self.finish_scans(now)
