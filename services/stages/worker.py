@@ -236,13 +236,15 @@ class WorkerStage(Stage):
         self.metrics.latency.observe(time.perf_counter() - t0)
         # a turn may process many blocks (a slow plugin: seconds): the lanes must not read that as silence
         self.heartbeat(time.monotonic())
-        header, parts = self.results.get(scan) or self.results.setdefault(scan, (
-            Header(kind=RESULT, scan=scan, scan_rows=self.spec.scan.rows, scan_cols=self.spec.scan.cols,
-                   result=self.plugin_cls.result, band=self.band), []))
+        if scan not in self.results:
+            self.results[scan] = (Header(kind=RESULT, scan=scan, scan_rows=self.spec.scan.rows,
+                                         scan_cols=self.spec.scan.cols, result=self.plugin_cls.result,
+                                         band=self.band), [])
+        header, message_parts = self.results[scan]   # (not `parts`: the frame's buffers, already processed)
         header.frames.append(frame)
         header.sector_masks.append(mask)
         header.part_counts.append(len(out))
-        parts.extend(out)
+        message_parts.extend(out)
         if len(header.frames) >= RESULT_FRAMES:
             self.send_results()
         if self.scan_outputs:
