@@ -29,6 +29,7 @@ BENCHMARKS = {
     "curve": ["--messages", "1000", "--repeats", "1"],  # CURVE encryption cost, socket and session
     "soak": ["--minutes", "0.5", "--interval", "5"],  # continuous stream: growth and accounting (short here)
     "dataplane": ["--frames", "1024", "--repeats", "2"],  # data-plane shapes in bare pyzmq (the full-rate design)
+    "reduction": ["--frames", "128", "--repeats", "3"],  # a worker's compiled reduction of raw frames vs numpy
     "live": ["--repeats", "1"],  # live results on / off, and the live view's delay behind the source
     "tomo": ["--size", "128", "--angles", "181"],  # tomo-fbp sessions vs astra after the scan (README: 256, 361)
 }

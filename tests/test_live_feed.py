@@ -30,10 +30,9 @@ def test_a_pattern_with_a_frame_taken_from_another_worker_is_left_out(live):
 
     def result(worker, frame, taken=True):
         """A worker reduces `frame`; the writer takes its result unless it is a duplicate."""
-        strips = np.hsplit(frames[frame], 2)
-        patterns[worker].add(strips, frame_key(0, frame), 0.0)
+        record = patterns[worker].add(np.hsplit(frames[frame], 2), frame_key(0, frame), 0.0)
         if taken:
-            assert live.add(0, (2, 4), frame, [reducer.record(strips).tobytes()], False, worker, frame_key(0, frame))
+            assert live.add(0, (2, 4), frame, [record.tobytes()], False, worker, frame_key(0, frame))
 
     def pattern(worker):
         assert live.add_pattern(worker, 0, patterns[worker].take()) is None

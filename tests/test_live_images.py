@@ -162,7 +162,7 @@ def test_a_worker_reduces_raw_frames_in_its_strips_as_numpy_on_the_whole_frame(d
     top = 60000.0 if dtype == "float32" else np.iinfo(dtype).max
     frames = (rng.random((12, rows, cols)) ** 8 * top).astype(dtype)
     frames[3] = 0  # a frame without counts: NaN COM
-    geometry = DetectorGeometry(5, ((5, 9), (9.5, 15)), (13.5, 10))
+    geometry = DetectorGeometry(5, ((5, 9), (9.5, 15), (2, 12)), (13.5, 10))  # the last overlaps the others
     reducer = FrameReducer((rows, cols), geometry, dtype, sectors)
     images = ScanImages((3, 4), (rows, cols), geometry)
     for batch in np.array_split(rng.permutation(12), 3):
@@ -170,8 +170,7 @@ def test_a_worker_reduces_raw_frames_in_its_strips_as_numpy_on_the_whole_frame(d
         records = []
         for position in batch:
             strips = np.hsplit(frames[position], sectors)  # the column strips a FRAME message carries
-            records.append(reducer.record(strips))
-            patterns.add(strips, int(position), 0.0)
+            records.append(patterns.add(strips, int(position), 0.0))
         images.add_reduced(batch, records)
         parts = patterns.take()
         assert not patterns.keys and not any(s.any() for s in patterns.sums)

@@ -210,7 +210,7 @@ class ScanImages:
             self._keep(positions, counts, events)
 
     def add_reduced(self, positions, records, status=COMPLETE) -> None:
-        """Raw frames as the workers reduce them (`FrameReducer.record`): positions (n,), records (n, detectors + 3)
+        """Raw frames as the workers reduce them (`ScanPatterns.add`): positions (n,), records (n, detectors + 3)
         float64 (the geometry's detector sums, total, x moment, y moment); status COMPLETE or PARTIAL (scalar or
         (n,)). The records must be of this scan's geometry (the session's: it never changes for raw frames)."""
         positions, status = self._check_positions(positions, status)
@@ -248,11 +248,8 @@ class ScanImages:
         if frames.shape != (np.size(positions), *self.frame_shape) or not np.isrealobj(frames):
             raise ValueError(f"frames: must be real numbers of shape ({np.size(positions)}, {self.frame_shape[0]}, "
                              f"{self.frame_shape[1]}); got {frames.dtype} {frames.shape}")
-        reducer = FrameReducer(self.frame_shape, self.geometry, frames.dtype)
-        patterns = ScanPatterns(reducer)
-        for frame in frames:
-            patterns.add([frame], 0, 0.0)
-        self.add_reduced(positions, [reducer.record([frame]) for frame in frames], status)
+        patterns = ScanPatterns(FrameReducer(self.frame_shape, self.geometry, frames.dtype))
+        self.add_reduced(positions, [patterns.add([frame], 0, 0.0) for frame in frames], status)
         self.add_patterns(patterns.sums[0], patterns.maxima[0], len(frames))
 
     def mark_lost(self, positions) -> None:

@@ -2,11 +2,11 @@
 
 A raw frame (the `frames` result kind: noop, photon-counting data) is 663 KB at 576x576 uint16; what the live
 images need of it is a few numbers per scan position and, per scan, two patterns. So the worker reduces each
-frame it holds (`FrameReducer.record`) and sends the writer only:
+frame it holds (`ScanPatterns.add`) and sends the writer only:
   - per frame, in its RESULT: the record, float64 (detectors + 3,): the sum of the frame over each virtual
     detector of the geometry (`DetectorGeometry.names` order), then the frame's total, its x moment
-    sum(value * column) and its y moment sum(value * row), summed in float64: exact for integer pixels while
-    the sums stay below 2**53 (16-bit pixels on a 576x576 frame: below 2**45).
+    sum(value * column) and its y moment sum(value * row): exact for integer pixels while the sums stay below
+    2**53 (16-bit pixels on a 576x576 frame: below 2**45).
   - per scan, every PATTERN_S or when its frames pause (`ScanPatterns`): a PATTERN message with the summed
     pattern (`sum_dtype`: uint32 for 8- and 16-bit pixels, sent at least every 65536 frames so it cannot
     overflow; int64 for 32-bit ones; float64 for float pixels) and the maximum pattern (the pixel type) of the
@@ -16,13 +16,13 @@ when every frame it lists is one whose result the writer took from that worker: 
 re-send after a worker was declared dead) is then never counted twice in the patterns; such a pattern is
 dropped and its frames are left out, which the scan's `pattern_frames` says (feed.py).
 
-Per frame and sector strip the work is: one copy into a float64 buffer; one matrix product with [ones, row
-numbers] (the column sums and each column's y moment at once: exact, as every partial sum is an integer below
-2**53; half the time of numpy's two integer reductions); one np.add.reduceat over the detectors' runs of pixels
-along the rows (precomputed from the geometry: no full-frame mask product, and half the time of a gather of the
-detectors' pixel indices); and the pattern's in-place add and maximum. The received buffers are read where they
-lie (no joined frame). ~0.25 ms per 576x576 uint16 frame of 4 strips on one core here (record ~0.16 ms,
-pattern ~0.09 ms; gathers and integer reductions took ~0.45 ms, the writer's float64 matrix product ~2 ms).
+Per frame and sector strip the work is one pass over its pixels (`_reduce_strip`, compiled by numba, as LiberTEM
+reduces raw 4D-STEM frames): it adds each pixel to the summed pattern, keeps the maximum, sums the strip's total
+and moments in 64-bit integers (float64 for float pixels), and after each row sums the detectors' runs of pixels
+along it (precomputed from the geometry) while the row is in cache. The received buffers are read where they lie
+(no joined frame, no copy). ~0.1 ms per 576x576 uint16 frame of 4 strips on one core here: 2x one numpy pass
+over the frame, and 0.28 of the numpy passes it replaces (a float64 copy, a matrix product, np.add.reduceat, the
+pattern's add and maximum): `python -m benchmarks.reduction --against 070778d`.
 
 The geometry is the session's (spec.liveView.geometry): the writer cannot apply another one to the records,
 so a raw-frame scan refuses a new geometry (`ScanImages.set_geometry` raises RecomputeUnavailable, shown on
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numba
 import numpy as np
 
 from detstream.services.results.geometry import DetectorGeometry
@@ -61,6 +62,52 @@ def record_size(geometry: DetectorGeometry) -> int:
     return 8 * (len(geometry.radii) + 3)
 
 
+@numba.njit(nogil=True)
+def _reduce_strip(strip, x0, runs, sums, maxima, record, zero):
+    """Adds one strip (rows, width) whose first column is the frame's column `x0` to `sums` and `maxima` (rows,
+    width) and to `record` (detectors + 3,) of `zero`'s type: each detector's sum over its `runs` (`_runs`), then
+    the total, x moment sum(value * column) and y moment sum(value * row). Integer pixels are summed in int64
+    (exact), float ones in float64. Loops run over rows and slices of them, whose indices numba knows are not
+    negative: LLVM then vectorizes them (an index from a run's start was 2x slower)."""
+    total = x_moment = y_moment = zero
+    run = 0
+    for y in range(strip.shape[0]):
+        row = strip[y]
+        row_sum = row_x = zero
+        for x in range(row.shape[0]):
+            value = row[x]
+            sums[y, x] += value
+            maxima[y, x] = max(maxima[y, x], value)
+            row_sum += value
+            row_x += value * x
+        total += row_sum
+        x_moment += row_x + row_sum * x0
+        y_moment += row_sum * y
+        while run < runs.shape[0] and runs[run, 0] == y:  # this row's runs, while the row is in cache
+            pixels = row[runs[run, 1]:runs[run, 2]]
+            run_sum = zero
+            for x in range(pixels.shape[0]):
+                run_sum += pixels[x]
+            record[runs[run, 3]] += run_sum
+            run += 1
+    record[-3] += total
+    record[-2] += x_moment
+    record[-1] += y_moment
+
+
+def _runs(masks: np.ndarray) -> np.ndarray:
+    """The detectors `masks` (detectors, rows, width) of one strip as runs of pixels along its rows: (runs, 4)
+    int64 of (row, start, end, detector), in row order (`_reduce_strip` sums a row's runs right after the row)."""
+    detectors, rows, width = masks.shape
+    padded = np.zeros((detectors, rows, width + 2), np.int8)
+    padded[:, :, 1:-1] = masks
+    edges = np.diff(padded, axis=2)  # +1 where a run starts, -1 one past where it ends
+    detector, row, start = np.nonzero(edges == 1)
+    end = np.nonzero(edges == -1)[2]  # the same runs, in the same (detector, row) order
+    runs = np.stack([row, start, end, detector], axis=1).astype(np.int64)
+    return runs[np.argsort(row, kind="stable")]
+
+
 class FrameReducer:
     """Reduces raw frames of `frame_shape` (rows, cols) and pixel `dtype`, given as `sectors` column strips of
     (rows, cols / sectors) each (one strip: the whole frame), for `geometry`. GeometryError for a geometry whose
@@ -74,40 +121,21 @@ class FrameReducer:
         self.width = width = cols // sectors
         masks = geometry.masks(self.frame_shape).reshape(-1, rows, cols)
         self.runs = [_runs(masks[:, :, s * width:(s + 1) * width]) for s in range(sectors)]
-        self.x = np.arange(cols, dtype=np.float64)
-        self.rows_by = np.stack([np.ones(rows), np.arange(rows, dtype=np.float64)])  # (2, rows): [1, y]
-        self.flat = np.zeros(rows * width + 1)  # one strip as float64, and a 0 past its end (see _runs)
-        self.buffer = self.flat[:-1].reshape(rows, width)
+        self.zero = np.int64(0) if np.issubdtype(self.dtype, np.integer) else np.float64(0)
+        # compiled now, not on a scan's first frame, for what a worker reduces: views of received zmq.Frames
+        # (writable, C order; numba compiles read-only arrays and other layouts apart, on their first use)
+        empty = np.zeros((0, width), self.dtype)
+        _reduce_strip(empty, 0, self.runs[0], np.zeros((0, width), sum_dtype(self.dtype)),
+                      np.zeros((0, width), self.dtype), np.zeros(len(geometry.radii) + 3, self.zero.dtype), self.zero)
 
-    def record(self, strips: Sequence[np.ndarray]) -> np.ndarray:
-        """float64 (detectors + 3,): the detector sums, total, x moment, y moment of one frame (see the module)."""
-        detectors = np.zeros(len(self.geometry.radii))
-        moments = np.zeros((2, self.frame_shape[1]))  # per column: its sum, and its sum of value * row
-        for s, (strip, (bounds, detector_of)) in enumerate(zip(strips, self.runs)):
-            np.copyto(self.buffer, strip)
-            np.matmul(self.rows_by, self.buffer, out=moments[:, s * self.width:(s + 1) * self.width])
-            if bounds.size:
-                detectors += detector_of @ np.add.reduceat(self.flat, bounds)[::2]
-        total, y_moment = moments.sum(axis=1)
-        return np.concatenate((detectors, (total, moments[0] @ self.x, y_moment)))
-
-
-def _runs(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The detectors `masks` (detectors, rows, width) of one strip as runs of pixels along its rows: `bounds`, the
-    flat (start, end) of every run, interleaved (np.add.reduceat(flat, bounds)[::2] sums each run: the odd results,
-    from an end to the next start, are not used; an end may be the strip's size, hence the 0 past its end), and
-    `detector_of` (detectors, runs), 1 where a run is the detector's. A run's sum reads its pixels contiguously,
-    where a gather of the pixel indices took twice as long."""
-    detectors, rows, width = masks.shape
-    padded = np.zeros((detectors, rows, width + 2), np.int8)
-    padded[:, :, 1:-1] = masks
-    edges = np.diff(padded, axis=2)  # +1 where a run starts, -1 one past where it ends
-    detector, row, start = np.nonzero(edges == 1)
-    end = np.nonzero(edges == -1)[2]  # the same runs, in the same (row-major) order
-    bounds = np.stack([row * width + start, row * width + end], axis=1).ravel()
-    detector_of = np.zeros((detectors, detector.size))
-    detector_of[detector, np.arange(detector.size)] = 1
-    return bounds, detector_of
+    def reduce(self, strips: Sequence[np.ndarray], sums: Sequence[np.ndarray],
+               maxima: Sequence[np.ndarray]) -> np.ndarray:
+        """Adds one frame's strips to the patterns' strips `sums` and `maxima`; returns its record, float64
+        (detectors + 3,): the detector sums, total, x moment, y moment (see the module)."""
+        record = np.zeros(len(self.geometry.radii) + 3, self.zero.dtype)
+        for s, (strip, runs, total, maximum) in enumerate(zip(strips, self.runs, sums, maxima)):
+            _reduce_strip(strip, s * self.width, runs, total, maximum, record, self.zero)
+        return record.astype(np.float64)
 
 
 class ScanPatterns:
@@ -116,20 +144,19 @@ class ScanPatterns:
     def __init__(self, reducer: FrameReducer):
         self.reducer = reducer
         strip = (reducer.frame_shape[0], reducer.width)
-        # per strip, so each add runs over contiguous memory; joined by `take`
+        # per strip, so each is added to where the strip lies; joined by `take`
         self.sums = [np.zeros(strip, sum_dtype(reducer.dtype)) for _ in range(reducer.sectors)]
         self.maxima = [np.zeros(strip, reducer.dtype) for _ in range(reducer.sectors)]
         self.keys: list[int] = []
         self.since = 0.0  # monotonic time of the first frame since the last take
 
-    def add(self, strips: Sequence[np.ndarray], key: int, now: float) -> None:
-        """Add one frame (as the reducer's strips), whose frame key is `key`."""
+    def add(self, strips: Sequence[np.ndarray], key: int, now: float) -> np.ndarray:
+        """Reduce one frame (as the reducer's strips), whose frame key is `key`: adds it to the patterns and
+        returns its record (`FrameReducer.reduce`)."""
         if not self.keys:
             self.since = now
-        for strip, total, maximum in zip(strips, self.sums, self.maxima):
-            np.add(total, strip, out=total)
-            np.maximum(maximum, strip, out=maximum)
         self.keys.append(key)
+        return self.reducer.reduce(strips, self.sums, self.maxima)
 
     @property
     def full(self) -> bool:

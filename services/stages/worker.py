@@ -304,12 +304,10 @@ class WorkerStage(Stage):
         this detector's frame: the writer refuses it for the view)] + [the frame, with keepFrames]."""
         record = b""
         if self.reducer is not None and self.geometry.is_frame(parts):
-            strips = self.views(parts)
-            record = self.reducer.record(strips).tobytes()
             patterns = self.patterns.get(scan)
             if patterns is None:
                 patterns = self.patterns[scan] = ScanPatterns(self.reducer)
-            patterns.add(strips, frame_key(scan, frame), time.monotonic())
+            record = patterns.add(self.views(parts), frame_key(scan, frame), time.monotonic()).tobytes()
             if frame >= self.scan_end:
                 self.ending.add(scan)
         return [record, *parts] if self.keep_frames else [record]
