@@ -37,13 +37,16 @@ def session_doc(frames: int, plugin: dict, live: bool, rate: float = 0.0) -> dic
                     source={"rate": rate}, liveView={"enabled": live})
 
 
-def throughput(doc: dict) -> float:
+def throughput(doc: dict) -> dict:
+    """frames/s of one session, and its CPU ms a frame: `plane` (every stage but the workers), `workers`."""
     frames = doc["spec"]["scan"]["rows"] * doc["spec"]["scan"]["cols"]
     with tempfile.TemporaryDirectory(prefix="detstream-bench-") as tmp, SessionRun(doc, Path(tmp)) as run:
         result = run.stream()
     if result["writer"].frames_in != frames:
         raise RuntimeError(f"wrote {result['writer'].frames_in} of {frames} frames")
-    return frames / result["seconds"]
+    workers = sum(seconds for name, seconds in result["cpu"].items() if name.startswith("worker"))
+    return {"fps": frames / result["seconds"], "workers": workers / frames * 1e3,
+            "plane": (sum(result["cpu"].values()) - workers) / frames * 1e3}
 
 
 def delay(frames: int, rate: float) -> dict:
@@ -80,16 +83,25 @@ def main(argv=None) -> dict:
     for _ in range(args.repeats):
         for name, plugin in (("counting", COUNTING), ("noop", {"name": "noop"})):
             r = {state: throughput(session_doc(frames, plugin, state == "on")) for state in ("on", "off")}
-            r["ratio"] = r["on"] / r["off"]
+            r["ratio"] = r["on"]["fps"] / r["off"]["fps"]
             rounds[name].append(r)
-            print(f"live:   {name}: on {r['on']:,.0f} frames/s, off {r['off']:,.0f} frames/s, ratio "
-                  f"{r['ratio']:.2f}", flush=True)
+            print(f"live:   {name}: on {r['on']['fps']:,.0f} frames/s, off {r['off']['fps']:,.0f} frames/s, ratio "
+                  f"{r['ratio']:.2f}; CPU ms a frame, plane {r['on']['plane']:.3f} / {r['off']['plane']:.3f}, "
+                  f"workers {r['on']['workers']:.3f} / {r['off']['workers']:.3f}", flush=True)
     for name, what in (("counting", "electron counting (events)"), ("noop", "noop (raw frames)")):
-        on, off = (max(r[state] for r in rounds[name]) for state in ("on", "off"))
+        best = {state: {key: (max if key == "fps" else min)(r[state][key] for r in rounds[name])
+                        for key in ("fps", "plane", "workers")} for state in ("on", "off")}
+        on, off = best["on"], best["off"]
         median = statistics.median(r["ratio"] for r in rounds[name])
-        report.figure(name, f"{what}: live on {on:,.0f} / off {off:,.0f} frames/s = {on / off:.2f} (best of each; "
-                      f"median of rounds {median:.2f}; target >= 0.95)", on_fps=on, off_fps=off, ratio=on / off,
+        report.figure(name, f"{what}: live on {on['fps']:,.0f} / off {off['fps']:,.0f} frames/s = "
+                      f"{on['fps'] / off['fps']:.2f} (best of each; median of rounds {median:.2f}; target >= 0.95)",
+                      on_fps=on["fps"], off_fps=off["fps"], ratio=on["fps"] / off["fps"],
                       median_round_ratio=median, rounds=rounds[name])
+        report.figure(f"{name}_cpu", f"{what}: CPU ms a frame (best of each), data plane {on['plane']:.3f} on / "
+                      f"{off['plane']:.3f} off = {on['plane'] / off['plane']:.2f}; workers {on['workers']:.3f} on, "
+                      f"{off['workers']:.3f} off; the whole session off / on = "
+                      f"{(off['plane'] + off['workers']) / (on['plane'] + on['workers']):.2f}",
+                      plane_ratio=on["plane"] / off["plane"], on_ms=on, off_ms=off)
     d = delay(frames, args.rate)
     report.figure("delay", f"live view behind the source at {args.rate:g} frames/s: median {d['median_s']:.3f} s, "
                   f"95th percentile {d['p95_s']:.3f} s, max {d['max_s']:.3f} s over {d['frames']} frames "
