@@ -1,12 +1,15 @@
 """The live view served by uvicorn on 127.0.0.1 while a feeder adds scan positions over time: the Python
 client, a viewer that stops reading, and the page in Debian's chromium driven by Playwright."""
 
+import io
 import json
 import logging
 import re
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
 
 import numpy as np
@@ -108,6 +111,33 @@ def test_client_reads_the_live_arrays_as_they_fill_in(live):
         client.set_geometry(4, [(12, 6)])
     with pytest.raises(LiveViewError, match="scan nope: not in this session; known: scan-0"):
         client.array("bright_field", scan="nope")
+
+
+def test_viewers_of_one_version_share_its_encoding_and_a_newer_one_is_read_anew(live):
+    """?version=V serves any kept encoding at least V new (the viewers of one event share one); a version past it,
+    or none, reads the scan again; a version that is not an integer is refused by name."""
+    server, store, images, feeder = live
+    feeder.go(3)
+    wait_for(lambda: feeder.rows_done == 3, what="3 rows")
+    url = f"{server.url}api/scans/scan-0/arrays/bright_field"
+
+    def get(query=""):
+        with urllib.request.urlopen(url + query, timeout=10) as response:
+            return np.load(io.BytesIO(response.read()))
+
+    first = images.version
+    at_first = get(f"?version={first}")
+    assert np.isfinite(at_first[:3]).all() and np.isnan(at_first[3:]).all()
+    feeder.go(3)
+    wait_for(lambda: feeder.rows_done == 6, what="6 rows")
+    np.testing.assert_array_equal(get(f"?version={first}"), at_first)  # kept: at least as new as asked
+    for query in (f"?version={images.version}", ""):
+        now = get(query)
+        assert np.isfinite(now[:6]).all() and np.isnan(now[6:]).all(), query
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        get("?version=latest")
+    assert refused.value.code == 400
+    assert json.loads(refused.value.read())["error"].startswith("version: must be an integer")
 
 
 def test_a_viewer_that_stops_reading_is_dropped():

@@ -11,7 +11,9 @@ Routes (all GET except the geometry):
                                      float arrays as float32 (exact for counts < 2**24 per position), status uint8.
                                      Compact binary rather than PNG so that contrast and colour change in the
                                      browser without a new request, the page shows true values, and the same
-                                     bytes serve the Python client.
+                                     bytes serve the Python client. ?version=V (the scan's progress.version an
+                                     event or a geometry change gave): any encoding at least that new will do, so
+                                     the viewers of one event share one encoding; without it: the latest.
   PUT /api/scans/{scan}/geometry     JSON {"bright_field": r, "annuli": [[in, out], ...], "centre": [x, y] | null
                                      | "auto"}: recompute the scan's images for it ("auto": the centre found in
                                      the summed pattern). Changes what every viewer sees, nothing of the session.
@@ -19,9 +21,10 @@ Routes (all GET except the geometry):
                                      kept (see ScanImages).
   /api/stages                        JSON: the stage table
   /api/events                        server-sent events: {"scans": [...summary...], "stages": [...]} every
-                                     `interval` seconds when something changed. A viewer whose connection does
-                                     not take an event within `send_timeout` seconds is dropped: the server
-                                     keeps no queue per viewer, only the latest state.
+                                     `interval` seconds when something changed, made once for all viewers. A
+                                     viewer whose connection does not take an event within `send_timeout`
+                                     seconds is dropped: the server keeps no queue per viewer, only the latest
+                                     state.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 import socket
 import threading
+import time
 from importlib.resources import files
 
 import numpy as np
@@ -81,26 +86,40 @@ def create_app(store: LiveStore, interval: float = 0.5, send_timeout: float = 10
         return store.scan(request.path_params["scan"])
 
     # The encoded arrays of the last scan asked for, per name, with the version they were read at: all
-    # viewers of a scan share one encoding (and one iDPC integration) per change; memory: one scan's arrays.
+    # viewers of a scan share one encoding (and one iDPC integration) per change, or per event with ?version;
+    # memory: one scan's arrays.
     encoded: dict[tuple[str, str], tuple[int, bytes]] = {}
     encoded_lock = threading.Lock()
 
-    def npy_of(scan_id: str, name: str) -> bytes:
-        scan = store.scan(scan_id)
-        version = scan.version
+    def cached_npy(scan_id: str, name: str, wanted: int) -> bytes | None:
+        """The encoding of `name` if one at least as new as version `wanted` is kept (-1: the scan's latest)."""
         with encoded_lock:
             cached = encoded.get((scan_id, name))
-        if cached is None or cached[0] != version:
-            cached = (version, _npy(scan.array(name)))
+        if cached is None or cached[0] < (store.scan(scan_id).version if wanted < 0 else wanted):
+            return None
+        return cached[1]
+
+    def npy_of(scan_id: str, name: str, wanted: int) -> bytes:
+        data = cached_npy(scan_id, name, wanted)
+        if data is None:
+            scan = store.scan(scan_id)
+            version = scan.version  # read first: the array read after it is at least this new
+            data = _npy(scan.array(name))
             with encoded_lock:
                 for key in [key for key in encoded if key[0] != scan_id]:
                     del encoded[key]
-                encoded[(scan_id, name)] = cached
-        return cached[1]
+                encoded[(scan_id, name)] = (version, data)
+        return data
 
     async def array(request: Request):
+        scan_id, name = request.path_params["scan"], request.path_params["name"]
         try:
-            data = await run_in_threadpool(npy_of, request.path_params["scan"], request.path_params["name"])
+            wanted = int(request.query_params.get("version", -1))
+        except ValueError:
+            return _error(400, f"version: must be an integer (a scan's progress.version); got "
+                               f"{request.query_params['version']!r}")
+        try:  # a kept encoding is served from here, without a thread of the pool
+            data = cached_npy(scan_id, name, wanted) or await run_in_threadpool(npy_of, scan_id, name, wanted)
         except KeyError as e:
             return _error(404, e.args[0])
         return Response(data, media_type="application/octet-stream", headers={"Cache-Control": "no-store"})
@@ -122,7 +141,18 @@ def create_app(store: LiveStore, interval: float = 0.5, send_timeout: float = 10
             return _error(400, str(e))
         except RecomputeUnavailable as e:
             return _error(409, str(e))
-        return JSONResponse({"geometry": scan.geometry.to_dict(), "centre": list(scan.centre)})
+        return JSONResponse({"geometry": scan.geometry.to_dict(), "centre": list(scan.centre), "version": scan.version})
+
+    # The event all viewers are sent: made at most once per half interval, whatever the number of viewers.
+    event = {"at": -math.inf, "data": ""}
+    event_lock = threading.Lock()
+
+    def latest_event() -> str:
+        with event_lock:
+            if time.monotonic() - event["at"] >= interval / 2:
+                event["data"] = json.dumps({"scans": store.summary(), "stages": store.stage_table()})
+                event["at"] = time.monotonic()
+            return event["data"]
 
     async def events(request: Request):
         async def stream():
@@ -130,10 +160,10 @@ def create_app(store: LiveStore, interval: float = 0.5, send_timeout: float = 10
             try:
                 last = None
                 while not request.app.state.ending.is_set():   # the server stops: the stream ends, cleanly
-                    state = await run_in_threadpool(lambda: {"scans": store.summary(), "stages": store.stage_table()})
-                    if state != last:
-                        yield {"data": json.dumps(state)}
-                        last = state
+                    data = await run_in_threadpool(latest_event)
+                    if data != last:
+                        yield {"data": data}
+                        last = data
                     await asyncio.sleep(interval)
             finally:
                 request.app.state.viewers -= 1
