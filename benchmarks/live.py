@@ -1,12 +1,16 @@
 """What live results cost the data plane, and how far the live view is behind the detector.
 
-    python -m benchmarks.live [--frames 1024] [--repeats 2] [--rate 200]
+    python -m benchmarks.live [--frames 1024] [--repeats 2] [--rate 200] [--viewers 10]
 
 Measured, alternated in rounds (the machine is shared: only ratios within a run mean something):
   throughput  the same session with spec.liveView on and off: a 4D-STEM counting session (electron-counting
               on simulated 576x576 frames: the writer adds each turn's events to the live images) and a noop
               session (raw frames: each worker reduces its frames to records and patterns, the writer places
               them), timed from the sources' Start to the writer's end; ratio on / off (target >= 0.95)
+  viewers     the counting session with the view on, with --viewers viewers reading the page's event stream and,
+              on each new version of the latest scan, fetching every array the page fetches (`Viewer`, threads of
+              this process: a browser's requests, not its drawing), and one viewer that connects and never reads,
+              against none; ratio with / without (target >= 0.95), and what the viewers fetched
   delay       a counting session at a detector's pace (--rate frames/s), its source's sent count and the live
               view's arrived positions (GET /api/scans, what the page reads) sampled together every 20 ms:
               for each frame number n, the time from the source having sent n frames to the view showing n
@@ -17,10 +21,14 @@ Results: benchmarks/results/live.json.
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -47,6 +55,64 @@ def throughput(doc: dict) -> dict:
     workers = sum(seconds for name, seconds in result["cpu"].items() if name.startswith("worker"))
     return {"fps": frames / result["seconds"], "workers": workers / frames * 1e3,
             "plane": (sum(result["cpu"].values()) - workers) / frames * 1e3}
+
+
+class Viewer(threading.Thread):
+    """What the page asks of the live view at `url`: its event stream, and on each event whose latest scan has a
+    new version every array of that scan but "max" (live.html's `refresh`); `reading=False`: a viewer that
+    connects and never reads. Ends with the stream (the session's end)."""
+
+    def __init__(self, url: str, reading: bool = True):
+        super().__init__(daemon=True)
+        parts = urlsplit(url)
+        self.host, self.port, self.path = parts.hostname, parts.port, parts.path
+        self.reading = reading
+        self.events = self.arrays = self.bytes = 0
+
+    def connection(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.host, self.port, timeout=60)
+
+    def run(self) -> None:
+        stream = self.connection()
+        stream.request("GET", self.path + "api/events")
+        response = stream.getresponse()
+        if not self.reading:
+            return  # the connection stays open (the thread's reference), unread
+        arrays, version = self.connection(), None
+        for line in response:
+            if not line.startswith(b"data:"):
+                continue
+            self.events += 1
+            scans = json.loads(line[5:])["scans"]
+            if not scans or scans[-1]["progress"]["version"] == version:
+                continue
+            scan, version = scans[-1], scans[-1]["progress"]["version"]
+            for name in (n for n in scan["arrays"] if n != "max"):
+                try:
+                    arrays.request("GET", f"{self.path}api/scans/{scan['id']}/arrays/{name}?version={version}")
+                    self.bytes += len(arrays.getresponse().read())
+                except (OSError, http.client.HTTPException):
+                    return  # the session ended: the server stopped
+                self.arrays += 1
+
+
+def with_viewers(doc: dict, count: int) -> dict:
+    """frames/s of a session with the view on and `count` reading viewers (and one that never reads, if any); the
+    writer's CPU ms a frame (it serves the view); what the viewers read."""
+    frames = doc["spec"]["scan"]["rows"] * doc["spec"]["scan"]["cols"]
+    with tempfile.TemporaryDirectory(prefix="detstream-bench-") as tmp, SessionRun(doc, Path(tmp)) as run:
+        url = run.local.plan.live_url()
+        LiveClient(url, timeout=10).scans()  # the view answers before the viewers come
+        viewers = [Viewer(url) for _ in range(count)] + [Viewer(url, reading=False)] * bool(count)
+        for viewer in viewers:
+            viewer.start()
+        result = run.stream()
+    for viewer in viewers:
+        viewer.join(10)
+    writer = sum(seconds for name, seconds in result["cpu"].items() if name.startswith("writer"))
+    return {"fps": frames / result["seconds"], "writer_ms": writer / frames * 1e3,
+            "events": sum(v.events for v in viewers), "arrays": sum(v.arrays for v in viewers),
+            "megabytes": sum(v.bytes for v in viewers) / 1e6}
 
 
 def delay(frames: int, rate: float) -> dict:
@@ -76,9 +142,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--frames", type=int, default=1024, help="frames per session (a multiple of 32)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of (on, off) per plugin")
     parser.add_argument("--rate", type=float, default=200.0, help="frames/s of the paced session (delay)")
+    parser.add_argument("--viewers", type=int, default=10, help="viewers reading the live view (viewers)")
     args = parser.parse_args(argv)
     frames = max(32, args.frames - args.frames % 32)
-    report = Report("live", frames=frames, repeats=args.repeats, rate=args.rate)
+    report = Report("live", frames=frames, repeats=args.repeats, rate=args.rate, viewers=args.viewers)
     rounds: dict[str, list[dict]] = {"counting": [], "noop": []}
     for _ in range(args.repeats):
         for name, plugin in (("counting", COUNTING), ("noop", {"name": "noop"})):
@@ -102,6 +169,22 @@ def main(argv=None) -> dict:
                       f"{off['workers']:.3f} off; the whole session off / on = "
                       f"{(off['plane'] + off['workers']) / (on['plane'] + on['workers']):.2f}",
                       plane_ratio=on["plane"] / off["plane"], on_ms=on, off_ms=off)
+    watched = []
+    for _ in range(args.repeats):
+        r = {count: with_viewers(session_doc(frames, COUNTING, True), count) for count in (args.viewers, 0)}
+        watched.append(r)
+        seen, alone = r[args.viewers], r[0]
+        print(f"live:   {args.viewers} viewers: {seen['fps']:,.0f} frames/s, none {alone['fps']:,.0f} frames/s; "
+              f"writer CPU ms a frame {seen['writer_ms']:.3f} / {alone['writer_ms']:.3f}; they read "
+              f"{seen['events']} events, {seen['arrays']} arrays ({seen['megabytes']:.0f} MB)", flush=True)
+    seen_fps, alone_fps = (max(r[count]["fps"] for r in watched) for count in (args.viewers, 0))
+    seen_ms, alone_ms = (min(r[count]["writer_ms"] for r in watched) for count in (args.viewers, 0))
+    report.figure("viewers", f"counting, live on: {args.viewers} viewers (+1 not reading) {seen_fps:,.0f} / none "
+                  f"{alone_fps:,.0f} frames/s = {seen_fps / alone_fps:.2f} (best of each; median of rounds "
+                  f"{statistics.median(r[args.viewers]['fps'] / r[0]['fps'] for r in watched):.2f}; target >= 0.95); "
+                  f"the writer's CPU ms a frame {seen_ms:.3f} / {alone_ms:.3f}", with_fps=seen_fps,
+                  without_fps=alone_fps, ratio=seen_fps / alone_fps, writer_ms_with=seen_ms, writer_ms_without=alone_ms,
+                  rounds=[{str(k): v for k, v in r.items()} for r in watched])
     d = delay(frames, args.rate)
     report.figure("delay", f"live view behind the source at {args.rate:g} frames/s: median {d['median_s']:.3f} s, "
                   f"95th percentile {d['p95_s']:.3f} s, max {d['max_s']:.3f} s over {d['frames']} frames "
