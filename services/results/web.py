@@ -37,6 +37,7 @@ import socket
 import threading
 import time
 from importlib.resources import files
+from types import SimpleNamespace
 
 import numpy as np
 import uvicorn
@@ -144,15 +145,15 @@ def create_app(store: LiveStore, interval: float = 0.5, send_timeout: float = 10
         return JSONResponse({"geometry": scan.geometry.to_dict(), "centre": list(scan.centre), "version": scan.version})
 
     # The event all viewers are sent: made at most once per half interval, whatever the number of viewers.
-    event = {"at": -math.inf, "data": ""}
+    event = SimpleNamespace(at=-math.inf, data="")
     event_lock = threading.Lock()
 
     def latest_event() -> str:
         with event_lock:
-            if time.monotonic() - event["at"] >= interval / 2:
-                event["data"] = json.dumps({"scans": store.summary(), "stages": store.stage_table()})
-                event["at"] = time.monotonic()
-            return event["data"]
+            if time.monotonic() - event.at >= interval / 2:
+                event.data = json.dumps({"scans": store.summary(), "stages": store.stage_table()})
+                event.at = time.monotonic()
+            return event.data
 
     async def events(request: Request):
         async def stream():
