@@ -5,6 +5,7 @@ Kubernetes restarts its pod), which gets the scan's darks and flats again and go
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import signal
@@ -42,8 +43,8 @@ def tomo_doc(name, rate=None, **spec):
                     transport={**FAST, **spec.pop("transport", {})}, **spec)
 
 
-@pytest.fixture(scope="module")
-def sinograms():
+@functools.cache
+def simulated_sinograms():
     """The simulated scan's corrected sinograms (slices, angles, cols), and its angles (radians)."""
     spec = load_session(tomo_doc("ref")).spec
     sim = TomoScan(spec)
@@ -63,9 +64,9 @@ def fbp(sinograms, theta):
 
 
 @pytest.fixture(scope="module")
-def reference(sinograms):
+def reference():
     """astra's FBP of the simulated scan's corrected sinograms (slices, cols, cols), and the phantom."""
-    return fbp(*sinograms), ground_truth(load_session(tomo_doc("ref")).spec)
+    return fbp(*simulated_sinograms()), ground_truth(load_session(tomo_doc("ref")).spec)
 
 
 def relative_rms(a, b):
@@ -136,8 +137,7 @@ def test_a_worker_killed_mid_scan_loses_its_band_by_name(tmp_path, reference):
     assert relative_rms(volume[:SIZE // 2], volume_ref[:SIZE // 2]) < 1e-3
 
 
-def test_a_worker_restarted_mid_scan_gets_the_darks_and_flats_again_and_goes_on_with_its_band(
-        local_session, sinograms):
+def test_a_worker_restarted_mid_scan_gets_the_darks_and_flats_again_and_goes_on_with_its_band(local_session):
     """SIGKILL worker-1 mid-scan and run it again at the same address (the test plays the kubelet, as Kubernetes
     restarts ordinal 1): the sources send the new process the scan's darks and flats again (REFERENCE) with its
     band's remaining projections, so band 1 lacks only the angles the dead process had summed, and its slices are
@@ -161,6 +161,6 @@ def test_a_worker_restarted_mid_scan_gets_the_darks_and_flats_again_and_goes_on_
     print(f"\nworker-1 restarted mid-scan: band 1 lacks angles {np.flatnonzero(~used).tolist()}")
     assert (lacking[:SIZE // 2] == 0).all() and (lacking[SIZE // 2:] == (~used).sum()).all()
     assert 0 < (~used).sum() < ANGLES - 10 and set(angles[~used]) == {PARTIAL}
-    sinos, theta = sinograms
+    sinos, theta = simulated_sinograms()
     assert relative_rms(volume[:SIZE // 2], fbp(sinos[:SIZE // 2], theta)) < 1e-3
     assert relative_rms(volume[SIZE // 2:], fbp(sinos[SIZE // 2:, used], theta[used])) < 1e-3
