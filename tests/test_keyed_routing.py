@@ -1,6 +1,6 @@
 """Routing by slice (dataplane/bands.py): the bands, the lane's ledger routing (block, band) units to the band's
-worker, a source's window keeping a frame until every band of it is released, and the writer's per-band
-accounting. Driven directly: no sockets, no clock."""
+worker, a source's window keeping a frame until every band of it is released, a source's reference frames (for a
+band's restarted worker), and the writer's per-band accounting. Driven directly: no sockets, no clock."""
 
 import numpy as np
 from hypothesis import given, settings
@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from detstream.services.dataplane.accounting import WriterScans
 from detstream.services.dataplane.bands import Bands
 from detstream.services.dataplane.blocks import Blocks
+from detstream.services.dataplane.references import References
 from detstream.services.dataplane.routing import RoutingLedger
 from detstream.services.dataplane.window import SourceWindow
 from detstream.services.dataplane.wire import frame_key
@@ -147,6 +148,26 @@ def test_a_worker_gone_leaves_its_band_to_be_sent_again_where_the_lane_says():
     assert window.flush() == []                                 # band 1 has no worker now
     (send,) = window.assigned(0, 0, "tcp://w:3", True, 1)
     assert (send.worker, send.band, send.frames, send.again) == ("tcp://w:3", 1, [1], True)
+
+
+def test_a_source_keeps_the_last_scans_reference_frames_for_the_bands_that_may_still_get_their_scan():
+    """The darks and flats (here frames 0-1) of the last two scans; a restarted band's worker gets those of the
+    scans it may still get frames of (kept for it in the window, or under way: `is_open`)."""
+    refs: References[str] = References(range(2), scans=2)
+    window = SourceWindow(BLOCKS, limit=8, bands=2)
+    for scan in (0, 1, 2):
+        for frame in range(4):
+            refs.keep(scan, frame, f"{scan}:{frame}")
+    assert refs.of(lambda scan: True) == ["1:0", "1:1", "2:0", "2:1"]     # scan 0 forgotten, projections never kept
+    refs.keep(0, 0, "0:0 again")                                          # older than both: not kept
+    assert refs.of(lambda scan: True) == ["1:0", "1:1", "2:0", "2:1"]
+    window.frame(1, 9, [(0, "last of scan 1")])
+    window.release([frame_key(1, 9)], [0])                                # band 0 is done with scan 1, band 1 not
+    assert window.holds(1, 1) and not window.holds(1, 0) and not window.holds(2, 1)
+    assert refs.of(lambda scan: window.holds(scan, 0)) == []
+    assert refs.of(lambda scan: window.holds(scan, 1)) == ["1:0", "1:1"]
+    assert refs.of(lambda scan: scan == 2 or window.holds(scan, 0)) == ["2:0", "2:1"]   # scan 2 under way
+    assert References(range(0)).of(lambda scan: True) == []               # a plugin without references
 
 
 # the writer

@@ -16,7 +16,7 @@ from detstream.services.model.schema import SpecError
 from detstream.services.model.session import load_session
 from detstream.services.plugins.flatfield import FlatDark, minus_log
 from detstream.services.plugins.paganin import halo_rows, paganin, paganin_filter, wavelength_m
-from detstream.services.plugins.tomo_fbp import ReconParams, SliceBand, astra_fbp, check_params, to_centre
+from detstream.services.plugins.tomo_fbp import ReconParams, SliceBand, TomoFBP, astra_fbp, check_params, to_centre
 from detstream.services.sinks.volume import VolumeFile
 from detstream.services.sources import Frame, ScanEnd, SourceError, source_class
 from detstream.services.sources.tomo_simulator import TomoScan, ground_truth
@@ -144,6 +144,27 @@ def test_missing_projections_are_named_and_the_rest_reconstructed(spec, frames):
     theta = np.radians(spec.tomography.angles_deg())[keep]
     reference = np.stack([astra_fbp(to_centre(s, (COLS - 1) / 2 + 2.5), theta) for s in sinos])
     assert np.sqrt(np.mean((volume - reference) ** 2) / np.mean(reference ** 2)) < 1e-3
+
+
+def test_a_band_restarted_mid_scan_takes_the_darks_and_flats_again_and_each_counts_once(spec, frames):
+    """A worker restarted mid-scan gets its band's remaining projections and the darks and flats again (the sources'
+    REFERENCE), maybe also as frames sent again: each dark and flat counts once, and the band is astra's FBP of the
+    angles it had."""
+    lo, count, first = 10, 4, 30
+    band = SliceBand(spec.tomography, ROWS, COLS, lo, count, ReconParams(centre=(COLS - 1) / 2 + 2.5))
+    later = range(DARKS + FLATS + first, FRAMES)
+    for f in list(later[:5]) + list(range(DARKS + FLATS)) * 2 + list(later[5:]) + [0, DARKS]:
+        band.add(f, frames[f][lo:lo + count])          # projections first wait (pending) for the darks and flats
+    volume = band.finish()
+    acc = band.accounting()
+    assert (acc["darks_used"], acc["flats_used"]) == (DARKS, FLATS)
+    assert (acc["projections_used"], list(acc["lost_angles_index"])) == (ANGLES - first, list(range(first)))
+    keep = np.arange(ANGLES) >= first
+    sinos = corrected_sinograms(frames, lo, lo + count)[:, keep]
+    theta = np.radians(spec.tomography.angles_deg())[keep]
+    reference = np.stack([astra_fbp(to_centre(s, (COLS - 1) / 2 + 2.5), theta) for s in sinos])
+    assert np.sqrt(np.mean((volume - reference) ** 2) / np.mean(reference ** 2)) < 1e-3
+    assert TomoFBP.references(spec) == range(DARKS + FLATS)
 
 
 def test_reconstruction_parameters_are_checked_by_name():

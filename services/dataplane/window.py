@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 from detstream.services.dataplane.blocks import Blocks
 from detstream.services.dataplane.scans import ClosedScans
-from detstream.services.dataplane.wire import frame_key
+from detstream.services.dataplane.wire import FRAME_BITS, frame_key
 
 
 class Send(NamedTuple):
@@ -110,8 +110,14 @@ class SourceWindow:
 
     def keeps(self, scan: int, frame: int, band: int) -> bool:
         """Whether band `band` of a frame is kept (not released)."""
-        key = frame_key(scan, frame)
+        return self.keeps_key(frame_key(scan, frame), band)
+
+    def keeps_key(self, key: int, band: int) -> bool:
         return key in self.kept and (self.bands == 1 or bool(self.unreleased.get(key, 0) >> band & 1))
+
+    def holds(self, scan: int, band: int) -> bool:
+        """Whether band `band` of some frame of `scan` is kept (not released): its worker may still get it."""
+        return any(key >> FRAME_BITS == scan and self.keeps_key(key, band) for key in self.kept)
 
     def send_again(self, scan: int, out: OutBlock, band: int = 0) -> None:
         """Everything still kept of a block goes (to the worker named next), flagged as a re-send, ended anew."""

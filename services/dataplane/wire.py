@@ -33,6 +33,7 @@ from detstream.v1.wire_pb2 import (
     PATTERN,
     PREVIEW,
     RECEIPT,
+    REFERENCE,
     RELEASE,
     RESULT,
     SAMPLE,
@@ -50,8 +51,8 @@ NOBLOCK, POLLIN, POLLOUT, _SNDMORE = int(zmq.NOBLOCK), int(zmq.POLLIN), int(zmq.
 FRAME_BITS = 40  # a frame key is scan << 40 | frame: 10^12 frames per scan, 2^24 scans
 
 __all__ = ["ABSENT", "ASSIGN", "BLOCK", "BLOCK_END", "CALIBRATION", "CREDIT", "DETECTOR_END", "DUPLICATE",
-           "END_OF_SCAN", "GONE", "HEARTBEAT", "PARTIAL", "PATTERN", "PREVIEW", "RECEIPT", "RELEASE", "RESULT",
-           "SAMPLE", "TAKEN", "VOLUME", "WANT",
+           "END_OF_SCAN", "GONE", "HEARTBEAT", "PARTIAL", "PATTERN", "PREVIEW", "RECEIPT", "REFERENCE", "RELEASE",
+           "RESULT", "SAMPLE", "TAKEN", "VOLUME", "WANT",
            "Header", "WireError", "REJECT_REASONS", "Geometry", "Message", "Outbox", "frame_key", "is_tcp_address",
            "decode", "results", "receive_parts", "Gaps", "FRAME_BITS", "pack_frames", "unpack_frames", "NOBLOCK",
            "POLLIN", "POLLOUT"]
@@ -186,7 +187,7 @@ def decode(raw: Sequence[zmq.Frame], geometry: Geometry | None = None) -> Messag
         raise WireError("version", f"wire version {header.version}, this stage speaks {WIRE_VERSION}")
     kind = header.kind
     parts = raw[1:]
-    if geometry is not None and kind in (BLOCK, SAMPLE):  # the messages with pixels: first
+    if geometry is not None and kind in (BLOCK, SAMPLE, REFERENCE):  # the messages with pixels: first
         _check_block(header, parts, geometry)
         return Message(header, parts)
     if kind not in _KINDS:
@@ -213,8 +214,8 @@ def _wrong_parts(kind: int, parts: Sequence, expected: int) -> WireError:
 
 
 def _check_block(header: Header, parts: Sequence[zmq.Frame], g: Geometry) -> None:
-    """A BLOCK (or SAMPLE): parts = its frames x its sectors, each a sector of the session's; every frame in
-    the block."""
+    """A BLOCK (or SAMPLE, REFERENCE): parts = its frames x its sectors, each a sector of the session's; every
+    frame in the block."""
     frames, sectors = header.frames, header.sectors
     if len(parts) != len(frames) * len(sectors):
         raise WireError("parts", f"BLOCK of {len(frames)} frames x {len(sectors)} sectors with {len(parts)} parts")

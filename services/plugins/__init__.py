@@ -6,7 +6,8 @@ calls `process` for every frame and `configure` when parameters change on a runn
 A plugin that reduces a whole scan in each worker (tomo-fbp: a band of slices) sets `by_slice`: each worker
 then gets its band of rows of every frame (routing by slice, `session_bands`); it takes `process_frame` (the
 frame's number too) and hands the writer `scan_output` when the worker has the scan, and the live view
-`scan_preview` (the slices spec.liveView.slices chose) while the scan comes.
+`scan_preview` (the slices spec.liveView.slices chose) while the scan comes; it names the frames every band needs
+first (`references`: tomo-fbp's darks and flats), which a band's worker restarted mid-scan gets again.
 """
 
 from __future__ import annotations
@@ -55,6 +56,14 @@ class Plugin:
         """Routed by slice: how many neighbour rows each side of its band a worker needs too (a filter across
         the cut, e.g. Paganin's)."""
         return 0
+
+    @classmethod
+    def references(cls, spec) -> range:
+        """Routed by slice: the frame numbers of each scan the plugin needs before the others in every band (tomo-fbp:
+        the darks and flats). The sources keep them and send them again to a band's worker restarted mid-scan
+        (REFERENCE, dataplane/references.py), which hands them to `process_frame` outside the accounting: the
+        plugin must take a frame it already has as a no-op. Empty: none."""
+        return range(0)
 
     @classmethod
     def samples(cls, params: dict) -> int:

@@ -26,7 +26,10 @@ the writer (VOLUME) once the band has every frame of the scan, and meanwhile whe
 
 Darks and flats (spec.tomography's frame layout) correct the projections: a projection that comes before all
 the darks and flats before it (another lane was faster) waits, at most `maxPending` of them, after which the
-band goes on with the darks and flats it has (and says so).
+band goes on with the darks and flats it has (and says so). The darks and flats before the projections are the
+plugin's `references`: a band's worker restarted mid-scan gets them again from the sources, so it corrects the
+band's remaining projections (only those the dead process had summed are lost). Each dark and flat counts once,
+however often it comes.
 """
 
 from __future__ import annotations
@@ -165,6 +168,7 @@ class SliceBand:
         self.after = FlatDark((self.hi - self.lo, cols))
         self.theta = np.radians(tomo.angles_deg())
         self.received = np.zeros(tomo.angles, bool)
+        self.fields: set[int] = set()   # the frame numbers of the darks and flats taken (each counts once)
         self.pending: dict[int, np.ndarray] = {}
         self.batch: list[tuple[int, np.ndarray]] = []
         self.sum = np.zeros((count, cols, cols), np.float32)
@@ -181,6 +185,10 @@ class SliceBand:
         if rows.shape != (self.hi - self.lo, self.cols):
             raise ValueError(f"frame {frame}: rows of shape {rows.shape}, the band takes "
                              f"{(self.hi - self.lo, self.cols)}")
+        if role != "projection":
+            if frame in self.fields:
+                return   # a dark or flat again: sent again after its worker died, or to a restarted band's worker
+            self.fields.add(frame)
         if role == "dark":
             self.field.add_dark(rows)
         elif role == "flat":
@@ -307,6 +315,11 @@ class TomoFBP(Plugin):
     @classmethod
     def check_params(cls, params: dict) -> list[tuple[str, str]]:
         return check_params(params)
+
+    @classmethod
+    def references(cls, spec) -> range:
+        """The darks and flats before the projections (what corrects them)."""
+        return range(spec.tomography.first_projection)
 
     @classmethod
     def halo_rows(cls, params: dict) -> int:

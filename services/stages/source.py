@@ -18,7 +18,9 @@ early (their END_OF_SCAN says how much was sent, so the rest is reported lost) a
 
 Routed by slice (spec.tomography, dataplane/bands.py), the lanes name a worker per band of each block, and the
 source sends each its band's rows of the sector strips (views, no copy); a frame is kept until every band of it
-is released.
+is released. The frames every band needs first (the plugin's `references`: tomo-fbp's darks and flats) are kept
+for the last scans (dataplane/references.py) and go, as REFERENCE, to a band's worker on each connection while
+the band may still get frames of their scan: a worker restarted mid-scan gets them again.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import numpy as np
 import zmq
 
 from detstream.services.dataplane.blocks import Blocks
+from detstream.services.dataplane.references import References
 from detstream.services.dataplane.security import EXTERNAL
 from detstream.services.dataplane.window import Send, SourceWindow
 from detstream.services.dataplane.wire import (
@@ -43,6 +46,7 @@ from detstream.services.dataplane.wire import (
     END_OF_SCAN,
     GONE,
     HEARTBEAT,
+    REFERENCE,
     RELEASE,
     SAMPLE,
     WANT,
@@ -96,9 +100,12 @@ class SourceStage(Stage):
         self.band_rows = [slice(*self.bands.rows_of(b)) for b in range(self.bands.count)]
         self.block_headers = [Header(kind=BLOCK, shape=(rows.stop - rows.start, sector_cols), dtype=self.geometry.dtype,
                                      band=band) for band, rows in enumerate(self.band_rows)]
-        self.samples_wanted = min(plugin_class(spec.plugin.name).samples(spec.plugin.params), spec.scan.frames)
+        plugin = plugin_class(spec.plugin.name)
+        self.samples_wanted = min(plugin.samples(spec.plugin.params), spec.scan.frames)
         self.samples: list[Frame] = []       # the session's sample frames (this replica's sectors), kept
         self.sample_scan: int | None = None
+        # routed by slice: the last scans' frames every band needs first (darks, flats), for a restarted worker
+        self.references: References[Frame] = References(plugin.references(spec) if self.bands.keyed else range(0))
         self.ends: dict[int, list[int]] = {}  # scans under way: frames sent to each lane
         self.lane_sent = [0] * len(self.lanes)
         self.work = self.items()
@@ -171,11 +178,12 @@ class SourceStage(Stage):
         self.send_all(sends)
         self.counters.frames_out += 1
         self.counters.bytes_out += len(item.sectors) * self.geometry.sector_bytes
+        self.references.keep(item.scan, item.frame, item)
         if self.sample_scan in (None, item.scan) and item.frame < self.samples_wanted:
             self.sample_scan = item.scan
             self.samples.append(item)
             for address in self.workers:
-                self.send_samples(address, [item])
+                self.send_kept(address, [item])
 
     def dropped(self) -> None:
         """The pipeline cannot take a frame now and the policy says drop: count it."""
@@ -206,7 +214,7 @@ class SourceStage(Stage):
                 self.refuse("address", msg, f"data address {h.address[:80]!r}, key {h.key[:40]!r}")
                 return
             self.gone.discard(h.address)
-            self.worker(h.address, h.key)
+            self.worker(h.address, h.key, h.band)
             self.send_all(self.window.assigned(h.scan, h.block, h.address, bool(h.flags & DUPLICATE), h.band))
         elif h.kind == GONE:
             self.worker_gone(h.address)
@@ -237,15 +245,22 @@ class SourceStage(Stage):
 
     # the workers
 
-    def worker(self, address: str, key: str) -> Outbox:
-        """The PUSH to a worker's data port (connected on first use; the session's samples go there on each
+    def worker(self, address: str, key: str, band: int = 0) -> Outbox:
+        """The PUSH to the data port of a worker (of band `band`), connected on first use (`connected` on each
         connection)."""
         outbox = self.workers.get(address)
-        if outbox is None:  # the samples go on each connection: a worker restarted at the address needs them again
+        if outbox is None:
             outbox = self.workers[address] = Outbox(self.socket(
-                zmq.PUSH, connect=[address], server=key,
-                on_connect=lambda: self.send_samples(address, self.samples)), self.name)
+                zmq.PUSH, connect=[address], server=key, on_connect=lambda: self.connected(address, band)), self.name)
         return outbox
+
+    def connected(self, address: str, band: int) -> None:
+        """A connection to the worker at `address`, the first or to a process restarted there (which needs them
+        again): the session's samples, and routed by slice the reference frames of the scans its band may still
+        get frames of (under way here, or some of the band's frames of it kept)."""
+        self.send_kept(address, self.samples)
+        self.send_kept(address, self.references.of(
+            lambda scan: scan in self.ends or self.window.holds(scan, band)), band)
 
     def worker_gone(self, address: str) -> None:
         """A lane declared the worker at `address` dead: its queued messages are dropped (a worker restarted there
@@ -287,11 +302,15 @@ class SourceStage(Stage):
         if not self.bands.keyed:
             self.reactor.send(self.workers[send.worker], h, parts)
             return
-        backlog = self.backlog.get(send.worker)
-        if backlog or not self.reactor.send(self.workers[send.worker], h, parts, wait=False):
+        self.send_to_band(send.worker, h, parts)
+
+    def send_to_band(self, address: str, h: Header, parts: list) -> None:
+        """Routed by slice: a message to a band's worker, now if its queue takes it, else behind its backlog."""
+        backlog = self.backlog.get(address)
+        if backlog or not self.reactor.send(self.workers[address], h, parts, wait=False):
             kept = Header()
             kept.CopyFrom(h)
-            self.backlog.setdefault(send.worker, deque()).append((kept, parts))
+            self.backlog.setdefault(address, deque()).append((kept, parts))
 
     def strip(self, pixels) -> np.ndarray:
         """A sector's pixels (an array, or a zmq.Frame of its bytes) as a (rows, cols / sectors) view."""
@@ -309,17 +328,24 @@ class SourceStage(Stage):
         """The sectors this replica sends (what an empty BLOCK names)."""
         return list(getattr(self.source, "sectors", range(self.geometry.sectors)))
 
-    def send_samples(self, address: str, frames: list[Frame]) -> None:
-        """Sample frames to a worker, one message each (not ended: other sources send the same frames' other
-        sectors)."""
-        h = Header(kind=SAMPLE, shape=self.geometry.sector_shape, dtype=self.geometry.dtype)
+    def send_kept(self, address: str, frames: list[Frame], band: int | None = None) -> None:
+        """Kept frames to a worker, one message each (not ended: other sources send the same frames' other
+        sectors): the session's samples (SAMPLE, whole sectors), or with `band` a scan's reference frames
+        (REFERENCE: routed by slice, the band's rows, behind the worker's backlog as its BLOCKs)."""
+        if not frames or address not in self.workers:   # (declared dead since it connected)
+            return
+        h = Header(kind=SAMPLE, shape=self.geometry.sector_shape, dtype=self.geometry.dtype) if band is None else \
+            Header(kind=REFERENCE, shape=self.block_headers[band].shape, dtype=self.geometry.dtype, band=band)
         for item in frames:
             h.scan, h.block = item.scan, self.blocks.of(item.frame)
             del h.frames[:]
             h.frames.append(item.frame)
             del h.sectors[:]
             h.sectors.extend(s for s, _ in item.sectors)
-            self.reactor.send(self.workers[address], h, [p for _, p in item.sectors])
+            if band is not None:
+                self.send_to_band(address, h, [self.strip(p)[self.band_rows[band]] for _, p in item.sectors])
+            else:
+                self.reactor.send(self.workers[address], h, [p for _, p in item.sectors])
 
     # outside the session
 

@@ -39,12 +39,15 @@ accounting is the same. A turn's results go before its patterns (and a scan's ou
 
 Routed by slice (spec.tomography, dataplane/bands.py), worker replica k owns band k: it names the band in its
 CREDITs, its "frames" are the band's rows (its geometry says so, so the assembly is unchanged), and its RESULTs
-name the band. A plugin that reduces the whole scan (tomo-fbp) gives the writer its `scan_output` (VOLUME: the
-band's slices) once it has every frame of the scan, and meanwhile whenever this worker's input of that scan pauses
-for OUTPUT_PAUSE_S (frames may still come: the writer keeps the last one). With the live view on, a worker whose
-band holds slices spec.liveView.slices chose sends the writer those slices so far (PREVIEW, the plugin's
-`scan_preview`) PREVIEW_S after a frame of the scan came, so every PREVIEW_S while frames come, and the same
-slices of every VOLUME it sends (results/slices.py).
+name the band. The sources send it, on each connection, the reference frames of the scans still open for its band
+(REFERENCE, the BLOCK layout: tomo-fbp's darks and flats, dataplane/references.py): assembled apart, they go to the
+plugin outside the accounting (no result; the plugin counts each once), so a worker restarted mid-scan corrects the
+band's remaining projections. A plugin that reduces the whole scan (tomo-fbp) gives the writer its `scan_output`
+(VOLUME: the band's slices) once it has every frame of the scan, and meanwhile whenever this worker's input of that
+scan pauses for OUTPUT_PAUSE_S (frames may still come: the writer keeps the last one). With the live view on, a
+worker whose band holds slices spec.liveView.slices chose sends the writer those slices so far (PREVIEW, the
+plugin's `scan_preview`) PREVIEW_S after a frame of the scan came, so every PREVIEW_S while frames come, and the
+same slices of every VOLUME it sends (results/slices.py).
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ from detstream.services.dataplane.wire import (
     PARTIAL,
     PATTERN,
     PREVIEW,
+    REFERENCE,
     RESULT,
     SAMPLE,
     TAKEN,
@@ -127,6 +131,9 @@ class WorkerStage(Stage):
         sources = max(spec.source.replicas, 1)
         self.assembly = Assembly(self.geometry.sectors, sources, fill, self.frame, self.absent)
         self.sample_assembly = Assembly(self.geometry.sectors, sources, fill, self.sample, lambda scan, frames: None)
+        self.reference_assembly = Assembly(self.geometry.sectors, sources, fill, self.reference,
+                                           lambda scan, frames: None)
+        self.assemblies = {BLOCK: self.assembly, SAMPLE: self.sample_assembly, REFERENCE: self.reference_assembly}
         self.held: list[Held] = []  # frames waiting for the calibration
         self.samples: dict[int, list] = {}  # frame number -> the sample frame's sectors (kept for the session)
         self.samples_expected = min(self.plugin_cls.samples(spec.plugin.params), spec.scan.frames)
@@ -163,8 +170,8 @@ class WorkerStage(Stage):
         self.reactor.every(self.housekeeping_s, self.housekeeping)
 
     def housekeeping(self, now: float) -> None:
-        self.assembly.sweep(now, self.spec.transport.frame_timeout_s)
-        self.sample_assembly.sweep(now, self.spec.transport.frame_timeout_s)
+        for assembly in self.assemblies.values():
+            assembly.sweep(now, self.spec.transport.frame_timeout_s)
         self.calibrate_if_idle(now)
         self.send_outputs(now)
         self.send_previews(now)
@@ -180,7 +187,8 @@ class WorkerStage(Stage):
 
     def from_source(self, msg: Message) -> None:
         h = msg.header
-        if h.kind not in (BLOCK, SAMPLE):
+        assembly = self.assemblies.get(h.kind)
+        if assembly is None:
             self.refuse("kind", msg)
             return
         if h.band != self.band:
@@ -191,7 +199,6 @@ class WorkerStage(Stage):
             self.counters.bytes_in += self.geometry.sector_bytes * len(msg.parts)
             if (h.scan, h.block) not in self.assembly.blocks:  # the lane then knows the block is being worked on
                 self.tell(self.blocks.lane(h.block), Header(kind=TAKEN, scan=h.scan, block=h.block))
-        assembly = self.assembly if h.kind == BLOCK else self.sample_assembly
         for reason, detail in assembly.block(h.scan, h.block, self.blocks.frames(h.block), h.sender, h.frames,
                                              h.sectors, msg.parts, bool(h.flags & BLOCK_END), self.last_frame,
                                              again=bool(h.flags & DUPLICATE)):
@@ -217,6 +224,17 @@ class WorkerStage(Stage):
             self.samples[frame] = self.views(parts)
             if self.plugin.samples_wanted and len(self.samples) == self.samples_expected:
                 self.calibrate()
+
+    def reference(self, scan: int, frame: int, parts: list, mask: int) -> None:
+        """One of a scan's reference frames (routed by slice: tomo-fbp's darks and flats), sent again on connecting
+        here (this worker may be a restarted one, which lacks them): to the plugin, which takes a frame it has as a
+        no-op, outside the accounting (the frame has its result as a BLOCK). Not whole: left out (zero-filled
+        sectors would spoil the reduction)."""
+        if mask != self.reference_assembly.all_sectors:
+            return
+        self.plugin.process_frame(scan, frame, self.views(parts), parts)
+        if scan in self.output_due and self.plugin.scan_complete(scan):   # (its last projections waited for it)
+            self.send_output(scan, final=True)
 
     def views(self, parts: list) -> list[np.ndarray]:
         """A frame's sector buffers as read-only numpy views (no copy)."""

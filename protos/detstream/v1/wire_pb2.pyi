@@ -27,6 +27,7 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GONE: _ClassVar[Kind]
     VOLUME: _ClassVar[Kind]
     PREVIEW: _ClassVar[Kind]
+    REFERENCE: _ClassVar[Kind]
 
 class Flag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -53,6 +54,7 @@ PATTERN: Kind
 GONE: Kind
 VOLUME: Kind
 PREVIEW: Kind
+REFERENCE: Kind
 FLAG_NONE: Flag
 PARTIAL: Flag
 DUPLICATE: Flag
