@@ -14,6 +14,7 @@ import yaml
 
 from detstream.services.model.schema import SpecError
 from detstream.services.model.session import load_session
+from detstream.services.plugins import PluginContext
 from detstream.services.plugins.flatfield import FlatDark, minus_log
 from detstream.services.plugins.paganin import halo_rows, paganin, paganin_filter, wavelength_m
 from detstream.services.plugins.tomo_fbp import ReconParams, SliceBand, TomoFBP, astra_fbp, check_params, to_centre
@@ -165,6 +166,29 @@ def test_a_band_restarted_mid_scan_takes_the_darks_and_flats_again_and_each_coun
     reference = np.stack([astra_fbp(to_centre(s, (COLS - 1) / 2 + 2.5), theta) for s in sinos])
     assert np.sqrt(np.mean((volume - reference) ** 2) / np.mean(reference ** 2)) < 1e-3
     assert TomoFBP.references(spec) == range(DARKS + FLATS)
+
+
+def test_a_frame_of_a_finished_scan_never_makes_a_new_band_of_it(spec, frames):
+    """After a scan's final output, a frame of it again (a re-send; a dark or flat a source sends again on
+    connecting) is left out: the plugin would otherwise build a band of it alone and later send that as the scan's
+    slices, in place of the whole band's. Its result (for the accounting) still comes."""
+    lo, count = 8, 4
+    plugin = TomoFBP({"centre": (COLS - 1) / 2 + 2.5}, PluginContext(spec, 0, (lo, lo + count), (lo, count)))
+
+    def strips(f):   # the band's rows of frame f, as its two sector strips
+        return np.hsplit(frames[f][lo:lo + count], 2)
+
+    for f in range(FRAMES):
+        plugin.process_frame(0, f, strips(f), [])
+    assert plugin.scan_complete(0)
+    slices, used = plugin.scan_output(0, final=True)
+    assert np.unpackbits(used)[:ANGLES].all()
+    for f in (0, DARKS, DARKS + FLATS + 7):   # a dark, a flat, a projection, again
+        assert plugin.process_frame(0, f, strips(f), []) == [b""]
+    assert not plugin.scan_complete(0)
+    assert plugin.scan_output(0, final=False) is None and plugin.scan_preview(0, [0]) is None
+    plugin.process_frame(1, DARKS + FLATS, strips(DARKS + FLATS), [])   # the next scan starts a band as ever
+    assert plugin.scan_output(1, final=False) is not None
 
 
 def test_reconstruction_parameters_are_checked_by_name():

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from detstream.services.dataplane.scans import ClosedScans
 from detstream.services.model.session import Tomography
 from detstream.services.plugins import Plugin, PluginContext
 from detstream.services.plugins.flatfield import FlatDark, minus_log
@@ -328,6 +329,7 @@ class TomoFBP(Plugin):
 
     def __init__(self, params: dict, context: PluginContext):
         self.bands: dict[int, SliceBand] = {}
+        self.finished = ClosedScans()   # scans whose final output went: a frame of one again starts no band
         super().__init__(params, context)
 
     def configure(self, params: dict) -> None:
@@ -346,7 +348,11 @@ class TomoFBP(Plugin):
         raise TypeError("tomo-fbp needs each frame's number: call process_frame")
 
     def process_frame(self, scan, frame, sectors, parts):
-        self.band(scan).add(frame, sectors[0] if len(sectors) == 1 else np.hstack(sectors))
+        """Adds the frame to the scan's band. A frame of a scan whose final output went (a re-send, a dark or flat
+        sent again) is left out: a band of it alone would later be sent as the scan's slices, in place of the
+        whole band's."""
+        if scan not in self.finished:
+            self.band(scan).add(frame, sectors[0] if len(sectors) == 1 else np.hstack(sectors))
         return [b""]
 
     def scan_complete(self, scan: int) -> bool:
@@ -354,6 +360,8 @@ class TomoFBP(Plugin):
 
     def scan_output(self, scan: int, final: bool) -> list[np.ndarray] | None:
         band = self.bands.pop(scan) if final else self.bands.get(scan)
+        if final:
+            self.finished.add(scan)
         if band is None:
             return None
         return [band.finish(), np.packbits(band.received)]
