@@ -73,11 +73,11 @@ class Viewer(threading.Thread):
         return http.client.HTTPConnection(self.host, self.port, timeout=60)
 
     def run(self) -> None:
-        stream = self.connection()
-        stream.request("GET", self.path + "api/events")
-        response = stream.getresponse()
+        self.stream = self.connection()   # kept on the viewer: open until the viewer goes, read or not
+        self.stream.request("GET", self.path + "api/events")
+        response = self.stream.getresponse()
         if not self.reading:
-            return  # the connection stays open (the thread's reference), unread
+            return
         arrays, version = self.connection(), None
         for line in response:
             if not line.startswith(b"data:"):
@@ -137,6 +137,25 @@ def delay(frames: int, rate: float) -> dict:
             "frames": int(levels.size), "samples": len(samples)}
 
 
+def viewers_figure(report: Report, frames: int, count: int, repeats: int) -> None:
+    """The counting session with the view on, with `count` viewers (+1 not reading) and with none, alternated."""
+    watched = []
+    for _ in range(repeats):
+        r = {n: with_viewers(session_doc(frames, COUNTING, True), n) for n in (count, 0)}
+        watched.append(r)
+        print(f"live:   {count} viewers: {r[count]['fps']:,.0f} frames/s, none {r[0]['fps']:,.0f} frames/s; writer "
+              f"CPU ms a frame {r[count]['writer_ms']:.3f} / {r[0]['writer_ms']:.3f}; they read {r[count]['events']} "
+              f"events, {r[count]['arrays']} arrays ({r[count]['megabytes']:.0f} MB)", flush=True)
+    seen_fps, alone_fps = (max(r[n]["fps"] for r in watched) for n in (count, 0))
+    seen_ms, alone_ms = (min(r[n]["writer_ms"] for r in watched) for n in (count, 0))
+    median = statistics.median(r[count]["fps"] / r[0]["fps"] for r in watched)
+    report.figure("viewers", f"counting, live on: {count} viewers (+1 not reading) {seen_fps:,.0f} / none "
+                  f"{alone_fps:,.0f} frames/s = {seen_fps / alone_fps:.2f} (best of each; median of rounds "
+                  f"{median:.2f}; target >= 0.95); the writer's CPU ms a frame {seen_ms:.3f} / {alone_ms:.3f}",
+                  with_fps=seen_fps, without_fps=alone_fps, ratio=seen_fps / alone_fps, writer_ms_with=seen_ms,
+                  writer_ms_without=alone_ms, rounds=[{str(k): v for k, v in r.items()} for r in watched])
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.live", description=__doc__.split("\n")[0])
     parser.add_argument("--frames", type=int, default=1024, help="frames per session (a multiple of 32)")
@@ -169,22 +188,8 @@ def main(argv=None) -> dict:
                       f"{off['workers']:.3f} off; the whole session off / on = "
                       f"{(off['plane'] + off['workers']) / (on['plane'] + on['workers']):.2f}",
                       plane_ratio=on["plane"] / off["plane"], on_ms=on, off_ms=off)
-    watched = []
-    for _ in range(args.repeats):
-        r = {count: with_viewers(session_doc(frames, COUNTING, True), count) for count in (args.viewers, 0)}
-        watched.append(r)
-        seen, alone = r[args.viewers], r[0]
-        print(f"live:   {args.viewers} viewers: {seen['fps']:,.0f} frames/s, none {alone['fps']:,.0f} frames/s; "
-              f"writer CPU ms a frame {seen['writer_ms']:.3f} / {alone['writer_ms']:.3f}; they read "
-              f"{seen['events']} events, {seen['arrays']} arrays ({seen['megabytes']:.0f} MB)", flush=True)
-    seen_fps, alone_fps = (max(r[count]["fps"] for r in watched) for count in (args.viewers, 0))
-    seen_ms, alone_ms = (min(r[count]["writer_ms"] for r in watched) for count in (args.viewers, 0))
-    report.figure("viewers", f"counting, live on: {args.viewers} viewers (+1 not reading) {seen_fps:,.0f} / none "
-                  f"{alone_fps:,.0f} frames/s = {seen_fps / alone_fps:.2f} (best of each; median of rounds "
-                  f"{statistics.median(r[args.viewers]['fps'] / r[0]['fps'] for r in watched):.2f}; target >= 0.95); "
-                  f"the writer's CPU ms a frame {seen_ms:.3f} / {alone_ms:.3f}", with_fps=seen_fps,
-                  without_fps=alone_fps, ratio=seen_fps / alone_fps, writer_ms_with=seen_ms, writer_ms_without=alone_ms,
-                  rounds=[{str(k): v for k, v in r.items()} for r in watched])
+    if args.viewers:
+        viewers_figure(report, frames, args.viewers, args.repeats)
     d = delay(frames, args.rate)
     report.figure("delay", f"live view behind the source at {args.rate:g} frames/s: median {d['median_s']:.3f} s, "
                   f"95th percentile {d['p95_s']:.3f} s, max {d['max_s']:.3f} s over {d['frames']} frames "
