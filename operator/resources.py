@@ -76,6 +76,10 @@ def container(session: Session, role: str, image: str, plan: Plan) -> dict:
     k8s = session.spec.kubernetes
     ports = port_names(session, role)
     args = ["stage", role, "--plan", f"{PLAN_DIR}/plan.json"]
+    if role == "worker" and not session_bands(session.spec).keyed:
+        # a Deployment's pods are all worker 0 of the plan; their names end in a random suffix, which `stage`
+        # would otherwise read as an ordinal when it is all digits (7 of 27 letters are: 1 pod in ~800)
+        args += ["--index", "0"]
     mounts = [{"name": "plan", "mountPath": PLAN_DIR, "readOnly": True}, {"name": "tmp", "mountPath": "/tmp"}]
     if role == "writer":
         args += ["--output", OUTPUT_DIR]

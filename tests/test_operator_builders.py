@@ -89,6 +89,24 @@ def test_workers_routed_by_slice_are_a_statefulset_so_a_restarted_pod_keeps_its_
     assert all(h != base[name] for name, h in template_hashes(tomo_session(workers=4)).items())
 
 
+def test_a_worker_pod_of_the_deployment_is_worker_0_whatever_its_random_name(monkeypatch):
+    """A Deployment pod's name ends in a random suffix of Kubernetes' 27 letters, 7 of them digits: a suffix of
+    digits alone (demo-worker-657b5cb788-62552) was read as the ordinal 62552, and the pod crashed on a plan
+    without that worker. Its arguments now name index 0, which the stage takes over the pod name."""
+    from detstream.services.launcher.cli import build_parser, stage_index
+
+    (worker,) = [o for o in resources.children(session(), "img") if o["kind"] == "Deployment"]
+    (container,) = worker["spec"]["template"]["spec"]["containers"]
+    monkeypatch.setenv("POD_NAME", "s1-worker-657b5cb788-62552")
+    monkeypatch.delenv("DETSTREAM_INDEX", raising=False)
+    assert stage_index(build_parser().parse_args(container["args"]).index) == 0
+    (stateful,) = [o for o in resources.children(tomo_session(), "img") if o["metadata"]["name"] == "s1-worker"
+                   and o["kind"] == "StatefulSet"]
+    (container,) = stateful["spec"]["template"]["spec"]["containers"]
+    monkeypatch.setenv("POD_NAME", "s1-worker-1")   # routed by slice: the ordinal is the band
+    assert stage_index(build_parser().parse_args(container["args"]).index) == 1
+
+
 def test_pods_are_restricted_and_bind_their_own_ip():
     for obj in resources.children(session(), "img"):
         if obj["kind"] not in ("Deployment", "StatefulSet"):

@@ -14,7 +14,8 @@ from detstream.services.model.schema import SpecError
 from detstream.services.model.session import load_session
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `detstream` command line: run, validate, stage, and the commands other packages add."""
     parser = argparse.ArgumentParser(prog="detstream", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -47,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
 
     for command in entry_points(group="detstream.commands"):  # e.g. `detstream operator`
         command.load()(sub)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if hasattr(args, "run"):
             return args.run(args)
