@@ -31,9 +31,9 @@ the page).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
-import numba
 import numpy as np
 
 from detstream.services.results.geometry import DetectorGeometry
@@ -62,7 +62,6 @@ def record_size(geometry: DetectorGeometry) -> int:
     return 8 * (len(geometry.radii) + 3)
 
 
-@numba.njit(nogil=True)
 def _reduce_strip(strip, x0, runs, sums, maxima, record, zero):
     """Adds one strip (rows, width) whose first column is the frame's column `x0` to `sums` and `maxima` (rows,
     width) and to `record` (detectors + 3,) of `zero`'s type: each detector's sum over its `runs` (`_runs`), then
@@ -95,6 +94,14 @@ def _reduce_strip(strip, x0, runs, sums, maxima, record, zero):
     record[-1] += y_moment
 
 
+@functools.cache
+def _compiled():
+    """`_reduce_strip` compiled by numba, imported here: numba adds ~60 MB to a process and ~0.2 s to its start,
+    which only the processes that reduce raw frames pay."""
+    import numba
+    return numba.njit(nogil=True)(_reduce_strip)
+
+
 def _runs(masks: np.ndarray) -> np.ndarray:
     """The detectors `masks` (detectors, rows, width) of one strip as runs of pixels along its rows: (runs, 4)
     int64 of (row, start, end, detector), in row order (`_reduce_strip` sums a row's runs right after the row)."""
@@ -124,8 +131,9 @@ class FrameReducer:
         self.zero = np.int64(0) if np.issubdtype(self.dtype, np.integer) else np.float64(0)
         # compiled now, not on a scan's first frame, for what a worker reduces: views of received zmq.Frames
         # (writable, C order; numba compiles read-only arrays and other layouts apart, on their first use)
+        self.kernel = _compiled()
         empty = np.zeros((0, width), self.dtype)
-        _reduce_strip(empty, 0, self.runs[0], np.zeros((0, width), sum_dtype(self.dtype)),
+        self.kernel(empty, 0, self.runs[0], np.zeros((0, width), sum_dtype(self.dtype)),
                       np.zeros((0, width), self.dtype), np.zeros(len(geometry.radii) + 3, self.zero.dtype), self.zero)
 
     def reduce(self, strips: Sequence[np.ndarray], sums: Sequence[np.ndarray],
@@ -134,7 +142,7 @@ class FrameReducer:
         (detectors + 3,): the detector sums, total, x moment, y moment (see the module)."""
         record = np.zeros(len(self.geometry.radii) + 3, self.zero.dtype)
         for s, (strip, runs, total, maximum) in enumerate(zip(strips, self.runs, sums, maxima)):
-            _reduce_strip(strip, s * self.width, runs, total, maximum, record, self.zero)
+            self.kernel(strip, s * self.width, runs, total, maximum, record, self.zero)
         return record.astype(np.float64)
 
 
